@@ -1,0 +1,467 @@
+"""The Engine: one base LDM loaded once, task pipelines shared from it, one lock for all model work.
+
+    engine = Engine(resolve_preset("shapes"))
+    view = engine.pipeline("img2img", scheduler="DDIM")   # request-scoped: its own scheduler, same modules
+
+Task pipelines (img2img, inpaint, ControlNet, ...) are built with `from_pipe` from the base
+StableDiffusionPipeline and cached, so the U-Net, VAE and text encoder exist in memory exactly once.
+Each request gets a *view*: `from_pipe(cached, scheduler=fresh_scheduler)`, a new pipeline object over
+the same modules. Nothing per-request is ever assigned onto a shared pipeline.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from pipelines.common import InputError, ModelError, ModelNotAvailable, check_choice
+from pipelines.registry import CONTROL_TYPES, ModelPreset
+from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
+from pipelines.settings import Limits
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("txt2img", "img2img", "inpaint", "controlnet", "controlnet_img2img", "controlnet_inpaint")
+DOWNLOAD_HINT = "python app.py --download {name}"
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+DECODE_PREVIEW_MAX_LATENT = 32 * 32  # latents up to this many positions get a real (cheap) VAE decode as preview
+ANNOTATOR_FILES = ("dpt_hybrid-midas-501f0c75.pt", "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+
+
+def _task_classes() -> dict[str, type]:
+    from diffusers import (
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionControlNetInpaintPipeline,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    return {
+        "txt2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+        "controlnet": StableDiffusionControlNetPipeline,
+        "controlnet_img2img": StableDiffusionControlNetImg2ImgPipeline,
+        "controlnet_inpaint": StableDiffusionControlNetInpaintPipeline,
+    }
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers >= 0.36 names it `dtype` (and deprecates `torch_dtype`); older releases know only `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (exists since the rename)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+class _DropEmptyFp32Warning(logging.Filter):
+    """from_pipe casts modules with `.to(dtype)`; diffusers then warns "should be kept in float32: []" even
+    when the list is empty. A request view is made per request, so that no-op warning would fill the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def _quiet_from_pipe_warnings() -> None:
+    target = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _DropEmptyFp32Warning) for f in target.filters):
+        target.addFilter(_DropEmptyFp32Warning())
+
+
+def _is_local(path_or_id: str) -> bool:
+    return Path(path_or_id).expanduser().exists()
+
+
+def _not_available(what: str, model_id: str, preset_name: str, error: BaseException) -> ModelNotAvailable:
+    if _is_local(model_id) or model_id.startswith(("/", ".")):
+        return ModelNotAvailable(f"{what} at {model_id} could not be loaded ({type(error).__name__}: {error})")
+    return ModelNotAvailable(
+        f"{what} '{model_id}' is not in the local Hugging Face cache and cannot be downloaded now "
+        f"({type(error).__name__}). Pre-download it on a machine with internet access: "
+        f"`{DOWNLOAD_HINT.format(name=preset_name)}` (or `huggingface-cli download {model_id}`)."
+    )
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    # What "weights missing / hub unreachable" looks like: OSError covers diffusers' and transformers'
+    # "can't find ... in the cache" messages; huggingface_hub's own errors cover offline mode and 404s.
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return (OSError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, EnvironmentError)
+
+
+def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tuple[str, torch.dtype]:
+    """Auto: CUDA -> fp16, MPS -> fp16 (fp32 for the tiny built-in model), else CPU fp32; flags override."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        return device, DTYPES[dtype]
+    # Half precision only where it pays: the built-in model is small enough that fp32 costs nothing and
+    # rules out fp16 overflow in a model nobody tuned for it; CPU half is slow and poorly supported.
+    if device.startswith("cuda") or (device == "mps" and not builtin):
+        return device, torch.float16
+    return device, torch.float32
+
+
+class Engine:
+    def __init__(self, preset: ModelPreset, *, device: str | None = None, dtype: str | None = None,
+                 attention_slicing: bool = False, vae_tiling: bool = False, cpu_offload: bool = False):
+        self.preset = preset
+        self.device, self.torch_dtype = pick_device(device, dtype, builtin=preset.is_builtin)
+        self.lock = threading.RLock()  # serialises all model work: API, CLI and UI callers alike
+        env_limits = Limits.from_env()
+        max_size = min(preset.max_size, env_limits.max_size) if env_limits.max_size else preset.max_size
+        self.limits = replace(env_limits, max_size=max_size)
+        self.cpu_offload = cpu_offload and self.device != "cpu"
+        self._task_pipes: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._controlnets: dict[str, Any] = {}
+        self._annotators: dict[str, Callable] = {}
+        self._inpaint_unet: Any = None
+        self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
+        _quiet_from_pipe_warnings()
+
+        # 1. Load the one base pipeline (U-Net, VAE, text encoder, tokenizer, scheduler config)
+        self.base = self._load_base()
+        # 2. Memory options act on the shared modules once, at load time, never per request
+        if self.preset.lora:
+            self._load_lora(self.preset.lora)
+        if attention_slicing:
+            self.base.enable_attention_slicing()
+        if vae_tiling:
+            self.base.vae.enable_tiling()
+        if self.cpu_offload:
+            self.base.enable_model_cpu_offload(device=self.device)
+        elif cpu_offload:
+            logger.warning("cpu_offload ignored: the model already runs on the CPU")
+        self.base.set_progress_bar_config(disable=True)
+        self._task_pipes[("txt2img", ())] = self.base
+
+    # --- loading -------------------------------------------------------------------------------------
+
+    def _load_base(self):
+        from diffusers import StableDiffusionPipeline
+
+        base = self.preset.base
+        if self.preset.is_builtin and not (Path(base) / "model_index.json").is_file():
+            raise ModelNotAvailable(
+                f"the built-in Shapes model is not at {base} yet: train it with the scripts in training/ "
+                f"(see training/README or `python -m training.train_ldm --help`), or start with `--model sd15`."
+            )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                base, **_dtype_kwarg(self.torch_dtype), use_safetensors=True,
+                safety_checker=None, requires_safety_checker=False, feature_extractor=None,
+            )
+        except _load_errors() as error:
+            raise _not_available("model", base, self.preset.name, error) from error
+        if not self.cpu_offload:
+            pipe = pipe.to(self.device)
+        return pipe
+
+    def _load_lora(self, lora: str) -> None:
+        try:
+            self.base.load_lora_weights(lora)
+        except _load_errors() as error:
+            raise _not_available("LoRA", lora, self.preset.name, error) from error
+        # Fusing folds the LoRA into the U-Net weights: every task pipeline sees it, no per-step cost.
+        self.base.fuse_lora()
+
+    def _load_model(self, cls, model_id: str, what: str, **kwargs):
+        try:
+            model = cls.from_pretrained(model_id, **_dtype_kwarg(self.torch_dtype), use_safetensors=True, **kwargs)
+        except _load_errors() as error:
+            raise _not_available(what, model_id, self.preset.name, error) from error
+        return model if self.cpu_offload else model.to(self.device)
+
+    # --- what this model can do ------------------------------------------------------------------------
+
+    @property
+    def unet_in_channels(self) -> int:
+        return int(self.base.unet.config.in_channels)  # 4: plain LDM; 9: dedicated inpainting U-Net
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.base.vae_scale_factor)  # f: image pixels per latent position (4 for Shapes, 8 for SD)
+
+    @property
+    def scheduler_names(self) -> tuple[str, ...]:
+        names = tuple(n for n in self.preset.scheduler_names if n in SCHEDULERS)
+        if self.preset.lora and "lcm" in self.preset.lora.lower() and "LCM" not in names:
+            names = ("LCM",) + names
+        return names
+
+    @property
+    def control_types(self) -> tuple[str, ...]:
+        if self.unet_in_channels != 4:
+            return ()
+        return tuple(t for t in CONTROL_TYPES if t in self.preset.controlnets)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        if self.unet_in_channels == 9:
+            return ("txt2img", "inpaint")  # txt2img runs as inpaint over a full mask
+        return tuple(t for t in TASKS if not t.startswith("controlnet") or self.control_types)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.preset.name,
+            "base": self.preset.base,
+            "builtin": self.preset.is_builtin,
+            "device": self.device,
+            "dtype": str(self.torch_dtype).removeprefix("torch."),
+            "default_size": self.preset.default_size,
+            "max_size": self.limits.max_size,
+            "size_multiple": 8,
+            "default_steps": self.preset.default_steps,
+            "default_guidance": self.preset.default_guidance,
+            "default_scheduler": self.preset.default_scheduler,
+            "schedulers": list(self.scheduler_names),
+            "controls": list(self.control_types),
+            "tasks": list(self.tasks),
+            "styles": dict(self.preset.style_presets),
+            "unet_in_channels": self.unet_in_channels,
+            "vae_scale_factor": self.vae_scale_factor,
+            "vocabulary": self.vocabulary(),
+            "example_prompts": list(self.preset.example_prompts),
+            "limits": {k: v for k, v in vars(self.limits).items()},
+        }
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        from training.text import unknown_words
+
+        return unknown_words(self.base.tokenizer, prompt or "")
+
+    def vocabulary(self) -> list[str]:
+        """The words a word-level tokenizer knows (the built-in model); [] for CLIP's open BPE vocabulary."""
+        tokenizer = self.base.tokenizer
+        if tokenizer.unk_token_id is None or type(tokenizer).__name__.startswith("CLIP"):
+            return []
+        special = set(tokenizer.all_special_tokens)
+        return sorted(w for w in tokenizer.get_vocab() if w not in special)
+
+    # --- task pipelines ----------------------------------------------------------------------------------
+
+    def pipeline(self, task: str, *, scheduler: str | None = None, controls: tuple[str, ...] = ()):
+        """A request-scoped pipeline view for `task`: shared modules, its own fresh scheduler."""
+        check_choice("task", task, TASKS)
+        scheduler = scheduler or self.preset.default_scheduler
+        if scheduler not in self.scheduler_names:
+            raise InputError(f"scheduler={scheduler!r} is not available for {self.preset.name}; "
+                             f"choose one of {', '.join(self.scheduler_names)}"
+                             + (" (LCM needs an LCM model or LCM-LoRA)" if scheduler in LCM_ONLY else ""))
+        controls = tuple(controls)
+        if task.startswith("controlnet") != bool(controls):
+            raise InputError(f"task={task!r} with controls={controls!r}: ControlNet tasks need 1 or 2 control types, others none")
+        with self.lock:
+            cached = self._task_pipeline(task, controls)
+            fresh = make_scheduler(scheduler, self.base.scheduler.config)
+            # The dtype is required: from_pipe casts every module to it (default fp32), and the modules
+            # are shared, so omitting it would silently convert the whole fp16 engine to fp32.
+            view = type(cached).from_pipe(cached, scheduler=fresh, **_dtype_kwarg(self.torch_dtype))
+        view.set_progress_bar_config(disable=True)
+        return view
+
+    def _task_pipeline(self, task: str, controls: tuple[str, ...]):
+        key = (task, controls)
+        if key in self._task_pipes:
+            return self._task_pipes[key]
+        if task not in self.tasks:
+            raise InputError(f"task={task!r} is not available for model {self.preset.name}; "
+                             f"it supports {', '.join(self.tasks)}")
+        cls = _task_classes()[task]
+        extra: dict[str, Any] = {}
+        if controls:
+            extra["controlnet"] = self.controlnet(controls if len(controls) > 1 else controls[0])
+        if task.endswith("inpaint") and self.unet_in_channels == 4:
+            unet = self.inpaint_unet()
+            if unet is not None:
+                extra["unet"] = unet
+        pipe = cls.from_pipe(self.base, **_dtype_kwarg(self.torch_dtype), **extra)
+        pipe.set_progress_bar_config(disable=True)
+        self._task_pipes[key] = pipe
+        return pipe
+
+    def inpaint_unet(self):
+        """The preset's dedicated 9-channel U-Net (lazy, cached), or None: inpaint then blends latents."""
+        if not self.preset.inpaint_model or self.unet_in_channels != 4:
+            return None
+        with self.lock:
+            if self._inpaint_unet is None:
+                from diffusers import UNet2DConditionModel
+
+                try:
+                    self._inpaint_unet = self._load_model(UNet2DConditionModel, self.preset.inpaint_model,
+                                                          "inpainting model", subfolder="unet")
+                except ModelNotAvailable as error:
+                    # The 4-channel latent-blending path still inpaints; say why quality may differ.
+                    logger.warning("%s; inpainting falls back to latent blending with the base U-Net", error)
+                    self._inpaint_unet = False
+            return None if self._inpaint_unet is False else self._inpaint_unet
+
+    def controlnet(self, control_type: str | tuple[str, ...]):
+        """A ControlNetModel (lazy, cached per type), or a MultiControlNetModel for a tuple of two types."""
+        if isinstance(control_type, (tuple, list)):
+            types = tuple(control_type)
+            if not 1 <= len(types) <= 2:
+                raise InputError(f"control_types={types!r}: use one or two ControlNets at once")
+            if len(types) == 1:
+                return self.controlnet(types[0])
+            from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+            return MultiControlNetModel([self.controlnet(t) for t in types])
+        if control_type not in self.control_types:
+            raise InputError(f"control_type={control_type!r} has no ControlNet for model {self.preset.name}; "
+                             f"available: {', '.join(self.control_types) or 'none'}")
+        with self.lock:
+            if control_type not in self._controlnets:
+                from diffusers import ControlNetModel
+
+                self._controlnets[control_type] = self._load_model(
+                    ControlNetModel, self.preset.controlnets[control_type], f"{control_type} ControlNet")
+            return self._controlnets[control_type]
+
+    def annotator(self, control_type: str) -> Callable[..., Image.Image]:
+        """image -> control map for `control_type` (lazy, cached): OpenCV canny, learned or hub depth/pose."""
+        from pipelines import preprocess
+
+        check_choice("control_type", control_type, CONTROL_TYPES)
+        if control_type == "canny":
+            return preprocess.canny
+        with self.lock:
+            if control_type not in self._annotators:
+                self._annotators[control_type] = self._load_annotator(control_type)
+            return self._annotators[control_type]
+
+    def _load_annotator(self, control_type: str) -> Callable[..., Image.Image]:
+        source = self.preset.annotators
+        if source is None:
+            raise ModelNotAvailable(f"model {self.preset.name} has no {control_type} annotator: "
+                                    f"upload a ready {control_type} map and choose preprocessor 'none'")
+        if self.preset.is_builtin or _is_local(source):
+            return _local_annotator(Path(source), control_type)
+        return _hub_annotator(source, control_type, self.preset.name, self.device)
+
+    # --- previews ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor) -> Image.Image:
+        """A cheap RGB picture of the first latent in a batch: (B, 4, h, w) -> PIL at latent or image size.
+
+        Small latents (the Shapes model's 16x16) get a real VAE decode, which costs about one U-Net step;
+        large ones a linear latent->RGB map fitted to this model's VAE (see `_fit_preview`).
+        """
+        z = latents[:1].detach()
+        if z.shape[-1] * z.shape[-2] <= DECODE_PREVIEW_MAX_LATENT:
+            vae = self.base.vae
+            x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample  # (1, 3, H, W) in [-1, 1]
+        else:
+            weight, bias = self._fit_preview()
+            x = torch.einsum("bchw,cd->bdhw", z.float().cpu(), weight) + bias[None, :, None, None]  # (1, 3, h, w)
+        x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(x)
+
+    @torch.no_grad()
+    def _fit_preview(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least-squares fit rgb ≈ z @ W + b at latent resolution, from smooth random images through the VAE.
+
+        Done once per engine (a handful of 64x64 encodes); published fixed factors exist for SD1.5 only,
+        a fit works for any VAE, the built-in one included.
+        """
+        if self._preview_fit is None:
+            f = self.vae_scale_factor
+            g = torch.Generator().manual_seed(0)
+            coarse = torch.rand(16, 3, 4, 4, generator=g) * 2 - 1  # (16, 3, 4, 4) random colour fields
+            images = torch.nn.functional.interpolate(coarse, size=(8 * f, 8 * f), mode="bilinear", align_corners=False)
+            vae = self.base.vae
+            z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+            small = torch.nn.functional.avg_pool2d(images, f)  # (16, 3, 8, 8): colour under each latent
+            zf = z.float().cpu().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, 4)
+            design = torch.cat([zf, torch.ones(len(zf), 1)], dim=1)  # (N, 5)
+            target = small.permute(0, 2, 3, 1).reshape(-1, 3)  # (N, 3)
+            solution = torch.linalg.lstsq(design, target).solution  # (5, 3)
+            self._preview_fit = (solution[:-1], solution[-1])
+        return self._preview_fit
+
+    def free_memory(self) -> None:
+        """After a failure (e.g. out of memory): drop cached allocator blocks so the next request can run."""
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        elif self.device == "mps" and hasattr(torch, "mps"):
+            torch.mps.empty_cache()
+
+
+def _local_annotator(folder: Path, control_type: str) -> Callable[..., Image.Image]:
+    """Learned Shapes-world annotators from `training.annotators.load_annotator(kind, folder)`."""
+    sub = folder / control_type
+    if not sub.exists():
+        raise ModelNotAvailable(
+            f"the built-in {control_type} annotator is not at {sub} yet (train it with "
+            f"`python -m training.train_annotators`); meanwhile upload a ready {control_type} map "
+            f"and choose preprocessor 'none'")
+    try:
+        from training.annotators import load_annotator
+    except ImportError as error:
+        raise ModelNotAvailable(f"cannot load the {control_type} annotator at {sub}: {error}") from error
+    return load_annotator(control_type, sub)
+
+
+def _hub_annotator(repo: str, control_type: str, preset_name: str, device: str) -> Callable[..., Image.Image]:
+    try:
+        if control_type == "depth":
+            from controlnet_aux.midas import MidasDetector
+
+            detector = MidasDetector.from_pretrained(repo)
+        else:
+            from controlnet_aux.open_pose import OpenposeDetector
+
+            detector = OpenposeDetector.from_pretrained(repo)
+    except _load_errors() as error:
+        raise _not_available(f"{control_type} annotator", repo, preset_name, error) from error
+    detector = detector.to(device) if hasattr(detector, "to") else detector
+
+    def annotate(image: Image.Image, **_: Any) -> Image.Image:
+        side = max(image.size)
+        result = detector(image, detect_resolution=min(512, side), image_resolution=side, output_type="pil")
+        return result.resize(image.size, Image.BILINEAR)
+
+    return annotate
+
+
+def download(preset: ModelPreset) -> list[str]:
+    """Snapshot-download everything `preset` needs (for `python app.py --download NAME`); returns the ids."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    # Only the diffusers-format safetensors and configs: SD1.5 repos also hold multi-GB .ckpt, non-EMA
+    # and fp16-variant files that this app never reads.
+    patterns = dict(allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                    ignore_patterns=["*.fp16.*", "*non_ema*", "*/safety_checker/*", "safety_checker/*",
+                                     "v1-5-*", "*.ckpt", "*emaonly*"])
+    fetched = []
+    for model_id in [preset.base, preset.inpaint_model, preset.lora, *preset.controlnets.values()]:
+        if model_id and not _is_local(model_id):
+            if model_id == preset.lora:
+                snapshot_download(model_id, allow_patterns=["*.safetensors", "*.json"])
+            else:
+                snapshot_download(model_id, **patterns)
+            fetched.append(model_id)
+    if preset.annotators and not _is_local(preset.annotators):
+        for filename in ANNOTATOR_FILES:
+            hf_hub_download(preset.annotators, filename)
+        fetched.append(preset.annotators)
+    return fetched

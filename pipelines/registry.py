@@ -1,0 +1,143 @@
+"""Named model presets: the built-in Shapes LDM and Stable Diffusion 1.5-class hub models.
+
+A preset is plain data (no torch): which base weights, which ControlNets, which defaults the UI shows.
+Paths come only from the CLI or the environment (`app.py --model`, `LDS_MODEL`), never from a browser user.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "assets" / "models"
+CONTROL_TYPES = ("canny", "depth", "pose")
+
+# Scheduler display names (the factories live in pipelines/schedulers.py, which needs diffusers).
+COMMON_SCHEDULERS = ("DPM++ 2M Karras", "DPM++ 2M", "Euler a", "DDIM", "UniPC")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str  # shown in the UI and written into PNG params as "model"
+    base: str  # hub id or local diffusers folder of a StableDiffusionPipeline
+    is_builtin: bool = False  # True for the Shapes LDM shipped in assets/models
+    default_size: int = 512  # pixels, square; what the model was trained at
+    max_size: int = 768  # longest side allowed (LDS_MAX_SIZE may lower it)
+    default_steps: int = 25
+    default_guidance: float = 7.5
+    default_scheduler: str = "DPM++ 2M Karras"
+    scheduler_names: tuple[str, ...] = COMMON_SCHEDULERS
+    controlnets: dict[str, str] = field(default_factory=dict)  # control type ("canny"|"depth"|"pose") -> id or path
+    inpaint_model: str | None = None  # optional dedicated 9-channel inpainting model (its unet is used)
+    lora: str | None = None  # optional LoRA fused into the U-Net at load time (LCM-LoRA)
+    style_presets: dict[str, str] = field(default_factory=dict)  # style name -> prompt suffix
+    annotators: str | None = None  # hub id (controlnet_aux) or local folder of the depth/pose annotators
+    example_prompts: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:  # dict fields make the generated hash fail; name + base identify a preset
+        return hash((self.name, self.base))
+
+
+SHAPES_STYLES = ("flat", "outline", "striped", "dotted", "glow")
+SD15_STYLES = {
+    "oil painting": "oil painting, thick brush strokes, canvas texture",
+    "watercolor": "watercolor painting, soft washes, paper texture",
+    "pencil sketch": "pencil sketch, graphite, cross-hatching, black and white",
+    "ukiyo-e": "ukiyo-e woodblock print, flat colours, bold outlines",
+    "van gogh": "in the style of Vincent van Gogh, swirling brush strokes, impasto",
+    "anime": "anime illustration, cel shading, clean lines",
+    "pixel art": "pixel art, 16-bit, limited palette",
+}
+SD15_CONTROLNETS = {
+    "canny": "lllyasviel/control_v11p_sd15_canny",
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
+    "pose": "lllyasviel/control_v11p_sd15_openpose",
+}
+SD15_BASE = dict(
+    is_builtin=False,
+    default_size=512,
+    max_size=1024,
+    default_steps=25,
+    default_guidance=7.5,
+    default_scheduler="DPM++ 2M Karras",
+    controlnets=SD15_CONTROLNETS,
+    style_presets=SD15_STYLES,
+    annotators="lllyasviel/Annotators",
+    example_prompts=("a photo of an astronaut riding a horse on the moon", "a cozy cabin in a snowy forest, golden hour"),
+)
+
+PRESETS = MappingProxyType({
+    "shapes": ModelPreset(
+        name="shapes",
+        base=str(MODELS_DIR / "shapes-ldm"),
+        is_builtin=True,
+        default_size=64,
+        max_size=128,  # a convolutional U-Net extends to 2x its training size before scenes fall apart
+        default_steps=20,
+        default_guidance=4.0,
+        default_scheduler="DPM++ 2M",
+        controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
+        style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
+        annotators=str(MODELS_DIR / "shapes-annotators"),
+        example_prompts=("a red circle left of a blue square", "a big yellow star on grass", "a green person waving on sand"),
+    ),
+    "sd15": ModelPreset(name="sd15", base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        inpaint_model="stable-diffusion-v1-5/stable-diffusion-inpainting", **SD15_BASE),
+    "sd15-lcm": ModelPreset(
+        name="sd15-lcm",
+        base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        lora="latent-consistency/lcm-lora-sdv1-5",
+        **{**SD15_BASE, "default_steps": 4, "default_guidance": 1.0, "default_scheduler": "LCM",
+           "scheduler_names": ("LCM",) + COMMON_SCHEDULERS},
+    ),
+    "sd15-inpainting": ModelPreset(name="sd15-inpainting", base="stable-diffusion-v1-5/stable-diffusion-inpainting",
+                                   **{**SD15_BASE, "controlnets": {}}),
+})
+
+
+def _is_pipeline_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def _local_only(controlnets: dict[str, str]) -> dict[str, str]:
+    """Keep the local ControlNet folders that exist (the built-in ones are trained one by one)."""
+    return {t: p for t, p in controlnets.items() if (Path(p) / "config.json").is_file()}
+
+
+def preset_from_folder(path: str | Path, **overrides) -> ModelPreset:
+    """An ad-hoc preset for a local diffusers StableDiffusionPipeline folder; sizes come from its configs."""
+    path = Path(path).resolve()
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae.get("block_out_channels", (1, 1, 1, 1))) - 1)  # VAE downsampling factor f
+    size = int(unet.get("sample_size") or 64) * factor
+    values = dict(
+        name=path.name,
+        base=str(path),
+        default_size=size,
+        max_size=size * 2,
+        default_steps=20 if size <= 128 else 25,
+        default_guidance=4.0 if size <= 128 else 7.5,
+    )
+    values.update(overrides)
+    return ModelPreset(**values)
+
+
+def resolve_preset(name_or_path: str) -> ModelPreset:
+    """A preset by name ("shapes", "sd15", ...) or a local diffusers folder; ValueError otherwise."""
+    value = str(name_or_path).strip()
+    if value in PRESETS:
+        preset = PRESETS[value]
+        if preset.is_builtin:
+            preset = replace(preset, controlnets=_local_only(preset.controlnets))
+        return preset
+    path = Path(value).expanduser()
+    if path.is_dir() and _is_pipeline_folder(path):
+        return preset_from_folder(path)
+    if path.is_dir():
+        raise ValueError(f"model {value!r} is a folder without model_index.json, so not a diffusers pipeline; "
+                         f"known presets: {', '.join(PRESETS)}")
+    raise ValueError(f"unknown model {value!r}: use one of the presets {', '.join(PRESETS)} "
+                     f"or a local diffusers pipeline folder")

@@ -1,0 +1,104 @@
+"""What every task function shares: input validation, seeded generators, progress, cancel, error mapping."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Protocol
+
+import torch
+from PIL import Image
+
+from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
+
+logger = logging.getLogger(__name__)
+
+OnStep = Callable[[int, int, "Image.Image | None"], None]
+
+
+class CancelEvent(Protocol):
+    def is_set(self) -> bool: ...
+
+
+def check_common(engine, *, prompt, negative_prompt, seed, steps, guidance, scheduler, batch_size) -> dict[str, Any]:
+    """Validate the settings every task shares; returns them cleaned (ints as ints, text as str)."""
+    limits = engine.limits
+    return dict(
+        prompt=check_text("prompt", prompt, limits.max_prompt_chars),
+        negative_prompt=check_text("negative_prompt", negative_prompt, limits.max_prompt_chars),
+        seed=check_int("seed", seed, 0, limits.max_seed),
+        steps=check_int("steps", steps, 1, limits.max_steps),
+        guidance=check_float("guidance", guidance, 0.0, limits.max_guidance),
+        scheduler=check_choice("scheduler", scheduler or engine.preset.default_scheduler, engine.scheduler_names),
+        batch_size=check_int("batch_size", batch_size, 1, limits.max_batch),
+    )
+
+
+def check_size(engine, width, height) -> tuple[int, int]:
+    """Width and height within the model's limit and multiples of 8 (the VAE and U-Net need whole latents)."""
+    limit = engine.limits.max_size
+    width = check_int("width", width, 8, limit)
+    height = check_int("height", height, 8, limit)
+    for name, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise InputError(f"{name}={value} is not a multiple of 8 (try {value - value % 8 or 8})")
+    return width, height
+
+
+def generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded seed + i, so image i can be regenerated alone with seed + i.
+
+    CPU generators give the same noise on every device, so a seed means the same image on CPU and GPU
+    (up to kernel differences).
+    """
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelEvent | None = None,
+                 **call_kwargs: Any) -> list[Image.Image]:
+    """Call a request-scoped pipeline view with progress, cancel and error mapping; returns PIL images.
+
+    Caller holds engine.lock. Cancel: the step-end callback sets `_interrupt` on this view only, so the
+    denoising loop skips the remaining steps; then `Cancelled` is raised instead of returning images.
+    """
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled before the first step")
+    state: dict[str, Any] = {"cancelled": False, "error": None, "steps_done": 0}
+
+    def on_step_end(pipe, i: int, t, callback_kwargs: dict) -> dict:
+        state["steps_done"] = i + 1
+        if on_step is not None and state["error"] is None:
+            try:
+                preview = engine.preview(callback_kwargs["latents"])
+                on_step(i + 1, int(getattr(pipe, "num_timesteps", 0) or 0), preview)
+            except Exception as error:  # a UI callback failing must not look like a model failure
+                state["error"] = error
+                pipe._interrupt = True
+        if cancel is not None and cancel.is_set():
+            state["cancelled"] = True
+            pipe._interrupt = True
+        return {}
+
+    try:
+        with torch.inference_mode():
+            output = view(callback_on_step_end=on_step_end, output_type="pil", **call_kwargs)
+    except (InputError, Cancelled):
+        raise
+    except ValueError as error:
+        # diffusers' check_inputs names the argument and value; these are caller mistakes, not model ones.
+        raise InputError(str(error)) from error
+    except Exception as error:
+        engine.free_memory()
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+            raise ModelError(
+                f"out of memory on {engine.device}: lower the size, batch or steps, or restart with "
+                f"--attention-slicing / --vae-tiling / --cpu-offload") from error
+        logger.exception("model run failed")
+        raise ModelError(f"the model failed: {type(error).__name__}: {error}") from error
+    if state["error"] is not None:
+        raise state["error"]
+    if state["cancelled"]:
+        raise Cancelled(f"cancelled after step {state['steps_done']}")
+    return list(output.images)
+
+
+def base_params(engine, task: str, common: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    return {"task": task, "model": engine.preset.name, **common, "width": width, "height": height}

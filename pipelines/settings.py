@@ -1,0 +1,42 @@
+"""Server-side limits, read from the environment in this one place (hysts' Spaces style).
+
+Every limit applies whatever a client sends: the UI's sliders are a convenience, these are the law.
+`Limits.from_env()` is called by the Engine when it is built; nothing here runs at import time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_size: int | None = None  # LDS_MAX_SIZE: longest image side in pixels; None -> the preset's own max_size
+    max_steps: int = 150  # LDS_MAX_STEPS: denoising steps per request
+    max_batch: int = 4  # LDS_MAX_BATCH: images per request
+    max_prompt_chars: int = 1000  # LDS_MAX_PROMPT_CHARS: prompt and negative prompt, each
+    max_guidance: float = 30.0  # LDS_MAX_GUIDANCE: classifier-free guidance scale
+    max_image_pixels: int = 4096 * 4096  # LDS_MAX_IMAGE_PIXELS: uploads above this are refused (decompression bombs)
+    max_upload_mb: int = 20  # LDS_MAX_UPLOAD_MB: upload file size, for the web layer
+    max_seed: int = 2**32 - 1  # seeds are 32-bit like A1111/ComfyUI so they survive JSON and UI number fields
+    max_outpaint: int = 512  # LDS_MAX_OUTPAINT: pixels added on any one side
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Limits":
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            key = "LDS_" + f.name.upper()
+            raw = env.get(key)
+            if raw is None or raw.strip() == "":
+                continue
+            kind = float if f.name == "max_guidance" else int
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{key}={raw!r} is not a number") from None
+            if value <= 0:
+                raise ValueError(f"{key}={raw!r} must be positive")
+            values[f.name] = value
+        return cls(**values)
