@@ -1,0 +1,169 @@
+"""Latent Diffusion Studio: command line + assembly of the Gradio app. Nothing else lives here.
+
+    python app.py                          # built-in Shapes model on http://127.0.0.1:7860
+    python app.py --model sd15 --device cuda
+    python app.py --download sd15          # fetch hub weights, then exit
+
+Tabs live in demo/ (one file each), the model side in pipelines/. Importing this module builds
+nothing: `build_app(engine, settings)` makes the Blocks, `launch(app, settings)` serves it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+DEFAULT_HOST = "127.0.0.1"  # local only; --host 0.0.0.0 or --share expose it, on request
+DEFAULT_PORT = 7860
+DEFAULT_QUEUE_SIZE = 20  # requests waiting for the model beyond this are refused politely
+TITLE = "Latent Diffusion Studio"
+
+
+@dataclass
+class AppSettings:
+    """How the web app is served (the model's own limits live in pipelines/settings.py)."""
+
+    host: str = DEFAULT_HOST  # --host / LDS_HOST
+    port: int = DEFAULT_PORT  # --port / LDS_PORT
+    share: bool = False  # --share: a public *.gradio.live link
+    auth: list[tuple[str, str]] = field(default_factory=list)  # --auth user:pass / LDS_AUTH
+    queue_size: int = DEFAULT_QUEUE_SIZE  # --queue-size / LDS_QUEUE_SIZE
+    max_file_size_mb: int | None = None  # None -> engine.limits.max_upload_mb
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]]:
+    """'user:pass' or 'u1:p1,u2:p2' -> [(user, pass), ...]."""
+    pairs = []
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"--auth {item!r}: expected user:password")
+        pairs.append((user, password))
+    return pairs
+
+
+def gpu_decorator():
+    """`spaces.GPU` on Hugging Face ZeroGPU Spaces, a no-op elsewhere (the one place this is decided)."""
+    try:
+        import spaces  # type: ignore
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU
+
+
+def build_app(engine, settings: AppSettings | None = None):
+    """The whole UI for one engine: header, five task tabs, "Send to" links, bounded queue."""
+    import gradio as gr
+
+    from demo import common, controlnet, header, inpaint, outpaint, style, txt2img
+
+    settings = settings or AppSettings()
+    studio = common.Studio(gpu=gpu_decorator())
+    modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
+               "controlnet": controlnet}
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        header.build_header(engine)
+        with gr.Tabs() as tabs:
+            for tab_id, module in modules.items():
+                with gr.Tab(common.TAB_LABELS[tab_id], id=tab_id, elem_id=f"tab-{tab_id}"):
+                    module.build_tab(engine, studio=studio)
+        studio.wire_send_buttons(tabs)
+    app.queue(max_size=settings.queue_size, default_concurrency_limit=1)
+    return app
+
+
+def launch(app, engine, settings: AppSettings, **kwargs):
+    """Serve `app` with the safety settings every deployment needs; kwargs go to `Blocks.launch`."""
+    import gradio as gr
+
+    from demo import common
+
+    max_mb = settings.max_file_size_mb or engine.limits.max_upload_mb
+    return app.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        auth=settings.auth or None,
+        auth_message="Latent Diffusion Studio: please log in." if settings.auth else None,
+        max_file_size=f"{max_mb}mb",
+        allowed_paths=[str(EXAMPLES_DIR)],  # example inputs only; never the models or anything else
+        css=common.CSS,
+        theme=gr.themes.Soft(),
+        ssr_mode=False,
+        footer_links=["api", "gradio"],
+        **kwargs,
+    )
+
+
+def build_engine(model: str, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False,
+                 cpu_offload=False, max_batch: int | None = None):
+    from pipelines.engine import Engine
+    from pipelines.registry import resolve_preset
+
+    engine = Engine(resolve_preset(model), device=device, dtype=dtype, attention_slicing=attention_slicing,
+                    vae_tiling=vae_tiling, cpu_offload=cpu_offload)
+    if max_batch is not None:
+        engine.limits = replace(engine.limits, max_batch=max_batch)
+    return engine
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=env.get("LDS_MODEL", "shapes"),
+                        help="preset (shapes, sd15, sd15-lcm, sd15-inpainting) or a local diffusers folder [LDS_MODEL]")
+    parser.add_argument("--device", default=env.get("LDS_DEVICE"), help="cuda, cuda:1, mps or cpu (auto if unset) [LDS_DEVICE]")
+    parser.add_argument("--dtype", default=env.get("LDS_DTYPE"), help="fp16, bf16 or fp32 (auto if unset) [LDS_DTYPE]")
+    parser.add_argument("--host", default=env.get("LDS_HOST", DEFAULT_HOST), help="address to bind [LDS_HOST]")
+    parser.add_argument("--port", type=int, default=int(env.get("LDS_PORT", DEFAULT_PORT)), help="port [LDS_PORT]")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live share link")
+    parser.add_argument("--auth", default=env.get("LDS_AUTH"), help="user:password (comma-separate several) [LDS_AUTH]")
+    parser.add_argument("--max-batch", type=int, default=None, help="images per request (overrides LDS_MAX_BATCH)")
+    parser.add_argument("--queue-size", type=int, default=int(env.get("LDS_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)),
+                        help="requests that may wait for the model [LDS_QUEUE_SIZE]")
+    parser.add_argument("--attention-slicing", action="store_true", help="lower peak memory, a little slower")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    parser.add_argument("--cpu-offload", action="store_true", help="keep idle modules in CPU memory (CUDA)")
+    parser.add_argument("--download", metavar="PRESET", help="pre-download a hub preset's weights, then exit")
+    args = parser.parse_args(argv)
+    if args.max_batch is not None and args.max_batch < 1:
+        parser.error(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.queue_size < 1:
+        parser.error(f"--queue-size {args.queue_size}: must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.download:
+        from pipelines.engine import download
+        from pipelines.registry import resolve_preset
+
+        fetched = download(resolve_preset(args.download))
+        print("downloaded: " + (", ".join(fetched) if fetched else "nothing (all weights are local)"))
+        return 0
+    from pipelines.common import ModelNotAvailable
+
+    try:
+        engine = build_engine(args.model, device=args.device, dtype=args.dtype,
+                              attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                              cpu_offload=args.cpu_offload, max_batch=args.max_batch)
+    except (ModelNotAvailable, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    settings = AppSettings(host=args.host, port=args.port, share=args.share, auth=parse_auth(args.auth),
+                           queue_size=args.queue_size)
+    launch(build_app(engine, settings), engine, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""UI pieces every tab shares: the settings accordion, the output panel, running a task with live
+previews and a real Cancel, PNG files with parameters, restoring parameters, and "Send to" links.
+
+No torch or diffusers here (nor in any demo/ module): task functions are imported lazily by the tabs
+through `task()`, and everything else this file needs from pipelines/ is torch-free.
+"""
+from __future__ import annotations
+
+import importlib
+import queue
+import random
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipelines.common import Cancelled, InputError, ModelError, ModelNotAvailable, params_from_png, params_to_png_info
+
+CONCURRENCY_ID = "model"  # every event that touches the model shares this id, with concurrency_limit 1
+MODEL_EVENT = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)
+UI_EVENT = dict(queue=False, api_visibility="private", show_progress="hidden")  # cheap, model-free UI updates
+
+TAB_LABELS = {
+    "txt2img": "Text to image",
+    "inpaint": "Inpaint",
+    "outpaint": "Outpaint",
+    "style": "Style transfer",
+    "controlnet": "ControlNet",
+}
+SEND_TARGETS = ("inpaint", "outpaint", "style", "controlnet")  # tabs with an input image
+HISTORY_LIMIT = 48  # images kept in a session's history gallery
+PREVIEW_EVERY_S = 0.15  # at most this often a live preview is sent to the browser
+RANDOM_SEED = -1  # the seed box value meaning "pick one"; the seed actually used is shown with the result
+MAX_SEED = 2**32 - 1
+UPSCALED_VIEW_PX = 256  # small images are shown at least this big, with pixelated rendering
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
+
+CSS = """
+/* Images of the built-in model are 64x64: show them big, with crisp pixels; the files keep their size. */
+.lds-pixelated img, .lds-pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+.lds-pixelated .image-frame img, .lds-pixelated .image-container img { min-width: 192px; min-height: 192px;
+  width: 100%; height: 100%; object-fit: contain; }
+.lds-gallery .thumbnail-item img, .lds-gallery .thumbnail-lg img, .lds-gallery img { image-rendering: pixelated; }
+.lds-warning { color: #b45309; }
+.lds-warning p { margin: 0; }
+#lds-header h1 { margin-bottom: 0.2em; }
+"""
+
+
+def task(name: str):
+    """The pipelines task module `name` (txt2img, inpaint, ...), imported on first use (it imports torch)."""
+    return importlib.import_module(f"pipelines.{name}")
+
+
+# --- uploads -------------------------------------------------------------------------------------------
+
+def _check_image_file(path: str | None, max_pixels: int, what: str) -> None:
+    """Refuse what PIL cannot read, and decompression bombs, before anything decodes the pixels."""
+    if not path:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as e:
+        raise gr.Error(f"The {what} is too large to open safely ({e}); the limit is {max_pixels:,} pixels.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise gr.Error(f"The {what} is not a readable image (PNG, JPEG or WebP); the file is damaged or of another type.") from None
+    if width * height > max_pixels:
+        raise gr.Error(f"The {what} is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} pixels.")
+
+
+def _decode_error(what: str, e: Exception) -> gr.Error:
+    return gr.Error(f"The {what} could not be decoded ({type(e).__name__}: {e}); the file is damaged or truncated.")
+
+
+class SafeImage(gr.Image):
+    """gr.Image that refuses unreadable files and decompression bombs with a clear message."""
+
+    is_template = True  # the browser renders it with gr.Image's frontend
+
+    def __init__(self, *args, max_pixels: int, **kwargs):
+        self.max_pixels = max_pixels
+        super().__init__(*args, **kwargs)
+
+    def preprocess(self, payload):
+        _check_image_file(payload.path if payload is not None else None, self.max_pixels, f"image '{self.label}'")
+        try:
+            image = super().preprocess(payload)
+            if isinstance(image, Image.Image):
+                image.load()
+            return image
+        except gr.Error:
+            raise
+        except Exception as e:
+            raise _decode_error(f"image '{self.label}'", e) from None
+
+
+class SafeImageEditor(gr.ImageEditor):
+    """gr.ImageEditor with the same checks on its background and every layer."""
+
+    is_template = True
+
+    def __init__(self, *args, max_pixels: int, **kwargs):
+        self.max_pixels = max_pixels
+        super().__init__(*args, **kwargs)
+
+    def preprocess(self, payload):
+        if payload is not None:
+            files = [payload.background, payload.composite, *(payload.layers or [])]
+            for file in files:
+                _check_image_file(getattr(file, "path", None), self.max_pixels, f"image '{self.label}'")
+        try:
+            value = super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:
+            raise _decode_error(f"image '{self.label}'", e) from None
+        return value
+
+
+def open_png_params(path: str | None, max_pixels: int) -> dict[str, Any]:
+    """The generation parameters stored in a PNG written by this app (or by AUTOMATIC1111)."""
+    if not path:
+        raise gr.Error("Drop a PNG made by this app to restore its parameters.")
+    _check_image_file(path, max_pixels, "parameters file")
+    with Image.open(path) as im:
+        try:
+            params = params_from_png(im)
+        except Exception as e:  # a damaged text chunk
+            raise _decode_error("parameters file", e) from None
+    if not params:
+        raise gr.Error(f"{Path(path).name} carries no generation parameters (no 'parameters' PNG text chunk).")
+    return params
+
+
+# --- the common settings accordion ----------------------------------------------------------------------
+
+@dataclass
+class CommonSettings:
+    """The components of one tab's settings accordion (built by `common_settings`)."""
+
+    negative_prompt: gr.Textbox
+    seed: gr.Number
+    randomise: gr.Button
+    steps: gr.Slider
+    guidance: gr.Slider
+    scheduler: gr.Dropdown
+    batch_size: gr.Slider
+    width: gr.Slider | None = None
+    height: gr.Slider | None = None
+    restore_file: gr.File | None = None
+    restored: gr.JSON | None = None
+
+    def kwargs(self) -> dict[str, gr.components.Component]:
+        """Task keyword name -> component, for `inputs_kwargs=` of a model event."""
+        named = dict(negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
+                     guidance=self.guidance, scheduler=self.scheduler, batch_size=self.batch_size)
+        if self.width is not None:
+            named.update(width=self.width, height=self.height)
+        return named
+
+
+def size_choices(engine) -> tuple[int, int, int]:
+    """(minimum, maximum, step) for width/height sliders, within the model's and the server's limits."""
+    preset = engine.preset
+    limit = engine.limits.max_size or preset.max_size
+    maximum = min(preset.max_size, limit)
+    multiple = int(getattr(engine, "size_multiple", 8) or 8)
+    minimum = max(multiple, (preset.default_size // 4) // multiple * multiple)
+    return minimum, maximum, multiple
+
+
+def common_settings(engine, *, size: bool = True, label: str = "Settings", open: bool = False) -> CommonSettings:
+    """Build the settings accordion (negative prompt, seed + random, steps, guidance, scheduler, size, batch).
+
+    Every tab calls this one function, so the settings look and behave the same everywhere.
+    """
+    preset, limits = engine.preset, engine.limits
+    with gr.Accordion(label, open=open):
+        negative = gr.Textbox(value="", label="Negative prompt", placeholder="what the image should not show",
+                              max_lines=2, max_length=limits.max_prompt_chars)
+        with gr.Row():
+            seed = gr.Number(label="Seed (-1 = random)", value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
+                             maximum=MAX_SEED, scale=4)
+            randomise = gr.Button("🎲 Random", scale=1, min_width=80, size="sm")
+        with gr.Row():
+            steps = gr.Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps)
+            guidance = gr.Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
+                                 value=preset.default_guidance)
+        with gr.Row():
+            scheduler = gr.Dropdown(label="Scheduler", choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
+                                    value=preset.default_scheduler)
+            batch = gr.Slider(label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1)
+        width = height = None
+        if size:
+            low, high, step = size_choices(engine)
+            with gr.Row():
+                width = gr.Slider(label="Width", minimum=low, maximum=high, step=step, value=preset.default_size)
+                height = gr.Slider(label="Height", minimum=low, maximum=high, step=step, value=preset.default_size)
+        with gr.Accordion("Restore parameters from PNG", open=False):
+            restore = gr.File(label="Restore parameters from PNG (drop an image made here)", file_types=[".png"],
+                              type="filepath", height=90)
+            restored = gr.JSON(label="Parameters found", visible=False)
+    randomise.click(lambda: random.randint(0, MAX_SEED), None, seed, **UI_EVENT)
+    return CommonSettings(negative_prompt=negative, seed=seed, randomise=randomise, steps=steps, guidance=guidance,
+                          scheduler=scheduler, batch_size=batch, width=width, height=height,
+                          restore_file=restore, restored=restored)
+
+
+def wire_restore(engine, settings: CommonSettings, fields: dict[str, gr.components.Component], *,
+                 api_name: str | None = None) -> None:
+    """Dropping a PNG on `settings.restore_file` fills `fields` (params key -> component) from its metadata.
+
+    `fields` should hold the tab's own inputs (prompt, strength, ...); the common settings are added here.
+    """
+    targets = {**settings.kwargs(), **fields}
+    names = list(targets)
+    max_pixels = engine.limits.max_image_pixels
+
+    def read_params(path: str | None) -> dict:
+        """The generation parameters stored in a PNG made by this app."""
+        return open_png_params(path, max_pixels)
+
+    def apply(params: dict):
+        updates = []
+        for name in names:
+            value = (params or {}).get(name)
+            if name == "negative_prompt" and value is None:
+                value = (params or {}).get("negative")
+            updates.append(gr.skip() if value is None else _coerce(targets[name], value))
+        return [gr.JSON(value=params, visible=True), *updates]
+
+    read = settings.restore_file.upload(
+        read_params, settings.restore_file, settings.restored,
+        api_name=api_name or False, api_visibility="public" if api_name else "private", queue=False)
+    read.success(apply, settings.restored, [settings.restored, *targets.values()], **UI_EVENT)
+
+
+def _coerce(component, value):
+    """A restored value shaped for its component (numbers for sliders, known choices for dropdowns)."""
+    if isinstance(component, gr.Dropdown):
+        choices = [c[1] if isinstance(c, tuple) else c for c in (component.choices or [])]
+        return value if value in choices else gr.skip()
+    if isinstance(component, (gr.Slider, gr.Number)):
+        try:
+            return float(value) if isinstance(component, gr.Slider) and component.step % 1 else int(value) \
+                if float(value).is_integer() else float(value)
+        except (TypeError, ValueError):
+            return gr.skip()
+    if isinstance(component, gr.Checkbox):
+        return bool(value)
+    if isinstance(component, gr.CheckboxGroup):
+        return list(value) if isinstance(value, (list, tuple)) else gr.skip()
+    return value if isinstance(value, (str, int, float)) else gr.skip()
+
+
+def unknown_words_warning(engine, prompt: gr.Textbox) -> gr.Markdown:
+    """A warning under `prompt` listing words the model does not know (the built-in model has a small vocabulary)."""
+    box = gr.Markdown("", visible=False, elem_classes=["lds-warning"])
+
+    def check(text: str):
+        words = engine.unknown_words(text or "") if hasattr(engine, "unknown_words") else []
+        if not words:
+            return gr.Markdown(value="", visible=False)
+        vocab = vocabulary(engine)
+        listed = f" Known words: {', '.join(vocab)}." if vocab else ""
+        return gr.Markdown(value=f"⚠️ The model does not know: **{', '.join(words)}**; they are ignored.{listed}",
+                           visible=True)
+
+    prompt.change(check, prompt, box, trigger_mode="always_last", **UI_EVENT)
+    return box
+
+
+def vocabulary(engine) -> list[str]:
+    info = engine.info() if hasattr(engine, "info") else {}
+    vocab = info.get("vocabulary") or getattr(engine, "vocabulary", None) or []
+    return list(vocab() if callable(vocab) else vocab)
+
+
+# --- cancel ---------------------------------------------------------------------------------------------
+
+class CancelRegistry:
+    """One threading.Event per running request, keyed by (browser session, tab); Cancel sets it."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, key: tuple[str, str]) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[key] = event
+        return event
+
+    def finish(self, key: tuple[str, str], event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(key) is event:
+                del self._events[key]
+
+    def cancel(self, key: tuple[str, str]) -> bool:
+        with self._lock:
+            event = self._events.get(key)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+
+def session_key(request: gr.Request | None, tab: str) -> tuple[str, str]:
+    session = getattr(request, "session_hash", None) or "anonymous"
+    return (str(session), tab)
+
+
+# --- running a task with live previews --------------------------------------------------------------------
+
+@dataclass
+class Studio:
+    """What the tabs of one app share: the cancel registry, where PNGs go, and the "Send to" links."""
+
+    output_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lds-outputs-")))
+    cancels: CancelRegistry = field(default_factory=CancelRegistry)
+    targets: dict[str, tuple[gr.components.Component, str]] = field(default_factory=dict)  # tab -> (input, kind)
+    sources: list[tuple[gr.Gallery, gr.State, dict[str, gr.Button]]] = field(default_factory=list)
+    gpu: Callable[[Callable], Callable] = lambda fn: fn  # spaces.GPU on ZeroGPU Spaces (chosen in app.py)
+
+    def register_target(self, tab: str, component, kind: str = "image") -> None:
+        """`component` of `tab` receives images sent from any gallery; kind is "image" or "editor"."""
+        self.targets[tab] = (component, kind)
+
+    def wire_send_buttons(self, tabs: gr.Tabs | None) -> None:
+        """Connect every output panel's "Send to" buttons to the registered inputs (call after all tabs)."""
+        for gallery, selected, buttons in self.sources:
+            for tab, button in buttons.items():
+                if tab not in self.targets:
+                    button.visible = False
+                    continue
+                component, kind = self.targets[tab]
+                outputs = [component] + ([tabs] if tabs is not None else [])
+                button.click(_sender(kind, tab, tabs is not None), [gallery, selected], outputs, **UI_EVENT)
+
+
+def _sender(kind: str, tab: str, switch: bool):
+    def send(gallery_value, index):
+        path = pick_image(gallery_value, index)
+        if path is None:
+            raise gr.Error("Generate an image first, then pick it in the gallery and send it.")
+        value = {"background": path, "layers": [], "composite": path} if kind == "editor" else path
+        return (value, gr.Tabs(selected=tab)) if switch else value
+
+    return send
+
+
+def pick_image(gallery_value, index) -> str | None:
+    """The file path of gallery item `index` (the first when nothing is selected)."""
+    if not gallery_value:
+        return None
+    index = index if isinstance(index, int) and 0 <= index < len(gallery_value) else 0
+    item = gallery_value[index]
+    if isinstance(item, (list, tuple)):
+        item = item[0]
+    if isinstance(item, dict):  # FileData-like
+        item = item.get("path") or (item.get("image") or {}).get("path")
+    return str(item) if item else None
+
+
+@dataclass
+class OutputPanel:
+    preview: gr.Image
+    gallery: gr.Gallery
+    params: gr.JSON
+    status: gr.Markdown
+    history: gr.Gallery
+    history_state: gr.State
+    selected: gr.State
+    generate: gr.Button
+    cancel: gr.Button
+
+    def outputs(self) -> list:
+        """The outputs of a model event, in the order `run_task` yields them."""
+        return [self.preview, self.gallery, self.params, self.status]
+
+
+def output_panel(tab: str, studio: Studio, *, generate_label: str = "Generate") -> OutputPanel:
+    """Generate/Cancel buttons, live preview, result gallery (PNG with parameters), history and Send-to buttons."""
+    with gr.Row():
+        generate = gr.Button(generate_label, variant="primary", elem_id=f"{tab}-generate", scale=3)
+        cancel = gr.Button("Cancel", variant="stop", elem_id=f"{tab}-cancel", scale=1)
+    status = gr.Markdown("", label="Status", elem_id=f"{tab}-status")
+    with gr.Row(equal_height=False):
+        preview = gr.Image(label="Live preview", interactive=False, format="png", height=UPSCALED_VIEW_PX,
+                           elem_classes=["lds-pixelated"], elem_id=f"{tab}-preview", scale=1)
+        gallery = gr.Gallery(label="Result (PNG with parameters)", format="png", type="filepath", columns=2,
+                             height=UPSCALED_VIEW_PX + 64, object_fit="contain", interactive=False,
+                             elem_classes=["lds-gallery", "lds-pixelated"], elem_id=f"{tab}-gallery", scale=2)
+    selected = gr.State(0)
+    buttons = {}
+    with gr.Row():
+        for target in SEND_TARGETS:
+            buttons[target] = gr.Button(f"Send to {TAB_LABELS[target]}", size="sm", elem_id=f"{tab}-send-{target}")
+    with gr.Accordion("Parameters of this result", open=False):
+        params = gr.JSON(label="Parameters", elem_id=f"{tab}-params")
+    with gr.Accordion("History (this session)", open=False):
+        history = gr.Gallery(label="History", format="png", type="filepath", columns=6, height=220,
+                             interactive=False, elem_classes=["lds-gallery", "lds-pixelated"])
+    history_state = gr.State([])
+
+    gallery.select(_selected_index, None, selected, **UI_EVENT)
+    gallery.change(lambda: 0, None, selected, **UI_EVENT)
+    studio.sources.append((gallery, selected, buttons))
+    return OutputPanel(preview=preview, gallery=gallery, params=params, status=status, history=history,
+                       history_state=history_state, selected=selected, generate=generate, cancel=cancel)
+
+
+def _selected_index(evt: gr.SelectData) -> int:
+    return int(evt.index) if isinstance(evt.index, int) else 0
+
+
+def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable, *,
+                     inputs_kwargs: dict[str, gr.components.Component], api_name: str,
+                     api_description: str | None = None) -> None:
+    """Generate -> fn (a generator using `run_task`) on the shared model queue; Cancel really stops it."""
+    event = panel.generate.click(studio.gpu(fn), inputs_kwargs=inputs_kwargs, outputs=panel.outputs(), api_name=api_name,
+                                 api_description=api_description, show_progress="minimal",
+                                 show_progress_on=[panel.preview], **MODEL_EVENT)
+    event.success(_add_history, [panel.gallery, panel.history_state], [panel.history, panel.history_state],
+                  **UI_EVENT)
+
+    def cancel(request: gr.Request):
+        stopped = studio.cancels.cancel(session_key(request, tab))
+        return "⏹️ Cancelled." if stopped else gr.skip()
+
+    panel.cancel.click(cancel, None, panel.status, cancels=[event], api_name=f"cancel_{tab}",
+                       api_description=f"Stop this session's running {tab} request.",
+                       concurrency_limit=None, concurrency_id="cancel", show_progress="hidden")
+
+
+def _add_history(gallery_value, history):
+    items = [(pick_image([item], 0), item[1] if isinstance(item, (list, tuple)) else None)
+             for item in (gallery_value or [])]
+    history = ([item for item in items if item[0]] + list(history or []))[:HISTORY_LIMIT]
+    return history, history
+
+
+def resolve_seed(seed) -> int:
+    """-1 (or empty) -> a fresh random seed; anything else is passed on for the pipeline to check."""
+    if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed == RANDOM_SEED):
+        return random.randint(0, MAX_SEED)
+    return seed
+
+
+def save_pngs(result, out_dir: Path, task_name: str) -> list[tuple[str, str]]:
+    """Write each image as PNG with its own reproducible parameters; (path, caption) pairs for a gallery."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, image in enumerate(result.images):
+        params = result.image_params(i) if len(result.images) > 1 else dict(result.params)
+        path = out_dir / f"{task_name}-{params.get('seed', 'x')}-{uuid.uuid4().hex[:8]}.png"
+        image.save(path, format="PNG", pnginfo=params_to_png_info(params))
+        items.append((str(path), f"seed {params.get('seed')}"))
+    return items
+
+
+def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, Any], *,
+             request: gr.Request | None, progress: gr.Progress | None) -> Iterator[tuple]:
+    """Run task `fn(engine, **kwargs, on_step=, cancel=)` in a worker thread, yielding UI updates.
+
+    Yields (preview, gallery, params, status) tuples: live previews while denoising, then the PNGs.
+    Errors the user can fix become gr.Error with the pipeline's sentence; a model error becomes a
+    gr.Error for this user only; Cancel ends the run early with a status line.
+    """
+    key = session_key(request, tab)
+    cancel = studio.cancels.start(key)
+    updates: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+    started = time.perf_counter()
+
+    def on_step(step: int, total: int, preview=None) -> None:
+        updates.put((step, total, preview))
+
+    def work() -> None:
+        try:
+            outcome["result"] = fn(engine, **kwargs, on_step=on_step, cancel=cancel)
+        except BaseException as e:  # handed to the generator, which turns it into a message
+            outcome["error"] = e
+        finally:
+            updates.put(None)
+
+    worker = threading.Thread(target=work, name=f"lds-{tab}", daemon=True)
+    worker.start()
+    step = total = 0
+    try:
+        yield (gr.skip(), gr.skip(), gr.skip(), "⏳ Waiting for the model…")
+        last_sent = 0.0
+        finished = False
+        while not finished:
+            item = updates.get()
+            latest_preview = None
+            while True:  # drain: only the newest preview is worth sending
+                if item is None:
+                    finished = True
+                    break
+                step, total, preview = item
+                latest_preview = preview if preview is not None else latest_preview
+                try:
+                    item = updates.get_nowait()
+                except queue.Empty:
+                    break
+            if finished:
+                break
+            if progress is not None and total:
+                progress((step, total), desc=f"Denoising step {step}/{total}")
+            now = time.perf_counter()
+            if latest_preview is not None and now - last_sent >= PREVIEW_EVERY_S:
+                last_sent = now
+                yield (latest_preview, gr.skip(), gr.skip(), f"⏳ Step {step}/{total}")
+        worker.join()
+    finally:
+        if worker.is_alive():  # the browser left or the job was cancelled: stop the model too
+            cancel.set()
+        studio.cancels.finish(key, cancel)
+
+    error = outcome.get("error")
+    if isinstance(error, Cancelled):
+        yield (gr.skip(), gr.skip(), gr.skip(), f"⏹️ Cancelled at step {step} of {total}." if total else "⏹️ Cancelled.")
+        return
+    if error is not None:
+        raise user_error(error)
+    result = outcome["result"]
+    items = save_pngs(result, studio.output_dir, tab)
+    seconds = time.perf_counter() - started
+    first = result.images[0] if result.images else None
+    status = f"✅ {len(result.images)} image(s) in {seconds:.1f} s · seed {result.params.get('seed')}"
+    if first is not None:
+        status += f" · {first.width}x{first.height}"
+    for note in result.params.get("warnings", []) or []:
+        status += f"\n\n⚠️ {note}"
+    yield (first, items, result.params, status)
+
+
+def user_error(error: BaseException) -> gr.Error:
+    """The message a browser user or API client sees for `error`."""
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, InputError):
+        return gr.Error(str(error), title="Invalid input", print_exception=False)
+    if isinstance(error, ModelNotAvailable):
+        return gr.Error(str(error), title="Model not available")
+    if isinstance(error, (ModelError, RuntimeError, MemoryError)):
+        return gr.Error(f"The model failed during this run ({error}). Nothing is broken: try again, "
+                        f"or use a smaller size, batch or number of steps.", title="Model error")
+    if isinstance(error, ValueError):
+        return gr.Error(str(error), title="Invalid input")
+    return gr.Error(f"Unexpected error ({type(error).__name__}: {error}).", title="Error")
+
+
+def open_image(value) -> Image.Image | None:
+    """An upload as a PIL image with EXIF orientation applied (pipelines normalise mode and size)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        with Image.open(value) as im:
+            im.load()
+            value = im.copy() if im.format != "MPO" else im.convert("RGB")
+    try:
+        return ImageOps.exif_transpose(value)
+    except Exception:
+        return value
+
+
+def example_files(*names: str) -> list[str]:
+    """Paths of example inputs in assets/examples that exist (the folder is generated by scripts/make_examples.py)."""
+    return [str(EXAMPLES_DIR / name) for name in names if (EXAMPLES_DIR / name).is_file()]

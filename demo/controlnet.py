@@ -1,0 +1,140 @@
+"""ControlNet tab: a control map (edges, depth or pose) steers generation through a trainable U-Net copy.
+
+Pick a control type and a preprocessor (or "none" to upload a ready map), check the map with Preview,
+then generate. A second ControlNet can be stacked (MultiControlNet).
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from demo import common
+
+TAB = "controlnet"
+CONTROL_LABELS = {"canny": "edge (canny)", "depth": "depth", "pose": "pose"}
+NONE = "none"  # the uploaded image already is the control map
+DEFAULT_PREPROCESSORS = {"canny": ("canny", NONE), "depth": ("depth", NONE), "pose": ("pose", NONE)}
+CANNY_LOW, CANNY_HIGH = 100, 200  # OpenCV thresholds, ControlNet v1.1's defaults
+
+
+def preprocessors(control_type: str) -> list[str]:
+    """Preprocessor names for a control type, as the pipelines define them ("none" always last)."""
+    try:
+        table = getattr(common.task("controlnet"), "PREPROCESSORS", DEFAULT_PREPROCESSORS)
+    except ImportError:  # pipelines/controlnet.py not there (yet)
+        table = DEFAULT_PREPROCESSORS
+    names = [n for n in table.get(control_type, DEFAULT_PREPROCESSORS.get(control_type, ())) if n != NONE]
+    return names + [NONE]
+
+
+def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
+    types = list(getattr(engine, "control_types", ())) or list(CONTROL_LABELS)
+    first = types[0]
+    with gr.Row():
+        control_type = gr.Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
+                                   elem_id=f"{TAB}-type{suffix}")
+        preprocessor = gr.Dropdown(preprocessors(first), value=preprocessors(first)[0], label="Preprocessor",
+                                   elem_id=f"{TAB}-preprocessor{suffix}")
+    control_type.change(lambda t: gr.Dropdown(choices=preprocessors(t), value=preprocessors(t)[0]),
+                        control_type, preprocessor, **common.UI_EVENT)
+    return control_type, preprocessor
+
+
+def build_tab(engine, *, studio: common.Studio | None = None) -> None:
+    studio = studio or common.Studio()
+    max_pixels = engine.limits.max_image_pixels
+    if not getattr(engine, "control_types", ()):
+        gr.Markdown("⚠️ This model has no ControlNets loaded yet; Preview still works for edges.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Row():
+                image = common.SafeImage(label="Input image (or a ready control map with preprocessor 'none')",
+                                         type="pil", image_mode=None, format="png", sources=("upload", "clipboard"),
+                                         height=260, elem_id=f"{TAB}-image", elem_classes=["lds-pixelated"],
+                                         max_pixels=max_pixels)
+                control_map = gr.Image(label="Control map", type="pil", format="png", interactive=False, height=260,
+                                       elem_id=f"{TAB}-map", elem_classes=["lds-pixelated"])
+            control_type, preprocessor = _control_picker(engine)
+            with gr.Row():
+                low = gr.Slider(label="Canny low threshold", minimum=1, maximum=255, step=1, value=CANNY_LOW)
+                high = gr.Slider(label="Canny high threshold", minimum=1, maximum=255, step=1, value=CANNY_HIGH)
+            preview = gr.Button("Preview control map", elem_id=f"{TAB}-preview-map")
+            prompt = gr.Textbox(value="", label="Prompt", lines=2, max_length=engine.limits.max_prompt_chars,
+                                elem_id=f"{TAB}-prompt")
+            common.unknown_words_warning(engine, prompt)
+            with gr.Row():
+                scale = gr.Slider(label="Conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0)
+                start = gr.Slider(label="Guidance start", minimum=0.0, maximum=1.0, step=0.05, value=0.0)
+                end = gr.Slider(label="Guidance end", minimum=0.0, maximum=1.0, step=0.05, value=1.0)
+            with gr.Accordion("Second ControlNet (optional)", open=False):
+                use_second = gr.Checkbox(label="Use a second ControlNet", value=False, elem_id=f"{TAB}-use-second")
+                image_2 = common.SafeImage(label="Second input (empty = use the first image)", type="pil",
+                                           image_mode=None, format="png", sources=("upload", "clipboard"), height=200,
+                                           elem_classes=["lds-pixelated"], max_pixels=max_pixels)
+                control_type_2, preprocessor_2 = _control_picker(engine, "-2", label="Second control type")
+                scale_2 = gr.Slider(label="Second conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=0.5)
+            settings = common.common_settings(engine, size=False)
+            examples = common.example_files("scene_a.png", "person.png", "control_pose.png", "control_canny.png")
+            if len(examples) == 4:
+                gr.Examples([[examples[0], "canny", "canny", "a red circle at the top"],
+                             [examples[1], "pose", "pose", "a pink person sitting on the right at night"],
+                             [examples[2], "pose", NONE, "a blue person on grass"],
+                             [examples[3], "canny", NONE, "a yellow circle at the top"]],
+                            inputs=[image, control_type, preprocessor, prompt], label="Examples")
+        with gr.Column(scale=3):
+            panel = common.output_panel(TAB, studio)
+
+    control_type.change(lambda t: [gr.Slider(visible=t == "canny")] * 2, control_type, [low, high], **common.UI_EVENT)
+
+    def make_map(image, control_type, preprocessor, low_threshold, high_threshold):
+        if image is None:
+            raise gr.Error("Upload an image first (or a ready control map with preprocessor 'none').")
+        image = common.open_image(image)
+        try:
+            return common.task("controlnet").preprocess(
+                engine, image=image, control_type=control_type, preprocessor=preprocessor,
+                low_threshold=low_threshold, high_threshold=high_threshold)
+        except Exception as error:
+            raise common.user_error(error) from None
+
+    def preprocess(image: object, control_type: str, preprocessor: str, low_threshold: float,
+                   high_threshold: float):
+        """The control map a preprocessor makes from `image` (canny edges, depth or pose skeleton)."""
+        return make_map(image, control_type, preprocessor, low_threshold, high_threshold)
+
+    preview.click(studio.gpu(preprocess), inputs_kwargs=dict(
+        image=image, control_type=control_type, preprocessor=preprocessor, low_threshold=low,
+        high_threshold=high), outputs=control_map, api_name="preprocess", **common.MODEL_EVENT)
+
+    def controlnet(image: object, control_type: str, preprocessor: str, low_threshold: float,
+                   high_threshold: float, conditioning_scale: float, guidance_start: float, guidance_end: float,
+                   use_second: bool, image_2: object, control_type_2: str, preprocessor_2: str,
+                   conditioning_scale_2: float, prompt: str, negative_prompt: str, seed: float, steps: float,
+                   guidance: float, scheduler: str, batch_size: float, request: gr.Request,
+                   progress=gr.Progress()):
+        """Generate with one or two ControlNets. Each input is turned into a control map by its preprocessor
+        ("none" = the image already is the map); the output has the control map's size."""
+        if image is None:
+            raise gr.Error("Upload an image or a control map first.")
+        units = [(image, control_type, preprocessor, conditioning_scale)]
+        if use_second:
+            units.append((image_2 if image_2 is not None else image, control_type_2, preprocessor_2,
+                          conditioning_scale_2))
+
+        def run(engine, *, on_step=None, cancel=None, **kwargs):
+            maps = [make_map(img, ctype, prep, low_threshold, high_threshold) for img, ctype, prep, _ in units]
+            return common.task("controlnet").generate(
+                engine, control_images=maps, control_types=[u[1] for u in units],
+                conditioning_scales=[u[3] for u in units], on_step=on_step, cancel=cancel, **kwargs)
+
+        kwargs = dict(guidance_start=guidance_start, guidance_end=guidance_end, prompt=prompt,
+                      negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
+                      guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+        yield from common.run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress)
+
+    common.wire_model_event(TAB, studio, panel, controlnet, api_name="controlnet", inputs_kwargs=dict(
+        image=image, control_type=control_type, preprocessor=preprocessor, low_threshold=low, high_threshold=high,
+        conditioning_scale=scale, guidance_start=start, guidance_end=end, use_second=use_second, image_2=image_2,
+        control_type_2=control_type_2, preprocessor_2=preprocessor_2, conditioning_scale_2=scale_2, prompt=prompt,
+        **settings.kwargs()))
+    common.wire_restore(engine, settings, {"prompt": prompt, "guidance_start": start, "guidance_end": end})
+    studio.register_target(TAB, image)

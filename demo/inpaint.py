@@ -1,0 +1,63 @@
+"""Inpaint tab: paint a mask over an uploaded image; only the masked area is denoised again."""
+from __future__ import annotations
+
+import gradio as gr
+
+from demo import common
+
+TAB = "inpaint"
+MASK_COLOUR = "#ff00ff"  # any painted pixel counts as mask; magenta shows on every Shapes background
+STRENGTH_DEFAULT = 1.0  # 1 = repaint the masked area from pure noise
+MASK_BLUR_MAX = 16  # pixels
+
+
+def build_tab(engine, *, studio: common.Studio | None = None) -> None:
+    studio = studio or common.Studio()
+    max_pixels = engine.limits.max_image_pixels
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            editor = common.SafeImageEditor(
+                label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
+                sources=("upload", "clipboard"), transforms=(), height=420, canvas_size=(512, 512),
+                brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed", default_size=6),
+                eraser=gr.Eraser(default_size=6), layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
+                elem_id=f"{TAB}-editor", elem_classes=["lds-pixelated"], max_pixels=max_pixels)
+            prompt = gr.Textbox(value="", label="Prompt (what to paint in the masked area)", lines=2,
+                                max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
+            common.unknown_words_warning(engine, prompt)
+            with gr.Row():
+                strength = gr.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+                                     info="how much of the masked area is re-noised (1 = all)")
+                mask_blur = gr.Slider(label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=1)
+            with gr.Accordion("Upload a mask instead of painting", open=False):
+                mask_upload = common.SafeImage(label="Mask: white = repaint, black = keep", type="pil",
+                                               image_mode=None, format="png", height=200, sources=("upload",),
+                                               elem_classes=["lds-pixelated"], max_pixels=max_pixels)
+            settings = common.common_settings(engine, size=False)
+            examples = common.example_files("scene_a_256.png", "scene_d_256.png", "person_256.png")
+            if examples:
+                prompts = ["a blue square", "a yellow star", "a green person waving"]
+                gr.Examples([[path, p] for path, p in zip(examples, prompts)], inputs=[editor, prompt],
+                            label="Examples (then paint a mask)")
+        with gr.Column(scale=3):
+            panel = common.output_panel(TAB, studio, generate_label="Inpaint")
+
+    def inpaint(image: dict | None, prompt: str, strength: float, mask_blur: float, mask: object,
+                negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
+                batch_size: float, request: gr.Request, progress=gr.Progress()):
+        """Repaint the masked part of an image. `image` is an ImageEditor value (background + painted layers);
+        `mask` (optional) is a black/white mask image used instead of the painted layers."""
+        background = (image or {}).get("background") if isinstance(image, dict) else image
+        if background is None:
+            raise gr.Error("Upload an image to inpaint first.")
+        kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
+                      prompt=prompt, strength=strength, mask_blur=mask_blur, negative_prompt=negative_prompt,
+                      seed=common.resolve_seed(seed), steps=steps, guidance=guidance, scheduler=scheduler,
+                      batch_size=batch_size)
+        yield from common.run_task(engine, studio, TAB, common.task("inpaint").inpaint, kwargs,
+                                   request=request, progress=progress)
+
+    common.wire_model_event(TAB, studio, panel, inpaint, api_name="inpaint", inputs_kwargs=dict(
+        image=editor, prompt=prompt, strength=strength, mask_blur=mask_blur, mask=mask_upload, **settings.kwargs()))
+    common.wire_restore(engine, settings, {"prompt": prompt, "strength": strength, "mask_blur": mask_blur})
+    studio.register_target(TAB, editor, kind="editor")

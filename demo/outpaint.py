@@ -1,0 +1,72 @@
+"""Outpaint tab: enlarge the canvas on chosen sides and let the model paint the new border."""
+from __future__ import annotations
+
+import gradio as gr
+
+from demo import common
+
+TAB = "outpaint"
+SIDES = ("left", "right", "top", "bottom")
+DEFAULT_FILLS = ("edge", "blur", "noise", "mean")  # used until pipelines.outpaint names its own
+
+
+def fill_modes() -> tuple[str, ...]:
+    try:
+        return tuple(getattr(common.task("outpaint"), "FILL_MODES", DEFAULT_FILLS))
+    except ImportError:  # pipelines/outpaint.py not there (yet)
+        return DEFAULT_FILLS
+
+
+def build_tab(engine, *, studio: common.Studio | None = None) -> None:
+    studio = studio or common.Studio()
+    max_pixels = engine.limits.max_image_pixels
+    step = 8
+    max_side = max(step, min(engine.limits.max_outpaint, engine.limits.max_size) // step * step)
+    default_px = max(step, engine.preset.default_size // 4 // step * step)
+    fills = fill_modes()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            image = common.SafeImage(label="Image to extend", type="pil", image_mode=None, format="png",
+                                     sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
+                                     elem_classes=["lds-pixelated"], max_pixels=max_pixels)
+            prompt = gr.Textbox(value="", label="Prompt (the whole enlarged scene)", lines=2,
+                                max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
+            common.unknown_words_warning(engine, prompt)
+            directions = gr.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
+                                          elem_id=f"{TAB}-directions")
+            with gr.Row():
+                pixels = gr.Slider(label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
+                                   value=default_px)
+                fill = gr.Dropdown(list(fills), value=fills[0], label="Fill of the new area before denoising")
+            settings = common.common_settings(engine, size=False)
+            examples = common.example_files("scene_c.png", "person.png")
+            if examples:
+                gr.Examples([[examples[0], "a small orange circle in the top left", ["right", "bottom"]],
+                             *([[examples[1], "a pink person sitting at night", ["left"]]] if len(examples) > 1 else [])],
+                            inputs=[image, prompt, directions], label="Examples")
+        with gr.Column(scale=3):
+            panel = common.output_panel(TAB, studio, generate_label="Outpaint")
+
+    def outpaint(image: object, prompt: str, directions: list[str], pixels: float, fill: str,
+                 negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
+                 batch_size: float, request: gr.Request, progress=gr.Progress()):
+        """Extend an image by `pixels` on each side in `directions` (left/right/top/bottom); the original stays."""
+        if image is None:
+            raise gr.Error("Upload an image to outpaint first.")
+        chosen = [d for d in (directions or []) if d in SIDES]
+        unknown = [d for d in (directions or []) if d not in SIDES]
+        if unknown:
+            raise gr.Error(f"directions={unknown!r} are not sides; use some of {', '.join(SIDES)}.")
+        if not chosen:
+            raise gr.Error("Choose at least one side to extend (left, right, top or bottom).")
+        amounts = {side: (pixels if side in chosen else 0) for side in SIDES}
+        kwargs = dict(image=common.open_image(image), prompt=prompt, fill=fill, **amounts,
+                      negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
+                      guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+        yield from common.run_task(engine, studio, TAB, common.task("outpaint").outpaint, kwargs,
+                                   request=request, progress=progress)
+
+    common.wire_model_event(TAB, studio, panel, outpaint, api_name="outpaint", inputs_kwargs=dict(
+        image=image, prompt=prompt, directions=directions, pixels=pixels, fill=fill, **settings.kwargs()))
+    common.wire_restore(engine, settings, {"prompt": prompt, "fill": fill})
+    studio.register_target(TAB, image)

@@ -1,0 +1,38 @@
+"""Text to image tab: a prompt in, images out (the LDM sampling loop from noise)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from demo import common
+
+TAB = "txt2img"
+
+
+def build_tab(engine, *, studio: common.Studio | None = None) -> None:
+    studio = studio or common.Studio()
+    preset = engine.preset
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(value="", label="Prompt", lines=2, max_length=engine.limits.max_prompt_chars,
+                                placeholder=preset.example_prompts[0] if preset.example_prompts else "",
+                                elem_id=f"{TAB}-prompt")
+            common.unknown_words_warning(engine, prompt)
+            settings = common.common_settings(engine, size=True)
+            if preset.example_prompts:
+                gr.Examples([[p] for p in preset.example_prompts], inputs=[prompt], label="Example prompts")
+        with gr.Column(scale=3):
+            panel = common.output_panel(TAB, studio)
+
+    def txt2img(prompt: str, negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
+                width: float, height: float, batch_size: float, request: gr.Request, progress=gr.Progress()):
+        """Generate images from a prompt. Returns (preview, gallery of PNG files with parameters, params, status)."""
+        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
+                      guidance=guidance, scheduler=scheduler, width=width, height=height, batch_size=batch_size)
+        yield from common.run_task(engine, studio, TAB, common.task("txt2img").generate, kwargs,
+                                   request=request, progress=progress)
+
+    common.wire_model_event(TAB, studio, panel, txt2img, inputs_kwargs=dict(prompt=prompt, **settings.kwargs()),
+                            api_name="txt2img")
+    common.wire_restore(engine, settings, {"prompt": prompt}, api_name="restore_params")
+    prompt.submit(lambda: None, None, None, js=f"() => document.getElementById('{TAB}-generate').click()",
+                  api_visibility="private", queue=False)
