@@ -87,18 +87,24 @@ def sd_like_components(folder: Path, *, in_channels: int = 4, seed: int = 0) -> 
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def controlnet_from_unet(unet: UNet2DConditionModel) -> ControlNetModel:
-    """ControlNetModel.from_unet, plus the one setting it forgets to copy.
+def controlnet_from_unet(unet: UNet2DConditionModel, vae_factor: int) -> ControlNetModel:
+    """ControlNetModel.from_unet, sized for the VAE, plus the one setting it forgets to copy.
+
+    The conditioning embedding must shrink the control image by the VAE factor f: one stride-2 stage per
+    entry after the first, so f = 4 needs three entries (from_unet's default of four is for f = 8).
 
     diffusers' from_unet does not pass addition_embed_type_num_heads, so a U-Net with
     addition_embed_type="text" and a non-default head count would get a ControlNet whose text pooling
     splits heads differently (and 32 dims / 64 default heads = 0 dims per head fails outright).
     """
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    stages = {4: (8, 8, 16), 8: (8, 8, 16, 16)}[vae_factor]
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=stages)
     heads = unet.config.get("addition_embed_type_num_heads", 64)
     if controlnet.config.get("addition_embed_type_num_heads", 64) != heads:
         state = controlnet.state_dict()
-        controlnet = ControlNetModel.from_config({**controlnet.config, "addition_embed_type_num_heads": heads})
+        # Direct construction: from_config would reset keys listed in the config's "_use_default_values".
+        settings = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+        controlnet = ControlNetModel(**{**settings, "addition_embed_type_num_heads": heads})
         controlnet.load_state_dict(state)
     return controlnet
 
@@ -119,10 +125,10 @@ def build_all(root: Path) -> dict[str, Path]:
     paths["sd"] = _save_pipeline(sd, root / "sd-like")
     sd9 = sd_like_components(root / "sd-inpaint", in_channels=9, seed=1)
     paths["sd_inpaint"] = _save_pipeline(sd9, root / "sd-inpaint")
-    for name, unet in (("shapes", shapes["unet"]), ("sd", sd["unet"])):
+    for name, unet, factor in (("shapes", shapes["unet"], 4), ("sd", sd["unet"], 8)):
         for index, control in enumerate(("canny", "depth", "pose")):
             torch.manual_seed(100 + index)
-            controlnet = controlnet_from_unet(unet)
+            controlnet = controlnet_from_unet(unet, factor)
             # from_unet's zero convs make a ControlNet a no-op; random ones make the tests see its effect.
             for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
                 torch.nn.init.normal_(module.weight, std=0.5)
