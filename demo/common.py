@@ -193,7 +193,7 @@ def common_settings(engine, *, size: bool = True, label: str = "Settings", open:
         with gr.Row():
             seed = gr.Number(label="Seed (-1 = random)", value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
                              maximum=MAX_SEED, scale=4)
-            randomise = gr.Button("🎲 Random", scale=1, min_width=80, size="sm")
+            randomise = gr.Button("Random seed", scale=1, min_width=80, size="sm")
         with gr.Row():
             steps = gr.Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps)
             guidance = gr.Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
@@ -211,7 +211,7 @@ def common_settings(engine, *, size: bool = True, label: str = "Settings", open:
         with gr.Accordion("Restore parameters from PNG", open=False):
             restore = gr.File(label="Restore parameters from PNG (drop an image made here)", file_types=[".png"],
                               type="filepath", height=90)
-            restored = gr.JSON(label="Parameters found", visible=False)
+            restored = gr.JSON(label="Parameters found")
     randomise.click(lambda: random.randint(0, MAX_SEED), None, seed, **UI_EVENT)
     return CommonSettings(negative_prompt=negative, seed=seed, randomise=randomise, steps=steps, guidance=guidance,
                           scheduler=scheduler, batch_size=batch, width=width, height=height,
@@ -219,10 +219,11 @@ def common_settings(engine, *, size: bool = True, label: str = "Settings", open:
 
 
 def wire_restore(engine, settings: CommonSettings, fields: dict[str, gr.components.Component], *,
-                 api_name: str | None = None) -> None:
+                 api_name: str | None = None, derive: Callable[[dict], dict] | None = None) -> None:
     """Dropping a PNG on `settings.restore_file` fills `fields` (params key -> component) from its metadata.
 
     `fields` should hold the tab's own inputs (prompt, strength, ...); the common settings are added here.
+    `derive(params)` may compute UI-only values (e.g. outpaint's chosen sides) from the stored ones.
     """
     targets = {**settings.kwargs(), **fields}
     names = list(targets)
@@ -233,18 +234,21 @@ def wire_restore(engine, settings: CommonSettings, fields: dict[str, gr.componen
         return open_png_params(path, max_pixels)
 
     def apply(params: dict):
+        params = dict(params or {})
+        if derive is not None:
+            params.update(derive(params))
         updates = []
         for name in names:
-            value = (params or {}).get(name)
+            value = params.get(name)
             if name == "negative_prompt" and value is None:
-                value = (params or {}).get("negative")
+                value = params.get("negative")
             updates.append(gr.skip() if value is None else _coerce(targets[name], value))
-        return [gr.JSON(value=params, visible=True), *updates]
+        return updates
 
     read = settings.restore_file.upload(
         read_params, settings.restore_file, settings.restored,
         api_name=api_name or False, api_visibility="public" if api_name else "private", queue=False)
-    read.success(apply, settings.restored, [settings.restored, *targets.values()], **UI_EVENT)
+    read.success(apply, settings.restored, list(targets.values()), **UI_EVENT)
 
 
 def _coerce(component, value):
@@ -275,7 +279,7 @@ def unknown_words_warning(engine, prompt: gr.Textbox) -> gr.Markdown:
             return gr.Markdown(value="", visible=False)
         vocab = vocabulary(engine)
         listed = f" Known words: {', '.join(vocab)}." if vocab else ""
-        return gr.Markdown(value=f"⚠️ The model does not know: **{', '.join(words)}**; they are ignored.{listed}",
+        return gr.Markdown(value=f"⚠ The model does not know: **{', '.join(words)}**; they are ignored.{listed}",
                            visible=True)
 
     prompt.change(check, prompt, box, trigger_mode="always_last", **UI_EVENT)
@@ -438,7 +442,7 @@ def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable,
 
     def cancel(request: gr.Request):
         stopped = studio.cancels.cancel(session_key(request, tab))
-        return "⏹️ Cancelled." if stopped else gr.skip()
+        return "Cancelled." if stopped else gr.skip()
 
     panel.cancel.click(cancel, None, panel.status, cancels=[event], api_name=f"cancel_{tab}",
                        api_description=f"Stop this session's running {tab} request.",
@@ -500,7 +504,7 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
     worker.start()
     step = total = 0
     try:
-        yield (gr.skip(), gr.skip(), gr.skip(), "⏳ Waiting for the model…")
+        yield (gr.skip(), gr.skip(), gr.skip(), "Waiting for the model…")
         last_sent = 0.0
         finished = False
         while not finished:
@@ -523,7 +527,7 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
             now = time.perf_counter()
             if latest_preview is not None and now - last_sent >= PREVIEW_EVERY_S:
                 last_sent = now
-                yield (latest_preview, gr.skip(), gr.skip(), f"⏳ Step {step}/{total}")
+                yield (latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
         worker.join()
     finally:
         if worker.is_alive():  # the browser left or the job was cancelled: stop the model too
@@ -532,7 +536,7 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
 
     error = outcome.get("error")
     if isinstance(error, Cancelled):
-        yield (gr.skip(), gr.skip(), gr.skip(), f"⏹️ Cancelled at step {step} of {total}." if total else "⏹️ Cancelled.")
+        yield (gr.skip(), gr.skip(), gr.skip(), f"Cancelled at step {step} of {total}." if total else "Cancelled.")
         return
     if error is not None:
         raise user_error(error)
@@ -540,11 +544,11 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
     items = save_pngs(result, studio.output_dir, tab)
     seconds = time.perf_counter() - started
     first = result.images[0] if result.images else None
-    status = f"✅ {len(result.images)} image(s) in {seconds:.1f} s · seed {result.params.get('seed')}"
+    status = f"Done: {len(result.images)} image(s) in {seconds:.1f} s · seed {result.params.get('seed')}"
     if first is not None:
         status += f" · {first.width}x{first.height}"
     for note in result.params.get("warnings", []) or []:
-        status += f"\n\n⚠️ {note}"
+        status += f"\n\n⚠ {note}"
     yield (first, items, result.params, status)
 
 

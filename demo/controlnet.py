@@ -12,18 +12,24 @@ from demo import common
 TAB = "controlnet"
 CONTROL_LABELS = {"canny": "edge (canny)", "depth": "depth", "pose": "pose"}
 NONE = "none"  # the uploaded image already is the control map
-DEFAULT_PREPROCESSORS = {"canny": ("canny", NONE), "depth": ("depth", NONE), "pose": ("pose", NONE)}
 CANNY_LOW, CANNY_HIGH = 100, 200  # OpenCV thresholds, ControlNet v1.1's defaults
 
 
-def preprocessors(control_type: str) -> list[str]:
-    """Preprocessor names for a control type, as the pipelines define them ("none" always last)."""
+PREPROCESSOR_LABELS = {"canny": "canny edges (OpenCV)", "depth": "depth estimator", "pose": "pose detector",
+                       NONE: "none: the image is a ready map"}
+
+
+def preprocessors(control_type: str) -> list[tuple[str, str]]:
+    """(label, name) choices for a control type: its own detector, then "none" (upload a ready map)."""
     try:
-        table = getattr(common.task("controlnet"), "PREPROCESSORS", DEFAULT_PREPROCESSORS)
+        known = tuple(getattr(common.task("controlnet"), "PREPROCESSORS", ()))
     except ImportError:  # pipelines/controlnet.py not there (yet)
-        table = DEFAULT_PREPROCESSORS
-    names = [n for n in table.get(control_type, DEFAULT_PREPROCESSORS.get(control_type, ())) if n != NONE]
-    return names + [NONE]
+        known = ()
+    if isinstance(known, dict):
+        names = [n for n in known.get(control_type, (control_type,)) if n != NONE]
+    else:
+        names = [control_type] if not known or control_type in known else []
+    return [(PREPROCESSOR_LABELS.get(n, n), n) for n in [*names, NONE]]
 
 
 def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
@@ -32,9 +38,10 @@ def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
     with gr.Row():
         control_type = gr.Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
                                    elem_id=f"{TAB}-type{suffix}")
-        preprocessor = gr.Dropdown(preprocessors(first), value=preprocessors(first)[0], label="Preprocessor",
+        preprocessor = gr.Dropdown(preprocessors(first), value=preprocessors(first)[0][1], label="Preprocessor",
+                                   allow_custom_value=True,  # choices follow the control type; the pipeline validates
                                    elem_id=f"{TAB}-preprocessor{suffix}")
-    control_type.change(lambda t: gr.Dropdown(choices=preprocessors(t), value=preprocessors(t)[0]),
+    control_type.change(lambda t: gr.Dropdown(choices=preprocessors(t), value=preprocessors(t)[0][1]),
                         control_type, preprocessor, **common.UI_EVENT)
     return control_type, preprocessor
 
@@ -43,7 +50,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     studio = studio or common.Studio()
     max_pixels = engine.limits.max_image_pixels
     if not getattr(engine, "control_types", ()):
-        gr.Markdown("⚠️ This model has no ControlNets loaded yet; Preview still works for edges.")
+        gr.Markdown("⚠ This model has no ControlNets loaded yet; Preview still works for edges.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():

@@ -20,7 +20,7 @@ def model_line(info: dict) -> str:
 
 def build_header(engine) -> None:
     info = engine.info()
-    gr.Markdown(f"# 🎨 Latent Diffusion Studio\n{INTRO}\n\n{model_line(info)}", elem_id="lds-header")
+    gr.Markdown(f"# Latent Diffusion Studio\n{INTRO}\n\n{model_line(info)}", elem_id="lds-header")
     vocab = common.vocabulary(engine)
     if vocab:
         with gr.Accordion(f"The model's vocabulary ({len(vocab)} words)", open=False):

@@ -7,12 +7,12 @@ from demo import common
 
 TAB = "outpaint"
 SIDES = ("left", "right", "top", "bottom")
-DEFAULT_FILLS = ("edge", "blur", "noise", "mean")  # used until pipelines.outpaint names its own
+DEFAULT_FILLS = ("edge", "blur", "noise")  # used if pipelines.outpaint does not name its own
 
 
 def fill_modes() -> tuple[str, ...]:
     try:
-        return tuple(getattr(common.task("outpaint"), "FILL_MODES", DEFAULT_FILLS))
+        return tuple(getattr(common.task("outpaint"), "FILLS", DEFAULT_FILLS))
     except ImportError:  # pipelines/outpaint.py not there (yet)
         return DEFAULT_FILLS
 
@@ -68,5 +68,11 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 
     common.wire_model_event(TAB, studio, panel, outpaint, api_name="outpaint", inputs_kwargs=dict(
         image=image, prompt=prompt, directions=directions, pixels=pixels, fill=fill, **settings.kwargs()))
-    common.wire_restore(engine, settings, {"prompt": prompt, "fill": fill})
+    def sides_from_params(params: dict) -> dict:
+        amounts = {side: int(params.get(side) or 0) for side in SIDES}
+        chosen = [side for side in SIDES if amounts[side] > 0]
+        return {"directions": chosen, "pixels": max(amounts.values())} if chosen else {}
+
+    common.wire_restore(engine, settings, {"prompt": prompt, "fill": fill, "directions": directions, "pixels": pixels},
+                        derive=sides_from_params)
     studio.register_target(TAB, image)

@@ -33,6 +33,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 mode = gr.Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
                 control = gr.Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
                                    label="Structure from", visible=False, elem_id=f"{TAB}-control")
+            scale = gr.Slider(label="ControlNet conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
+                              visible=False)
             if not controls_available:
                 gr.Markdown("Structure-preserving mode needs a canny or depth ControlNet, which this model lacks.")
             settings = common.common_settings(engine, size=False)
@@ -43,23 +45,25 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         with gr.Column(scale=3):
             panel = common.output_panel(TAB, studio, generate_label="Apply style")
 
-    mode.change(lambda m: gr.Radio(visible=m == "structure"), mode, control, **common.UI_EVENT)
+    mode.change(lambda m: (gr.Radio(visible=m == "structure"), gr.Slider(visible=m == "structure")), mode,
+                [control, scale], **common.UI_EVENT)
 
     def stylize(image: object, style: str, prompt: str, strength: float, mode: str, control: str,
-                negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
+                conditioning_scale: float, negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
                 batch_size: float, request: gr.Request, progress=gr.Progress()):
         """Re-render `image` in `style` (one of the model's style presets). mode: "img2img" or "structure"
         (ControlNet `control` = "canny" or "depth" keeps the layout)."""
         if image is None:
             raise gr.Error("Upload an image to restyle first.")
         kwargs = dict(image=common.open_image(image), style=style, prompt=prompt, strength=strength, mode=mode,
-                      control=control, negative_prompt=negative_prompt, seed=common.resolve_seed(seed),
+                      control=control, conditioning_scale=conditioning_scale, negative_prompt=negative_prompt, seed=common.resolve_seed(seed),
                       steps=steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size)
         yield from common.run_task(engine, studio, TAB, common.task("style").stylize, kwargs,
                                    request=request, progress=progress)
 
     common.wire_model_event(TAB, studio, panel, stylize, api_name="style", inputs_kwargs=dict(
-        image=image, style=style, prompt=prompt, strength=strength, mode=mode, control=control, **settings.kwargs()))
+        image=image, style=style, prompt=prompt, strength=strength, mode=mode, control=control,
+        conditioning_scale=scale, **settings.kwargs()))
     common.wire_restore(engine, settings, {"prompt": prompt, "style": style, "strength": strength, "mode": mode,
-                                           "control": control})
+                                           "control": control, "conditioning_scale": scale})
     studio.register_target(TAB, image)

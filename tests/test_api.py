@@ -1,0 +1,153 @@
+"""Every endpoint of the real app, called with gradio_client over HTTP, on the built-in (or tiny) model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradio_client import handle_file
+from PIL import Image
+
+from pipelines.common import params_from_png
+
+STEPS = 3  # enough for every scheduler; the tests check plumbing and behaviour, not beauty
+ENDPOINTS = ("/txt2img", "/inpaint", "/outpaint", "/style", "/controlnet", "/preprocess", "/restore_params")
+
+
+def common_args(**overrides):
+    args = dict(negative_prompt="", seed=7, steps=STEPS, guidance=4.0, scheduler="DPM++ 2M", batch_size=1)
+    args.update(overrides)
+    return args
+
+
+def gallery_paths(gallery) -> list[str]:
+    return [item["image"] if isinstance(item, dict) else item[0] for item in gallery]
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def editor(background, layer=None) -> dict:
+    return {"background": handle_file(str(background)), "layers": [handle_file(str(layer))] if layer else [],
+            "composite": None, "id": None}
+
+
+def test_every_endpoint_has_a_stable_api_name(client):
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert set(ENDPOINTS) <= names, names
+
+
+def test_txt2img_size_batch_and_metadata(client):
+    preview, gallery, params, status = client.predict(prompt="a red circle", width=64, height=48,
+                                                      **common_args(batch_size=2), api_name="/txt2img")
+    paths = gallery_paths(gallery)
+    assert len(paths) == 2
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (64, 48)
+            stored = params_from_png(im)  # the metadata survived gradio's cache and the HTTP download
+        assert stored["seed"] == 7 + i and stored["prompt"] == "a red circle" and stored["steps"] == STEPS
+    assert params["seed"] == 7 and params["width"] == 64 and params["height"] == 48
+    assert "seed 7" in status
+
+
+def test_same_seed_gives_identical_bytes(client):
+    runs = [client.predict(prompt="a blue square", width=64, height=64, **common_args(seed=123), api_name="/txt2img")
+            for _ in range(2)]
+    first, second = (gallery_paths(r[1])[0] for r in runs)
+    with open(first, "rb") as a, open(second, "rb") as b:
+        assert a.read() == b.read()
+    other = client.predict(prompt="a blue square", width=64, height=64, **common_args(seed=124), api_name="/txt2img")
+    assert not np.array_equal(pixels(first), pixels(gallery_paths(other[1])[0]))
+
+
+def test_random_seed_is_reported(client):
+    _, gallery, params, status = client.predict(prompt="a star", width=64, height=64, **common_args(seed=-1),
+                                                api_name="/txt2img")
+    assert 0 <= params["seed"] < 2**32
+    assert f"seed {params['seed']}" in status
+    with Image.open(gallery_paths(gallery)[0]) as im:
+        assert params_from_png(im)["seed"] == params["seed"]
+
+
+def test_restore_params_reads_our_png(client):
+    _, gallery, params, _ = client.predict(prompt="a green heart", width=64, height=64, **common_args(seed=99),
+                                           api_name="/txt2img")
+    restored = client.predict(handle_file(gallery_paths(gallery)[0]), api_name="/restore_params")
+    assert restored["seed"] == 99 and restored["prompt"] == "a green heart" and restored["scheduler"] == "DPM++ 2M"
+
+
+def test_inpaint_keeps_unmasked_pixels(client, images):
+    _, gallery, params, _ = client.predict(
+        image=editor(images["scene.png"]), prompt="a yellow star", strength=1.0, mask_blur=0,
+        mask=handle_file(str(images["mask_right_half.png"])), **common_args(), api_name="/inpaint")
+    out, original = pixels(gallery_paths(gallery)[0]), pixels(images["scene.png"])
+    assert out.shape == original.shape
+    assert np.array_equal(out[:, :32], original[:, :32])  # the left half was not masked
+    assert not np.array_equal(out[:, 32:], original[:, 32:])
+    assert params["task"] == "inpaint"
+
+
+def test_inpaint_with_a_painted_layer(client, images, tmp_path):
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 255), (0, 0, 24, 24))  # a stroke in the top-left corner, like the brush
+    layer.save(tmp_path / "layer.png")
+    _, gallery, _, _ = client.predict(image=editor(images["scene.png"], tmp_path / "layer.png"), prompt="a red circle",
+                                      strength=1.0, mask_blur=0, mask=None, **common_args(), api_name="/inpaint")
+    out, original = pixels(gallery_paths(gallery)[0]), pixels(images["scene.png"])
+    assert np.array_equal(out[24:, :], original[24:, :]) and np.array_equal(out[:, 24:], original[:, 24:])
+    assert not np.array_equal(out[:24, :24], original[:24, :24])
+
+
+def test_outpaint_keeps_the_original(client, images):
+    _, gallery, params, _ = client.predict(image=handle_file(str(images["scene.png"])), prompt="a red circle on grass",
+                                           directions=["left", "bottom"], pixels=16, fill="edge", **common_args(),
+                                           api_name="/outpaint")
+    out, original = pixels(gallery_paths(gallery)[0]), pixels(images["scene.png"])
+    assert out.shape == (64 + 16, 64 + 16, 3)
+    assert np.array_equal(out[:64, 16:], original)
+    assert params["left"] == 16 and params["bottom"] == 16 and params["right"] == 0
+
+
+@pytest.mark.parametrize("mode", ["img2img", "structure"])
+def test_style(client, images, live_app, mode):
+    if mode == "structure" and "canny" not in live_app.engine.control_types:
+        pytest.skip("this model has no canny ControlNet")
+    style = next(iter(live_app.engine.preset.style_presets))
+    _, gallery, params, _ = client.predict(image=handle_file(str(images["scene.png"])), style=style, prompt="a circle",
+                                           strength=0.6, mode=mode, control="canny", conditioning_scale=1.0,
+                                           **common_args(), api_name="/style")
+    assert pixels(gallery_paths(gallery)[0]).shape == (64, 64, 3)
+    assert params["style"] == style and params["mode"] == mode
+
+
+def test_preprocess_canny_and_ready_map(client, images):
+    edges = client.predict(image=handle_file(str(images["scene.png"])), control_type="canny", preprocessor="canny",
+                           low_threshold=100, high_threshold=200, api_name="/preprocess")
+    edge_pixels = pixels(edges)
+    assert edge_pixels.shape == (64, 64, 3) and set(np.unique(edge_pixels)) <= {0, 255} and edge_pixels.max() == 255
+    ready = client.predict(image=handle_file(str(images["control_pose.png"])), control_type="pose", preprocessor="none",
+                           low_threshold=100, high_threshold=200, api_name="/preprocess")
+    assert np.array_equal(pixels(ready), pixels(images["control_pose.png"]))
+
+
+def controlnet_args(image, **overrides):
+    args = dict(image=handle_file(str(image)), control_type="canny", preprocessor="canny", low_threshold=100,
+                high_threshold=200, conditioning_scale=1.0, guidance_start=0.0, guidance_end=1.0, use_second=False,
+                image_2=None, control_type_2="pose", preprocessor_2="none", conditioning_scale_2=0.5,
+                prompt="a red circle at the top", **common_args())
+    args.update(overrides)
+    return args
+
+
+def test_controlnet_one_and_two_controls(client, images, live_app):
+    if not {"canny", "pose"} <= set(live_app.engine.control_types):
+        pytest.skip("this model lacks the canny and pose ControlNets")
+    _, gallery, params, _ = client.predict(**controlnet_args(images["scene.png"]), api_name="/controlnet")
+    one = pixels(gallery_paths(gallery)[0])
+    assert one.shape == (64, 64, 3)
+    _, gallery, params2, _ = client.predict(**controlnet_args(images["scene.png"], use_second=True,
+                                                              image_2=handle_file(str(images["control_pose.png"]))),
+                                            api_name="/controlnet")
+    two = pixels(gallery_paths(gallery)[0])
+    assert two.shape == (64, 64, 3) and not np.array_equal(one, two)
