@@ -200,6 +200,10 @@ class Engine:
         return int(self.base.vae_scale_factor)  # f: image pixels per latent position (4 for Shapes, 8 for SD)
 
     @property
+    def size_multiple(self) -> int:
+        return 8  # widths/heights are whole latents at f = 8 (and f = 4); diffusers' check_inputs wants 8
+
+    @property
     def scheduler_names(self) -> tuple[str, ...]:
         names = tuple(n for n in self.preset.scheduler_names if n in SCHEDULERS)
         if self.preset.lora and "lcm" in self.preset.lora.lower() and "LCM" not in names:
@@ -227,7 +231,7 @@ class Engine:
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "default_size": self.preset.default_size,
             "max_size": self.limits.max_size,
-            "size_multiple": 8,
+            "size_multiple": self.size_multiple,
             "default_steps": self.preset.default_steps,
             "default_guidance": self.preset.default_guidance,
             "default_scheduler": self.preset.default_scheduler,
