@@ -129,6 +129,30 @@ class SafeImageEditor(gr.ImageEditor):
         return value
 
 
+def _named_errors(cls):
+    """`cls` whose server-side checks (gradio's bounds and choices) say which field was wrong:
+    "Steps: Value 10000 is greater than maximum value 150." instead of the bare sentence."""
+
+    class Named(cls):
+        is_template = True  # rendered by the frontend of `cls`
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except gr.Error as error:
+                raise gr.Error(f"{self.label}: {error.message}", title="Invalid input") from None
+
+    Named.__name__ = Named.__qualname__ = f"Named{cls.__name__}"
+    return Named
+
+
+Slider = _named_errors(gr.Slider)
+Number = _named_errors(gr.Number)
+Dropdown = _named_errors(gr.Dropdown)
+Radio = _named_errors(gr.Radio)
+CheckboxGroup = _named_errors(gr.CheckboxGroup)
+
+
 def open_png_params(path: str | None, max_pixels: int) -> dict[str, Any]:
     """The generation parameters stored in a PNG written by this app (or by AUTOMATIC1111)."""
     if not path:
@@ -191,23 +215,23 @@ def common_settings(engine, *, size: bool = True, label: str = "Settings", open:
         negative = gr.Textbox(value="", label="Negative prompt", placeholder="what the image should not show",
                               max_lines=2, max_length=limits.max_prompt_chars)
         with gr.Row():
-            seed = gr.Number(label="Seed (-1 = random)", value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
+            seed = Number(label="Seed (-1 = random)", value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
                              maximum=MAX_SEED, scale=4)
             randomise = gr.Button("Random seed", scale=1, min_width=80, size="sm")
         with gr.Row():
-            steps = gr.Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps)
-            guidance = gr.Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
+            steps = Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps)
+            guidance = Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
                                  value=preset.default_guidance)
         with gr.Row():
-            scheduler = gr.Dropdown(label="Scheduler", choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
+            scheduler = Dropdown(label="Scheduler", choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
                                     value=preset.default_scheduler)
-            batch = gr.Slider(label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1)
+            batch = Slider(label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1)
         width = height = None
         if size:
             low, high, step = size_choices(engine)
             with gr.Row():
-                width = gr.Slider(label="Width", minimum=low, maximum=high, step=step, value=preset.default_size)
-                height = gr.Slider(label="Height", minimum=low, maximum=high, step=step, value=preset.default_size)
+                width = Slider(label="Width", minimum=low, maximum=high, step=step, value=preset.default_size)
+                height = Slider(label="Height", minimum=low, maximum=high, step=step, value=preset.default_size)
         with gr.Accordion("Restore parameters from PNG", open=False):
             restore = gr.File(label="Restore parameters from PNG (drop an image made here)", file_types=[".png"],
                               type="filepath", height=90)
@@ -547,6 +571,9 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
     status = f"Done: {len(result.images)} image(s) in {seconds:.1f} s · seed {result.params.get('seed')}"
     if first is not None:
         status += f" · {first.width}x{first.height}"
+    unknown = engine.unknown_words(kwargs.get("prompt") or "") if hasattr(engine, "unknown_words") else []
+    if unknown:
+        status += f"\n\n⚠ Words the model does not know were ignored: {', '.join(unknown)}"
     for note in result.params.get("warnings", []) or []:
         status += f"\n\n⚠ {note}"
     yield (first, items, result.params, status)

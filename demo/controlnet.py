@@ -36,9 +36,9 @@ def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
     types = list(getattr(engine, "control_types", ())) or list(CONTROL_LABELS)
     first = types[0]
     with gr.Row():
-        control_type = gr.Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
+        control_type = common.Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
                                    elem_id=f"{TAB}-type{suffix}")
-        preprocessor = gr.Dropdown(preprocessors(first), value=preprocessors(first)[0][1], label="Preprocessor",
+        preprocessor = common.Dropdown(preprocessors(first), value=preprocessors(first)[0][1], label="Preprocessor",
                                    allow_custom_value=True,  # choices follow the control type; the pipeline validates
                                    elem_id=f"{TAB}-preprocessor{suffix}")
     control_type.change(lambda t: gr.Dropdown(choices=preprocessors(t), value=preprocessors(t)[0][1]),
@@ -62,23 +62,23 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        elem_id=f"{TAB}-map", elem_classes=["lds-pixelated"])
             control_type, preprocessor = _control_picker(engine)
             with gr.Row():
-                low = gr.Slider(label="Canny low threshold", minimum=1, maximum=255, step=1, value=CANNY_LOW)
-                high = gr.Slider(label="Canny high threshold", minimum=1, maximum=255, step=1, value=CANNY_HIGH)
+                low = common.Slider(label="Canny low threshold", minimum=1, maximum=255, step=1, value=CANNY_LOW)
+                high = common.Slider(label="Canny high threshold", minimum=1, maximum=255, step=1, value=CANNY_HIGH)
             preview = gr.Button("Preview control map", elem_id=f"{TAB}-preview-map")
             prompt = gr.Textbox(value="", label="Prompt", lines=2, max_length=engine.limits.max_prompt_chars,
                                 elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
-                scale = gr.Slider(label="Conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0)
-                start = gr.Slider(label="Guidance start", minimum=0.0, maximum=1.0, step=0.05, value=0.0)
-                end = gr.Slider(label="Guidance end", minimum=0.0, maximum=1.0, step=0.05, value=1.0)
+                scale = common.Slider(label="Conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0)
+                start = common.Slider(label="Guidance start", minimum=0.0, maximum=1.0, step=0.05, value=0.0)
+                end = common.Slider(label="Guidance end", minimum=0.0, maximum=1.0, step=0.05, value=1.0)
             with gr.Accordion("Second ControlNet (optional)", open=False):
                 use_second = gr.Checkbox(label="Use a second ControlNet", value=False, elem_id=f"{TAB}-use-second")
                 image_2 = common.SafeImage(label="Second input (empty = use the first image)", type="pil",
                                            image_mode=None, format="png", sources=("upload", "clipboard"), height=200,
                                            elem_classes=["lds-pixelated"], max_pixels=max_pixels)
                 control_type_2, preprocessor_2 = _control_picker(engine, "-2", label="Second control type")
-                scale_2 = gr.Slider(label="Second conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=0.5)
+                scale_2 = common.Slider(label="Second conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=0.5)
             settings = common.common_settings(engine, size=False)
             examples = common.example_files("scene_a.png", "person.png", "control_pose.png", "control_canny.png")
             if len(examples) == 4:

@@ -26,9 +26,9 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
-                strength = gr.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+                strength = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
                                      info="how much of the masked area is re-noised (1 = all)")
-                mask_blur = gr.Slider(label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=1)
+                mask_blur = common.Slider(label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=1)
             with gr.Accordion("Upload a mask instead of painting", open=False):
                 mask_upload = common.SafeImage(label="Mask: white = repaint, black = keep", type="pil",
                                                image_mode=None, format="png", height=200, sources=("upload",),

@@ -32,12 +32,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             prompt = gr.Textbox(value="", label="Prompt (the whole enlarged scene)", lines=2,
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
-            directions = gr.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
+            directions = common.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
                                           elem_id=f"{TAB}-directions")
             with gr.Row():
-                pixels = gr.Slider(label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
+                pixels = common.Slider(label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
                                    value=default_px)
-                fill = gr.Dropdown(list(fills), value=fills[0], label="Fill of the new area before denoising")
+                fill = common.Dropdown(list(fills), value=fills[0], label="Fill of the new area before denoising")
             settings = common.common_settings(engine, size=False)
             examples = common.example_files("scene_c.png", "person.png")
             if examples:

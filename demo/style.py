@@ -22,18 +22,18 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=engine.limits.max_image_pixels)
             with gr.Row():
-                style = gr.Dropdown(styles, value=styles[0] if styles else None, label="Style",
+                style = common.Dropdown(styles, value=styles[0] if styles else None, label="Style",
                                     allow_custom_value=False, elem_id=f"{TAB}-style")
-                strength = gr.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+                strength = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
                                      info="0 keeps the image, 1 ignores it")
             prompt = gr.Textbox(value="", label="Prompt (describe the content; the style is appended)", lines=2,
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
-                mode = gr.Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
-                control = gr.Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
+                mode = common.Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
+                control = common.Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
                                    label="Structure from", visible=False, elem_id=f"{TAB}-control")
-            scale = gr.Slider(label="ControlNet conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
+            scale = common.Slider(label="ControlNet conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
                               visible=False)
             if not controls_available:
                 gr.Markdown("Structure-preserving mode needs a canny or depth ControlNet, which this model lacks.")

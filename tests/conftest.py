@@ -194,7 +194,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
     save("scene.png", scene)
     save("scene_256.png", scene.resize((256, 256), Image.NEAREST))
-    wide = scene.resize((64, 32))  # stored lying on its side; EXIF orientation 6 turns it upright to 32x64
+    wide = scene.resize((64, 32))  # stored on its side as 32x64; EXIF orientation 6 turns it back to 64x32
     exif = Image.Exif()
     exif[0x0112] = 6
     save("exif_rotated.jpg", wide.transpose(Image.ROTATE_90), exif=exif.tobytes(), quality=95)
