@@ -19,12 +19,40 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
     schedulers.SCHEDULERS, schedulers.make_scheduler(name, config)
     txt2img.generate(engine, *, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
                      width=None, height=None, batch_size=1, on_step=None, cancel=None)
+    inpaint.inpaint(engine, *, image, mask, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
+                    strength=1.0, mask_blur=4, batch_size=1, on_step=None, cancel=None)
+    outpaint.outpaint(engine, *, image, left=0, right=0, top=0, bottom=0, prompt, negative_prompt="", seed, steps,
+                      guidance, scheduler=None, fill="edge", strength=1.0, batch_size=1, on_step=None, cancel=None)
+        outpaint.FILLS = ("edge", "blur", "noise")
+    style.stylize(engine, *, image, style="", prompt="", negative_prompt="", seed, steps, guidance, scheduler=None,
+                  strength=0.6, mode="img2img"|"structure", control="canny", conditioning_scale=1.0,
+                  batch_size=1, on_step=None, cancel=None)
+    controlnet.preprocess(engine, *, image, control_type, preprocessor=None (= control_type; or "none"),
+                          low_threshold=100, high_threshold=200) -> PIL control map at the working size
+        controlnet.PREPROCESSORS = ("canny", "depth", "pose", "none")
+    controlnet.generate(engine, *, control_images, control_types, prompt, negative_prompt="", seed, steps, guidance,
+                        scheduler=None, conditioning_scales=1.0, guidance_start=0.0, guidance_end=1.0,
+                        width=None, height=None, batch_size=1, on_step=None, cancel=None)
+        (control_images / control_types / conditioning_scales: one value or a list of 1-2)
+    preprocess.load_image(value, *, max_pixels=None), load_mask(value, size), fit_to_model(image, max_size,
+        multiple=8, *, min_size=None), working_size(size, max_size, *, min_size=None), feather(mask, radius),
+        canny(image, *, low_threshold, high_threshold)
     common: GenerationResult, InputError(ValueError), ModelError, ModelNotAvailable(ModelError), Cancelled,
             params_to_png_info(params) -> PngInfo, params_from_png(image) -> dict | None
 
 Extensions to the contract (compatible): schedulers also include "DPM++ 2M" (non-Karras; the built-in
 model's own); `ModelNotAvailable` subclasses `ModelError`, so a UI catching (InputError, ModelError,
 Cancelled) shows every error; `GenerationResult.image_params(i)` gives the params that redo image i alone.
+
+Sizes: image tasks run the model at `preprocess.working_size(...)` (long side within [default_size,
+max_size], multiples of 8) and map back: inpaint/outpaint return the input's own size with unmasked /
+original pixels byte-identical; style and ControlNet return the working size. params["width"/"height"]
+are the model's working size; params["image_size"] the input's.
+
+Built-in learned annotators (depth, pose): the engine calls `training.annotators.load_annotator(kind, folder)`
+with folder = assets/models/shapes-annotators/<kind>; it must return `callable(PIL.Image) -> PIL.Image`
+(an RGB control map the size of the input). Until that exists, asking for them raises ModelNotAvailable
+with a hint to upload a ready map and choose preprocessor "none".
 
 Progress: `on_step(step, total, preview)` after every denoising step (1-based). Cancel: any object with
 `is_set()`; the run stops within one step and raises `Cancelled`.

@@ -87,7 +87,7 @@ def _not_available(what: str, model_id: str, preset_name: str, error: BaseExcept
     return ModelNotAvailable(
         f"{what} '{model_id}' is not in the local Hugging Face cache and cannot be downloaded now "
         f"({type(error).__name__}). Pre-download it on a machine with internet access: "
-        f"`{DOWNLOAD_HINT.format(name=preset_name)}` (or `huggingface-cli download {model_id}`)."
+        f"`{DOWNLOAD_HINT.format(name=preset_name)}` (or `hf download {model_id}`)."
     )
 
 
@@ -161,7 +161,7 @@ class Engine:
         if self.preset.is_builtin and not (Path(base) / "model_index.json").is_file():
             raise ModelNotAvailable(
                 f"the built-in Shapes model is not at {base} yet: train it with the scripts in training/ "
-                f"(see training/README or `python -m training.train_ldm --help`), or start with `--model sd15`."
+                f"(`python -m training.train_ldm --help`), or start with `--model sd15`."
             )
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
