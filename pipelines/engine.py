@@ -100,7 +100,7 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tuple[str, torch.dtype]:
-    """Auto: CUDA -> fp16, MPS -> fp16 (fp32 for the tiny built-in model), else CPU fp32; flags override."""
+    """Auto: CUDA/MPS -> fp16 for hub models, fp32 for the small built-in model; CPU fp32; flags override."""
     if device is None:
         if torch.cuda.is_available():
             device = "cuda"
@@ -114,7 +114,7 @@ def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tupl
         return device, DTYPES[dtype]
     # Half precision only where it pays: the built-in model is small enough that fp32 costs nothing and
     # rules out fp16 overflow in a model nobody tuned for it; CPU half is slow and poorly supported.
-    if device.startswith("cuda") or (device == "mps" and not builtin):
+    if (device.startswith("cuda") or device == "mps") and not builtin:
         return device, torch.float16
     return device, torch.float32
 

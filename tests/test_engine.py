@@ -238,3 +238,29 @@ def test_two_threads_get_their_solo_results(shapes_engine):
     for t in threads:
         t.join()
     assert not errors and results == solo
+
+
+def test_half_precision_engine_stays_half(tiny_presets):
+    # The CUDA default is fp16; CPU half kernels let the same code path run here. from_pipe casts shared
+    # modules to the dtype it is given, so a view made without the engine's dtype would upcast everything.
+    engine = Engine(tiny_presets["sd"], device="cpu", dtype="fp16")
+    assert engine.torch_dtype == torch.float16 and engine.info()["dtype"] == "float16"
+    seen = []
+    result = txt2img.generate(engine, **SETTINGS, on_step=lambda i, n, p: seen.append(p))
+    for task in ("img2img", "inpaint"):
+        assert engine.pipeline(task).unet.dtype == torch.float16
+    assert engine.base.unet.dtype == engine.base.vae.dtype == engine.base.text_encoder.dtype == torch.float16
+    assert result.images[0].size == (64, 64) and len(seen) == SETTINGS["steps"]
+    assert engine.preview(torch.randn(1, 4, 40, 40, dtype=torch.float16)).size == (40, 40)
+
+
+def test_device_and_dtype_choice():
+    from pipelines.engine import pick_device
+
+    assert pick_device("cpu", None, builtin=False) == ("cpu", torch.float32)
+    assert pick_device("cuda", None, builtin=False) == ("cuda", torch.float16)
+    assert pick_device("cuda", None, builtin=True) == ("cuda", torch.float32)
+    assert pick_device("mps", None, builtin=False) == ("mps", torch.float16)
+    assert pick_device("cuda", "fp32", builtin=False) == ("cuda", torch.float32)
+    with pytest.raises(ValueError, match="dtype='fp8' is not one of"):
+        pick_device("cpu", "fp8", builtin=False)
