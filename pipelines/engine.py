@@ -187,7 +187,9 @@ class Engine:
             model = cls.from_pretrained(model_id, **_dtype_kwarg(self.torch_dtype), use_safetensors=True, **kwargs)
         except _load_errors() as error:
             raise _not_available(what, model_id, self.preset.name, error) from error
-        return model if self.cpu_offload else model.to(self.device)
+        # Lazily loaded models live on the device even with cpu_offload: the offload hooks were attached to
+        # the base modules at load time, and re-hooking shared modules per request would mutate them.
+        return model.to(self.device)
 
     # --- what this model can do ------------------------------------------------------------------------
 
@@ -401,6 +403,12 @@ class Engine:
             solution = torch.linalg.lstsq(design, target).solution  # (5, 3)
             self._preview_fit = (solution[:-1], solution[-1])
         return self._preview_fit
+
+    def after_run(self) -> None:
+        """Views share the base modules but not the base pipeline's offload bookkeeping: put every offloaded
+        model back on the CPU after each run, as the base pipeline would itself."""
+        if self.cpu_offload:
+            self.base.maybe_free_model_hooks()
 
     def free_memory(self) -> None:
         """After a failure (e.g. out of memory): drop cached allocator blocks so the next request can run."""

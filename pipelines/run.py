@@ -93,6 +93,8 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
                 f"--attention-slicing / --vae-tiling / --cpu-offload") from error
         logger.exception("model run failed")
         raise ModelError(f"the model failed: {type(error).__name__}: {error}") from error
+    finally:
+        engine.after_run()
     if state["error"] is not None:
         raise state["error"]
     if state["cancelled"]:

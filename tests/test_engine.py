@@ -264,3 +264,16 @@ def test_device_and_dtype_choice():
     assert pick_device("cuda", "fp32", builtin=False) == ("cuda", torch.float32)
     with pytest.raises(ValueError, match="dtype='fp8' is not one of"):
         pick_device("cpu", "fp8", builtin=False)
+
+
+def test_lora_is_fused_once_and_enables_lcm(tiny_presets, tiny_paths, sd_engine, replace_preset):
+    # The sd15-lcm path: a LoRA folded into the shared U-Net at load time, LCM scheduler offered.
+    preset = replace_preset(tiny_presets["sd"], lora=str(tiny_paths["sd_lcm_lora"]), default_scheduler="LCM")
+    engine = Engine(preset, device="cpu")
+    assert engine.scheduler_names[0] == "LCM"
+    lcm = txt2img.generate(engine, **{**SETTINGS, "guidance": 1.0}, scheduler="LCM")
+    assert engine.pipeline("img2img", scheduler="LCM").unet is engine.base.unet
+    plain = txt2img.generate(sd_engine, **{**SETTINGS, "guidance": 1.0}, scheduler="DDIM")
+    with_lora = txt2img.generate(engine, **{**SETTINGS, "guidance": 1.0}, scheduler="DDIM")
+    assert plain.images[0].tobytes() != with_lora.images[0].tobytes()  # the LoRA changed the U-Net
+    assert lcm.images[0].size == (64, 64)

@@ -135,4 +135,23 @@ def build_all(root: Path) -> dict[str, Path]:
             folder = root / f"{name}-controlnet-{control}"
             controlnet.save_pretrained(folder, safe_serialization=True)
             paths[f"{name}_controlnet_{control}"] = folder
+    paths["sd_lcm_lora"] = build_lora(root / "tiny-lcm-lora", paths["sd"])
     return paths
+
+
+def build_lora(folder: Path, unet_folder: Path, *, rank: int = 4, seed: int = 0) -> Path:
+    """A random LoRA for the U-Net in `unet_folder`, saved as diffusers LoRA weights (like LCM-LoRA)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (an identity LoRA); a random B makes its effect visible
+            torch.nn.init.normal_(parameter, std=0.2)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return folder
