@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from pipelines.common import InputError, ModelError, ModelNotAvailable, check_choice
+from pipelines.common import InputError, ModelNotAvailable, check_choice
 from pipelines.registry import CONTROL_TYPES, ModelPreset
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
 from pipelines.settings import Limits

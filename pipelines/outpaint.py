@@ -35,8 +35,7 @@ def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bott
     # 2. Enlarged canvas, pre-filled: (H + top + bottom, W + left + right, 3)
     canvas = prefill(original, **sides, fill=fill, seed=common["seed"])
     # 3. Mask: the new border plus OVERLAP pixels into the original on each extended side
-    mask = np.zeros((canvas.height, canvas.width), np.uint8)
-    mask[:, :] = 255
+    mask = np.full((canvas.height, canvas.width), 255, np.uint8)  # (H', W'): 255 = generate
     inner_left = sides["left"] + (OVERLAP if sides["left"] else 0)
     inner_top = sides["top"] + (OVERLAP if sides["top"] else 0)
     inner_right = sides["left"] + original.width - (OVERLAP if sides["right"] else 0)
