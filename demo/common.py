@@ -253,9 +253,9 @@ def wire_restore(engine, settings: CommonSettings, fields: dict[str, gr.componen
     names = list(targets)
     max_pixels = engine.limits.max_image_pixels
 
-    def read_params(path: str | None) -> dict:
+    def read_params(png: str | None) -> dict:
         """The generation parameters stored in a PNG made by this app."""
-        return open_png_params(path, max_pixels)
+        return open_png_params(png, max_pixels)
 
     def apply(params: dict):
         params = dict(params or {})
@@ -470,7 +470,8 @@ def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable,
 
     panel.cancel.click(cancel, None, panel.status, cancels=[event], api_name=f"cancel_{tab}",
                        api_description=f"Stop this session's running {tab} request.",
-                       concurrency_limit=None, concurrency_id="cancel", show_progress="hidden")
+                       queue=False,  # never waits in (or is refused by) the model queue it is meant to clear
+                       show_progress="hidden")
 
 
 def _add_history(gallery_value, history):
