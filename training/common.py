@@ -1,0 +1,81 @@
+"""What every training script shares: data seeds, checkpoints, logs and sample grids."""
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Training scenes use seeds below HELD_OUT_SEED; evaluation draws its scenes from HELD_OUT_SEED up,
+# so no held-out image is ever seen in training.
+HELD_OUT_SEED = 1_000_000_000
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def tensor_to_images(tensor: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8."""
+    return tensor.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 2) -> None:
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    sheet = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        sheet[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
+
+
+class Checkpoint:
+    """One resumable file per run: `save` writes atomically, `load` returns None on a fresh start."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / "checkpoint.pt"
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".tmp")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+
+class LossLog:
+    """Appends one CSV row per logged step and echoes it, with seconds per step since the last row."""
+
+    def __init__(self, out_dir: Path, fields: list[str]):
+        self.path = Path(out_dir) / "log.csv"
+        self.fields = ["step", "s_per_step"] + fields
+        self.last_time, self.last_step = time.time(), None
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+
+    def write(self, step: int, **values: float) -> None:
+        now = time.time()
+        per_step = (now - self.last_time) / (step - self.last_step) if self.last_step is not None and step > self.last_step else float("nan")
+        self.last_time, self.last_step = now, step
+        row = [step, f"{per_step:.3f}"] + [f"{values.get(k, float('nan')):.5g}" for k in self.fields[2:]]
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        print(" ".join(f"{k}={v}" for k, v in zip(self.fields, row)), flush=True)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,502 @@
+"""The Shapes world: deterministic procedural scenes with captions, depth, pose and control maps.
+
+Every scene is a 64x64 RGB picture of one or two coloured shapes, or one stick-figure person, in a
+named background with a ground plane, drawn in a named rendering style. `sample(seed)` returns the
+picture together with everything the models and their evaluation need: caption, object list, depth
+map, OpenPose keypoints and the three control maps (canny edges, depth image, skeleton image).
+
+    python -m training.shapes --preview out.png     # a captioned grid of samples
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4  # shapes are drawn at 4x and area-downsampled, so edges are anti-aliased
+HORIZON_Y = 36  # rows above are sky, rows below are the ground plane
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 50, 180),
+    "pink": (245, 120, 180),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+SIZES = {"small": 7.0, "big": 13.0}  # half-extent in pixels at 64x64
+
+# Background name -> (caption phrase or "" for the default scene, sky RGB, ground RGB).
+BACKGROUNDS: dict[str, tuple[str, tuple[int, int, int], tuple[int, int, int]]] = {
+    "plain": ("", (176, 180, 190), (128, 128, 134)),
+    "sky": ("under a blue sky", (110, 165, 235), (160, 170, 180)),
+    "grass": ("on grass", (160, 205, 240), (85, 140, 55)),
+    "sand": ("on sand", (160, 205, 240), (215, 190, 130)),
+    "night": ("at night", (18, 22, 58), (45, 48, 66)),
+    "snow": ("in snow", (195, 205, 220), (232, 236, 242)),
+}
+
+# Position name -> (caption phrase, centre (x, y) at 64x64).
+POSITIONS: dict[str, tuple[str, tuple[int, int]]] = {
+    "center": ("in the center", (32, 32)),
+    "left": ("on the left", (15, 32)),
+    "right": ("on the right", (49, 32)),
+    "top": ("at the top", (32, 15)),
+    "bottom": ("at the bottom", (32, 49)),
+    "top left": ("in the top left", (15, 15)),
+    "top right": ("in the top right", (49, 15)),
+    "bottom left": ("in the bottom left", (15, 49)),
+    "bottom right": ("in the bottom right", (49, 49)),
+}
+
+# Styles named in training captions. "checkered" is rendered by the world but never captioned in
+# training, so fine-tuning can teach the model a style it has provably never been told about.
+STYLES = ("flat", "outline", "striped", "dotted", "glow")
+UNSEEN_STYLES = ("checkered",)
+
+POSES = ("standing", "waving", "jumping", "sitting", "running", "arms up")
+POSE_PHRASES = {pose: ("with arms up" if pose == "arms up" else pose) for pose in POSES}
+
+RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+
+# Colour-shape pairs that never occur in training scenes; evaluation asks for them to measure
+# whether the model composes attributes rather than memorising pairs.
+HELD_OUT_PAIRS = frozenset({("purple", "heart"), ("orange", "star"), ("green", "triangle"), ("pink", "square")})
+
+# OpenPose body-18 order (the order controlnet-aux draws): nose, neck, r-shoulder, r-elbow, r-wrist,
+# l-shoulder, l-elbow, l-wrist, r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear.
+NUM_KEYPOINTS = 18
+LIMBS = ((1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13), (1, 0))
+
+
+def vocabulary() -> list[str]:
+    """Every word a training caption can contain, sorted."""
+    words = {"a", "an", "and", "in", "style", "person", "with"}
+    words.update(COLOURS)
+    words.update(SHAPES)
+    words.update(SIZES)
+    words.update(STYLES)
+    for phrase, _, _ in BACKGROUNDS.values():
+        words.update(phrase.split())
+    for phrase, _ in POSITIONS.values():
+        words.update(phrase.split())
+    for relation in RELATIONS:
+        words.update(relation.split())
+    for phrase in POSE_PHRASES.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+@dataclass
+class SceneObject:
+    kind: str  # a shape name or "person"
+    colour: str
+    size: str  # "small" | "big"
+    centre: tuple[float, float]  # (x, y) in 64x64 pixels
+    style: str = "flat"
+    pose: str | None = None  # people only
+
+    @property
+    def half_extent(self) -> float:
+        return SIZES[self.size] * (1.5 if self.kind == "person" else 1.0)
+
+
+@dataclass
+class Scene:
+    caption: str
+    background: str
+    objects: list[SceneObject]
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (64, 64, 3) uint8 RGB
+    caption: str
+    objects: list[dict]  # {"kind", "colour", "size", "style", "box": (x0, y0, x1, y1)}
+    depth: np.ndarray  # (64, 64) float32, 1 = near, 0 = far (the convention of ControlNet depth maps)
+    keypoints: np.ndarray  # (18, 3) float32: x, y in pixels and visibility 0/1 (zeros without a person)
+    scene: Scene = field(repr=False)
+
+    # Control maps are derived on first use: training the LDM needs only image and caption.
+    @functools.cached_property
+    def canny(self) -> np.ndarray:
+        """(64, 64, 3) uint8, white edges on black."""
+        return canny_map(self.image)
+
+    @functools.cached_property
+    def depth_image(self) -> np.ndarray:
+        """(64, 64, 3) uint8, the depth map as a grey image."""
+        return depth_to_image(self.depth)
+
+    @functools.cached_property
+    def pose_image(self) -> np.ndarray:
+        """(64, 64, 3) uint8, OpenPose-colour skeleton on black."""
+        return pose_to_image(self.keypoints, IMAGE_SIZE)
+
+
+# ----------------------------------------------------------------------------- scene sampling
+
+def random_scene(rng: np.random.Generator, *, allow_unseen_styles: bool = False) -> Scene:
+    """Draws a scene and its caption from the world's grammar."""
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if rng.random() < 0.35:
+        background = "plain"
+    styles = STYLES + (UNSEEN_STYLES if allow_unseen_styles else ())
+    style = "flat" if rng.random() < 0.6 else str(rng.choice(styles[1:]))
+    roll = rng.random()
+    if roll < 0.2:
+        objects, phrase = _person_scene(rng, style)
+    elif roll < 0.6:
+        objects, phrase = _single_object_scene(rng, style)
+    else:
+        objects, phrase = _two_object_scene(rng, style)
+    caption = phrase
+    if style != "flat" or rng.random() < 0.1:
+        caption += f" in {style} style"
+    background_phrase = BACKGROUNDS[background][0]
+    if background_phrase:
+        caption += f" {background_phrase}"
+    return Scene(caption=caption, background=background, objects=objects)
+
+
+def _random_pair(rng: np.random.Generator, exclude: tuple[str, str] | None = None) -> tuple[str, str]:
+    while True:
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        if (colour, shape) not in HELD_OUT_PAIRS and (colour, shape) != exclude:
+            return colour, shape
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _jitter(rng: np.random.Generator, centre: tuple[int, int], amount: float = 3.0) -> tuple[float, float]:
+    return (centre[0] + rng.uniform(-amount, amount), centre[1] + rng.uniform(-amount, amount))
+
+
+def _single_object_scene(rng, style):
+    colour, shape = _random_pair(rng)
+    size = str(rng.choice(list(SIZES)))
+    position = str(rng.choice(list(POSITIONS)))
+    if size == "big":  # a big shape in a corner would be cut off; keep it 13 px from the border
+        centre = tuple(float(np.clip(c, 16, 48)) for c in _jitter(rng, POSITIONS[position][1]))
+    else:
+        centre = _jitter(rng, POSITIONS[position][1])
+    words = []
+    if rng.random() < 0.7:
+        words.append(size)
+    words += [colour, shape]
+    words.insert(0, article(words[0]))
+    if rng.random() < 0.8:
+        words.append(POSITIONS[position][0])
+    return [SceneObject(shape, colour, size, centre, style)], " ".join(words)
+
+
+def _two_object_scene(rng, style):
+    first = _random_pair(rng)
+    second = _random_pair(rng, exclude=first)
+    relation = str(rng.choice(["and"] + list(RELATIONS)))
+    if relation == "and":
+        cells = rng.choice(list(POSITIONS), size=2, replace=False)
+        centres = [_jitter(rng, POSITIONS[str(c)][1]) for c in cells]
+        # Two cells next to each other are 17 px apart: keep small shapes so they never overlap.
+    else:
+        dx, dy = RELATIONS[relation]
+        mid = _jitter(rng, (32, 32), 6.0)
+        offset = 15.0
+        centres = [(mid[0] + dx * offset, mid[1] + dy * offset), (mid[0] - dx * offset, mid[1] - dy * offset)]
+    objects = [SceneObject(s, c, "small", centre, style) for (c, s), centre in zip((first, second), centres)]
+    joiner = "and" if relation == "and" else relation
+    caption = f"{article(first[0])} {first[0]} {first[1]} {joiner} {article(second[0])} {second[0]} {second[1]}"
+    return objects, caption
+
+
+def _person_scene(rng, style):
+    colour = str(rng.choice(list(COLOURS)))
+    pose = str(rng.choice(POSES))
+    position = str(rng.choice(["center", "left", "right"]))
+    centre = _jitter(rng, (POSITIONS[position][1][0], 34), 2.0)
+    caption = f"{article(colour)} {colour} person {POSE_PHRASES[pose]}"
+    if position != "center" or rng.random() < 0.3:
+        caption += f" {POSITIONS[position][0]}"
+    return [SceneObject("person", colour, "big", centre, "flat" if style == "outline" else style, pose)], caption
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """Outline of a shape as an (N, 2) float array in pixel coordinates."""
+    if kind == "circle":
+        angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        return np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], 1)
+    if kind == "square":
+        s = r * 0.88
+        return np.array([[cx - s, cy - s], [cx + s, cy - s], [cx + s, cy + s], [cx - s, cy + s]])
+    if kind == "triangle":
+        return np.array([[cx, cy - r], [cx + r, cy + r * 0.8], [cx - r, cy + r * 0.8]])
+    if kind == "star":
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+    if kind == "heart":
+        t = np.linspace(0, 2 * np.pi, 80, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        return np.stack([cx + x * r / 16.5, cy + (y + 2.5) * r / 16.5], 1)
+    raise ValueError(f"unknown shape {kind!r}; known: {SHAPES}")
+
+
+def shape_mask(kind: str, centre: tuple[float, float], half_extent: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Anti-aliased coverage (0..1, float32) of one shape on a size x size canvas."""
+    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
+    polygon = _shape_polygon(kind, centre[0] * SUPERSAMPLE, centre[1] * SUPERSAMPLE, half_extent * SUPERSAMPLE)
+    cv2.fillPoly(big, [np.round(polygon).astype(np.int32)], 255, lineType=cv2.LINE_AA)
+    return cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+
+
+def person_keypoints(pose: str, centre: tuple[float, float], height: float) -> np.ndarray:
+    """OpenPose body-18 keypoints (18, 3) of a stick figure standing at `centre` (x, y in pixels)."""
+    cx, cy = centre
+    u = height / 40.0  # one unit ~ 1 px of a 40 px tall figure
+    neck = np.array([cx, cy - 10 * u])
+    hip_y = cy + 5 * u
+    # Limb end points relative to their joints, per pose: (elbow, wrist) per arm, (knee, ankle) per leg.
+    arm_down = ((4, 7), (5, 14))
+    arms = {
+        "standing": (arm_down, arm_down),
+        "waving": (arm_down, ((6, -5), (8, -13))),
+        "jumping": (((6, -4), (9, -11)), ((6, -4), (9, -11))),
+        "sitting": (((4, 6), (9, 10)), ((4, 6), (9, 10))),
+        "running": (((-5, 5), (-2, 11)), ((5, 3), (10, -3))),
+        "arms up": (((2, -8), (3, -16)), ((2, -8), (3, -16))),
+    }[pose]
+    leg_straight = ((2, 9), (3, 18))
+    legs = {
+        "standing": (leg_straight, leg_straight),
+        "waving": (leg_straight, leg_straight),
+        "jumping": (((5, 6), (3, 13)), ((5, 6), (3, 13))),
+        "sitting": (((9, 0), (9, 9)), ((9, 0), (9, 9))),
+        "running": (((-6, 7), (-11, 13)), ((7, 6), (8, 15))),
+        "arms up": (leg_straight, leg_straight),
+    }[pose]
+    if pose == "jumping":
+        neck = neck + np.array([0, -4 * u])
+        hip_y -= 4 * u
+    keypoints = np.zeros((NUM_KEYPOINTS, 3), np.float32)
+    keypoints[:, 2] = 1
+
+    def put(index, point):
+        keypoints[index, :2] = point
+
+    put(1, neck)
+    put(0, neck + np.array([0, -5 * u]))
+    put(14, neck + np.array([-1.5 * u, -6.5 * u]))
+    put(15, neck + np.array([1.5 * u, -6.5 * u]))
+    put(16, neck + np.array([-3 * u, -5.5 * u]))
+    put(17, neck + np.array([3 * u, -5.5 * u]))
+    # The figure faces the viewer, so its right side is on the image's left (mirror sign -1).
+    for side, (shoulder_i, elbow_i, wrist_i), (hip_i, knee_i, ankle_i) in (
+        (-1, (2, 3, 4), (8, 9, 10)),
+        (1, (5, 6, 7), (11, 12, 13)),
+    ):
+        arm = arms[0] if side == -1 else arms[1]
+        leg = legs[0] if side == -1 else legs[1]
+        shoulder = neck + np.array([side * 5 * u, 0])
+        put(shoulder_i, shoulder)
+        put(elbow_i, shoulder + np.array([side * arm[0][0] * u, arm[0][1] * u]))
+        put(wrist_i, shoulder + np.array([side * arm[1][0] * u, arm[1][1] * u]))
+        hip = np.array([cx + side * 3 * u, hip_y])
+        put(hip_i, hip)
+        put(knee_i, hip + np.array([side * leg[0][0] * u, leg[0][1] * u]))
+        put(ankle_i, hip + np.array([side * leg[1][0] * u, leg[1][1] * u]))
+    return keypoints
+
+
+def person_mask(keypoints: np.ndarray, height: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Anti-aliased coverage of a stick figure: a filled head plus thick limbs and torso."""
+    s = SUPERSAMPLE
+    big = np.zeros((size * s, size * s), np.uint8)
+    u = height / 40.0
+    points = np.round(keypoints[:, :2] * s).astype(np.int32)
+    thickness = max(2, int(round(3 * u * s)))
+    for a, b in LIMBS[:-1]:
+        cv2.line(big, tuple(points[a]), tuple(points[b]), 255, thickness, cv2.LINE_AA)
+    neck, hip_mid = points[1], (points[8] + points[11]) // 2
+    cv2.line(big, tuple(neck), tuple(hip_mid), 255, thickness + s, cv2.LINE_AA)
+    cv2.circle(big, tuple(points[0]), int(round(4.5 * u * s)), 255, -1, cv2.LINE_AA)
+    return cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+
+
+def background_image(name: str, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB float32 image, depth) of an empty scene: a sky gradient over a ground plane."""
+    _, sky, ground = BACKGROUNDS[name]
+    horizon = HORIZON_Y * size // IMAGE_SIZE
+    rows = np.arange(size, dtype=np.float32)[:, None]
+    sky_shade = 0.85 + 0.15 * rows / max(horizon, 1)  # a little lighter toward the horizon
+    ground_shade = 1.0 - 0.12 * (rows - horizon) / max(size - horizon, 1)
+    is_sky = rows < horizon
+    shade = np.where(is_sky, sky_shade, ground_shade)[:, :, None]
+    colour = np.where(is_sky[:, :, None], np.array(sky, np.float32), np.array(ground, np.float32))
+    image = np.clip(np.broadcast_to(colour * shade, (size, size, 3)), 0, 255).astype(np.float32)
+    # Depth: the sky is infinitely far (0); the ground comes nearer toward the bottom edge.
+    ground_depth = 0.15 + 0.85 * (rows - horizon) / max(size - 1 - horizon, 1)
+    depth = np.broadcast_to(np.where(is_sky, 0.0, ground_depth), (size, size)).astype(np.float32)
+    return image.copy(), depth.copy()
+
+
+def _style_fill(style: str, colour: np.ndarray, coverage: np.ndarray, box_centre, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel colour and coverage of a filled shape in a rendering style."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    fill = np.broadcast_to(colour, (size, size, 3)).copy()
+    if style == "outline":
+        eroded = cv2.erode(coverage, np.ones((5, 5), np.uint8))
+        coverage = np.clip(coverage - eroded, 0, 1)
+    elif style == "striped":
+        stripe = ((xs + ys) // 3 % 2 == 0)[:, :, None]
+        fill = np.where(stripe, fill, fill * 0.35 + 255 * 0.65)
+    elif style == "dotted":
+        dots = (((xs - box_centre[0]) % 5 - 2) ** 2 + ((ys - box_centre[1]) % 5 - 2) ** 2 <= 1.5)[:, :, None]
+        fill = np.where(dots, 255.0, fill * 0.9)
+    elif style == "checkered":
+        checker = (((xs - box_centre[0]) // 4 + (ys - box_centre[1]) // 4) % 2 == 0)[:, :, None]
+        fill = np.where(checker, fill, fill * 0.25)
+    return fill, coverage
+
+
+def render(scene: Scene) -> Sample:
+    """Draws a scene and derives its depth, keypoints and control maps."""
+    size = IMAGE_SIZE
+    image, depth = background_image(scene.background)
+    keypoints = np.zeros((NUM_KEYPOINTS, 3), np.float32)
+    records = []
+    for obj in scene.objects:
+        colour = np.array(COLOURS[obj.colour], np.float32)
+        if obj.kind == "person":
+            height = obj.half_extent * 2
+            keypoints = person_keypoints(obj.pose, obj.centre, height)
+            coverage = person_mask(keypoints, height)
+        else:
+            coverage = shape_mask(obj.kind, obj.centre, obj.half_extent)
+        ys, xs = np.nonzero(coverage > 0.5)
+        if len(xs) == 0:
+            continue
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        # Depth: an object stands where its base is; lower in the frame = nearer. Shapes bulge a little.
+        base_depth = 0.3 + 0.6 * (box[3] / size)
+        radial = 1 - np.clip(np.hypot(np.arange(size)[None, :] - obj.centre[0], np.arange(size)[:, None] - obj.centre[1]) / max(obj.half_extent, 1), 0, 1)
+        object_depth = base_depth + 0.08 * radial
+        if obj.style == "glow":
+            halo = cv2.GaussianBlur(coverage, (0, 0), 2.5)
+            image = image * (1 - 0.8 * halo[:, :, None]) + (colour * 0.6 + 255 * 0.4) * 0.8 * halo[:, :, None]
+        fill, alpha = _style_fill(obj.style, colour, coverage, obj.centre, size)
+        image = image * (1 - alpha[:, :, None]) + fill * alpha[:, :, None]
+        solid = coverage > 0.5
+        depth = np.where(solid, np.maximum(depth, object_depth), depth).astype(np.float32)
+        records.append({"kind": obj.kind, "colour": obj.colour, "size": obj.size, "style": obj.style, "box": box, "pose": obj.pose})
+    rgb = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return Sample(
+        image=rgb,
+        caption=scene.caption,
+        objects=records,
+        depth=depth,
+        keypoints=keypoints,
+        scene=scene,
+    )
+
+
+def sample(seed: int, *, allow_unseen_styles: bool = False) -> Sample:
+    """The scene for one seed: the same seed always gives the same sample."""
+    rng = np.random.default_rng(seed)
+    return render(random_scene(rng, allow_unseen_styles=allow_unseen_styles))
+
+
+# ----------------------------------------------------------------------------- control maps
+
+CANNY_LOW, CANNY_HIGH = 100, 200  # OpenCV thresholds, the ControlNet v1.1 canny defaults
+
+
+def canny_map(rgb: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
+    edges = cv2.Canny(rgb, low, high)
+    return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def depth_to_image(depth: np.ndarray) -> np.ndarray:
+    grey = np.clip(np.round(depth * 255), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+POSE_DRAW_SCALE = 8  # controlnet-aux draws 4 px sticks; drawing at 8x and shrinking keeps proportions
+
+
+def pose_to_image(keypoints: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """OpenPose-colour skeleton on black, drawn by controlnet-aux so built-in and Hub maps agree."""
+    from controlnet_aux.open_pose.body import Keypoint
+    from controlnet_aux.open_pose.util import draw_bodypose
+
+    canvas = np.zeros((size * POSE_DRAW_SCALE, size * POSE_DRAW_SCALE, 3), np.uint8)
+    if keypoints[:, 2].sum() > 0:
+        points = [Keypoint(float(x) / size, float(y) / size) if v > 0 else None for x, y, v in keypoints]
+        canvas = draw_bodypose(canvas, points)
+    return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
+
+
+# ----------------------------------------------------------------------------- batches and CLI
+
+def batch(seeds, *, allow_unseen_styles: bool = False) -> tuple[np.ndarray, list[str]]:
+    """(N, 64, 64, 3) uint8 images and their captions for a list of seeds."""
+    samples = [sample(int(s), allow_unseen_styles=allow_unseen_styles) for s in seeds]
+    return np.stack([s.image for s in samples]), [s.caption for s in samples]
+
+
+def preview_grid(samples: list[Sample], columns: int = 6, scale: int = 3) -> np.ndarray:
+    """A grid of enlarged samples with their captions and control maps beneath each."""
+    from PIL import Image, ImageDraw
+
+    cell_w, image_h, text_h = IMAGE_SIZE * scale, IMAGE_SIZE * scale, 36
+    maps_h = IMAGE_SIZE
+    rows = math.ceil(len(samples) / columns)
+    sheet = Image.new("RGB", (columns * cell_w, rows * (image_h + maps_h + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, s in enumerate(samples):
+        x, y = (i % columns) * cell_w, (i // columns) * (image_h + maps_h + text_h)
+        sheet.paste(Image.fromarray(s.image).resize((cell_w, image_h), Image.NEAREST), (x, y))
+        for j, control in enumerate((s.canny, s.depth_image, s.pose_image)):
+            sheet.paste(Image.fromarray(control), (x + j * IMAGE_SIZE, y + image_h))
+        words, lines = s.caption.split(), [""]
+        for word in words:
+            if len(lines[-1]) + len(word) + 1 > 30:
+                lines.append("")
+            lines[-1] = (lines[-1] + " " + word).strip()
+        draw.multiline_text((x + 2, y + image_h + maps_h + 1), "\n".join(lines[:3]), fill="black", spacing=0)
+    return np.asarray(sheet)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preview", help="write a captioned preview grid to this PNG file")
+    parser.add_argument("--count", type=int, default=24, help="samples in the preview")
+    parser.add_argument("--seed", type=int, default=0, help="first seed of the preview")
+    parser.add_argument("--vocabulary", action="store_true", help="print the caption vocabulary")
+    args = parser.parse_args(argv)
+    if args.vocabulary:
+        print(" ".join(vocabulary()))
+    if args.preview:
+        from PIL import Image
+
+        samples = [sample(args.seed + i) for i in range(args.count)]
+        Image.fromarray(preview_grid(samples)).save(args.preview)
+        print(f"wrote {args.preview} ({args.count} samples from seed {args.seed})")
+    if not (args.preview or args.vocabulary):
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Trains the Shapes LDM: a text-conditioned U-Net on frozen VAE latents, jointly with its text encoder.
+
+    python -m training.train_ldm --vae runs/vae/vae --out runs/ldm --max-steps 6000
+
+Reads top to bottom: 1. encode a fixed set of training scenes to latents once (the VAE is frozen),
+2. tokenize their captions, 3. train eps-prediction with min-SNR weighting and 10% caption dropout
+(the unconditional branch of classifier-free guidance), keeping an EMA of the weights,
+4. every `--eval-every` steps generate held-out prompts and score them with the evaluation checker,
+5. export a diffusers StableDiffusionPipeline folder (EMA weights) that `from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from training import shapes, text
+from training.common import Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
+
+# The noise schedule of Stable Diffusion: every diffusers scheduler then behaves as it does on SD,
+# so the app's scheduler menu, img2img strength and ControlNet code need no special case.
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+@dataclass
+class LDMConfig:
+    block_out_channels: tuple = (32, 64, 64)  # 16x16, 8x8, 4x4 latent levels
+    attention_heads: int = 4
+    text_hidden_size: int = 128  # width of the text encoder = cross-attention dim
+    text_layers: int = 2
+    train_scenes: int = 24_000  # scenes encoded once; each is seen ~16 times in 6000 steps of 64
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1  # share of empty captions: the unconditional model for CFG
+    min_snr_gamma: float = 5.0  # Hang et al. 2023: caps the weight of easy, low-noise steps
+    ema_decay: float = 0.999
+
+
+def build_unet(config: LDMConfig) -> UNet2DConditionModel:
+    levels = len(config.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=shapes.IMAGE_SIZE // 4,  # latents of the f=4 VAE: (4, 16, 16)
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=1,
+        # Cross-attention only at 8x8 and 4x4: attention at 16x16 quadruples the step time.
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.text_hidden_size,
+        attention_head_dim=config.attention_heads,  # diffusers' legacy name: this is the head count
+        # Pooled text added to the time embedding: global conditioning makes colour and shape learn
+        # in hundreds rather than thousands of steps on this data, and SD pipelines run it unchanged.
+        addition_embed_type="text",
+        addition_embed_type_num_heads=config.attention_heads,
+        norm_num_groups=32,
+    )
+
+
+@torch.no_grad()
+def encode_scenes(vae: AutoencoderKL, count: int, cache: Path, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Posterior (mean, std) of `count` training scenes, cached on disk; (N, 4, 16, 16) each."""
+    if cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved["mean"].shape[0] >= count:
+            return saved["mean"][:count], saved["std"][:count], saved["captions"][:count]
+    means, stds, captions = [], [], []
+    started = time.time()
+    for first in range(0, count, chunk):
+        images, batch_captions = shapes.batch(range(first, min(first + chunk, count)))
+        posterior = vae.encode(images_to_tensor(images)).latent_dist
+        means.append(posterior.mean); stds.append(posterior.std); captions += batch_captions
+        print(f"encoded {first + len(images)}/{count} scenes ({time.time() - started:.0f} s)", flush=True)
+    mean, std = torch.cat(means), torch.cat(stds)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"mean": mean, "std": std, "captions": captions}, cache)
+    return mean, std, captions
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr  # for eps-prediction
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, log_every=50, save_every=250,
+          eval_every=500, seed=0) -> StableDiffusionPipeline:
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    # 1. Frozen VAE and the cached latents of the training scenes.
+    vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
+    mean, std, captions = encode_scenes(vae, config.train_scenes, out_dir / "latents.pt")
+    scaling = vae.config.scaling_factor
+
+    # 2. Tokenizer and captions as ids, once.
+    tokenizer = text.build_tokenizer()
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    # 3. Models, optimiser, EMA; resume if a checkpoint exists.
+    text_encoder = text.build_text_encoder(tokenizer, hidden_size=config.text_hidden_size, layers=config.text_layers)
+    unet = build_unet(config)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+    step, checkpoint = 0, Checkpoint(out_dir)
+    state = checkpoint.load()
+    if state is not None:
+        unet.load_state_dict(state["unet"]); text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"]); step = state["step"]
+        print(f"resumed from {checkpoint.path} at step {step}")
+    n_unet = sum(p.numel() for p in unet.parameters()); n_text = sum(p.numel() for p in text_encoder.parameters())
+    print(f"U-Net {n_unet / 1e6:.2f} M parameters, text encoder {n_text / 1e6:.2f} M, {len(captions)} scenes")
+    log = LossLog(out_dir, ["loss", "lr", "colour", "shape", "position", "binding"])
+    generator = torch.Generator().manual_seed(seed + step)
+    scores: dict[str, float] = {}
+
+    while step < max_steps:
+        # 4. A batch: sample latents from the posterior, drop 10% of captions.
+        index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
+        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
+        batch_ids = ids[index].clone()
+        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        batch_ids[drop] = empty_ids
+
+        # 5. Noise at random timesteps and predict it.
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(batch_ids).last_hidden_state  # (B, 24, 128)
+        prediction = unet(noisy, timesteps, hidden).sample
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)).mean()
+
+        lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+
+        # 6. EMA of the weights (warm-up: plain averaging early, so the EMA is not stuck at init).
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+
+        if eval_every and (step % eval_every == 0 or step == max_steps):
+            scores = quick_scores(assemble_pipeline(vae, ema_text, tokenizer, ema_unet), out_dir / "samples" / f"step-{step:06d}.png")
+        if step % log_every == 0 or step == max_steps:
+            log.write(step, loss=loss.item(), lr=lr, **scores)
+            scores = {}
+        if step % save_every == 0 or step == max_steps:
+            checkpoint.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                             "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "config": asdict(config)})
+            export(assemble_pipeline(vae, ema_text, tokenizer, ema_unet), out_dir / "pipeline", step)
+    return assemble_pipeline(vae, ema_text, tokenizer, ema_unet)
+
+
+def quick_scores(pipe: StableDiffusionPipeline, grid_path: Path, count: int = 48) -> dict[str, float]:
+    """Prompt-following scores on a small held-out set, and a sample grid, during training."""
+    from training import evaluate
+
+    result = evaluate.prompt_following(pipe, count=count, steps=20, guidance=5.0)
+    save_grid(result["images"][:32], grid_path)
+    return {k: result["scores"][k] for k in ("colour", "shape", "position", "binding")}
+
+
+def export(pipe: StableDiffusionPipeline, target: Path, step: int) -> None:
+    pipe.save_pretrained(target, safe_serialization=True)
+    (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", type=Path, default=Path("runs/vae/vae"), help="trained VAE folder (train_vae's export)")
+    parser.add_argument("--out", type=Path, default=Path("runs/ldm"), help="run folder: checkpoint, log, samples, pipeline/")
+    parser.add_argument("--max-steps", type=int, default=6000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument("--train-scenes", type=int, default=LDMConfig.train_scenes)
+    parser.add_argument("--batch-size", type=int, default=LDMConfig.batch_size)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=500, help="0 turns the in-training evaluation off")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    config = LDMConfig(train_scenes=args.train_scenes, batch_size=args.batch_size)
+    train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every, eval_every=args.eval_every)
+
+
+if __name__ == "__main__":
+    main()
