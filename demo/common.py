@@ -88,10 +88,7 @@ class SafeImage(gr.Image):
     """gr.Image that refuses unreadable files and decompression bombs with a clear message."""
 
     is_template = True  # the browser renders it with gr.Image's frontend
-
-    def __init__(self, *args, max_pixels: int, **kwargs):
-        self.max_pixels = max_pixels
-        super().__init__(*args, **kwargs)
+    max_pixels = 4096 * 4096  # set per instance by `safe_image` (no __init__: gradio reads props from its signature)
 
     def preprocess(self, payload):
         _check_image_file(payload.path if payload is not None else None, self.max_pixels, f"image '{self.label}'")
@@ -110,10 +107,7 @@ class SafeImageEditor(gr.ImageEditor):
     """gr.ImageEditor with the same checks on its background and every layer."""
 
     is_template = True
-
-    def __init__(self, *args, max_pixels: int, **kwargs):
-        self.max_pixels = max_pixels
-        super().__init__(*args, **kwargs)
+    max_pixels = 4096 * 4096  # set per instance by `safe_image_editor`
 
     def preprocess(self, payload):
         if payload is not None:
@@ -151,6 +145,18 @@ Number = _named_errors(gr.Number)
 Dropdown = _named_errors(gr.Dropdown)
 Radio = _named_errors(gr.Radio)
 CheckboxGroup = _named_errors(gr.CheckboxGroup)
+
+
+def safe_image(*, max_pixels: int, **kwargs) -> SafeImage:
+    component = SafeImage(**kwargs)
+    component.max_pixels = max_pixels
+    return component
+
+
+def safe_image_editor(*, max_pixels: int, **kwargs) -> SafeImageEditor:
+    component = SafeImageEditor(**kwargs)
+    component.max_pixels = max_pixels
+    return component
 
 
 def open_png_params(path: str | None, max_pixels: int) -> dict[str, Any]:
@@ -205,37 +211,40 @@ def size_choices(engine) -> tuple[int, int, int]:
     return minimum, maximum, multiple
 
 
-def common_settings(engine, *, size: bool = True, label: str = "Settings", open: bool = False) -> CommonSettings:
+def common_settings(engine, *, tab: str, size: bool = True, label: str = "Settings", open: bool = False) -> CommonSettings:
     """Build the settings accordion (negative prompt, seed + random, steps, guidance, scheduler, size, batch).
 
     Every tab calls this one function, so the settings look and behave the same everywhere.
     """
     preset, limits = engine.preset, engine.limits
-    with gr.Accordion(label, open=open):
+    with gr.Accordion(label, open=open, elem_id=f"{tab}-settings"):
         negative = gr.Textbox(value="", label="Negative prompt", placeholder="what the image should not show",
-                              max_lines=2, max_length=limits.max_prompt_chars)
+                              max_lines=2, max_length=limits.max_prompt_chars, elem_id=f"{tab}-negative")
         with gr.Row():
             seed = Number(label="Seed (-1 = random)", value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
-                             maximum=MAX_SEED, scale=4)
-            randomise = gr.Button("Random seed", scale=1, min_width=80, size="sm")
+                             maximum=MAX_SEED, scale=4, elem_id=f"{tab}-seed")
+            randomise = gr.Button("Random seed", scale=1, min_width=80, size="sm", elem_id=f"{tab}-random-seed")
         with gr.Row():
-            steps = Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps)
+            steps = Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps,
+                           elem_id=f"{tab}-steps")
             guidance = Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
-                                 value=preset.default_guidance)
+                                 value=preset.default_guidance, elem_id=f"{tab}-guidance")
         with gr.Row():
             scheduler = Dropdown(label="Scheduler", choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
-                                    value=preset.default_scheduler)
-            batch = Slider(label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1)
+                                    value=preset.default_scheduler, elem_id=f"{tab}-scheduler")
+            batch = Slider(label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1, elem_id=f"{tab}-batch")
         width = height = None
         if size:
             low, high, step = size_choices(engine)
             with gr.Row():
-                width = Slider(label="Width", minimum=low, maximum=high, step=step, value=preset.default_size)
-                height = Slider(label="Height", minimum=low, maximum=high, step=step, value=preset.default_size)
+                width = Slider(label="Width", minimum=low, maximum=high, step=step, value=preset.default_size,
+                               elem_id=f"{tab}-width")
+                height = Slider(label="Height", minimum=low, maximum=high, step=step, value=preset.default_size,
+                                elem_id=f"{tab}-height")
         with gr.Accordion("Restore parameters from PNG", open=False):
             restore = gr.File(label="Restore parameters from PNG (drop an image made here)", file_types=[".png"],
-                              type="filepath", height=90)
-            restored = gr.JSON(label="Parameters found")
+                              type="filepath", height=90, elem_id=f"{tab}-restore")
+            restored = gr.JSON(label="Parameters found", elem_id=f"{tab}-restored")
     randomise.click(lambda: random.randint(0, MAX_SEED), None, seed, **UI_EVENT)
     return CommonSettings(negative_prompt=negative, seed=seed, randomise=randomise, steps=steps, guidance=guidance,
                           scheduler=scheduler, batch_size=batch, width=width, height=height,

@@ -16,7 +16,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     max_pixels = engine.limits.max_image_pixels
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            editor = common.SafeImageEditor(
+            editor = common.safe_image_editor(
                 label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
                 sources=("upload", "clipboard"), transforms=(), height=420, canvas_size=(512, 512),
                 brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed", default_size=6),
@@ -26,14 +26,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
-                strength = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+                strength = common.Slider(elem_id=f"{TAB}-strength", label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
                                      info="how much of the masked area is re-noised (1 = all)")
-                mask_blur = common.Slider(label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=1)
+                mask_blur = common.Slider(elem_id=f"{TAB}-mask-blur", label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=1)
             with gr.Accordion("Upload a mask instead of painting", open=False):
-                mask_upload = common.SafeImage(label="Mask: white = repaint, black = keep", type="pil",
+                mask_upload = common.safe_image(label="Mask: white = repaint, black = keep", type="pil",
                                                image_mode=None, format="png", height=200, sources=("upload",),
                                                elem_classes=["lds-pixelated"], max_pixels=max_pixels)
-            settings = common.common_settings(engine, size=False)
+            settings = common.common_settings(engine, tab=TAB, size=False)
             examples = common.example_files("scene_a_256.png", "scene_d_256.png", "person_256.png")
             if examples:
                 prompts = ["a blue square", "a yellow star", "a green person waving"]

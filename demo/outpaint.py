@@ -26,7 +26,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     fills = fill_modes()
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            image = common.SafeImage(label="Image to extend", type="pil", image_mode=None, format="png",
+            image = common.safe_image(label="Image to extend", type="pil", image_mode=None, format="png",
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=max_pixels)
             prompt = gr.Textbox(value="", label="Prompt (the whole enlarged scene)", lines=2,
@@ -35,10 +35,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             directions = common.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
                                           elem_id=f"{TAB}-directions")
             with gr.Row():
-                pixels = common.Slider(label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
+                pixels = common.Slider(elem_id=f"{TAB}-pixels", label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
                                    value=default_px)
-                fill = common.Dropdown(list(fills), value=fills[0], label="Fill of the new area before denoising")
-            settings = common.common_settings(engine, size=False)
+                fill = common.Dropdown(list(fills), elem_id=f"{TAB}-fill", value=fills[0], label="Fill of the new area before denoising")
+            settings = common.common_settings(engine, tab=TAB, size=False)
             examples = common.example_files("scene_c.png", "person.png")
             if examples:
                 gr.Examples([[examples[0], "a small orange circle in the top left", ["right", "bottom"]],

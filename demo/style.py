@@ -18,13 +18,13 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     controls_available = [c for c in CONTROLS if c[1] in getattr(engine, "control_types", ())]
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            image = common.SafeImage(label="Content image", type="pil", image_mode=None, format="png",
+            image = common.safe_image(label="Content image", type="pil", image_mode=None, format="png",
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=engine.limits.max_image_pixels)
             with gr.Row():
                 style = common.Dropdown(styles, value=styles[0] if styles else None, label="Style",
                                     allow_custom_value=False, elem_id=f"{TAB}-style")
-                strength = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+                strength = common.Slider(elem_id=f"{TAB}-strength", label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
                                      info="0 keeps the image, 1 ignores it")
             prompt = gr.Textbox(value="", label="Prompt (describe the content; the style is appended)", lines=2,
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
@@ -33,11 +33,11 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 mode = common.Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
                 control = common.Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
                                    label="Structure from", visible=False, elem_id=f"{TAB}-control")
-            scale = common.Slider(label="ControlNet conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
+            scale = common.Slider(elem_id=f"{TAB}-scale", label="ControlNet conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
                               visible=False)
             if not controls_available:
                 gr.Markdown("Structure-preserving mode needs a canny or depth ControlNet, which this model lacks.")
-            settings = common.common_settings(engine, size=False)
+            settings = common.common_settings(engine, tab=TAB, size=False)
             examples = common.example_files("scene_a.png", "scene_d.png", "person.png")
             if examples and styles:
                 rows = [[path, styles[i % len(styles)], ""] for i, path in enumerate(examples)]

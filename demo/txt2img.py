@@ -17,7 +17,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                 placeholder=preset.example_prompts[0] if preset.example_prompts else "",
                                 elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
-            settings = common.common_settings(engine, size=True)
+            settings = common.common_settings(engine, tab=TAB, size=True)
             if preset.example_prompts:
                 gr.Examples([[p] for p in preset.example_prompts], inputs=[prompt], label="Example prompts")
         with gr.Column(scale=3):
