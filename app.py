@@ -152,6 +152,7 @@ def main(argv=None) -> int:
         return 0
     from pipelines.common import ModelNotAvailable
 
+    auth = parse_auth(args.auth)  # a malformed --auth fails before minutes of model loading
     try:
         engine = build_engine(args.model, device=args.device, dtype=args.dtype,
                               attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     except (ModelNotAvailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    settings = AppSettings(host=args.host, port=args.port, share=args.share, auth=parse_auth(args.auth),
+    settings = AppSettings(host=args.host, port=args.port, share=args.share, auth=auth,
                            queue_size=args.queue_size)
     launch(build_app(engine, settings), engine, settings)
     return 0

@@ -90,12 +90,6 @@ APP_MAX_FILE_MB = 2  # the test server's upload limit (every test image is far s
 APP_QUEUE_SIZE = 16
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: drives the real page in headless Chromium (Playwright)")
-    config.addinivalue_line("markers", "hub: needs Hugging Face Hub weights (skipped offline)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

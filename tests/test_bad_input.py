@@ -210,4 +210,4 @@ def test_preprocess_bad_choices(client, images):
 
 
 def test_restore_from_png_without_parameters(client, images):
-    refused(client, ["no generation parameters"], api_name="/restore_params", path=handle_file(str(images["scene.png"])))
+    refused(client, ["no generation parameters"], api_name="/restore_params", png=handle_file(str(images["scene.png"])))
