@@ -1,6 +1,7 @@
 """Held-out evaluation of the Shapes LDM: VAE PSNR, prompt following, speed.
 
     python -m training.evaluate --model assets/models/shapes-ldm [--write-card]
+    python -m training.evaluate --controls [--write-cards]     # annotators and ControlNets (see evaluate_controls)
 
 Prompt following is judged by an OpenCV checker that knows the world's rules but not the model:
 it renders the prompt's empty background, segments whatever differs from it, and for each object
@@ -229,6 +230,224 @@ def ms_per_image(pipe, steps: int = 20, repeats: int = 5) -> float:
     return float(np.median(timings[1:]) * 1000)  # the first call warms up
 
 
+# ----------------------------------------------------------------------------- control maps: metrics
+
+DEPTH_VALID_MIN = 0.0  # abs-rel is averaged over pixels whose true depth is above this: the sky (0 = infinitely far) is left out
+PCK_ALPHA = 0.1  # a keypoint is correct within PCK_ALPHA * max(width, height) of the person's box
+EDGE_TOLERANCE_PX = 2  # an edge pixel matches if the other map has an edge within this Chebyshev distance
+
+
+def depth_abs_rel(pred: np.ndarray, true: np.ndarray, valid_min: float = DEPTH_VALID_MIN) -> float:
+    """Mean |pred - true| / true over pixels with true depth > valid_min (any shapes, same size)."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    valid = true > valid_min
+    return float(np.mean(np.abs(pred[valid] - true[valid]) / true[valid])) if valid.any() else float("nan")
+
+
+def pck(pred: np.ndarray, true: np.ndarray, sizes, alpha: float = PCK_ALPHA) -> float:
+    """Share of visible true keypoints that the prediction marks visible within alpha * size pixels.
+
+    pred, true: (N, 18, 3) x, y, visibility; sizes: (N,) per-person normaliser (max side of the person's box).
+    """
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    sizes = np.asarray(sizes, np.float64)[:, None]
+    distance = np.hypot(pred[..., 0] - true[..., 0], pred[..., 1] - true[..., 1])
+    visible = true[..., 2] > 0
+    correct = (pred[..., 2] > 0) & (distance <= alpha * sizes)
+    return float(correct[visible].mean()) if visible.any() else float("nan")
+
+
+def edge_f1(pred_edges: np.ndarray, true_edges: np.ndarray, tolerance: int = EDGE_TOLERANCE_PX) -> float:
+    """F1 of two binary edge maps where a pixel matches an edge of the other map within `tolerance` px.
+
+    Precision: predicted edge pixels with a true edge within the tolerance; recall: the reverse.
+    Both empty -> 1.0; one empty -> 0.0.
+    """
+    pred, true = np.asarray(pred_edges) > 0, np.asarray(true_edges) > 0
+    if pred.ndim == 3:
+        pred, true = pred.any(-1), true.any(-1)
+    if not pred.any() and not true.any():
+        return 1.0
+    if not pred.any() or not true.any():
+        return 0.0
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    near_true = cv2.dilate(true.astype(np.uint8), kernel) > 0
+    near_pred = cv2.dilate(pred.astype(np.uint8), kernel) > 0
+    precision = (pred & near_true).sum() / pred.sum()
+    recall = (true & near_pred).sum() / true.sum()
+    return float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else 0.0
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps' pixel values (0 if either is constant)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def held_out_depth_set(count: int, start: int = HELD_OUT_SEED):
+    """(images (N, 64, 64, 3) uint8, depth (N, 64, 64) float32) of held-out scenes."""
+    samples = [shapes.sample(start + i) for i in range(count)]
+    return np.stack([s.image for s in samples]), np.stack([s.depth for s in samples])
+
+
+def held_out_pose_set(count: int, start: int = HELD_OUT_SEED):
+    """(images, keypoints (N, 18, 3), person sizes (N,)) of the first `count` held-out scenes with a person."""
+    from training.annotators import person_seeds, person_size
+
+    samples = [shapes.sample(seed) for seed in person_seeds(start, count)]
+    return (np.stack([s.image for s in samples]), np.stack([s.keypoints for s in samples]),
+            np.array([person_size(s) for s in samples], np.float32))
+
+
+# ----------------------------------------------------------------------------- control maps: annotators and ControlNets
+
+ANNOTATOR_ROOT = Path("assets/models/shapes-annotators")
+MODELS_ROOT = Path("assets/models")
+
+
+def annotator_accuracy(folder: Path = ANNOTATOR_ROOT, *, count: int = 500, vae=None) -> dict:
+    """Held-out accuracy of the annotators in folder/depth and folder/pose (those that exist).
+
+    depth: abs-rel over pixels with true depth > 0 (the sky, depth 0, is left out) and MAE over all pixels;
+    pose: PCK@0.1 (and @0.05) with the threshold a share of max(width, height) of the person's rendered box.
+    With a `vae`, also on the VAE's reconstructions of the same renders (closer to what a model generates).
+    """
+    import torch
+    from training import annotators
+    from training.common import images_to_tensor, tensor_to_images
+
+    def round_trip(images):
+        with torch.no_grad():
+            return tensor_to_images(vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mode()).sample)
+
+    result: dict = {}
+    if (Path(folder) / "depth" / annotators.WEIGHTS_NAME).exists():
+        model = annotators.load_model("depth", Path(folder) / "depth")
+        images, depth = held_out_depth_set(count)
+        pred = annotators.predict_depth(model, images)
+        result["depth"] = {"abs_rel": depth_abs_rel(pred, depth), "mae": float(np.abs(pred - depth).mean()), "scenes": count}
+        if vae is not None:
+            result["depth"]["abs_rel_vae_round_trip"] = depth_abs_rel(annotators.predict_depth(model, round_trip(images)), depth)
+    if (Path(folder) / "pose" / annotators.WEIGHTS_NAME).exists():
+        model = annotators.load_model("pose", Path(folder) / "pose")
+        images, keypoints, sizes = held_out_pose_set(count)
+        pred = annotators.predict_keypoints(model, images)
+        result["pose"] = {"pck": pck(pred, keypoints, sizes), "pck_0.05": pck(pred, keypoints, sizes, alpha=0.05),
+                          "mean_error_px": float(np.hypot(*(pred[..., :2] - keypoints[..., :2]).transpose(2, 0, 1)).mean()),
+                          "person_scenes": count, "mean_person_size_px": float(sizes.mean())}
+        if vae is not None:
+            result["pose"]["pck_vae_round_trip"] = pck(annotators.predict_keypoints(model, round_trip(images)), keypoints, sizes)
+        # Scenes without a person must give an empty map (every keypoint invisible).
+        empty = [s for s in (shapes.sample(HELD_OUT_SEED + i) for i in range(count)) if not s.keypoints[:, 2].any()][:200]
+        found = annotators.predict_keypoints(model, np.stack([s.image for s in empty]))
+        result["pose"]["empty_map_rate_without_person"] = float((found[..., 2].sum(-1) == 0).mean())
+    return result
+
+
+def control_following(base, controlnet, control: str, *, annotator_folder: Path = ANNOTATOR_ROOT, count: int = 100,
+                      steps: int = 20, guidance: float = 4.0, batch: int = 25, seed: int = 0, baseline: bool = True) -> dict:
+    """How closely images generated from held-out control maps follow them.
+
+    canny: edge F1 between canny(output) and the control edges, an edge pixel matching within
+    EDGE_TOLERANCE_PX (2 px, Chebyshev); depth: Pearson correlation between the depth annotator's map of
+    the output and the control depth, per image, averaged; pose: PCK@0.1 of the pose annotator's keypoints
+    of the output against the control keypoints (threshold 0.1 * max side of the person's box).
+    `reference` scores the held-out renders themselves (the ceiling the measure allows); `baseline` scores
+    the LDM alone on the same captions and seeds (the floor: what the text alone gives).
+    """
+    import torch
+    from training import annotators
+    from training.train_controlnet import control_pipeline, control_tensor, training_seeds
+
+    samples = [shapes.sample(s) for s in training_seeds(control, count, start=HELD_OUT_SEED)]
+    maps = np.stack([{"canny": s.canny, "depth": s.depth_image, "pose": s.pose_image}[control] for s in samples])
+    captions = [s.caption for s in samples]
+    if control == "canny":
+        def measure(images):
+            return [edge_f1(shapes.canny_map(im), s.canny) for im, s in zip(images, samples)]
+    elif control == "depth":
+        depth_model = annotators.load_model("depth", Path(annotator_folder) / "depth")
+
+        def measure(images):
+            return [pearson(d, s.depth) for d, s in zip(annotators.predict_depth(depth_model, images), samples)]
+    else:
+        pose_model = annotators.load_model("pose", Path(annotator_folder) / "pose")
+        from training.annotators import person_size
+
+        def measure(images):
+            pred = annotators.predict_keypoints(pose_model, images)
+            return [pck(p[None], s.keypoints[None], [person_size(s)]) for p, s in zip(pred, samples)]
+
+    def generate(pipe, with_control: bool) -> np.ndarray:
+        out = []
+        for first in range(0, count, batch):
+            kwargs = {"image": list(control_tensor(maps[first:first + batch]))} if with_control else {}
+            result = pipe(captions[first:first + batch], num_inference_steps=steps, guidance_scale=guidance,
+                          height=shapes.IMAGE_SIZE, width=shapes.IMAGE_SIZE, output_type="np",
+                          generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(captions[first:first + batch]))],
+                          **kwargs)
+            out.append(np.round(result.images * 255).astype(np.uint8))
+        return np.concatenate(out)
+
+    started = time.time()
+    images = generate(control_pipeline(base, controlnet), True)
+    seconds = time.time() - started
+    key = {"canny": "edge_f1", "depth": "depth_pearson", "pose": "pose_pck"}[control]
+    scores = {key: float(np.mean(measure(images))), f"{key}_reference": float(np.mean(measure(np.stack([s.image for s in samples])))),
+              "maps": count, "steps": steps, "guidance": guidance, "seconds": round(seconds, 1)}
+    if baseline:
+        from diffusers import DPMSolverMultistepScheduler
+
+        view = type(base).from_pipe(base, scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++"))
+        view.set_progress_bar_config(disable=True)
+        scores[f"{key}_without_controlnet"] = float(np.mean(measure(generate(view, False))))
+    return {"scores": scores, "images": images, "maps": maps, "references": np.stack([s.image for s in samples])}
+
+
+def evaluate_controls(*, ldm: Path = MODELS_ROOT / "shapes-ldm", annotator_folder: Path = ANNOTATOR_ROOT,
+                      models_root: Path = MODELS_ROOT, annotator_count: int = 500, control_count: int = 100,
+                      steps: int = 20, guidance: float = 4.0, write_cards: bool = False, grid_dir: Path | None = None) -> dict:
+    """Annotator accuracy, then control following of every ControlNet folder that exists (needs the LDM)."""
+    from training import cards
+
+    base = None
+    if (Path(ldm) / "model_index.json").exists():
+        from diffusers import StableDiffusionPipeline
+
+        base = StableDiffusionPipeline.from_pretrained(ldm, safety_checker=None, requires_safety_checker=False)
+        base.set_progress_bar_config(disable=True)
+    report: dict = {"annotators": annotator_accuracy(annotator_folder, count=annotator_count, vae=base.vae if base else None),
+                    "controlnets": {}}
+    if write_cards:
+        for kind, scores in report["annotators"].items():
+            cards.write_annotator_card(Path(annotator_folder) / kind, kind, scores)
+    for control in ("canny", "depth", "pose"):
+        folder = Path(models_root) / f"shapes-controlnet-{control}"
+        if not (folder / "config.json").exists():
+            continue
+        if base is None:
+            report["controlnets"][control] = {"skipped": f"no LDM at {ldm}"}
+            continue
+        if control != "canny" and not (Path(annotator_folder) / control / "config.json").exists():
+            report["controlnets"][control] = {"skipped": f"no {control} annotator in {annotator_folder}"}
+            continue
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(folder).eval()
+        result = control_following(base, controlnet, control, annotator_folder=annotator_folder, count=control_count,
+                                   steps=steps, guidance=guidance)
+        report["controlnets"][control] = result["scores"]
+        if grid_dir is not None:
+            from training.common import save_grid
+            save_grid(np.concatenate([result["maps"][:10], result["images"][:10], result["references"][:10]]),
+                      Path(grid_dir) / f"controlnet-{control}.png", columns=10)
+        if write_cards:
+            cards.write_controlnet_card(folder, control, result["scores"])
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("assets/models/shapes-ldm"))
@@ -237,7 +456,24 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--grid", type=Path, default=None, help="write a grid of the first 40 results here")
     parser.add_argument("--json", type=Path, default=None, help="write the scores as JSON here")
+    controls = parser.add_argument_group("control maps (--controls): annotator accuracy and ControlNet control following")
+    controls.add_argument("--controls", action="store_true", help="evaluate the annotators and ControlNets instead of prompt following")
+    controls.add_argument("--annotators", type=Path, default=ANNOTATOR_ROOT, help="folder holding depth/ and pose/")
+    controls.add_argument("--models-root", type=Path, default=MODELS_ROOT, help="folder holding shapes-controlnet-{canny,depth,pose}")
+    controls.add_argument("--annotator-count", type=int, default=500, help="held-out scenes per annotator")
+    controls.add_argument("--control-count", type=int, default=100, help="held-out control maps per ControlNet")
+    controls.add_argument("--control-guidance", type=float, default=4.0, help="CFG scale of the ControlNet runs (the app's default)")
+    controls.add_argument("--write-cards", action="store_true", help="write the scores into each folder's README.md")
     args = parser.parse_args(argv)
+    if args.controls:
+        report = evaluate_controls(ldm=args.model, annotator_folder=args.annotators, models_root=args.models_root,
+                                   annotator_count=args.annotator_count, control_count=args.control_count, steps=args.steps,
+                                   guidance=args.control_guidance, write_cards=args.write_cards,
+                                   grid_dir=args.grid)
+        print(json.dumps(report, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model)

@@ -1,0 +1,152 @@
+"""Model cards (README.md) for the shipped annotators and ControlNets, written from their training records
+and the held-out scores of `python -m training.evaluate --controls --write-cards`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.evaluate import EDGE_TOLERANCE_PX, PCK_ALPHA
+
+LIMITS = """## Limits
+- Trained on the procedural Shapes world only (64x64 renders). On photos or other art it returns a map,
+  but not a meaningful one: use the Hub models (`--model sd15`, controlnet-aux annotators) for real pictures.
+- Inputs of other sizes are resized to 64x64 (aspect ratio not kept) and the map is resized back, so
+  detail finer than 1/64 of the picture is lost.
+"""
+
+
+def _format(scores: dict) -> str:
+    return "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
+
+
+def write_annotator_card(folder: Path, kind: str, scores: dict) -> Path:
+    """README.md for assets/models/shapes-annotators/<kind> from its config.json and `scores`."""
+    folder = Path(folder)
+    info = json.loads((folder / "config.json").read_text())
+    train = info.get("train", {})
+    if kind == "depth":
+        task = ("Picture -> depth map in [0, 1] (1 = near, the ControlNet convention), drawn as a grey RGB image "
+                "the size of the input.")
+        architecture = (f"`DepthNet`: a 4-level U-Net (channels {info['config']['channels']}, GroupNorm + SiLU, "
+                        "a dilated residual block at 8x8) on RGB + 2 coordinate channels (CoordConv), sigmoid output.")
+        data = (f"{train.get('train_scenes', '?')} Shapes-world renders (seeds 0..), target `sample.depth`; "
+                "augmented with colour jitter, blur, noise, a down-up resize and horizontal flips.")
+        loss = "L1 over all pixels + 0.5 x relative error on pixels with depth > 0."
+        metric = ("abs-rel = mean |pred - true| / true over pixels with true depth > 0 (the sky, depth 0 = infinitely "
+                  "far, is left out); MAE over all pixels. `abs_rel_vae_round_trip`: the same renders after the "
+                  "Shapes VAE's encode/decode, closer to generated pictures.")
+    else:
+        task = ("Picture -> OpenPose body-18 keypoints -> skeleton drawn with controlnet-aux's `draw_bodypose` "
+                "(OpenPose colours, the same drawing as `training.shapes.pose_to_image` and the SD1.5 openpose "
+                "ControlNet's training maps). A picture without a person gives a black map. Option: "
+                "`threshold` (visibility probability, default 0.5).")
+        architecture = (f"`PoseNet`: strided convs (channels {info['config']['channels']}) to 16x16, dilated residual "
+                        f"blocks (dilations {info['config']['residual_dilations']}), 18 heatmaps with soft-argmax "
+                        "(sub-pixel x, y) and 18 visibility logits from pooled features.")
+        data = (f"{train.get('train_scenes', '?')} Shapes-world renders with a person (seeds from 0 up whose scene "
+                f"holds a person) plus {train.get('no_person_share', 0.2):.0%} as many without one (visibility 0); "
+                "augmented with colour jitter, blur, noise and a down-up resize.")
+        loss = "L1 of soft-argmax keypoints + 0.1 x heatmap cross-entropy to a Gaussian target + visibility BCE."
+        metric = (f"PCK@{PCK_ALPHA}: a keypoint is correct if predicted visible and within {PCK_ALPHA} x "
+                  "max(width, height) of the person's rendered bounding box (about 40 px, so about 4 px) of the "
+                  "truth; over all visible true keypoints of held-out person scenes.")
+    minutes = info.get("train_seconds", 0) / 60
+    text = f"""# Shapes-world {kind} annotator
+
+{task} Used by the app's ControlNet tab (preprocessor "{kind}") for the built-in model through
+`training.annotators.load_annotator("{kind}", folder)`, and by `training.evaluate --controls` to measure
+how well the {kind} ControlNet's outputs follow their control maps.
+
+## Model
+- Architecture: {architecture}
+- Parameters: {info.get('parameters', '?'):,}; weights `model.safetensors`, settings `config.json`.
+- Input: any RGB picture, resized to 64x64 for the net; output at the input's size.
+
+## Training
+- Data: {data}
+- Loss: {loss}
+- AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')} with warm-up and cosine decay.
+- Steps: {info.get('steps', '?')}; training time {minutes:.0f} min on 1 CPU thread at low priority (nice 10,
+  sharing 2 cores with the LDM's training run).
+
+## Held-out scores
+Scenes from seed `training.common.HELD_OUT_SEED` up (never used in training). {metric}
+
+| metric | value |
+|---|---|
+{_format(scores)}
+
+{LIMITS}
+## Reproduce
+```
+python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} --max-steps {info.get('steps', 1200)} --threads 1
+cp runs/annotator-{kind}/annotator/* assets/models/shapes-annotators/{kind}/
+python -m training.evaluate --controls --write-cards
+```
+"""
+    (folder / "README.md").write_text(text)
+    return folder / "README.md"
+
+
+def write_controlnet_card(folder: Path, control: str, scores: dict) -> Path:
+    """README.md for assets/models/shapes-controlnet-<control> from its training.json and `scores`."""
+    folder = Path(folder)
+    info = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
+    config = json.loads((folder / "config.json").read_text())
+    train = info.get("config", {})
+    map_text = {
+        "canny": "white OpenCV Canny edges (thresholds 100/200) on black",
+        "depth": "grey depth map, white = near",
+        "pose": "OpenPose-colour skeleton on black (controlnet-aux's drawing)",
+    }[control]
+    metric = {
+        "canny": (f"edge F1 between OpenCV Canny (100/200) of the output and the control edges; an edge pixel "
+                  f"matches an edge of the other map within {EDGE_TOLERANCE_PX} px (Chebyshev distance)."),
+        "depth": "Pearson correlation between the depth annotator's map of the output and the control depth, per image, averaged.",
+        "pose": (f"PCK@{PCK_ALPHA} of the pose annotator's keypoints of the output against the control keypoints "
+                 "(threshold 0.1 x max side of the control person's box)."),
+    }[control]
+    data = ("Shapes-world scenes with a person (seeds from 0 up whose scene holds a person)"
+            if control == "pose" else "Shapes-world scenes (seeds 0..)")
+    text = f"""# Shapes-world {control} ControlNet
+
+A ControlNet (Zhang et al. 2023) for the built-in Shapes LDM (`assets/models/shapes-ldm`): control map =
+{map_text}, 64x64. Load with `ControlNetModel.from_pretrained(folder)` and use it in
+`StableDiffusionControlNetPipeline` with the Shapes LDM's U-Net, VAE and text encoder.
+
+## Model
+- A trainable copy of the Shapes U-Net's encoder (conv_in, time and text embeddings, down blocks, mid block)
+  with zero-initialised output convs; conditioning embedding channels {tuple(config.get('conditioning_embedding_out_channels', ()))}
+  (three entries: two stride-2 stages, 64x64 map -> 16x16, because the VAE is f=4);
+  `addition_embed_type_num_heads={config.get('addition_embed_type_num_heads')}` as the U-Net's.
+- Parameters: {info.get('parameters', '?'):,} (the U-Net, VAE and text encoder stay frozen).
+
+## Training
+- Data: {info.get('train_scenes', '?')} {data}: (control map, caption, image); latents and caption embeddings cached.
+- Eps-prediction loss with min-SNR weighting (gamma {train.get('min_snr_gamma', 5.0)}), caption dropout {train.get('caption_dropout', 0.1)},
+  AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')}; Stable Diffusion's noise schedule.
+- Steps: {info.get('steps', '?')}; training time {info.get('train_seconds', 0) / 60:.0f} min on CPU.
+
+## Held-out control following
+Control maps of held-out scenes (seeds from `training.common.HELD_OUT_SEED` up) with their captions,
+{scores.get('steps', 20)} DPM-Solver++ steps, guidance {scores.get('guidance', 4.0)}. Metric: {metric}
+`_reference` scores the held-out renders themselves (the ceiling of the measure); `_without_controlnet`
+the LDM alone on the same captions and seeds (what the text alone gives).
+
+| metric | value |
+|---|---|
+{_format(scores)}
+
+## Limits
+- Shapes-world maps at 64x64 (the app allows up to 128x128, where following is looser).
+- Depth and pose following are measured with the learned Shapes annotators, so their errors count too.
+
+## Reproduce
+```
+python -m training.train_controlnet --control {control} --ldm assets/models/shapes-ldm --out runs/controlnet-{control} --max-steps {info.get('steps', 2000)} --threads 1
+cp -r runs/controlnet-{control}/controlnet/. assets/models/shapes-controlnet-{control}/
+python -m training.evaluate --controls --write-cards
+```
+"""
+    (folder / "README.md").write_text(text)
+    return folder / "README.md"

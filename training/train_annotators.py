@@ -1,0 +1,275 @@
+"""Trains the Shapes-world annotators: image -> depth map, image -> OpenPose keypoints.
+
+    python -m training.train_annotators --kind depth --out runs/annotator-depth --max-steps 1500 --threads 1
+    python -m training.train_annotators --kind pose  --out runs/annotator-pose  --max-steps 1500 --threads 1
+
+Reads top to bottom: 1. render a fixed training set once and cache it (depth: any scene; pose: scenes
+with a person plus a share without one, whose visibility targets are all zero), 2. train with
+augmentations that make the nets robust to generated pictures (blur, noise, colour jitter, a
+down-up resize; horizontal flips for depth), 3. every `--eval-every` steps score held-out renders
+(seeds from HELD_OUT_SEED up: depth abs-rel, pose PCK@0.1 of the person's box) and export the model
+folder (model.safetensors + config.json) to OUT/annotator; resumes from OUT/checkpoint.pt.
+Losses: depth = L1 + 0.5 * relative error on pixels with depth > 0 (the sky is 0);
+pose = L1 of soft-argmax keypoints (pixels / 4) + 0.1 * heatmap cross-entropy against a Gaussian target
++ visibility BCE.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import annotators, shapes
+from training.common import Checkpoint, LossLog, save_grid, set_threads
+
+TARGETS = {"depth": ("abs_rel", 0.15, "<="), "pose": ("pck", 0.8, ">=")}  # the bar each annotator must pass
+
+
+@dataclass
+class AnnotatorTrainConfig:
+    train_scenes: int = 12_000  # rendered once and cached; pose: scenes with a person
+    no_person_share: float = 0.2  # pose: extra scenes without a person (visibility 0), as a share of train_scenes
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    final_lr_fraction: float = 0.05  # cosine decay to this share of the learning rate at max_steps
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    eval_count: int = 200  # held-out scenes scored during training
+    heatmap_weight: float = 0.1
+    heatmap_sigma_cells: float = 0.75  # Gaussian target width in 4-px heatmap cells
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_dataset(kind: str, config: AnnotatorTrainConfig, cache: Path) -> dict[str, np.ndarray]:
+    """Rendered training set (cached): images (N, 64, 64, 3) uint8 and depth (N, 64, 64) or keypoints (N, 18, 3)."""
+    if cache.exists():
+        data = dict(np.load(cache))
+        if len(data["images"]) >= config.train_scenes:
+            return data
+    started = time.time()
+    if kind == "depth":
+        seeds = list(range(config.train_scenes))
+    else:
+        people = annotators.person_seeds(0, config.train_scenes)
+        taken = set(people)
+        others = [s for s in range(people[-1]) if s not in taken][: int(config.train_scenes * config.no_person_share)]
+        seeds = people + others
+    samples = [shapes.sample(seed) for seed in seeds]
+    data = {"images": np.stack([s.image for s in samples])}
+    if kind == "depth":
+        data["depth"] = np.stack([s.depth for s in samples]).astype(np.float16)
+    else:
+        data["keypoints"] = np.stack([s.keypoints for s in samples])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **data)
+    print(f"rendered {len(samples)} training scenes in {time.time() - started:.0f} s", flush=True)
+    return data
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Photometric and resampling noise: (B, 3, 64, 64) in [-1, 1] -> same. Geometry is unchanged."""
+    b = images.shape[0]
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand((b, *shape), generator=generator)
+
+    x = images * uniform(0.8, 1.2, 1, 1, 1) + uniform(-0.15, 0.15, 1, 1, 1) + uniform(-0.05, 0.05, 3, 1, 1)
+    # A down-up resize (to 32-56 px) on a third of the batch: softness like decoded latents.
+    if torch.rand((), generator=generator) < 0.33:
+        size = int(torch.randint(32, 57, (), generator=generator))
+        x = F.interpolate(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False),
+                          size=images.shape[-1], mode="bilinear", align_corners=False)
+    # Gaussian blur of random strength, blended per sample.
+    kernel = torch.tensor([0.25, 0.5, 0.25])
+    kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    mix = uniform(0, 1, 1, 1, 1) * (torch.rand((b, 1, 1, 1), generator=generator) < 0.5)
+    x = x * (1 - mix) + blurred * mix
+    x = x + torch.randn(x.shape, generator=generator) * uniform(0, 0.08, 1, 1, 1)
+    return x.clamp(-1.2, 1.2)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def depth_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """L1 everywhere + 0.5 * relative error where depth > 0. pred, true: (B, 64, 64)."""
+    valid = true > 0
+    relative = ((pred - true).abs() / true.clamp(min=0.05))[valid].mean() if valid.any() else pred.sum() * 0
+    return (pred - true).abs().mean() + 0.5 * relative
+
+
+def pose_loss(points, visibility_logits, heatmap_logits, keypoints, config: AnnotatorTrainConfig):
+    """points (B, K, 2) px, visibility_logits (B, K), heatmap_logits (B, K, h, w); keypoints (B, K, 3) targets."""
+    visible = keypoints[..., 2]  # (B, K)
+    b, k, h, w = heatmap_logits.shape
+    cell = shapes.IMAGE_SIZE / w
+    visibility = F.binary_cross_entropy_with_logits(visibility_logits, visible)
+    if visible.sum() == 0:
+        return visibility, {"visibility": visibility.item()}
+    coordinate = ((points - keypoints[..., :2]).abs().sum(-1) / cell * visible).sum() / visible.sum()
+    # Cross-entropy against a Gaussian around each true keypoint (in cells): early, sharp localisation.
+    centres = (torch.arange(w, dtype=points.dtype) + 0.5)
+    gx = torch.exp(-((centres.view(1, 1, 1, w) - keypoints[..., 0, None, None] / cell) ** 2) / (2 * config.heatmap_sigma_cells ** 2))
+    gy = torch.exp(-((centres.view(1, 1, h, 1) - keypoints[..., 1, None, None] / cell) ** 2) / (2 * config.heatmap_sigma_cells ** 2))
+    target = (gx * gy).flatten(2)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
+    heat = -(target * heatmap_logits.flatten(2).log_softmax(-1)).sum(-1)  # (B, K)
+    heat = (heat * visible).sum() / visible.sum()
+    total = coordinate + config.heatmap_weight * heat + visibility
+    return total, {"coordinate_px": coordinate.item() * cell, "heatmap": heat.item(), "visibility": visibility.item()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class HeldOut:
+    """Held-out renders (seeds from HELD_OUT_SEED up), built once per run."""
+
+    def __init__(self, kind: str, count: int):
+        from training import evaluate
+
+        self.kind = kind
+        if kind == "depth":
+            self.images, self.depth = evaluate.held_out_depth_set(count)
+        else:
+            self.images, self.keypoints, self.sizes = evaluate.held_out_pose_set(count)
+
+    def score(self, model) -> dict[str, float]:
+        from training import evaluate
+
+        model.eval()
+        if self.kind == "depth":
+            pred = annotators.predict_depth(model, self.images)
+            result = {"abs_rel": evaluate.depth_abs_rel(pred, self.depth), "mae": float(np.abs(pred - self.depth).mean())}
+        else:
+            pred = annotators.predict_keypoints(model, self.images)
+            result = {"pck": evaluate.pck(pred, self.keypoints, self.sizes),
+                      "pck_0.05": evaluate.pck(pred, self.keypoints, self.sizes, alpha=0.05)}
+        model.train()
+        return result
+
+    def grid(self, model, path: Path, count: int = 16) -> None:
+        """Rows of (picture, prediction, truth) for the first `count` held-out scenes."""
+        model.eval()
+        images = self.images[:count]
+        if self.kind == "depth":
+            pred = [shapes.depth_to_image(d) for d in annotators.predict_depth(model, images)]
+            true = [shapes.depth_to_image(d) for d in self.depth[:count]]
+        else:
+            pred = [shapes.pose_to_image(k) for k in annotators.predict_keypoints(model, images)]
+            true = [shapes.pose_to_image(k) for k in self.keypoints[:count]]
+        model.train()
+        rows = [np.stack(list(images)), np.stack(pred), np.stack(true)]
+        save_grid(np.concatenate(rows), path, columns=count)
+
+
+def meets_target(kind: str, scores: dict[str, float]) -> bool:
+    key, bar, sense = TARGETS[kind]
+    value = scores.get(key, float("nan"))
+    return value <= bar if sense == "<=" else value >= bar
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig, *, log_every: int = 25,
+          eval_every: int = 250, seed: int = 0, stop_at_target: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    # 1. Training set (rendered once) and held-out set.
+    data = build_dataset(kind, config, out_dir / "data.npz")
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
+    targets = torch.from_numpy(data["depth"].astype(np.float32) if kind == "depth" else data["keypoints"])
+    held_out = HeldOut(kind, config.eval_count)
+
+    # 2. Model and optimiser; resume if a checkpoint exists.
+    net_config = annotators.CONFIGS[kind]()
+    model = annotators.build_model(kind, net_config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    step, seconds, checkpoint, scores, history = 0, 0.0, Checkpoint(out_dir), {}, []
+    state = checkpoint.load()
+    if state is not None:
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+        step, seconds, history = state["step"], state["seconds"], state.get("history", [])
+        print(f"resumed from {checkpoint.path} at step {step}")
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{kind} annotator: {type(model).__name__} {parameters / 1e3:.0f} k parameters, {len(images)} training scenes", flush=True)
+    log = LossLog(out_dir, ["loss", "lr", "coordinate_px", "visibility", TARGETS[kind][0]])
+    generator = torch.Generator().manual_seed(seed + step)
+    last = time.time()
+
+    while step < max_steps:
+        # 3. A batch, augmented; depth also flips left-right (the world has no handedness in depth).
+        index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+        x = augment(images[index].float().div(127.5).sub(1), generator)
+        y = targets[index]
+        if kind == "depth":
+            flip = torch.rand(config.batch_size, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = torch.where(flip[:, None, None], y.flip(-1), y)
+            loss, parts = depth_loss(model(x)[:, 0], y), {}
+        else:
+            points, visibility, heatmaps = model(x)
+            loss, parts = pose_loss(points, visibility, heatmaps, y, config)
+
+        # 4. Warm-up, then cosine decay.
+        progress = min(1.0, step / max(max_steps, 1))
+        lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps) * (
+            config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + np.cos(np.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        now = time.time(); seconds += now - last; last = now
+
+        # 5. Held-out score, sample grid, export and checkpoint.
+        done = step == max_steps
+        if step % eval_every == 0 or done:
+            scores = held_out.score(model)
+            history.append({"step": step, "seconds": round(seconds, 1), **scores})
+            held_out.grid(model, out_dir / "samples" / f"step-{step:06d}.png")
+            annotators.save_model(model, kind, net_config, out_dir / "annotator", steps=step,
+                                  train_seconds=round(seconds), parameters=parameters, held_out=scores,
+                                  train=asdict(config))
+            checkpoint.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
+                             "history": history, "config": asdict(config)})
+            print(f"step {step}: held-out {scores} ({seconds / 60:.1f} min of training)", flush=True)
+            if stop_at_target and meets_target(kind, scores):
+                log.write(step, loss=loss.item(), lr=lr, **parts, **{TARGETS[kind][0]: scores[TARGETS[kind][0]]})
+                print(f"target {TARGETS[kind]} reached at step {step}", flush=True)
+                break
+            last = time.time()  # evaluation time is not training time
+        if step % log_every == 0 or done:
+            log.write(step, loss=loss.item(), lr=lr, **parts, **{k: v for k, v in scores.items() if k == TARGETS[kind][0]})
+            scores = {}
+    return {"step": step, "seconds": seconds, "history": history}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=annotators.KINDS, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/annotator-KIND): checkpoint, log, samples, annotator/")
+    parser.add_argument("--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument("--train-scenes", type=int, default=AnnotatorTrainConfig.train_scenes)
+    parser.add_argument("--batch-size", type=int, default=AnnotatorTrainConfig.batch_size)
+    parser.add_argument("--eval-count", type=int, default=AnnotatorTrainConfig.eval_count, help="held-out scenes per evaluation")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--stop-at-target", action="store_true", help=f"stop at the first evaluation that meets {TARGETS}")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    config = AnnotatorTrainConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, eval_count=args.eval_count)
+    train(args.kind, args.out or Path(f"runs/annotator-{args.kind}"), args.max_steps, config,
+          log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target)
+
+
+if __name__ == "__main__":
+    main()
