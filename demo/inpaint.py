@@ -18,7 +18,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         with gr.Column(scale=2):
             editor = common.safe_image_editor(
                 label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
-                sources=("upload", "clipboard"), transforms=(), height=420, canvas_size=(512, 512),
+                sources=("upload", "clipboard"), transforms=(), height=420,
+                # The editor sometimes scales a fresh upload to the canvas size; at the model's own size that
+                # is harmless (the pipeline works at that size anyway).
+                canvas_size=(engine.preset.default_size, engine.preset.default_size),
                 brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed", default_size=6),
                 eraser=gr.Eraser(default_size=6), layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
                 elem_id=f"{TAB}-editor", elem_classes=["lds-pixelated"], max_pixels=max_pixels)

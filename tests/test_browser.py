@@ -155,11 +155,15 @@ def test_send_to_inpaint_then_paint_a_mask(page, test_output):
 
 def test_inpaint_upload_and_strokes_keep_the_rest(page, images, test_output):
     open_tab(page, "Inpaint")
-    upload(page, "inpaint-editor", images["scene_256.png"])
+    # gr.ImageEditor (gradio 6.31) can mis-scale an upload that arrives while its canvas is still being set
+    # up right after the tab opens; a person never uploads within milliseconds, so neither does this test.
+    page.locator("#inpaint-editor").get_by_text("Upload an image").first.wait_for()
+    page.wait_for_timeout(1500)
+    upload(page, "inpaint-editor", images["scene.png"])
     page.wait_for_selector("#inpaint-editor canvas")
     page.wait_for_timeout(800)
     paint(page, "inpaint-editor", [[(0.1, 0.1), (0.4, 0.1), (0.4, 0.3)], [(0.1, 0.2), (0.3, 0.35)]],
-          image_size=(256, 256))
+          image_size=(64, 64))
     page.fill("#inpaint-prompt textarea", "a green circle")
     set_number(page, "inpaint-strength", 1)
     open_settings(page, "inpaint")
@@ -167,10 +171,10 @@ def test_inpaint_upload_and_strokes_keep_the_rest(page, images, test_output):
     shot(page, test_output, "inpaint-mask")
     generate_and_wait(page, "inpaint")
     out = np.asarray(result_image(page, "inpaint"))
-    original = np.asarray(Image.open(images["scene_256.png"]).convert("RGB"))
+    original = np.asarray(Image.open(images["scene.png"]).convert("RGB"))
     assert out.shape == original.shape
-    assert np.array_equal(out[160:, 160:], original[160:, 160:])  # far from the strokes: untouched
-    assert not np.array_equal(out[:80, :110], original[:80, :110])  # under the strokes: repainted
+    assert np.array_equal(out[40:, 40:], original[40:, 40:])  # far from the strokes: untouched
+    assert not np.array_equal(out[:20, :28], original[:20, :28])  # under the strokes: repainted
     shot(page, test_output, "inpaint")
 
 
