@@ -2,11 +2,13 @@
 
     python -m training.train_annotators --kind depth --out runs/annotator-depth --max-steps 1500 --threads 1
     python -m training.train_annotators --kind pose  --out runs/annotator-pose  --max-steps 1500 --threads 1
+    (add --vae assets/models/shapes-ldm/vae to train on VAE round trips too)
 
 Reads top to bottom: 1. render a fixed training set once and cache it (depth: any scene; pose: scenes
 with a person plus a share without one, whose visibility targets are all zero), 2. train with
 augmentations that make the nets robust to generated pictures (blur, noise, colour jitter, a
-down-up resize; horizontal flips for depth), 3. every `--eval-every` steps score held-out renders
+down-up resize; horizontal flips for depth) and, with `--vae`, on half of each batch the pictures after
+the Shapes VAE's encode/decode (what every generated picture goes through), 3. every `--eval-every` steps score held-out renders
 (seeds from HELD_OUT_SEED up: depth abs-rel, pose PCK@0.1 of the person's box) and export the model
 folder (model.safetensors + config.json) to OUT/annotator; resumes from OUT/checkpoint.pt.
 Losses: depth = L1 + 0.5 * relative error on pixels with depth > 0 (the sky is 0);
@@ -42,15 +44,17 @@ class AnnotatorTrainConfig:
     eval_count: int = 200  # held-out scenes scored during training
     heatmap_weight: float = 0.1
     heatmap_sigma_cells: float = 0.75  # Gaussian target width in 4-px heatmap cells
+    vae_share: float = 0.5  # with --vae: share of each batch taken from the VAE round trips of the pictures
 
 
 # ----------------------------------------------------------------------------- data
 
-def build_dataset(kind: str, config: AnnotatorTrainConfig, cache: Path) -> dict[str, np.ndarray]:
-    """Rendered training set (cached): images (N, 64, 64, 3) uint8 and depth (N, 64, 64) or keypoints (N, 18, 3)."""
+def build_dataset(kind: str, config: AnnotatorTrainConfig, cache: Path, vae: Path | None = None) -> dict[str, np.ndarray]:
+    """Rendered training set (cached): images (N, 64, 64, 3) uint8 and depth (N, 64, 64) or keypoints (N, 18, 3);
+    with a `vae`, also images_vae: the same pictures after the VAE's round trip."""
     if cache.exists():
         data = dict(np.load(cache))
-        if len(data["images"]) >= config.train_scenes:
+        if len(data["images"]) >= config.train_scenes and (vae is None or "images_vae" in data):
             return data
     started = time.time()
     if kind == "depth":
@@ -66,33 +70,61 @@ def build_dataset(kind: str, config: AnnotatorTrainConfig, cache: Path) -> dict[
         data["depth"] = np.stack([s.depth for s in samples]).astype(np.float16)
     else:
         data["keypoints"] = np.stack([s.keypoints for s in samples])
+    print(f"rendered {len(samples)} training scenes in {time.time() - started:.0f} s", flush=True)
+    if vae is not None:
+        data["images_vae"] = vae_round_trip(vae, data["images"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **data)
-    print(f"rendered {len(samples)} training scenes in {time.time() - started:.0f} s", flush=True)
     return data
 
 
+def _gaussian_kernel(sigma: float, radius: int = 3) -> torch.Tensor:
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * max(sigma, 1e-3) ** 2))
+    return taps / taps.sum()
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Photometric and resampling noise: (B, 3, 64, 64) in [-1, 1] -> same. Geometry is unchanged."""
+    """Photometric and resampling noise: (B, 3, 64, 64) in [-1, 1] -> same. Geometry is unchanged.
+
+    Generated pictures are softer than renders (the VAE decoder blurs edges and bleeds colour), so half of
+    each batch is blurred (Gaussian, sigma up to 1.5 px) and a third of batches is resized down and back.
+    """
     b = images.shape[0]
 
     def uniform(low, high, *shape):
         return low + (high - low) * torch.rand((b, *shape), generator=generator)
 
     x = images * uniform(0.8, 1.2, 1, 1, 1) + uniform(-0.15, 0.15, 1, 1, 1) + uniform(-0.05, 0.05, 3, 1, 1)
-    # A down-up resize (to 32-56 px) on a third of the batch: softness like decoded latents.
     if torch.rand((), generator=generator) < 0.33:
-        size = int(torch.randint(32, 57, (), generator=generator))
+        size = int(torch.randint(20, 57, (), generator=generator))
         x = F.interpolate(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False),
                           size=images.shape[-1], mode="bilinear", align_corners=False)
-    # Gaussian blur of random strength, blended per sample.
-    kernel = torch.tensor([0.25, 0.5, 0.25])
-    kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-    mix = uniform(0, 1, 1, 1, 1) * (torch.rand((b, 1, 1, 1), generator=generator) < 0.5)
+    # Separable Gaussian blur with one sigma per batch, blended into a random half of the samples.
+    taps = _gaussian_kernel(float(torch.empty(()).uniform_(0.5, 1.5, generator=generator)))
+    padded = F.pad(x, (3, 3, 3, 3), mode="replicate")
+    blurred = F.conv2d(padded, taps.view(1, 1, 1, 7).expand(3, 1, 1, 7), groups=3)
+    blurred = F.conv2d(blurred, taps.view(1, 1, 7, 1).expand(3, 1, 7, 1), groups=3)
+    mix = uniform(0.3, 1, 1, 1, 1) * (torch.rand((b, 1, 1, 1), generator=generator) < 0.5)
     x = x * (1 - mix) + blurred * mix
     x = x + torch.randn(x.shape, generator=generator) * uniform(0, 0.08, 1, 1, 1)
     return x.clamp(-1.2, 1.2)
+
+
+@torch.no_grad()
+def vae_round_trip(vae_path: Path, images: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """(N, 64, 64, 3) uint8 pictures after the Shapes VAE's encode -> decode: what generated pictures look like."""
+    from diffusers import AutoencoderKL
+
+    from training.common import images_to_tensor, tensor_to_images
+
+    vae = AutoencoderKL.from_pretrained(vae_path).eval()
+    started, out = time.time(), []
+    for first in range(0, len(images), chunk):
+        latents = vae.encode(images_to_tensor(images[first:first + chunk])).latent_dist.mode()
+        out.append(tensor_to_images(vae.decode(latents).sample))
+        if first // chunk % 20 == 0:
+            print(f"VAE round trip {first + len(out[-1])}/{len(images)} ({time.time() - started:.0f} s)", flush=True)
+    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -130,7 +162,7 @@ def pose_loss(points, visibility_logits, heatmap_logits, keypoints, config: Anno
 class HeldOut:
     """Held-out renders (seeds from HELD_OUT_SEED up), built once per run."""
 
-    def __init__(self, kind: str, count: int):
+    def __init__(self, kind: str, count: int, vae: Path | None = None):
         from training import evaluate
 
         self.kind = kind
@@ -138,18 +170,25 @@ class HeldOut:
             self.images, self.depth = evaluate.held_out_depth_set(count)
         else:
             self.images, self.keypoints, self.sizes = evaluate.held_out_pose_set(count)
+        self.images_vae = vae_round_trip(vae, self.images) if vae is not None else None
 
     def score(self, model) -> dict[str, float]:
+        """Scores on the renders; with a VAE also on their round trips (suffix _vae_round_trip)."""
         from training import evaluate
 
         model.eval()
-        if self.kind == "depth":
-            pred = annotators.predict_depth(model, self.images)
-            result = {"abs_rel": evaluate.depth_abs_rel(pred, self.depth), "mae": float(np.abs(pred - self.depth).mean())}
-        else:
-            pred = annotators.predict_keypoints(model, self.images)
-            result = {"pck": evaluate.pck(pred, self.keypoints, self.sizes),
-                      "pck_0.05": evaluate.pck(pred, self.keypoints, self.sizes, alpha=0.05)}
+        result = {}
+        for suffix, images in (("", self.images), ("_vae_round_trip", self.images_vae)):
+            if images is None:
+                continue
+            if self.kind == "depth":
+                pred = annotators.predict_depth(model, images)
+                result[f"abs_rel{suffix}"] = evaluate.depth_abs_rel(pred, self.depth)
+                result[f"mae{suffix}"] = float(np.abs(pred - self.depth).mean())
+            else:
+                pred = annotators.predict_keypoints(model, images)
+                result[f"pck{suffix}"] = evaluate.pck(pred, self.keypoints, self.sizes)
+                result[f"pck_0.05{suffix}"] = evaluate.pck(pred, self.keypoints, self.sizes, alpha=0.05)
         model.train()
         return result
 
@@ -177,14 +216,15 @@ def meets_target(kind: str, scores: dict[str, float]) -> bool:
 # ----------------------------------------------------------------------------- training
 
 def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig, *, log_every: int = 25,
-          eval_every: int = 250, seed: int = 0, stop_at_target: bool = False) -> dict:
+          eval_every: int = 250, seed: int = 0, stop_at_target: bool = False, vae: Path | None = None) -> dict:
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    # 1. Training set (rendered once) and held-out set.
-    data = build_dataset(kind, config, out_dir / "data.npz")
+    # 1. Training set (rendered once; with a VAE also round-tripped through it) and held-out set.
+    data = build_dataset(kind, config, out_dir / "data.npz", vae)
     images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
+    images_vae = torch.from_numpy(data["images_vae"]).permute(0, 3, 1, 2) if vae is not None else None
     targets = torch.from_numpy(data["depth"].astype(np.float32) if kind == "depth" else data["keypoints"])
-    held_out = HeldOut(kind, config.eval_count)
+    held_out = HeldOut(kind, config.eval_count, vae)
 
     # 2. Model and optimiser; resume if a checkpoint exists.
     net_config = annotators.CONFIGS[kind]()
@@ -205,7 +245,11 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
     while step < max_steps:
         # 3. A batch, augmented; depth also flips left-right (the world has no handedness in depth).
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
-        x = augment(images[index].float().div(127.5).sub(1), generator)
+        pictures = images[index]
+        if images_vae is not None:
+            from_vae = torch.rand(config.batch_size, generator=generator) < config.vae_share
+            pictures = torch.where(from_vae[:, None, None, None], images_vae[index], pictures)
+        x = augment(pictures.float().div(127.5).sub(1), generator)
         y = targets[index]
         if kind == "depth":
             flip = torch.rand(config.batch_size, generator=generator) < 0.5
@@ -237,7 +281,7 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
             held_out.grid(model, out_dir / "samples" / f"step-{step:06d}.png")
             annotators.save_model(model, kind, net_config, out_dir / "annotator", steps=step,
                                   train_seconds=round(seconds), parameters=parameters, held_out=scores,
-                                  train=asdict(config))
+                                  train=asdict(config), vae=str(vae) if vae else None)
             checkpoint.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
                              "history": history, "config": asdict(config)})
             print(f"step {step}: held-out {scores} ({seconds / 60:.1f} min of training)", flush=True)
@@ -263,12 +307,14 @@ def main(argv=None):
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--stop-at-target", action="store_true", help=f"stop at the first evaluation that meets {TARGETS}")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="a Shapes VAE folder: also train (and score) on pictures after its encode/decode, as generated pictures look")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     config = AnnotatorTrainConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, eval_count=args.eval_count)
     train(args.kind, args.out or Path(f"runs/annotator-{args.kind}"), args.max_steps, config,
-          log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target)
+          log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target, vae=args.vae)
 
 
 if __name__ == "__main__":
