@@ -15,6 +15,17 @@ LIMITS = """## Limits
 """
 
 
+def _curve(history: list[dict]) -> str:
+    """The held-out scores logged during training, one row per evaluation."""
+    if not history:
+        return ""
+    keys = [k for k in history[0] if k not in ("step", "seconds")]
+    rows = ["| step | minutes | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    rows += [f"| {h['step']} | {h['seconds'] / 60:.1f} | " + " | ".join(f"{h.get(k, float('nan')):.4g}" for k in keys) + " |"
+             for h in history]
+    return "\n".join(rows)
+
+
 def _format(scores: dict) -> str:
     return "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
 
@@ -33,8 +44,7 @@ def write_annotator_card(folder: Path, kind: str, scores: dict) -> Path:
                 "augmented with colour jitter, blur, noise, a down-up resize and horizontal flips.")
         loss = "L1 over all pixels + 0.5 x relative error on pixels with depth > 0."
         metric = ("abs-rel = mean |pred - true| / true over pixels with true depth > 0 (the sky, depth 0 = infinitely "
-                  "far, is left out); MAE over all pixels. `abs_rel_vae_round_trip`: the same renders after the "
-                  "Shapes VAE's encode/decode, closer to generated pictures.")
+                  "far, is left out); MAE over all pixels.")
     else:
         task = ("Picture -> OpenPose body-18 keypoints -> skeleton drawn with controlnet-aux's `draw_bodypose` "
                 "(OpenPose colours, the same drawing as `training.shapes.pose_to_image` and the SD1.5 openpose "
@@ -51,6 +61,18 @@ def write_annotator_card(folder: Path, kind: str, scores: dict) -> Path:
                   "max(width, height) of the person's rendered bounding box (about 40 px, so about 4 px) of the "
                   "truth; over all visible true keypoints of held-out person scenes.")
     minutes = info.get("train_seconds", 0) / 60
+    vae = info.get("vae")
+    if vae:
+        data += (f" Half of each batch is the same pictures after the Shapes VAE's encode/decode ({vae}), which is "
+                 "what every generated picture goes through.")
+    size = scores.get("mean_person_size_px")
+    if kind == "pose" and size:
+        metric = metric.replace("(about 40 px, so about 4 px)", f"(mean {size:.1f} px, so about {0.1 * size:.1f} px)")
+    limits = LIMITS
+    if kind == "pose":
+        limits += ("- The visibility head was trained on Shapes scenes only: on photo-like pictures it often "
+                   "reports a person and draws a skeleton that is not there.\n")
+    reproduce_vae = f" --vae {vae}" if vae else ""
     text = f"""# Shapes-world {kind} annotator
 
 {task} Used by the app's ControlNet tab (preprocessor "{kind}") for the built-in model through
@@ -71,15 +93,20 @@ how well the {kind} ControlNet's outputs follow their control maps.
 
 ## Held-out scores
 Scenes from seed `training.common.HELD_OUT_SEED` up (never used in training). {metric}
+`_vae_round_trip`: the same renders after the Shapes VAE's encode/decode (closer to generated pictures).
 
 | metric | value |
 |---|---|
 {_format(scores)}
 
-{LIMITS}
+Training curve ({info.get('train', {}).get('eval_count', '?')} held-out scenes per evaluation):
+
+{_curve(info.get('history', []))}
+
+{limits}
 ## Reproduce
 ```
-python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} --max-steps {info.get('steps', 1200)} --threads 1
+python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} --max-steps {info.get('steps', 1200)} --threads 1{reproduce_vae}
 cp runs/annotator-{kind}/annotator/* assets/models/shapes-annotators/{kind}/
 python -m training.evaluate --controls --write-cards
 ```

@@ -277,11 +277,11 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
         done = step == max_steps
         if step % eval_every == 0 or done:
             scores = held_out.score(model)
-            history.append({"step": step, "seconds": round(seconds, 1), **scores})
+            history.append({"step": step, "seconds": round(seconds, 1), **{k: round(v, 5) for k, v in scores.items()}})
             held_out.grid(model, out_dir / "samples" / f"step-{step:06d}.png")
             annotators.save_model(model, kind, net_config, out_dir / "annotator", steps=step,
                                   train_seconds=round(seconds), parameters=parameters, held_out=scores,
-                                  train=asdict(config), vae=str(vae) if vae else None)
+                                  train=asdict(config), vae=str(vae) if vae else None, history=history)
             checkpoint.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
                              "history": history, "config": asdict(config)})
             print(f"step {step}: held-out {scores} ({seconds / 60:.1f} min of training)", flush=True)

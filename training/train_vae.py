@@ -9,6 +9,9 @@ The VAE is fully convolutional, so it trains on random crops of the 64x64 scenes
 step) and still encodes whole images.
 
     python -m training.train_vae --out runs/vae --max-steps 3000
+
+At `disc_start` the run also exports `OUT/encoder-final/vae`: the VAE to train the U-Net on while
+the decoder keeps training.
 """
 from __future__ import annotations
 
@@ -156,6 +159,10 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
             disc_loss.backward()
             opt_disc.step()
         step += 1
+        if config.freeze_encoder_with_disc and step == config.disc_start:
+            # The encoder is final from here on: this is the VAE the U-Net is trained on.
+            export(vae.eval(), out_dir / "encoder-final")
+            vae.train()
 
         if step % log_every == 0 or step == max_steps:
             vae.eval()
@@ -173,7 +180,11 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
 
 
 def export(vae: AutoencoderKL, out_dir: Path) -> Path:
-    """Writes the diffusers folder `out_dir/vae` with scaling_factor measured on training scenes."""
+    """Writes the diffusers folder `out_dir/vae` with scaling_factor measured on training scenes.
+
+    The scaling factor depends only on the encoder, so every export after the encoder is frozen
+    carries the same one, and `training.package` can pair a newer decoder with an older U-Net.
+    """
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, range(0, 512)))
     target = Path(out_dir) / "vae"
     vae.save_pretrained(target, safe_serialization=True)

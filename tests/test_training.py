@@ -1,0 +1,135 @@
+"""The Shapes world, the evaluation checker, the training scripts (2-step smoke runs) and the shipped model."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import evaluate, shapes, text
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = REPO / "assets" / "models" / "shapes-ldm"
+CAPTIONS = [shapes.sample(seed).caption for seed in range(3000)]
+
+
+def test_world_is_deterministic_per_seed():
+    a, b = shapes.sample(1234), shapes.sample(1234)
+    assert a.caption == b.caption
+    for field in ("image", "depth", "keypoints", "canny", "depth_image", "pose_image"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert shapes.sample(1235).caption != a.caption or not np.array_equal(shapes.sample(1235).image, a.image)
+
+
+def test_sample_carries_every_map_at_image_size():
+    person_seed = next(s for s in range(200) if shapes.sample(s).scene.objects[0].kind == "person")
+    sample = shapes.sample(person_seed)
+    assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
+    assert sample.depth.shape == (64, 64) and 0 <= sample.depth.min() and sample.depth.max() <= 1.1
+    for control in (sample.canny, sample.depth_image, sample.pose_image):
+        assert control.shape == (64, 64, 3) and control.dtype == np.uint8
+    assert sample.keypoints.shape == (18, 3) and sample.keypoints[:, 2].all()
+    assert sample.pose_image.sum() > 0 and sample.canny.sum() > 0
+    assert sample.objects[0]["kind"] == "person" and len(sample.objects[0]["box"]) == 4
+
+
+def test_captions_use_only_the_vocabulary():
+    vocabulary = set(shapes.vocabulary())
+    tokenizer = text.build_tokenizer()
+    for caption in CAPTIONS:
+        assert set(caption.split()) <= vocabulary, caption
+        assert text.unknown_words(tokenizer, caption) == []
+        assert len(tokenizer(caption).input_ids) <= tokenizer.model_max_length
+
+
+@pytest.mark.parametrize("pattern", [
+    r"^a red circle$", r"^a big \w+ \w+ on the left$", r"^a small \w+ \w+ in the center$",
+    r"^an? \w+ \w+ in the top left$", r"^an? \w+ \w+ and an? \w+ \w+$", r"^an? \w+ \w+ left of an? \w+ \w+",
+    r"^an? \w+ \w+ above an? \w+ \w+", r"^an? \w+ person waving", r"^an? \w+ person with arms up",
+    r" in striped style", r" on grass$", r" at night$",
+])
+def test_grammar_has_the_required_forms(pattern):
+    captions = CAPTIONS if pattern != r"^a red circle$" else [shapes.sample(s).caption for s in range(30000)]
+    assert any(re.search(pattern, c) for c in captions), pattern
+
+
+def test_held_out_pairs_and_unseen_styles_never_appear_in_training():
+    for seed in range(3000):
+        for obj in shapes.sample(seed).objects:
+            assert (obj["colour"], obj["kind"]) not in shapes.HELD_OUT_PAIRS
+            assert obj["style"] not in shapes.UNSEEN_STYLES
+    assert "checkered" not in shapes.vocabulary()
+    assert any(o["style"] == "checkered" for s in range(400) for o in shapes.sample(s, allow_unseen_styles=True).objects)
+
+
+def test_unknown_words_are_reported_once_each_in_order():
+    tokenizer = text.build_tokenizer()
+    assert text.unknown_words(tokenizer, "A red DRAGON, a red dragon and a Unicorn!") == ["dragon", "unicorn"]
+    assert text.unknown_words(tokenizer, "a red circle, on the left.") == []
+
+
+def test_checker_is_right_on_ground_truth_renders():
+    """Scenes rendered exactly as the held-out prompts ask must all pass, or the checker is wrong."""
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for expectation in evaluate.held_out_prompts(100, seed=77):
+        if len(expectation.objects) == 1:
+            position = expectation.position or str(rng.choice(list(shapes.POSITIONS)))
+            centre = shapes.POSITIONS[position][1]
+            objects = [shapes.SceneObject(expectation.objects[0][1], expectation.objects[0][0], "small", centre)]
+        else:
+            centres = {"left of": [(17, 30), (47, 30)], "above": [(30, 17), (30, 47)]}.get(expectation.relation, [(15, 15), (49, 49)])
+            objects = [shapes.SceneObject(s, c, "small", xy) for (c, s), xy in zip(expectation.objects, centres)]
+        image = shapes.render(shapes.Scene(expectation.prompt, expectation.background, objects)).image
+        verdicts.append(evaluate.judge(image, expectation))
+    scores = evaluate.score(verdicts)
+    assert all(value == 1.0 for value in scores.values()), scores
+
+
+def test_checker_rejects_wrong_images():
+    expectation = evaluate.Expectation("a red circle in the top left", "plain", [("red", "circle")], position="top left")
+    wrong_colour = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("circle", "blue", "small", (15, 15))])).image
+    wrong_shape = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("star", "red", "small", (15, 15))])).image
+    wrong_place = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("circle", "red", "small", (49, 49))])).image
+    empty = shapes.background_image("plain")[0].astype(np.uint8)
+    assert evaluate.judge(wrong_colour, expectation)["colour"] is False
+    assert evaluate.judge(wrong_shape, expectation)["shape"] is False
+    assert evaluate.judge(wrong_place, expectation)["position"] is False
+    assert evaluate.judge(empty, expectation)["count"] is False
+
+
+def test_train_vae_and_ldm_smoke_runs_resume_and_export(tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    import torch
+
+    from training import train_ldm, train_vae
+
+    vae_dir = tmp_path / "vae"
+    train_vae.main(["--out", str(vae_dir), "--max-steps", "2", "--batch-size", "4", "--disc-start", "1", "--log-every", "1", "--save-every", "2"])
+    train_vae.main(["--out", str(vae_dir), "--max-steps", "3", "--batch-size", "4", "--disc-start", "1", "--log-every", "1", "--save-every", "1"])
+    assert torch.load(vae_dir / "checkpoint.pt", weights_only=False)["step"] == 3  # resumed, not restarted
+    vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
+    assert vae.config.scaling_factor > 0
+    assert (vae_dir / "log.csv").read_text().count("\n") >= 4 and list((vae_dir / "samples").glob("*.png"))
+
+    ldm_dir = tmp_path / "ldm"
+    args = ["--vae", str(vae_dir / "vae"), "--out", str(ldm_dir), "--train-scenes", "16", "--batch-size", "4",
+            "--log-every", "1", "--save-every", "2", "--eval-every", "0"]
+    train_ldm.main(args + ["--max-steps", "2"])
+    pipe = StableDiffusionPipeline.from_pretrained(ldm_dir / "pipeline")
+    assert pipe.unet.config.addition_embed_type == "text" and pipe.unet.config.sample_size == 16
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
+def test_shipped_model_loads_with_plain_diffusers_and_is_deterministic():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    runs = [pipe("a red circle on the left", num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+            for _ in range(2)]
+    assert runs[0].shape == (64, 64, 3)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert (SHIPPED_MODEL / "README.md").exists()

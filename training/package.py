@@ -1,0 +1,57 @@
+"""Assembles the shipped Shapes LDM: the U-Net and text encoder of an LDM run with the newest VAE decoder.
+
+    python -m training.package --ldm runs/ldm/pipeline --vae runs/vae/vae --out assets/models/shapes-ldm
+
+The VAE's encoder is frozen once its adversarial phase starts (see train_vae), so a decoder trained
+longer than the encoder the U-Net learned on decodes the same latents better. This script refuses a
+VAE whose encoder differs from the one the LDM was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+
+def same_encoder(a: AutoencoderKL, b: AutoencoderKL) -> bool:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    keys = [k for k in state_a if k.startswith(("encoder.", "quant_conv."))]
+    return all(torch.equal(state_a[k], state_b[k]) for k in keys) and a.config.scaling_factor == b.config.scaling_factor
+
+
+def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(ldm)
+    if vae is not None:
+        newer = AutoencoderKL.from_pretrained(vae)
+        if not same_encoder(pipe.vae, newer):
+            raise SystemExit(f"{vae} has a different encoder than the VAE {ldm} was trained on; its latents would not match")
+        pipe.vae = newer
+        pipe.register_modules(vae=newer)
+    card = out / "README.md"
+    kept_card = card.read_text() if card.exists() else None
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for extra in ("TRAINING_STEP",):
+        if (Path(ldm) / extra).exists():
+            shutil.copy(Path(ldm) / extra, out / extra)
+    if kept_card is not None:
+        card.write_text(kept_card)
+    return pipe
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ldm", type=Path, default=Path("runs/ldm/pipeline"), help="train_ldm's exported pipeline")
+    parser.add_argument("--vae", type=Path, default=None, help="a VAE folder with the same encoder and a newer decoder")
+    parser.add_argument("--out", type=Path, default=Path("assets/models/shapes-ldm"))
+    args = parser.parse_args(argv)
+    package(args.ldm, args.vae, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
