@@ -12,6 +12,8 @@ from pipelines.common import Cancelled, InputError, ModelError, check_choice, ch
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int, "Image.Image | None"], None]
+# (pipe, i, t, callback_kwargs): sees the step-end tensors (latents, ...) of every step; returns nothing
+Capture = Callable[[Any, int, Any, dict], None]
 
 
 class CancelEvent(Protocol):
@@ -53,11 +55,13 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
 
 
 def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelEvent | None = None,
-                 **call_kwargs: Any) -> list[Image.Image]:
+                 capture: Capture | None = None, **call_kwargs: Any) -> list[Image.Image]:
     """Call a request-scoped pipeline view with progress, cancel and error mapping; returns PIL images.
 
     Caller holds engine.lock. Cancel: the step-end callback sets `_interrupt` on this view only, so the
     denoising loop skips the remaining steps; then `Cancelled` is raised instead of returning images.
+    `capture(pipe, i, t, callback_kwargs)` is called first at every step end (the Explain tab records the
+    latents there; pass `callback_on_step_end_tensor_inputs=[...]` for more tensors); it must not modify them.
     """
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled before the first step")
@@ -65,6 +69,8 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
 
     def on_step_end(pipe, i: int, t, callback_kwargs: dict) -> dict:
         state["steps_done"] = i + 1
+        if capture is not None:
+            capture(pipe, i, t, callback_kwargs)
         if on_step is not None and state["error"] is None:
             try:
                 preview = engine.preview(callback_kwargs["latents"])
