@@ -103,8 +103,12 @@ def encode_dataset(control: str, seeds: list[int], vae, tokenizer, text_encoder,
         saved = torch.load(cache, weights_only=False)
         if saved["seeds"][:len(seeds)] == list(seeds) and len(saved["seeds"]) >= len(seeds):
             n = len(seeds)
+            # Caption embeddings are recomputed: they are cheap, and the cache then stays valid for a
+            # later LDM whose text encoder trained on (the VAE encoder, and so the latents, is fixed).
+            embeddings = torch.cat([embed(tokenizer, text_encoder, saved["captions"][i:i + 256]) for i in range(0, len(saved["captions"]), 256)])
             return {**saved, "mean": saved["mean"][:n], "std": saved["std"][:n], "maps": saved["maps"][:n],
-                    "caption_index": saved["caption_index"][:n], "seeds": saved["seeds"][:n]}
+                    "caption_index": saved["caption_index"][:n], "seeds": saved["seeds"][:n],
+                    "embeddings": embeddings, "empty": embed(tokenizer, text_encoder, [""])}
     started = time.time()
     means, stds, maps, captions = [], [], [], []
     for first in range(0, len(seeds), chunk):
