@@ -58,16 +58,28 @@ def gpu_decorator():
     return spaces.GPU
 
 
+def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) -> int:
+    """Model events admitted at once: enough for the engine to merge queued txt2img requests (one model call at
+    a time still), but at most 1 + queue_size, so `--queue-size` still bounds what waits (gradio queues the rest).
+    One on ZeroGPU, where every admitted call would hold a GPU lease while it waits."""
+    if zero_gpu:
+        return 1
+    batch = int(getattr(getattr(engine, "limits", None), "batch_requests", 1) or 1)
+    return max(1, min(batch, 1 + settings.queue_size))
+
+
 def build_app(engine, settings: AppSettings | None = None):
     """The whole UI for one engine: header, five task tabs, "Send to" links, bounded queue."""
     import gradio as gr
 
-    from demo import common, controlnet, header, inpaint, outpaint, style, txt2img
+    from demo import common, controlnet, explain, header, inpaint, outpaint, style, txt2img
 
     settings = settings or AppSettings()
-    studio = common.Studio(gpu=gpu_decorator())
+    gpu = gpu_decorator()
+    zero_gpu = getattr(gpu, "__module__", "").startswith("spaces")
+    studio = common.Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=zero_gpu))
     modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
-               "controlnet": controlnet}
+               "controlnet": controlnet, "explain": explain}
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         header.build_header(engine)
         with gr.Tabs() as tabs:

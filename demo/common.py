@@ -23,8 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.common import Cancelled, InputError, ModelError, ModelNotAvailable, params_from_png, params_to_png_info
 
-CONCURRENCY_ID = "model"  # every event that touches the model shares this id, with concurrency_limit 1
-MODEL_EVENT = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)
+CONCURRENCY_ID = "model"  # every event that touches the model shares this id and one concurrency limit
+MODEL_EVENT = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)  # Studio.model_event() when batching
 UI_EVENT = dict(queue=False, api_visibility="private", show_progress="hidden")  # cheap, model-free UI updates
 
 TAB_LABELS = {
@@ -33,6 +33,7 @@ TAB_LABELS = {
     "outpaint": "Outpaint",
     "style": "Style transfer",
     "controlnet": "ControlNet",
+    "explain": "Explain",
 }
 SEND_TARGETS = ("inpaint", "outpaint", "style", "controlnet")  # tabs with an input image
 HISTORY_LIMIT = 48  # images kept in a session's history gallery
@@ -370,6 +371,14 @@ class Studio:
     targets: dict[str, tuple[gr.components.Component, str]] = field(default_factory=dict)  # tab -> (input, kind)
     sources: list[tuple[gr.Gallery, gr.State, dict[str, gr.Button]]] = field(default_factory=list)
     gpu: Callable[[Callable], Callable] = lambda fn: fn  # spaces.GPU on ZeroGPU Spaces (chosen in app.py)
+    # Model events admitted at once. The engine still runs one model call at a time (engine.lock); more than
+    # one admitted lets queued txt2img requests with the same settings meet in the engine's batcher and run
+    # as one call. app.py sets it from the engine's batch_requests and the queue size.
+    model_concurrency: int = 1
+
+    def model_event(self) -> dict[str, Any]:
+        """The queue settings of every model event (one id, so gradio applies one limit to them all)."""
+        return dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=self.model_concurrency)
 
     def register_target(self, tab: str, component, kind: str = "image") -> None:
         """`component` of `tab` receives images sent from any gallery; kind is "image" or "editor"."""
@@ -465,11 +474,13 @@ def _selected_index(evt: gr.SelectData) -> int:
 
 def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable, *,
                      inputs_kwargs: dict[str, gr.components.Component], api_name: str,
-                     api_description: str | None = None) -> None:
-    """Generate -> fn (a generator using `run_task`) on the shared model queue; Cancel really stops it."""
-    event = panel.generate.click(studio.gpu(fn), inputs_kwargs=inputs_kwargs, outputs=panel.outputs(), api_name=api_name,
+                     api_description: str | None = None, extra_outputs=()) -> None:
+    """Generate -> fn (a generator using `run_task`) on the shared model queue; Cancel really stops it.
+    `extra_outputs` follow the panel's four outputs (fn then yields those four values and one per extra)."""
+    event = panel.generate.click(studio.gpu(fn), inputs_kwargs=inputs_kwargs,
+                                 outputs=panel.outputs() + list(extra_outputs), api_name=api_name,
                                  api_description=api_description, show_progress="minimal",
-                                 show_progress_on=[panel.preview], **MODEL_EVENT)
+                                 show_progress_on=[panel.preview], **studio.model_event())
     event.success(_add_history, [panel.gallery, panel.history_state], [panel.history, panel.history_state],
                   **UI_EVENT)
 

@@ -110,7 +110,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 
     preview.click(studio.gpu(preprocess), inputs_kwargs=dict(
         image=image, control_type=control_type, preprocessor=preprocessor, low_threshold=low,
-        high_threshold=high), outputs=control_map, api_name="preprocess", **common.MODEL_EVENT)
+        high_threshold=high), outputs=control_map, api_name="preprocess", **studio.model_event())
 
     def controlnet(image: object, control_type: str, preprocessor: str, low_threshold: float,
                    high_threshold: float, conditioning_scale: float, guidance_start: float, guidance_end: float,

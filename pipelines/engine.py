@@ -19,8 +19,10 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from pipelines.batching import RequestBatcher
 from pipelines.common import InputError, ModelNotAvailable, check_choice
 from pipelines.registry import CONTROL_TYPES, ModelPreset
+from pipelines.run import PREVIEW_EVERY_S
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
 from pipelines.settings import Limits
 
@@ -134,6 +136,9 @@ class Engine:
         self._annotators: dict[str, Callable] = {}
         self._inpaint_unet: Any = None
         self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.preview_every_s = PREVIEW_EVERY_S  # live previews at most this often (0: every step); see pipelines/run.py
+        self.preview_cost_s = 0.0  # what the last live preview took (PreviewClock spaces previews by it)
+        self.batcher = RequestBatcher(self)  # merges queued compatible txt2img requests (limits.batch_requests)
         _quiet_from_pipe_warnings()
 
         # 1. Load the one base pipeline (U-Net, VAE, text encoder, tokenizer, scheduler config)
@@ -367,20 +372,26 @@ class Engine:
 
     @torch.no_grad()
     def preview(self, latents: torch.Tensor) -> Image.Image:
-        """A cheap RGB picture of the first latent in a batch: (B, 4, h, w) -> PIL at latent or image size.
+        """A cheap RGB picture of the first latent in a batch: (B, 4, h, w) -> PIL at latent or image size."""
+        return self.previews(latents[:1])[0]
 
-        Small latents (the Shapes model's 16x16) get a real VAE decode, which costs about one U-Net step;
+    @torch.no_grad()
+    def previews(self, latents: torch.Tensor) -> list[Image.Image]:
+        """One RGB picture per latent: (B, 4, h, w) -> B PIL images at latent or image size.
+
+        Small latents (the Shapes model's 16x16) get a real VAE decode (in one call for the batch), which
+        costs about two U-Net steps of that model (so run_pipeline makes previews only now and then);
         large ones a linear latent->RGB map fitted to this model's VAE (see `_fit_preview`).
         """
-        z = latents[:1].detach()
+        z = latents.detach()
         if z.shape[-1] * z.shape[-2] <= DECODE_PREVIEW_MAX_LATENT:
             vae = self.base.vae
-            x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample  # (1, 3, H, W) in [-1, 1]
+            x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
         else:
             weight, bias = self._fit_preview()
-            x = torch.einsum("bchw,cd->bdhw", z.float().cpu(), weight) + bias[None, :, None, None]  # (1, 3, h, w)
-        x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(x)
+            x = torch.einsum("bchw,cd->bdhw", z.float().cpu(), weight) + bias[None, :, None, None]  # (B, 3, h, w)
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        return [Image.fromarray(image) for image in x]
 
     @torch.no_grad()
     def _fit_preview(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Protocol
 
 import torch
@@ -12,6 +13,35 @@ from pipelines.common import Cancelled, InputError, ModelError, check_choice, ch
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int, "Image.Image | None"], None]
+
+# A live preview is made at most every PREVIEW_EVERY_S (the UI shows no more than that), and only while
+# previews take at most PREVIEW_COST_SHARE of the run: the built-in model's real VAE decode costs about two
+# U-Net steps, so a preview at every step made a 64x64 run ~3x slower. Steps without a new preview get None.
+PREVIEW_EVERY_S = 0.15
+PREVIEW_COST_SHARE = 0.1
+
+
+class PreviewClock:
+    """When the next live preview is due: `max(every_s, cost / PREVIEW_COST_SHARE)` after the run starts or the
+    last preview, where cost is what the engine's last preview took (`engine.preview_cost_s`, remembered across
+    runs, so a run shorter than that makes none). `engine.preview_every_s <= 0` means every step."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.every_s = float(getattr(engine, "preview_every_s", PREVIEW_EVERY_S))
+        self.next_at = time.perf_counter() + self._gap(float(getattr(engine, "preview_cost_s", 0.0)))
+
+    def _gap(self, cost_s: float) -> float:
+        return max(self.every_s, cost_s / PREVIEW_COST_SHARE)
+
+    def due(self) -> bool:
+        return self.every_s <= 0 or time.perf_counter() >= self.next_at
+
+    def made(self, cost_s: float) -> None:
+        self.engine.preview_cost_s = cost_s
+        self.next_at = time.perf_counter() + self._gap(cost_s)
+
+
 # (pipe, i, t, callback_kwargs): sees the step-end tensors (latents, ...) of every step; returns nothing
 Capture = Callable[[Any, int, Any, dict], None]
 
@@ -62,10 +92,13 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
     denoising loop skips the remaining steps; then `Cancelled` is raised instead of returning images.
     `capture(pipe, i, t, callback_kwargs)` is called first at every step end (the Explain tab records the
     latents there; pass `callback_on_step_end_tensor_inputs=[...]` for more tensors); it must not modify them.
+    `on_step(step, total, preview)` runs after every step; preview is a new picture of the first image
+    when one is due (see PreviewClock, `engine.preview_every_s`), else None.
     """
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled before the first step")
     state: dict[str, Any] = {"cancelled": False, "error": None, "steps_done": 0}
+    clock = PreviewClock(engine)
 
     def on_step_end(pipe, i: int, t, callback_kwargs: dict) -> dict:
         state["steps_done"] = i + 1
@@ -73,7 +106,11 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
             capture(pipe, i, t, callback_kwargs)
         if on_step is not None and state["error"] is None:
             try:
-                preview = engine.preview(callback_kwargs["latents"])
+                preview = None
+                if clock.due():
+                    started = time.perf_counter()
+                    preview = engine.preview(callback_kwargs["latents"])
+                    clock.made(time.perf_counter() - started)
                 on_step(i + 1, int(getattr(pipe, "num_timesteps", 0) or 0), preview)
             except Exception as error:  # a UI callback failing must not look like a model failure
                 state["error"] = error
@@ -83,6 +120,16 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
             pipe._interrupt = True
         return {}
 
+    images = call_view(engine, view, on_step_end, **call_kwargs)
+    if state["error"] is not None:
+        raise state["error"]
+    if state["cancelled"]:
+        raise Cancelled(f"cancelled after step {state['steps_done']}")
+    return images
+
+
+def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image]:
+    """`view(**call_kwargs)` with a step-end callback; model failures become ModelError, bad values InputError."""
     try:
         with torch.inference_mode():
             output = view(callback_on_step_end=on_step_end, output_type="pil", **call_kwargs)
@@ -101,10 +148,6 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
         raise ModelError(f"the model failed: {type(error).__name__}: {error}") from error
     finally:
         engine.after_run()
-    if state["error"] is not None:
-        raise state["error"]
-    if state["cancelled"]:
-        raise Cancelled(f"cancelled after step {state['steps_done']}")
     return list(output.images)
 
 

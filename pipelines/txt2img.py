@@ -5,6 +5,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.batching import Request
 from pipelines.common import GenerationResult
 from pipelines.run import base_params, check_common, check_size, generators, run_pipeline
 
@@ -18,11 +19,22 @@ def generate(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps
                                          height=height, batch_size=batch_size)
     params = base_params(engine, "txt2img", common, width, height)
 
-    with engine.lock:
-        # 2. Request-scoped pipeline view: shared U-Net/VAE/text encoder, fresh scheduler
-        view, call_kwargs = request_view(engine, common, width, height)
+    if engine.unet_in_channels == 9:
+        with engine.lock:
+            # 2. Request-scoped pipeline view (inpaint over a full mask: a 9-channel U-Net has no txt2img mode)
+            view, call_kwargs = request_view(engine, common, width, height)
+            # 3. Denoise from z_T ~ N(0, I), one generator per image: (B, 4, H/f, W/f) -> B images
+            images = run_pipeline(engine, view, on_step=on_step, cancel=cancel, **call_kwargs)
+    else:
+        # 2. Wait for the engine; requests with the same settings waiting alongside run in the same call
         # 3. Denoise from z_T ~ N(0, I), one generator per image: (B, 4, H/f, W/f) -> B images
-        images = run_pipeline(engine, view, on_step=on_step, cancel=cancel, **call_kwargs)
+        images = engine.batcher.run(Request(
+            scheduler=common["scheduler"],
+            shared=dict(num_inference_steps=common["steps"], guidance_scale=common["guidance"],
+                        width=width, height=height),
+            prompt=common["prompt"], negative_prompt=common["negative_prompt"], seed=common["seed"],
+            count=common["batch_size"], on_step=on_step, cancel=cancel,
+        ))
     return GenerationResult(images=images, params=params)
 
 

@@ -88,13 +88,23 @@ def test_batch_item_i_is_reproducible_alone_with_seed_plus_i(shapes_engine):
     assert batch.image_params(2)["seed"] == SETTINGS["seed"] + 2
 
 
-def test_progress_calls_every_step_with_preview(shapes_engine, sd_engine):
+def test_progress_calls_every_step_with_preview(shapes_engine, sd_engine, monkeypatch):
     for engine in (shapes_engine, sd_engine):
+        monkeypatch.setattr(engine, "preview_every_s", 0)  # a preview at every step (default: at most every 0.15 s)
         seen = []
         txt2img.generate(engine, **{**SETTINGS, "steps": 4}, scheduler="DDIM",
                          on_step=lambda i, n, preview: seen.append((i, n, preview)))
         assert [(i, n) for i, n, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
         assert all(p is not None and p.mode == "RGB" for _, _, p in seen)
+
+
+def test_previews_are_rationed_in_time(shapes_engine, monkeypatch):
+    # The built-in model's preview is a VAE decode (about two U-Net steps): made at most every preview_every_s.
+    monkeypatch.setattr(shapes_engine, "preview_every_s", 3600)
+    seen = []
+    txt2img.generate(shapes_engine, **{**SETTINGS, "steps": 4}, scheduler="DDIM",
+                     on_step=lambda i, n, preview: seen.append((i, n, preview)))
+    assert [(i, n, p) for i, n, p in seen] == [(1, 4, None), (2, 4, None), (3, 4, None), (4, 4, None)]
 
 
 def test_linear_preview_for_large_latents(sd_engine):
