@@ -53,6 +53,10 @@ def test_train_annotators_two_steps_exports_a_loadable_annotator(tmp_path, kind)
     annotate = annotators.load_annotator(kind, folder)
     out = annotate(Image.fromarray(shapes.sample(11).image))
     assert out.size == (64, 64) and out.mode == "RGB"
+    from training import cards
+
+    card = cards.write_annotator_card(folder, kind, {"score": 0.5}).read_text()
+    assert "| score | 0.5 |" in card and "| step | minutes |" in card and f"--kind {kind}" in card
 
 
 def test_load_annotator_errors_name_the_problem(tmp_path):

@@ -93,3 +93,7 @@ def test_control_following_scores_a_controlnet(smoke_run, tiny_ldm):
     assert set(scores) >= {"edge_f1", "edge_f1_reference", "edge_f1_without_controlnet"}
     assert scores["edge_f1_reference"] == 1.0  # canny of the render is the control map itself
     assert result["images"].shape == (2, 64, 64, 3)
+    from training import cards
+
+    card = cards.write_controlnet_card(smoke_run[0] / "controlnet", "canny", scores).read_text()
+    assert "edge_f1_without_controlnet" in card and "--control canny" in card and "(16, 32, 96)" in card
