@@ -1,0 +1,576 @@
+"""Explain tab: watch latent diffusion happen (trajectory, cross-attention, guidance, latent inpainting,
+noise schedule, cost, code). One Explain run records everything; the sliders then only re-render what was
+recorded (no model work), so scrubbing is instant.
+
+UI only: numpy + PIL render the recorded arrays; the model side is pipelines/explain.py (imported lazily).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from demo import common
+
+TAB = "explain"
+INPAINT_TAB = "explain_inpaint"  # cancel key of the inpainting run
+GUIDANCE_CHOICES = [1.0, 2.0, 4.0, 7.5, 12.0]
+GUIDANCE_DEFAULT = [1.0, 2.0, 4.0, 7.5]
+CHANNEL_PX = 96  # each latent channel is drawn at least this big (nearest-neighbour: one block per latent)
+IMAGE_PX = 192  # small images are enlarged to at least this (nearest-neighbour)
+OVERLAY_ALPHA = 0.55  # attention heat over the image
+SCHEDULE_STRIDE = 5  # plot every 5th training timestep
+STRENGTH_DEFAULT = 0.6
+
+# perceptual colour maps as a few anchors (interpolated): viridis for values, inferno for heat, blue-white-red
+VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+INFERNO = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)]
+DIVERGING = [(59, 76, 192), (141, 176, 254), (240, 240, 240), (244, 154, 123), (180, 4, 38)]
+
+INTRO = """**Watch the latent diffusion happen.** *Explain* runs one text-to-image request on the shared model and
+records what happens inside: the latent at every denoising step and the clean image the U-Net predicts from it,
+which prompt words each region attends to, how classifier-free guidance mixes two noise predictions, what it
+costs in latent vs pixel space, and the code to reproduce it. The image is exactly what *Text to image* makes
+with the same settings."""
+
+
+# --- rendering (numpy -> PIL) ---------------------------------------------------------------------------------
+
+def colormap(values: np.ndarray, anchors=VIRIDIS) -> np.ndarray:
+    """values in [0, 1], any shape -> uint8 RGB (..., 3)."""
+    values = np.clip(np.nan_to_num(values), 0.0, 1.0)
+    points = np.linspace(0.0, 1.0, len(anchors))
+    table = np.asarray(anchors, dtype=np.float64)
+    rgb = np.stack([np.interp(values, points, table[:, c]) for c in range(3)], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def enlarge(image: Image.Image, min_px: int = IMAGE_PX) -> Image.Image:
+    """Nearest-neighbour enlargement by a whole factor so the short side is at least min_px."""
+    factor = max(1, math.ceil(min_px / max(1, min(image.size))))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def _tile(blocks: list[np.ndarray], gap: int = 4) -> Image.Image:
+    """RGB blocks (h, w, 3) side by side on white."""
+    height = max(b.shape[0] for b in blocks)
+    width = sum(b.shape[1] for b in blocks) + gap * (len(blocks) - 1)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    x = 0
+    for block in blocks:
+        canvas[: block.shape[0], x:x + block.shape[1]] = block
+        x += block.shape[1] + gap
+    return Image.fromarray(canvas)
+
+
+def _blocks(rgb: np.ndarray) -> np.ndarray:
+    """(h, w, 3) -> enlarged by a whole factor to at least CHANNEL_PX (one block per latent position)."""
+    factor = max(1, math.ceil(CHANNEL_PX / max(1, min(rgb.shape[:2]))))
+    return rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def _outline(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Mark latent positions outside the mask with a darker tint (the inpainting view)."""
+    if mask is None:
+        return rgb
+    keep = mask < 0.5
+    out = rgb.astype(np.float32)
+    out[keep] = out[keep] * 0.45 + 255 * 0.1
+    return out.round().astype(np.uint8)
+
+
+def latent_channels(latent: np.ndarray, *, mask: np.ndarray | None = None) -> Image.Image:
+    """(C, h, w) -> the C channels side by side, each normalised to its own min..max (viridis)."""
+    blocks = []
+    for channel in np.asarray(latent, dtype=np.float64):
+        low, high = channel.min(), channel.max()
+        scaled = (channel - low) / (high - low) if high > low else np.zeros_like(channel)
+        blocks.append(_blocks(_outline(colormap(scaled), mask)))
+    return _tile(blocks)
+
+
+def signed_channels(values: np.ndarray, limits: np.ndarray) -> Image.Image:
+    """(C, h, w) signed -> channels side by side, blue < 0 < red, each channel scaled by its own limit."""
+    blocks = []
+    for channel, limit in zip(np.asarray(values, dtype=np.float64), limits):
+        scaled = 0.5 + 0.5 * channel / limit if limit > 0 else np.full_like(channel, 0.5)
+        blocks.append(_blocks(colormap(scaled, DIVERGING)))
+    return _tile(blocks)
+
+
+def _abs_limits(*arrays: np.ndarray) -> np.ndarray:
+    """Per-channel max |value| over several (C, h, w) arrays: one colour scale for all of them."""
+    return np.max([np.abs(a).reshape(a.shape[0], -1).max(axis=1) for a in arrays], axis=0)
+
+
+def overlay(image: Image.Image, heat: np.ndarray) -> Image.Image:
+    """An attention map (h, w) in [0, 1] over the image, both enlarged to at least IMAGE_PX."""
+    base = enlarge(image.convert("RGB"))
+    heat_image = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+    colours = colormap(np.asarray(heat_image, dtype=np.float64) / 255.0, INFERNO).astype(np.float32)
+    mixed = np.asarray(base, dtype=np.float32) * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA
+    return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+def attention_maps(data: dict, start: int, end: int) -> list[tuple[Image.Image, str]]:
+    """Per-token overlays, attention summed over heads, layers and steps start..end (1-based, inclusive)."""
+    e = data["explanation"]
+    if e.attention is None or not e.tokens:
+        return []
+    steps = e.attention.shape[0]
+    start, end = sorted((int(start), int(end)))
+    start, end = max(1, min(start, steps)), max(1, min(end, steps))
+    summed = e.attention[start - 1:end].sum(axis=0)  # (T, h, w)
+    mass = summed.reshape(len(summed), -1).sum(axis=1)
+    share = mass / mass.sum() if mass.sum() > 0 else mass
+    items = []
+    for i, (token, heat) in enumerate(zip(e.tokens, summed)):
+        low, high = float(heat.min()), float(heat.max())
+        contrast = high / low if low > 0 else float("inf")
+        # stretched to the word's own min..max: where it attends *more*; the contrast says how much more
+        heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+        items.append((overlay(data["image"], heat), f"{token} · {share[i]:.0%} · max/min {contrast:.1f}"))
+    return items
+
+
+# --- the views of one recorded run --------------------------------------------------------------------------------
+
+def _step_index(data: dict, step) -> int:
+    steps = data["explanation"].steps
+    return max(0, min(int(step or steps), steps) - 1)
+
+
+def noise_line(e, i: int) -> str:
+    a = float(e.alpha_bars[i])
+    return (f"**Step {i + 1} of {e.steps}** · t = {e.timesteps[i]:.0f} · σ = {e.sigmas[i]:.3g} · ᾱ = {a:.4f}  \n"
+            f"z_t = {math.sqrt(a):.3f} · x0 + {math.sqrt(1 - a):.3f} · ε — the U-Net sees this latent "
+            f"(left, 4 channels) and predicts the noise ε̂ in it; removing that noise gives x̂0 (right, decoded "
+            f"by the VAE): (z_t − {math.sqrt(1 - a):.3f}·ε̂) / {math.sqrt(a):.3f}.")
+
+
+def trajectory_view(data: dict | None, step) -> tuple:
+    if not data:
+        return None, None, ""
+    e = data["explanation"]
+    i = _step_index(data, step)
+    return latent_channels(e.latents[i]), enlarge(e.x0_images[i]), noise_line(e, i)
+
+
+def filmstrip(data: dict) -> list[tuple[Image.Image, str]]:
+    e = data["explanation"]
+    return [(image, f"{i + 1} · σ {e.sigmas[i]:.2g}") for i, image in enumerate(e.x0_images)]
+
+
+def guidance_view(data: dict | None, step) -> tuple:
+    """(ε uncond, ε cond, difference, x̂0 uncond, x̂0 cond, x̂0 guided, text) at one step."""
+    if not data:
+        return (None,) * 6 + ("",)
+    e = data["explanation"]
+    i = _step_index(data, step)
+    guided_x0 = enlarge(e.x0_images[i])
+    cond_x0 = enlarge(e.x0_cond_images[i]) if e.x0_cond_images else None
+    if e.eps_uncond is None:
+        text = (f"Guidance {e.guidance:g} ≤ 1: diffusers skips classifier-free guidance, so the U-Net ran once per "
+                f"step on the prompt alone and there is no unconditional prediction to compare.")
+        return None, signed_channels(e.eps_cond[i], _abs_limits(e.eps_cond[i])), None, None, cond_x0, guided_x0, text
+    uncond, cond = e.eps_uncond[i], e.eps_cond[i]
+    diff = cond - uncond
+    limits = _abs_limits(uncond, cond)
+    share = float(np.linalg.norm(diff) / max(1e-12, np.linalg.norm(cond)))
+    text = (f"**Step {i + 1}** · ε̂ = ε̂_uncond + {e.guidance:g} · (ε̂_cond − ε̂_uncond). The two predictions differ "
+            f"by {share:.1%} of |ε̂_cond|; guidance multiplies that difference by {e.guidance:g}. "
+            f"Blue < 0 < red, each channel on its own scale (the difference on a finer one).")
+    uncond_x0 = enlarge(e.x0_uncond_images[i]) if e.x0_uncond_images else None
+    return (signed_channels(uncond, limits), signed_channels(cond, limits), signed_channels(diff, _abs_limits(diff)),
+            uncond_x0, cond_x0, guided_x0, text)
+
+
+def strip_gallery(data: dict) -> list[tuple[Image.Image, str]]:
+    e = data["explanation"]
+    seed = data["params"].get("seed")
+    return [(enlarge(image), f"guidance {scale:g} · seed {seed}") for scale, image in e.strip]
+
+
+def schedule_frame(schedule: dict, timesteps=None, alpha_bars=None, strength: float = STRENGTH_DEFAULT) -> tuple:
+    """(DataFrame for the schedule plot, markdown on the img2img cut-off)."""
+    t = np.asarray(schedule["t"], dtype=np.float64)
+    a = np.asarray(schedule["alpha_bar"], dtype=np.float64)
+    keep = slice(None, None, SCHEDULE_STRIDE)
+    rows = [pd.DataFrame({"t": t[keep], "value": a[keep], "curve": "ᾱ_t (signal power kept)"}),
+            pd.DataFrame({"t": t[keep], "value": np.sqrt(1 - a[keep]), "curve": "√(1−ᾱ_t) (noise std)"})]
+    strength = float(strength)
+    if timesteps is not None and len(timesteps):
+        steps = len(timesteps)
+        run = min(int(steps * strength), steps)  # the img2img pipeline's own rule
+        start = steps - run
+        if run == 0:
+            text = f"img2img at strength {strength:g} with {steps} steps runs no step: the input comes back unchanged."
+        else:
+            t_cut, a_cut = float(timesteps[start]), float(alpha_bars[start])
+            text = (f"**img2img at strength {strength:g}** with this run's {steps} steps skips the first {start} and "
+                    f"runs {run}: the input's latent is noised to t = {t_cut:.0f} (ᾱ = {a_cut:.3f}), keeping "
+                    f"{math.sqrt(a_cut):.2f} of its signal under noise of std {math.sqrt(1 - a_cut):.2f}; higher "
+                    f"strength starts further right, from less of the input.")
+    else:
+        t_cut = strength * (len(t) - 1)
+        text = f"img2img at strength {strength:g} starts near t ≈ {t_cut:.0f} (run *Explain* for the exact step)."
+    if strength > 0 and (timesteps is None or min(int(len(timesteps) * strength), len(timesteps)) > 0):
+        rows.append(pd.DataFrame({"t": [t_cut, t_cut], "value": [0.0, 1.0],
+                                  "curve": f"img2img start (strength {strength:g})"}))
+    return pd.concat(rows, ignore_index=True), text
+
+
+def run_noise_frame(data: dict) -> pd.DataFrame:
+    e = data["explanation"]
+    step = np.arange(1, e.steps + 1)
+    a = e.alpha_bars.astype(np.float64)
+    return pd.concat([pd.DataFrame({"step": step, "value": np.sqrt(a), "curve": "√ᾱ (signal scale of z_t)"}),
+                      pd.DataFrame({"step": step, "value": np.sqrt(1 - a), "curve": "√(1−ᾱ) (noise scale of z_t)"})],
+                     ignore_index=True)
+
+
+def _flops(value: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}FLOP"
+    return f"{value:.3g} FLOP"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def cost_markdown(data: dict) -> str:
+    e = data["explanation"]
+    f, t = e.flops, e.timings
+    h, w = f["latent_size"]
+    H, W = f["image_size"]
+    n = f["evaluations_per_step"]
+    cfg = " (×2: classifier-free guidance runs the U-Net on the prompt and the negative prompt)" if n == 2 else ""
+    estimate = t["unet"] * f["ratio"] if t.get("unet") else None
+    lines = [
+        "| | latent space (this model) | pixel space (same U-Net, 3 channels) |",
+        "|---|---|---|",
+        f"| U-Net input | 4 × {h} × {w} = {4 * h * w:,} numbers | 3 × {H} × {W} = {3 * H * W:,} numbers |",
+        f"| one U-Net evaluation | {_flops(f['unet_latent'])} | {_flops(f['unet_pixel'])} |",
+        f"| one denoising step{' (×2)' if n == 2 else ''} | {_flops(n * f['unet_latent'])} | {_flops(n * f['unet_pixel'])} |",
+        f"| whole run ({f['steps']} steps{', + one VAE decode' if f.get('vae_decode') else ''}) | "
+        f"{_flops(f['latent_run'])} | {_flops(f['pixel_run'])} |",
+        "",
+        f"Per step the pixel-space U-Net needs **{f['ratio']:.1f}×** the FLOPs: the image has f² = "
+        f"{f['vae_scale_factor']}² = {f['area_ratio']:.0f}× the positions of the latent, and self-attention grows "
+        f"with the square of the positions{cfg}. Over the whole run, with the VAE decode paid once, latent "
+        f"diffusion is **{f['run_ratio']:.1f}×** cheaper. (Counted with torch's FlopCounterMode on meta-device "
+        f"copies of the U-Net; 1 multiply-add = 2 FLOP.)",
+        "",
+        f"**Time of this run** on {data['device']}: text encoder {_seconds(t['text_encoder'])} · U-Net "
+        f"{_seconds(t['unet'])} ({f['steps']} steps, {_seconds(t['unet_per_step'])} each) · VAE decode "
+        f"{_seconds(t['vae_decode'])} · everything else (scheduler, previews, callbacks) {_seconds(t['other'])} · "
+        f"total {_seconds(t['total'])}.",
+    ]
+    if estimate:
+        lines.append(f"At the same FLOP rate, pixel-space U-Net steps would take about {_seconds(estimate)}.")
+    return "\n".join(lines)
+
+
+# --- inpainting in latent space ----------------------------------------------------------------------------------
+
+def inpaint_masks(data: dict) -> tuple[Image.Image, Image.Image]:
+    e = data["explanation"]
+    latent_mask = Image.fromarray((e.latent_mask * 255).astype(np.uint8))
+    image_mask = e.image_mask.convert("L")
+    # the input with the mask tinted, and the mask the U-Net uses (one block per latent position)
+    tinted = np.asarray(e.input_image.convert("RGB"), dtype=np.float32)
+    m = np.asarray(image_mask, dtype=np.float32)[..., None] / 255.0
+    tinted = tinted * (1 - 0.5 * m) + np.array([255, 0, 255], dtype=np.float32) * 0.5 * m
+    return enlarge(Image.fromarray(tinted.round().astype(np.uint8))), _tile([_blocks(np.repeat(
+        np.asarray(latent_mask)[..., None], 3, axis=2))])
+
+
+def inpaint_step_view(data: dict | None, step) -> tuple:
+    if not data:
+        return None, None, ""
+    e = data["explanation"]
+    i = _step_index(data, step)
+    a = float(e.alpha_bars[i])
+    text = (f"**Step {i + 1} of {e.steps}** · t = {e.timesteps[i]:.0f} · ᾱ = {a:.4f}. Left: the latent the U-Net "
+            f"sees (dimmed = outside the mask). Outside the mask it is the input's own latent noised to this step's "
+            f"level ({math.sqrt(a):.2f}·z_input + {math.sqrt(1 - a):.2f}·ε), put back after every step; inside it "
+            f"is the image being denoised. Right: x̂0, the clean image predicted at this step.")
+    return latent_channels(e.latents[i], mask=e.latent_mask), enlarge(e.x0_images[i]), text
+
+
+def _model_event(studio: common.Studio) -> dict:
+    """The shared model queue settings (one concurrency_id for every model event), as the other tabs use."""
+    model_event = getattr(studio, "model_event", None)
+    return model_event() if callable(model_event) else dict(common.MODEL_EVENT)
+
+
+# --- the tab -----------------------------------------------------------------------------------------------------------
+
+def build_tab(engine, *, studio: common.Studio | None = None) -> None:
+    studio = studio or common.Studio()
+    preset = engine.preset
+    explain_task = common.task("explain")  # pipelines.explain (imports torch) when the tab is built
+    schedule = explain_task.noise_schedule(engine)
+    device = f"{engine.device} / {str(engine.torch_dtype).removeprefix('torch.')}"
+
+    gr.Markdown(INTRO)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(value=preset.example_prompts[0] if preset.example_prompts else "", label="Prompt",
+                                lines=2, max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
+            common.unknown_words_warning(engine, prompt)
+            strip_scales = common.CheckboxGroup(
+                label="Guidance strip: the same seed at these guidance scales (each is one more run)",
+                choices=[c for c in GUIDANCE_CHOICES if c <= engine.limits.max_guidance],
+                value=[c for c in GUIDANCE_DEFAULT if c <= engine.limits.max_guidance], elem_id=f"{TAB}-strip-scales")
+            settings = common.common_settings(engine, tab=TAB, size=True)
+            settings.batch_size.visible = False  # Explain follows one image
+        with gr.Column(scale=3):
+            panel = common.output_panel(TAB, studio, generate_label="Explain")
+    state = gr.State(None)
+
+    # 1. trajectory
+    gr.Markdown("## 1 · Denoising trajectory\nDrag the step: the noisy latent z_t (its 4 channels, each scaled "
+                "to its own range) and the clean image x̂0 the U-Net predicts from it at that step.")
+    step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
+                         value=max(1, preset.default_steps), elem_id=f"{TAB}-step")
+    with gr.Row(equal_height=False):
+        latent = gr.Image(label="z_t: the latent's 4 channels", interactive=False, format="png", scale=2,
+                          elem_id=f"{TAB}-latent", elem_classes=["lds-pixelated"])
+        x0 = gr.Image(label="x̂0 decoded by the VAE", interactive=False, format="png", scale=1,
+                      elem_id=f"{TAB}-x0", elem_classes=["lds-pixelated"])
+    noise = gr.Markdown("", label="Noise level at this step", elem_id=f"{TAB}-noise")
+    film = gr.Gallery(label="x̂0 at every step (step · σ)", columns=10, height="auto", format="png", object_fit="contain",
+                      interactive=False, elem_id=f"{TAB}-filmstrip", elem_classes=["lds-gallery", "lds-pixelated"])
+
+    # 2. cross-attention
+    gr.Markdown("## 2 · Cross-attention per word\nWhere each prompt word's cross-attention lands (DAAM-style: "
+                "summed over heads, U-Net layers and the chosen steps, upsampled to the latent and laid over the "
+                "result). Each map is stretched to its own range (bright = where this word gets the most "
+                "attention); the caption gives the word's share of the attention given to the prompt's words and "
+                "how much stronger its brightest spot is than its darkest (max/min).")
+    with gr.Row():
+        attention_from = common.Slider(label="From step", minimum=1, maximum=max(1, preset.default_steps), step=1,
+                                       value=1, elem_id=f"{TAB}-attention-from")
+        attention_to = common.Slider(label="To step", minimum=1, maximum=max(1, preset.default_steps), step=1,
+                                     value=max(1, preset.default_steps), elem_id=f"{TAB}-attention-to")
+    attention = gr.Gallery(label="Attention per word (word · share · max/min)", columns=5, height="auto", format="png", object_fit="contain",
+                           interactive=False, elem_id=f"{TAB}-attention", elem_classes=["lds-gallery", "lds-pixelated"])
+
+    # 3. classifier-free guidance
+    gr.Markdown("## 3 · Classifier-free guidance\nAt every step the U-Net predicts the noise twice, with the "
+                "prompt (conditional) and with the negative/empty prompt (unconditional); guidance pushes the "
+                "prediction along their difference.")
+    cfg_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1, value=1,
+                             elem_id=f"{TAB}-cfg-step")
+    with gr.Row(equal_height=False):
+        eps_uncond = gr.Image(label="ε̂ unconditional", interactive=False, format="png", elem_id=f"{TAB}-eps-uncond")
+        eps_cond = gr.Image(label="ε̂ conditional (prompt)", interactive=False, format="png", elem_id=f"{TAB}-eps-cond")
+        eps_diff = gr.Image(label="ε̂_cond − ε̂_uncond", interactive=False, format="png", elem_id=f"{TAB}-eps-diff")
+    with gr.Row(equal_height=False):
+        x0_uncond = gr.Image(label="x̂0 from ε̂ unconditional", interactive=False, format="png",
+                             elem_id=f"{TAB}-x0-uncond", elem_classes=["lds-pixelated"])
+        x0_cond = gr.Image(label="x̂0 from ε̂ conditional", interactive=False, format="png",
+                           elem_id=f"{TAB}-x0-cond", elem_classes=["lds-pixelated"])
+        x0_guided = gr.Image(label="x̂0 from the guided ε̂", interactive=False, format="png",
+                             elem_id=f"{TAB}-x0-guided", elem_classes=["lds-pixelated"])
+    cfg_text = gr.Markdown("", label="Guidance at this step", elem_id=f"{TAB}-cfg-text")
+    strip = gr.Gallery(label="Same seed, different guidance", columns=6, height="auto", format="png",
+                       object_fit="contain", interactive=False, elem_id=f"{TAB}-strip",
+                       elem_classes=["lds-gallery", "lds-pixelated"])
+
+    # 4. noise schedule
+    gr.Markdown("## 4 · Noise schedule\nHow much of the clean latent survives at each training timestep t "
+                "(z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), and where img2img (style transfer) starts for a given strength.")
+    initial_frame, initial_text = schedule_frame(schedule)
+    strength = common.Slider(label="img2img strength", minimum=0.0, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+                             elem_id=f"{TAB}-strength")
+    with gr.Row(equal_height=False):
+        schedule_plot = gr.LinePlot(initial_frame, x="t", y="value", color="curve", title="Training noise schedule",
+                                    x_title="timestep t", y_title="", y_lim=[0, 1], height=300,
+                                    elem_id=f"{TAB}-schedule")
+        run_plot = gr.LinePlot(None, x="step", y="value", color="curve", title="This run: signal vs noise per step",
+                               x_title="denoising step", y_title="", y_lim=[0, 1], height=300,
+                               elem_id=f"{TAB}-run-noise")
+    cutoff = gr.Markdown(initial_text, label="img2img cut-off", elem_id=f"{TAB}-cutoff")
+
+    # 5. cost
+    gr.Markdown("## 5 · Cost: latent vs pixel space")
+    cost = gr.Markdown("Run *Explain* to count and time it.", label="Cost", elem_id=f"{TAB}-cost")
+
+    # 6. code
+    gr.Markdown("## 6 · Code")
+    show_code = gr.Button("Code", elem_id=f"{TAB}-code-button", size="sm")
+    code = gr.Code(value="", language="python", label="diffusers code that reproduces this result", lines=8,
+                   interactive=False, visible=False, elem_id=f"{TAB}-code")
+
+    # 7. inpainting in latent space
+    gr.Markdown("## 7 · Inpainting in latent space\nThe model never sees your mask at full size: it is shrunk to "
+                f"the latent grid (f = {engine.vae_scale_factor}), and after every step the latents outside it "
+                "are replaced by the input's own latents, noised to that step's level. Uses the prompt and "
+                "settings above.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            editor = common.safe_image_editor(
+                label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
+                sources=("upload", "clipboard"), transforms=(), height=320,
+                canvas_size=(preset.default_size, preset.default_size),
+                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=6), eraser=gr.Eraser(default_size=6),
+                layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]), elem_id=f"{TAB}-inpaint-editor",
+                elem_classes=["lds-pixelated"], max_pixels=engine.limits.max_image_pixels)
+            with gr.Accordion("Upload a mask instead of painting", open=False):
+                mask_upload = common.safe_image(label="Mask: white = repaint", type="pil", image_mode=None,
+                                                format="png", height=160, sources=("upload",),
+                                                elem_id=f"{TAB}-inpaint-mask", elem_classes=["lds-pixelated"],
+                                                max_pixels=engine.limits.max_image_pixels)
+            inpaint_prompt = gr.Textbox(value="", label="Prompt for the masked area (empty: the prompt above)",
+                                        max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-inpaint-prompt")
+            inpaint_strength = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=1.0,
+                                             elem_id=f"{TAB}-inpaint-strength")
+            with gr.Row():
+                inpaint_run = gr.Button("Explain inpainting", variant="primary", elem_id=f"{TAB}-inpaint-run", scale=3)
+                inpaint_cancel = gr.Button("Cancel", variant="stop", elem_id=f"{TAB}-inpaint-cancel", scale=1)
+            inpaint_status = gr.Markdown("", label="Status", elem_id=f"{TAB}-inpaint-status")
+        with gr.Column(scale=3):
+            with gr.Row(equal_height=False):
+                mask_shown = gr.Image(label="Your mask (magenta)", interactive=False, format="png",
+                                      elem_id=f"{TAB}-mask-image", elem_classes=["lds-pixelated"])
+                mask_latent = gr.Image(label="The mask the U-Net uses (latent grid)", interactive=False, format="png",
+                                       elem_id=f"{TAB}-mask-latent", elem_classes=["lds-pixelated"])
+                inpaint_result = gr.Image(label="Result", interactive=False, format="png",
+                                          elem_id=f"{TAB}-inpaint-result", elem_classes=["lds-pixelated"])
+            inpaint_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
+                                         value=1, elem_id=f"{TAB}-inpaint-step")
+            with gr.Row(equal_height=False):
+                inpaint_latent = gr.Image(label="What the U-Net sees: z_t, 4 channels", interactive=False, format="png",
+                                          scale=2, elem_id=f"{TAB}-inpaint-latent", elem_classes=["lds-pixelated"])
+                inpaint_x0 = gr.Image(label="x̂0 decoded", interactive=False, format="png", scale=1,
+                                      elem_id=f"{TAB}-inpaint-x0", elem_classes=["lds-pixelated"])
+            inpaint_text = gr.Markdown("", label="Inpainting at this step", elem_id=f"{TAB}-inpaint-text")
+    inpaint_state = gr.State(None)
+
+    # --- events ---------------------------------------------------------------------------------------------------
+    views = [step, latent, x0, noise, film, attention_from, attention_to, attention, cfg_step, eps_uncond, eps_cond,
+             eps_diff, x0_uncond, x0_cond, x0_guided, cfg_text, strip, schedule_plot, run_plot, cutoff, cost, code]
+
+    def render(data: dict, strength_value: float) -> list:
+        e = data["explanation"]
+        steps = e.steps
+        first_cfg = max(1, round(steps * 0.25))
+        frame, text = schedule_frame(e.schedule, e.timesteps, e.alpha_bars, strength_value)
+        slider = dict(minimum=1, maximum=steps, step=1)
+        return [gr.update(value=steps, **slider), *trajectory_view(data, steps), filmstrip(data),
+                gr.update(value=1, **slider), gr.update(value=steps, **slider), attention_maps(data, 1, steps),
+                gr.update(value=first_cfg, **slider), *guidance_view(data, first_cfg), strip_gallery(data),
+                frame, run_noise_frame(data), text, cost_markdown(data), e.code]
+
+    def explain(prompt: str, negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
+                width: float, height: float, guidance_strip: list[float], strength: float, request: gr.Request,
+                progress=gr.Progress()):
+        """Generate one image and record how it was made. Returns (preview, gallery, params, status, then the
+        views: step, latent channels, x̂0, noise level, x̂0 film strip, attention from/to, attention per word,
+        CFG step, ε̂ uncond, ε̂ cond, difference, x̂0 uncond, x̂0 cond, x̂0 guided, CFG text, guidance strip,
+        schedule plot, run noise plot, img2img cut-off text, cost, code)."""
+        holder: dict[str, Any] = {}
+
+        def run(engine_, **kwargs):
+            holder["result"] = explain_task.explain(engine_, **kwargs)
+            return holder["result"]
+
+        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
+                      guidance=guidance, scheduler=scheduler, width=width, height=height,
+                      guidance_strip=list(guidance_strip or []))
+        skips = [gr.skip()] * (len(views) + 1)
+        for update in common.run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress):
+            if isinstance(update[1], list) and "result" in holder:  # the final update: the run is done
+                result = holder["result"]
+                data = {"explanation": result.explanation, "image": result.images[0], "params": result.params,
+                        "device": device}
+                yield (*update, data, *render(data, strength))
+            else:
+                yield (*update, *skips)
+
+    common.wire_model_event(
+        TAB, studio, panel, explain, api_name="explain", extra_outputs=[state, *views],
+        api_description="Generate one image and record how it was made (trajectory, attention, guidance, cost, code).",
+        inputs_kwargs=dict(prompt=prompt, **{k: v for k, v in settings.kwargs().items() if k != "batch_size"},
+                           guidance_strip=strip_scales, strength=strength))
+    common.wire_restore(engine, settings, {"prompt": prompt})
+    prompt.submit(lambda: None, None, None, js=f"() => document.getElementById('{TAB}-generate').click()",
+                  api_visibility="private", queue=False)
+
+    # scrubbing re-renders what was recorded (no model work)
+    step.change(trajectory_view, [state, step], [latent, x0, noise], **common.UI_EVENT)
+    cfg_step.change(guidance_view, [state, cfg_step], [eps_uncond, eps_cond, eps_diff, x0_uncond, x0_cond, x0_guided,
+                                                     cfg_text], **common.UI_EVENT)
+    attention_from.change(lambda d, a, b: attention_maps(d, a, b) if d else gr.skip(),
+                          [state, attention_from, attention_to], attention, **common.UI_EVENT)
+    attention_to.change(lambda d, a, b: attention_maps(d, a, b) if d else gr.skip(),
+                        [state, attention_from, attention_to], attention, **common.UI_EVENT)
+
+    def replot(data, value):
+        e = data["explanation"] if data else None
+        return schedule_frame(schedule, None if e is None else e.timesteps, None if e is None else e.alpha_bars, value)
+
+    strength.change(replot, [state, strength], [schedule_plot, cutoff], **common.UI_EVENT)
+    show_code.click(lambda data: gr.update(visible=True, value=data["explanation"].code) if data else gr.update(
+        visible=True, value="# Run Explain first: the code reproduces the last result."), state, code, **common.UI_EVENT)
+
+    # inpainting in latent space
+    def explain_inpainting(image: dict | None, mask: object, inpaint_prompt: str, prompt: str, strength: float,
+                           negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
+                           request: gr.Request, progress=gr.Progress()):
+        """Inpaint and record it in latent space. Returns (status, mask on the image, mask at latent size, result,
+        step, latent the U-Net sees, x̂0, step text)."""
+        background = (image or {}).get("background") if isinstance(image, dict) else image
+        if background is None:
+            raise gr.Error("Upload an image to inpaint first (and paint a mask over it).")
+        holder: dict[str, Any] = {}
+
+        def run(engine_, **kwargs):
+            holder["result"] = explain_task.explain_inpaint(engine_, **kwargs)
+            return holder["result"]
+
+        kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
+                      prompt=inpaint_prompt or prompt, strength=strength, negative_prompt=negative_prompt,
+                      seed=common.resolve_seed(seed), steps=steps, guidance=guidance, scheduler=scheduler,
+                      mask_blur=1)
+        for preview, gallery, params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
+                                                                 request=request, progress=progress):
+            if isinstance(gallery, list) and "result" in holder:
+                result = holder["result"]
+                data = {"explanation": result.explanation, "image": result.images[0], "params": result.params}
+                steps_done = result.explanation.steps
+                yield (status, *inpaint_masks(data), enlarge(result.images[0]),
+                       gr.update(value=1, minimum=1, maximum=steps_done, step=1), *inpaint_step_view(data, 1), data)
+            else:
+                yield (status, gr.skip(), gr.skip(), preview if preview is not None else gr.skip(),
+                       *([gr.skip()] * 4), gr.skip())
+
+    inpaint_event = inpaint_run.click(
+        studio.gpu(explain_inpainting),
+        inputs_kwargs=dict(image=editor, mask=mask_upload, inpaint_prompt=inpaint_prompt, prompt=prompt,
+                           strength=inpaint_strength, **{k: v for k, v in settings.kwargs().items()
+                                                          if k not in ("batch_size", "width", "height")}),
+        outputs=[inpaint_status, mask_shown, mask_latent, inpaint_result, inpaint_step, inpaint_latent, inpaint_x0,
+                 inpaint_text, inpaint_state],
+        api_name="explain_inpaint", show_progress="minimal", show_progress_on=[inpaint_result],
+        **_model_event(studio))
+
+    def cancel_inpainting(request: gr.Request):
+        stopped = studio.cancels.cancel(common.session_key(request, INPAINT_TAB))
+        return "Cancelled." if stopped else gr.skip()
+
+    inpaint_cancel.click(cancel_inpainting, None, inpaint_status, cancels=[inpaint_event], api_visibility="private",
+                         queue=False, show_progress="hidden")
+    inpaint_step.change(inpaint_step_view, [inpaint_state, inpaint_step], [inpaint_latent, inpaint_x0, inpaint_text],
+                        **common.UI_EVENT)
+    examples = common.example_files("scene_a.png", "scene_d.png")
+    if examples:
+        gr.Examples([[path] for path in examples], inputs=[editor], label="Example images (then paint a mask)")
