@@ -1,0 +1,305 @@
+"""What every benchmark shares: the model to measure, threads, timing, the result table, random SD1.5-shaped
+weights, and the app served in-process.
+
+Every number the benchmarks print is a ratio or is printed next to what it is compared with (DESIGN §8);
+absolute times depend on the machine and its load, so a benchmark never asserts one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; a missing model fails fast
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+BUILTIN_MODEL = REPO / "assets" / "models" / "shapes-ldm"
+TRAINING_EXPORT = REPO / "runs" / "ldm" / "pipeline"  # the LDM trainer's latest export (until the model ships)
+# Random-weight models are built once here and reused across runs (LDS_BENCH_CACHE moves it).
+CACHE = Path(os.environ.get("LDS_BENCH_CACHE") or Path(tempfile.gettempdir()) / "lds-bench-cache")
+PROMPT = "a red circle left of a blue square"
+PROMPTS = ("a red circle left of a blue square", "a big yellow star on grass", "a green person waving on sand",
+           "a blue square at night", "a pink heart in the top left corner", "a white triangle on snow",
+           "a purple circle right of an orange star", "a yellow person jumping on grass")
+
+
+# --- options -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    model: str = str(BUILTIN_MODEL)  # --model: a diffusers folder or a preset name
+    threads: int = 0  # --threads: torch intra-op threads (0: every core this process may use)
+    quick: bool = False  # --quick: tiny sizes and counts, a smoke run (tests/test_benchmarks.py)
+    repeats: int = 7  # --repeats: timed runs per measurement (the median is reported); warm-up runs excluded
+    sd15: bool = True  # --no-sd15: skip the SD1.5-shaped random-weight model (memory, FLOPs)
+    notes: list[str] = field(default_factory=list)  # printed under the table
+
+    @property
+    def steps(self) -> int:
+        return 2 if self.quick else 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(BUILTIN_MODEL),
+                        help="diffusers StableDiffusionPipeline folder or preset name; while assets/models/shapes-ldm "
+                             "does not exist, a copy of the trainer's latest export runs/ldm/pipeline is used")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores this process may use)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: few steps, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 7, quick 1)")
+    parser.add_argument("--no-sd15", dest="sd15", action="store_false",
+                        help="skip the SD1.5-shaped random-weight model")
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 7)
+    return Options(model=args.model, threads=args.threads, quick=args.quick, repeats=max(1, repeats), sd15=args.sd15)
+
+
+def parse_options(description: str, argv=None) -> Options:
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    return options_from(parser.parse_args(argv))
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def set_threads(opts: Options) -> int:
+    import torch
+
+    threads = opts.threads or cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+
+def model_folder(opts: Options) -> tuple[str, str | None]:
+    """(folder or preset to load, a note). The built-in folder falls back to a private copy of the training
+    export (it is rewritten every few minutes; a copy cannot change under a running benchmark)."""
+    value = opts.model
+    path = Path(value)
+    if (path / "model_index.json").is_file():
+        return str(path), None
+    if path.resolve() == BUILTIN_MODEL.resolve() and (TRAINING_EXPORT / "model_index.json").is_file():
+        target = Path(tempfile.mkdtemp(prefix="lds-bench-model-"))
+        for _ in range(3):  # the trainer may be writing it right now: copy until a complete folder results
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(TRAINING_EXPORT, target)
+            try:
+                for sub in ("unet", "vae", "text_encoder"):
+                    json.loads((target / sub / "config.json").read_text())
+                break
+            except (OSError, ValueError):
+                time.sleep(2)
+        step = (target / "TRAINING_STEP").read_text().strip() if (target / "TRAINING_STEP").is_file() else "?"
+        return str(target), (f"{BUILTIN_MODEL.relative_to(REPO)} does not exist yet: measured a copy of the training "
+                             f"export runs/ldm/pipeline (training step {step})")
+    return value, None
+
+
+def preset_for(folder_or_name: str):
+    """The app's own preset for the built-in model (defaults, schedulers), pointed at `folder_or_name`."""
+    from pipelines.registry import resolve_preset
+
+    path = Path(folder_or_name)
+    if (path / "model_index.json").is_file():
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        if int(unet.get("sample_size", 0)) <= 32:  # a Shapes-sized model: the built-in preset's settings
+            return dataclasses.replace(resolve_preset("shapes"), base=str(path))
+    return resolve_preset(folder_or_name)
+
+
+def build_engine(folder_or_name: str):
+    from pipelines.engine import Engine
+
+    return Engine(preset_for(folder_or_name), device="cpu")
+
+
+# --- timing --------------------------------------------------------------------------------------------------
+
+def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median time of each fn, run in turns (a, b, a, b, ...) so slow drifts of the machine hit both alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's fp32 torch.mm throughput at the current thread count (the floor's yardstick)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or count < 3:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
+
+
+# --- the result table ----------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    part: str  # "1 app overhead", ...
+    name: str  # what is compared
+    value: float  # the ratio (or the number, when unit says so)
+    unit: str = "x"  # "x" for ratios; "s", "GFLOP", "%", "MB" otherwise
+    goal: str = ""  # e.g. "<= 1.03"
+    detail: str = ""  # the two sides of the ratio, so a reader can check it
+
+    @property
+    def verdict(self) -> str:
+        if not self.goal or self.value != self.value:  # no goal, or not measured (NaN)
+            return ""
+        op, target = self.goal.split()
+        ok = self.value <= float(target) if op == "<=" else self.value >= float(target)
+        return "ok" if ok else "MISSED"
+
+
+def fmt(value: float, unit: str) -> str:
+    if value != value:  # NaN: not measured in this run (the detail says why)
+        return "-"
+    if unit == "x":
+        return f"{value:.2f}x" if value < 100 else f"{value:.0f}x"
+    if unit == "%":
+        return f"{value:.1f}%"
+    if unit == "s":
+        return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+    return f"{value:.4g} {unit}"
+
+
+def print_table(rows: list[Row], notes: list[str], *, title: str, file=None) -> None:
+    file = file or sys.stdout
+    headers = ("part", "measurement", "value", "goal", "", "detail")
+    cells = [(r.part, r.name, fmt(r.value, r.unit), r.goal, r.verdict, r.detail) for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers[:-1])]
+    print(f"\n{title}", file=file)
+    line = " | ".join(h.ljust(w) for h, w in zip(headers[:-1], widths)) + " | detail"
+    print(line, file=file)
+    print("-" * len(line), file=file)
+    for c in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(c[:-1], widths)) + " | " + c[-1], file=file)
+    for note in dict.fromkeys(notes):  # unique, in order
+        print(f"note: {note}", file=file)
+    file.flush()
+
+
+def machine_line(threads: int) -> str:
+    import platform
+
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {cores()} core(s) usable, torch {torch.__version__} "
+            f"with {threads} thread(s), load average {os.getloadavg()[0]:.2f}")
+
+
+# --- the app, served in-process (as tests/conftest.py does) ---------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveApp:
+    url: str
+    blocks: Any
+    engine: Any
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def close(self) -> None:
+        self.blocks.close()
+
+
+def start_app(engine, **settings) -> LiveApp:
+    import app as studio_app
+
+    values = dict(host="127.0.0.1", port=free_port())
+    values.update(settings)
+    app_settings = studio_app.AppSettings(**values)
+    blocks = studio_app.build_app(engine, app_settings)
+    studio_app.launch(blocks, engine, app_settings, prevent_thread_lock=True, quiet=True)
+    return LiveApp(url=f"http://{app_settings.host}:{app_settings.port}", blocks=blocks, engine=engine)
+
+
+def txt2img_args(engine, *, seed: int, prompt: str = PROMPT, steps: int = 20, size: int | None = None) -> dict:
+    preset = engine.preset
+    size = size or preset.default_size
+    return dict(prompt=prompt, negative_prompt="", seed=seed, steps=steps, guidance=preset.default_guidance,
+                scheduler=preset.default_scheduler, width=size, height=size, batch_size=1)
+
+
+def quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "httpx", "gradio", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def standalone(part: str, run: Callable[[Options], list[Row]], argv=None) -> int:
+    """`python -m benchmarks.<part>`: run one part and print its rows."""
+    opts = parse_options(f"Latent Diffusion Studio benchmark: {part}", argv)
+    quiet_libraries()
+    threads = set_threads(opts)
+    rows = run(opts)
+    print_table(rows, opts.notes, title=f"{part} ({machine_line(threads)})")
+    return 0
