@@ -11,7 +11,7 @@ Reads top to bottom (Zhang et al. 2023, on the LDM of Rombach et al. 2022):
    which diffusers' `from_unet` does not copy;
 3. render the training scenes once and cache their VAE posteriors, control maps and caption embeddings
    (pose: only scenes with a person);
-4. train eps-prediction through the frozen U-Net with the ControlNet's residuals added to its skips,
+4. train the U-Net's own target (eps or v) through the frozen U-Net with the ControlNet's residuals added to its skips,
    min-SNR weighting and caption dropout (as train_ldm);
 5. every `--eval-every` steps draw held-out control maps into a sample grid (control | output | reference)
    and export OUT/controlnet (save_pretrained, safetensors) with OUT/controlnet/training.json;
@@ -33,7 +33,7 @@ from diffusers import ControlNetModel, DDPMScheduler, DPMSolverMultistepSchedule
 from training import shapes
 from training.annotators import person_seeds
 from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
-from training.train_ldm import SCHEDULE, min_snr_weights
+from training.train_ldm import SCHEDULE, loss_weights
 
 CONTROLS = ("canny", "depth", "pose")
 CONTROL_MAP = {"canny": "canny", "depth": "depth_image", "pose": "pose_image"}  # Sample attribute of each control map
@@ -196,7 +196,9 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
     parameters = sum(p.numel() for p in controlnet.parameters())
     print(f"{control} ControlNet {parameters / 1e6:.2f} M parameters (U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, "
           f"frozen), {n} training scenes", flush=True)
-    noise_scheduler = DDPMScheduler(**SCHEDULE)
+    # The ControlNet learns the U-Net's own target (eps or v), read from the LDM's scheduler config.
+    prediction_type = base.scheduler.config.get("prediction_type", "epsilon")
+    noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type)
     log = LossLog(out_dir, ["loss", "lr"])
     generator = torch.Generator().manual_seed(seed + step)
     last = time.time()
@@ -217,8 +219,9 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
         down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=condition, return_dict=False)
         prediction = unet(noisy, timesteps, encoder_hidden_states=hidden, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)).mean()
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, prediction_type)).mean()
 
         lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
         for group in opt.param_groups:
