@@ -61,6 +61,18 @@ def test_views_do_not_mutate_the_shared_pipeline(shapes_engine):
     assert base.unet.dtype == torch.float32  # from_pipe casts shared modules: the engine passes its dtype
 
 
+def test_views_are_cheap_copies_over_the_same_modules(shapes_engine):
+    base = shapes_engine.base
+    a = shapes_engine.pipeline("txt2img", scheduler="Euler a")
+    b = shapes_engine.pipeline("txt2img", scheduler="DDIM")
+    assert a is not b and base not in (a, b)
+    assert a.unet is b.unet is base.unet and a.vae is base.vae and a.text_encoder is base.text_encoder
+    assert a.config["scheduler"][1] == "EulerAncestralDiscreteScheduler" and b.config["scheduler"][1] == "DDIMScheduler"
+    assert base.config["scheduler"][1] == type(base.scheduler).__name__  # the shared pipeline's config is untouched
+    a._interrupt = True  # what Cancel does to a running view
+    assert not getattr(b, "_interrupt", False) and not getattr(base, "_interrupt", False)
+
+
 def test_txt2img_sizes_and_params(shapes_engine):
     result = txt2img.generate(shapes_engine, **SETTINGS, scheduler="DPM++ 2M", width=64, height=48, batch_size=2)
     assert [im.size for im in result.images] == [(64, 48), (64, 48)]
