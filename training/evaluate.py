@@ -456,6 +456,9 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--grid", type=Path, default=None, help="write a grid of the first 40 results here")
     parser.add_argument("--json", type=Path, default=None, help="write the scores as JSON here")
+    parser.add_argument("--card", type=Path, default=None, help="write the scores into this model card (README.md)")
+    parser.add_argument("--curve", nargs="+", default=None, metavar="[LABEL=]LOG_CSV",
+                        help="train_ldm log.csv files (optionally labelled, e.g. eps=runs/ldm/log.csv): their in-training scores go into the card")
     controls = parser.add_argument_group("control maps (--controls): annotator accuracy and ControlNet control following")
     controls.add_argument("--controls", action="store_true", help="evaluate the annotators and ControlNets instead of prompt following")
     controls.add_argument("--annotators", type=Path, default=ANNOTATOR_ROOT, help="folder holding depth/ and pose/")
@@ -521,15 +524,17 @@ def scores_markdown(scores: dict, args) -> str:
     return "\n".join(rows)
 
 
-def curve_markdown(log_csv: Path) -> str:
+def curve_markdown(logs: list[str]) -> str:
     import csv
 
-    rows = ["| step | loss | colour | shape | position | binding |", "|---|---|---|---|---|---|"]
-    with open(log_csv) as f:
-        for row in csv.DictReader(f):
-            if row.get("colour") not in (None, "", "nan"):
-                rows.append(f"| {row['step']} | {float(row['loss']):.4f} | " + " | ".join(
-                    f"{float(row[k]):.0%}" for k in ("colour", "shape", "position", "binding")) + " |")
+    rows = ["| run | step | loss | colour | shape | position | binding |", "|---|---|---|---|---|---|---|"]
+    for entry in logs:
+        label, _, path = entry.rpartition("=")
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("colour") not in (None, "", "nan"):
+                    rows.append(f"| {label or Path(path).parent.name} | {row['step']} | {float(row['loss']):.4f} | " + " | ".join(
+                        f"{float(row[k]):.0%}" for k in ("colour", "shape", "position", "binding")) + " |")
     rows.append("")
     rows.append("In-training scores: 48 held-out prompts per point (EMA weights, 20 steps), so each has a few % noise.")
     return "\n".join(rows)
