@@ -22,6 +22,7 @@ GUIDANCE_CHOICES = [1.0, 2.0, 4.0, 7.5, 12.0]
 GUIDANCE_DEFAULT = [1.0, 2.0, 4.0, 7.5]
 CHANNEL_PX = 96  # each latent channel is drawn at least this big (nearest-neighbour: one block per latent)
 IMAGE_PX = 192  # small images are enlarged to at least this (nearest-neighbour)
+VIEW_PX = 220  # height of the image views
 OVERLAY_ALPHA = 0.55  # attention heat over the image
 SCHEDULE_STRIDE = 5  # plot every 5th training timestep
 STRENGTH_DEFAULT = 0.6
@@ -55,15 +56,15 @@ def enlarge(image: Image.Image, min_px: int = IMAGE_PX) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
-def _tile(blocks: list[np.ndarray], gap: int = 4) -> Image.Image:
-    """RGB blocks (h, w, 3) side by side on white."""
-    height = max(b.shape[0] for b in blocks)
-    width = sum(b.shape[1] for b in blocks) + gap * (len(blocks) - 1)
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    x = 0
-    for block in blocks:
-        canvas[: block.shape[0], x:x + block.shape[1]] = block
-        x += block.shape[1] + gap
+def _tile(blocks: list[np.ndarray], gap: int = 4, columns: int | None = None) -> Image.Image:
+    """Equal-sized RGB blocks (h, w, 3) on white: side by side, or in rows of `columns`."""
+    columns = columns or len(blocks)
+    rows = math.ceil(len(blocks) / columns)
+    h, w = blocks[0].shape[:2]
+    canvas = np.full((rows * h + gap * (rows - 1), columns * w + gap * (columns - 1), 3), 255, dtype=np.uint8)
+    for i, block in enumerate(blocks):
+        y, x = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        canvas[y:y + h, x:x + w] = block
     return Image.fromarray(canvas)
 
 
@@ -94,12 +95,12 @@ def latent_channels(latent: np.ndarray, *, mask: np.ndarray | None = None) -> Im
 
 
 def signed_channels(values: np.ndarray, limits: np.ndarray) -> Image.Image:
-    """(C, h, w) signed -> channels side by side, blue < 0 < red, each channel scaled by its own limit."""
+    """(C, h, w) signed -> channels in a 2-column grid, blue < 0 < red, each channel scaled by its own limit."""
     blocks = []
     for channel, limit in zip(np.asarray(values, dtype=np.float64), limits):
         scaled = 0.5 + 0.5 * channel / limit if limit > 0 else np.full_like(channel, 0.5)
         blocks.append(_blocks(colormap(scaled, DIVERGING)))
-    return _tile(blocks)
+    return _tile(blocks, columns=2)
 
 
 def _abs_limits(*arrays: np.ndarray) -> np.ndarray:
@@ -133,7 +134,7 @@ def attention_maps(data: dict, start: int, end: int) -> list[tuple[Image.Image, 
         contrast = high / low if low > 0 else float("inf")
         # stretched to the word's own min..max: where it attends *more*; the contrast says how much more
         heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
-        items.append((overlay(data["image"], heat), f"{token} · {share[i]:.0%} · max/min {contrast:.1f}"))
+        items.append((overlay(data["image"], heat), f"{token} · {share[i]:.0%} · ×{contrast:.1f}"))
     return items
 
 
@@ -264,8 +265,9 @@ def cost_markdown(data: dict) -> str:
         f"Per step the pixel-space U-Net needs **{f['ratio']:.1f}×** the FLOPs: the image has f² = "
         f"{f['vae_scale_factor']}² = {f['area_ratio']:.0f}× the positions of the latent, and self-attention grows "
         f"with the square of the positions{cfg}. Over the whole run, with the VAE decode paid once, latent "
-        f"diffusion is **{f['run_ratio']:.1f}×** cheaper. (Counted with torch's FlopCounterMode on meta-device "
-        f"copies of the U-Net; 1 multiply-add = 2 FLOP.)",
+        f"diffusion is **{f['run_ratio']:.1f}×** cheaper; the decode alone costs "
+        f"{f['vae_decode'] / f['unet_latent']:.0f} latent U-Net evaluations. (Counted with torch's FlopCounterMode "
+        f"on meta-device copies of the U-Net and VAE decoder; 1 multiply-add = 2 FLOP.)",
         "",
         f"**Time of this run** on {data['device']}: text encoder {_seconds(t['text_encoder'])} · U-Net "
         f"{_seconds(t['unet'])} ({f['steps']} steps, {_seconds(t['unet_per_step'])} each) · VAE decode "
@@ -341,12 +343,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
                          value=max(1, preset.default_steps), elem_id=f"{TAB}-step")
     with gr.Row(equal_height=False):
-        latent = gr.Image(label="z_t: the latent's 4 channels", interactive=False, format="png", scale=2,
+        latent = gr.Image(label="z_t: the latent's 4 channels", interactive=False, format="png", height=VIEW_PX, scale=2,
                           elem_id=f"{TAB}-latent", elem_classes=["lds-pixelated"])
-        x0 = gr.Image(label="x̂0 decoded by the VAE", interactive=False, format="png", scale=1,
+        x0 = gr.Image(label="x̂0 decoded by the VAE", interactive=False, format="png", height=VIEW_PX, scale=1,
                       elem_id=f"{TAB}-x0", elem_classes=["lds-pixelated"])
     noise = gr.Markdown("", label="Noise level at this step", elem_id=f"{TAB}-noise")
-    film = gr.Gallery(label="x̂0 at every step (step · σ)", columns=10, height="auto", format="png", object_fit="contain",
+    film = gr.Gallery(label="x̂0 at every step (step · σ)", columns=10, height=300, format="png", object_fit="contain",
                       interactive=False, elem_id=f"{TAB}-filmstrip", elem_classes=["lds-gallery", "lds-pixelated"])
 
     # 2. cross-attention
@@ -360,7 +362,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        value=1, elem_id=f"{TAB}-attention-from")
         attention_to = common.Slider(label="To step", minimum=1, maximum=max(1, preset.default_steps), step=1,
                                      value=max(1, preset.default_steps), elem_id=f"{TAB}-attention-to")
-    attention = gr.Gallery(label="Attention per word (word · share · max/min)", columns=5, height="auto", format="png", object_fit="contain",
+    attention = gr.Gallery(label="Attention per word (word · share · max/min)", columns=8, height=240,
+                           fit_columns=False, format="png", object_fit="contain",
                            interactive=False, elem_id=f"{TAB}-attention", elem_classes=["lds-gallery", "lds-pixelated"])
 
     # 3. classifier-free guidance
@@ -370,18 +373,21 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     cfg_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1, value=1,
                              elem_id=f"{TAB}-cfg-step")
     with gr.Row(equal_height=False):
-        eps_uncond = gr.Image(label="ε̂ unconditional", interactive=False, format="png", elem_id=f"{TAB}-eps-uncond")
-        eps_cond = gr.Image(label="ε̂ conditional (prompt)", interactive=False, format="png", elem_id=f"{TAB}-eps-cond")
-        eps_diff = gr.Image(label="ε̂_cond − ε̂_uncond", interactive=False, format="png", elem_id=f"{TAB}-eps-diff")
+        eps_uncond = gr.Image(label="ε̂ unconditional", interactive=False, format="png", height=VIEW_PX,
+                              elem_id=f"{TAB}-eps-uncond", elem_classes=["lds-pixelated"])
+        eps_cond = gr.Image(label="ε̂ conditional (prompt)", interactive=False, format="png", height=VIEW_PX,
+                            elem_id=f"{TAB}-eps-cond", elem_classes=["lds-pixelated"])
+        eps_diff = gr.Image(label="ε̂_cond − ε̂_uncond", interactive=False, format="png", height=VIEW_PX,
+                            elem_id=f"{TAB}-eps-diff", elem_classes=["lds-pixelated"])
     with gr.Row(equal_height=False):
-        x0_uncond = gr.Image(label="x̂0 from ε̂ unconditional", interactive=False, format="png",
+        x0_uncond = gr.Image(label="x̂0 from ε̂ unconditional", interactive=False, format="png", height=VIEW_PX,
                              elem_id=f"{TAB}-x0-uncond", elem_classes=["lds-pixelated"])
-        x0_cond = gr.Image(label="x̂0 from ε̂ conditional", interactive=False, format="png",
+        x0_cond = gr.Image(label="x̂0 from ε̂ conditional", interactive=False, format="png", height=VIEW_PX,
                            elem_id=f"{TAB}-x0-cond", elem_classes=["lds-pixelated"])
-        x0_guided = gr.Image(label="x̂0 from the guided ε̂", interactive=False, format="png",
+        x0_guided = gr.Image(label="x̂0 from the guided ε̂", interactive=False, format="png", height=VIEW_PX,
                              elem_id=f"{TAB}-x0-guided", elem_classes=["lds-pixelated"])
     cfg_text = gr.Markdown("", label="Guidance at this step", elem_id=f"{TAB}-cfg-text")
-    strip = gr.Gallery(label="Same seed, different guidance", columns=6, height="auto", format="png",
+    strip = gr.Gallery(label="Same seed, different guidance", columns=6, height=260, fit_columns=False, format="png",
                        object_fit="contain", interactive=False, elem_id=f"{TAB}-strip",
                        elem_classes=["lds-gallery", "lds-pixelated"])
 
@@ -439,18 +445,20 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             inpaint_status = gr.Markdown("", label="Status", elem_id=f"{TAB}-inpaint-status")
         with gr.Column(scale=3):
             with gr.Row(equal_height=False):
-                mask_shown = gr.Image(label="Your mask (magenta)", interactive=False, format="png",
+                mask_shown = gr.Image(label="Your mask (magenta)", interactive=False, format="png", height=VIEW_PX,
                                       elem_id=f"{TAB}-mask-image", elem_classes=["lds-pixelated"])
                 mask_latent = gr.Image(label="The mask the U-Net uses (latent grid)", interactive=False, format="png",
+                                       height=VIEW_PX,
                                        elem_id=f"{TAB}-mask-latent", elem_classes=["lds-pixelated"])
-                inpaint_result = gr.Image(label="Result", interactive=False, format="png",
+                inpaint_result = gr.Image(label="Result", interactive=False, format="png", height=VIEW_PX,
                                           elem_id=f"{TAB}-inpaint-result", elem_classes=["lds-pixelated"])
             inpaint_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
                                          value=1, elem_id=f"{TAB}-inpaint-step")
             with gr.Row(equal_height=False):
-                inpaint_latent = gr.Image(label="What the U-Net sees: z_t, 4 channels", interactive=False, format="png",
+                inpaint_latent = gr.Image(label="What the U-Net sees: z_t, 4 channels", interactive=False,
+                                          format="png", height=VIEW_PX,
                                           scale=2, elem_id=f"{TAB}-inpaint-latent", elem_classes=["lds-pixelated"])
-                inpaint_x0 = gr.Image(label="x̂0 decoded", interactive=False, format="png", scale=1,
+                inpaint_x0 = gr.Image(label="x̂0 decoded", interactive=False, format="png", height=VIEW_PX, scale=1,
                                       elem_id=f"{TAB}-inpaint-x0", elem_classes=["lds-pixelated"])
             inpaint_text = gr.Markdown("", label="Inpainting at this step", elem_id=f"{TAB}-inpaint-text")
     inpaint_state = gr.State(None)

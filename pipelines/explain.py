@@ -365,7 +365,8 @@ def flop_counts(engine, *, width: int, height: int, steps: int, cfg: bool) -> di
     latent_hw, image_hw = (height // f, width // f), (height, width)
     unet_config = {k: v for k, v in dict(engine.base.unet.config).items() if not k.startswith("_")}
     vae_config = {k: v for k, v in dict(engine.base.vae.config).items() if not k.startswith("_")}
-    counts = _flops(json.dumps(unet_config, sort_keys=True, default=str), json.dumps(vae_config, sort_keys=True, default=str),
+    counts = _flops(json.dumps(unet_config, sort_keys=True, default=str),
+                    json.dumps(vae_config, sort_keys=True, default=str),
                     latent_hw, image_hw, int(engine.base.tokenizer.model_max_length),
                     int(engine.base.vae.config.latent_channels))
     evaluations = 2 if cfg else 1  # classifier-free guidance runs the U-Net on 2 items per step
@@ -592,5 +593,7 @@ def explain_inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = 
     from pipelines import preprocess
 
     original = preprocess.load_image(image, max_pixels=engine.limits.max_image_pixels)
-    explanation.input_image = original.resize((width, height), Image.LANCZOS) if original.size != (width, height) else original
+    if original.size != (width, height):
+        original = original.resize((width, height), Image.LANCZOS)  # as run_inpaint does
+    explanation.input_image = original
     return ExplainResult(images=result.images, params=params, previews=result.previews, explanation=explanation)

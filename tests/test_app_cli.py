@@ -43,7 +43,7 @@ def test_bad_flag_values_are_refused():
 
 def test_ui_package_never_imports_torch():
     code = ("import sys, demo, demo.common, demo.header, demo.txt2img, demo.inpaint, demo.outpaint, demo.style, "
-            "demo.controlnet, app; bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
+            "demo.controlnet, demo.explain, app; bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = run("-c", code)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -218,6 +218,7 @@ def test_ui_renders_every_view(shapes_engine, shapes_run):
     h = e.latents.shape[-1]
     block = h * max(1, -(-ui.CHANNEL_PX // h))
     assert latent.size == (4 * block + 3 * 4, block)  # 4 channels side by side
+    assert ui.guidance_view(data, 1)[0].size == (2 * block + 4, 2 * block + 4)  # 2 x 2 channels
     assert min(x0.size) >= ui.IMAGE_PX and "Step 2 of 3" in text
     assert len(ui.filmstrip(data)) == 3
     maps = ui.attention_maps(data, 1, 3)
