@@ -34,6 +34,16 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
                         scheduler=None, conditioning_scales=1.0, guidance_start=0.0, guidance_end=1.0,
                         width=None, height=None, batch_size=1, on_step=None, cancel=None)
         (control_images / control_types / conditioning_scales: one value or a list of 1-2)
+    explain.explain(engine, *, prompt, negative_prompt="", seed, steps, guidance, scheduler=None, width=None,
+                    height=None, guidance_strip=(1, 2, 4, 7.5), attention=True, on_step=None, cancel=None)
+        -> ExplainResult (a GenerationResult, batch 1, the image bit-identical to txt2img.generate) whose
+        .explanation holds per step z_t, x̂0 (+ decoded), σ/ᾱ/t, ε̂ cond/uncond, per-token cross-attention,
+        the guidance strip, FLOPs latent vs pixel, stage timings and a reproducing diffusers script
+    explain.explain_inpaint(engine, *, image, mask, prompt, ..., strength=1.0, mask_blur=4) -> ExplainResult
+        (inpaint.inpaint watched: the mask on the latent grid, z_t and x̂0 per step)
+    explain.Probe(engine, *, cfg, attention=True, keep_tokens=None): context manager holding engine.lock that
+        wraps the shared U-Net's cross-attention processors and hooks U-Net/text encoder/VAE decoder; all undone
+        on exit. run.run_pipeline(..., capture=fn(pipe, i, t, callback_kwargs)) sees every step's latents.
     preprocess.load_image(value, *, max_pixels=None), load_mask(value, size), fit_to_model(image, max_size,
         multiple=8, *, min_size=None), working_size(size, max_size, *, min_size=None), feather(mask, radius),
         canny(image, *, low_threshold, high_threshold)
