@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 def same_encoder(a: AutoencoderKL, b: AutoencoderKL) -> bool:
     state_a, state_b = a.state_dict(), b.state_dict()
     keys = [k for k in state_a if k.startswith(("encoder.", "quant_conv."))]
-    return all(torch.equal(state_a[k], state_b[k]) for k in keys) and a.config.scaling_factor == b.config.scaling_factor
+    return all(torch.equal(state_a[k], state_b[k]) for k in keys)
 
 
 def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
@@ -28,7 +28,8 @@ def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
         newer = AutoencoderKL.from_pretrained(vae)
         if not same_encoder(pipe.vae, newer):
             raise SystemExit(f"{vae} has a different encoder than the VAE {ldm} was trained on; its latents would not match")
-        pipe.vae = newer
+        # The U-Net learned latents scaled by the factor measured when it was trained; keep exactly that.
+        newer.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
         pipe.register_modules(vae=newer)
     card = out / "README.md"
     kept_card = card.read_text() if card.exists() else None
