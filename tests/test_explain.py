@@ -314,3 +314,17 @@ def test_explain_tab_in_the_browser(live_app, test_output):
         page.wait_for_timeout(1000)
         page.screenshot(path=str(test_output / "browser-explain.png"), full_page=True)
         browser.close()
+
+
+def test_empty_prompt_and_a_nine_channel_model(shapes_engine, sd_inpaint_engine):
+    empty = explain.explain(shapes_engine, **{**RUN, "prompt": ""}, guidance_strip=())
+    assert empty.explanation.tokens == [] and empty.explanation.attention.shape[1] == 0
+    # a dedicated inpainting U-Net makes text-to-image by inpainting a blank canvas, as txt2img does
+    args = {**RUN, "prompt": "a cat"}
+    watched = explain.explain(sd_inpaint_engine, **args, width=64, height=64, guidance_strip=())
+    plain = txt2img.generate(sd_inpaint_engine, **args, width=64, height=64)
+    assert watched.images[0].tobytes() == plain.images[0].tobytes()
+    e = watched.explanation
+    assert e.latents.shape[1] == 4 and e.tokens == ["a", "c", "a", "t"]  # CLIP BPE over single letters
+    assert "StableDiffusionInpaintPipeline" in e.code
+    compile(e.code, "snippet.py", "exec")
