@@ -495,6 +495,7 @@ def _record(engine, probe: Probe, *, scheduler: str, steps: int, guidance: float
         x0_images = _decode(engine, x0)
         x0_cond_images = _decode(engine, torch.stack(x0_cond), exact=exact)
         x0_uncond_images = _decode(engine, torch.stack(x0_uncond), exact=exact) if cfg else []
+        engine.after_run()  # with --cpu-offload the decodes brought the VAE back to the GPU
     attention = None
     if probe.attention and all(a is not None for a in probe.attention):
         attention = torch.stack(probe.attention).numpy()  # (S, T_max, h, w)
