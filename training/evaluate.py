@@ -143,7 +143,8 @@ def position_of(centroid: tuple[float, float]) -> str:
 def judge(image: np.ndarray, expected: Expectation) -> dict[str, bool | None]:
     """Per-criterion verdicts for one image (None where the criterion does not apply)."""
     found = find_objects(image, expected.background)
-    verdict: dict[str, bool | None] = {"colour": None, "shape": None, "position": None, "count": None, "binding": None, "held_out_pair": None}
+    verdict: dict[str, bool | None] = {"colour": None, "shape": None, "position": None, "count": None, "binding": None,
+                                       "colour_binding": None, "held_out_pair": None}
     verdict["count"] = len(found) == len(expected.objects)
     if len(expected.objects) == 1:
         main = found[0] if found else None
@@ -157,24 +158,31 @@ def judge(image: np.ndarray, expected: Expectation) -> dict[str, bool | None]:
             verdict["position"] = main is not None and position_of(main.centroid) == expected.position
     else:
         # Binding: each requested (colour, shape) is matched by a distinct object; relations checked too.
-        matches = []
-        remaining = list(found[:4])
-        for colour, shape in expected.objects:
-            hit = next((f for f in remaining if f.colour == colour and f.shape == shape), None)
-            matches.append(hit)
-            if hit is not None:
-                remaining.remove(hit)
-        ok = all(m is not None for m in matches)
-        if ok and expected.relation == "left of":
-            ok = matches[0].centroid[0] < matches[1].centroid[0]
-        elif ok and expected.relation == "above":
-            ok = matches[0].centroid[1] < matches[1].centroid[1]
-        verdict["binding"] = ok
+        # Colour binding asks the same of the colours alone, to tell composition errors from shape errors.
+        verdict["binding"] = _bound(found, expected, with_shape=True)
+        verdict["colour_binding"] = _bound(found, expected, with_shape=False)
     return verdict
 
 
+def _bound(found: list[Found], expected: Expectation, *, with_shape: bool) -> bool:
+    matches = []
+    remaining = list(found[:4])
+    for colour, shape in expected.objects:
+        hit = next((f for f in remaining if f.colour == colour and (f.shape == shape or not with_shape)), None)
+        matches.append(hit)
+        if hit is not None:
+            remaining.remove(hit)
+    if not all(m is not None for m in matches):
+        return False
+    if expected.relation == "left of":
+        return matches[0].centroid[0] < matches[1].centroid[0]
+    if expected.relation == "above":
+        return matches[0].centroid[1] < matches[1].centroid[1]
+    return True
+
+
 def score(verdicts: list[dict]) -> dict[str, float]:
-    keys = ("colour", "shape", "position", "count", "binding", "held_out_pair")
+    keys = ("colour", "shape", "position", "count", "binding", "colour_binding", "held_out_pair")
     result = {}
     for key in keys:
         values = [v[key] for v in verdicts if v[key] is not None]
@@ -510,6 +518,7 @@ def scores_markdown(scores: dict, args) -> str:
     rows = ["| measure | score | goal |", "|---|---|---|"]
     names = {"colour": "colour (single object)", "shape": "shape (single object)", "position": "position (3x3 cell)",
              "count": "object count", "binding": "two-object binding (+ relation)",
+             "colour_binding": "two-object colour binding (+ relation), shapes not judged",
              "held_out_pair": "colour-shape pairs never seen in training", "vae_psnr_db": "VAE PSNR, held-out scenes (dB)",
              "ms_per_image_20_steps": "ms per image, 20 steps, CFG, batch 1 (this CPU)"}
     for key, name in names.items():
