@@ -45,6 +45,7 @@ class Options:
     quick: bool = False  # --quick: tiny sizes and counts, a smoke run (tests/test_benchmarks.py)
     repeats: int = 7  # --repeats: timed runs per measurement (the median is reported); warm-up runs excluded
     sd15: bool = True  # --no-sd15: skip the SD1.5-shaped random-weight model (memory, FLOPs)
+    compile: bool = True  # --no-compile: skip torch.compile (minutes of compiling on a CPU); never in --quick
     notes: list[str] = field(default_factory=list)  # printed under the table
 
     @property
@@ -61,11 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 7, quick 1)")
     parser.add_argument("--no-sd15", dest="sd15", action="store_false",
                         help="skip the SD1.5-shaped random-weight model")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile measurement (it compiles for minutes on a CPU)")
 
 
 def options_from(args: argparse.Namespace) -> Options:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 7)
-    return Options(model=args.model, threads=args.threads, quick=args.quick, repeats=max(1, repeats), sd15=args.sd15)
+    return Options(model=args.model, threads=args.threads, quick=args.quick, repeats=max(1, repeats), sd15=args.sd15,
+                   compile=args.compile and not args.quick)
 
 
 def parse_options(description: str, argv=None) -> Options:
@@ -254,15 +258,24 @@ class LiveApp:
         self.blocks.close()
 
 
-def start_app(engine, **settings) -> LiveApp:
+def start_app(engine, attempts: int = 3, **settings) -> LiveApp:
     import app as studio_app
 
-    values = dict(host="127.0.0.1", port=free_port())
-    values.update(settings)
-    app_settings = studio_app.AppSettings(**values)
-    blocks = studio_app.build_app(engine, app_settings)
-    studio_app.launch(blocks, engine, app_settings, prevent_thread_lock=True, quiet=True)
-    return LiveApp(url=f"http://{app_settings.host}:{app_settings.port}", blocks=blocks, engine=engine)
+    for attempt in range(attempts):
+        values = dict(host="127.0.0.1", port=free_port())
+        values.update(settings)
+        app_settings = studio_app.AppSettings(**values)
+        blocks = studio_app.build_app(engine, app_settings)
+        try:
+            studio_app.launch(blocks, engine, app_settings, prevent_thread_lock=True, quiet=True)
+        except ValueError as error:  # gradio's "localhost is not accessible": its start-up probe timed out
+            blocks.close()
+            if attempt + 1 == attempts or "localhost" not in str(error):
+                raise
+            time.sleep(2)
+            continue
+        return LiveApp(url=f"http://{app_settings.host}:{app_settings.port}", blocks=blocks, engine=engine)
+    raise AssertionError("unreachable")
 
 
 def txt2img_args(engine, *, seed: int, prompt: str = PROMPT, steps: int = 20, size: int | None = None) -> dict:

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 import numpy as np
 
 from benchmarks.common import (REPO, Options, Row, build_engine, cores, matmul_gflops, median_time, model_folder,
-                               start_app, txt2img_args)
+                               standalone, start_app, txt2img_args)
 
 PART = "4 latency"
 API_GOAL = "<= 0.25"
@@ -171,10 +170,9 @@ def cold_start(folder: str, steps: int, threads: int) -> tuple[float, str]:
     return wall, inner.replace("in-process ", "")
 
 
-def run(opts: Options, *, compile_too: bool | None = None) -> list[Row]:
+def run(opts: Options) -> list[Row]:
     import torch
 
-    compile_too = (not opts.quick) if compile_too is None else compile_too
     folder, note = model_folder(opts)
     if note:
         opts.notes.append(note)
@@ -205,7 +203,7 @@ def run(opts: Options, *, compile_too: bool | None = None) -> list[Row]:
     rows.append(Row(PART, "U-Net step: time at matmul speed / measured time", floor / step * 100, unit="%",
                     detail=f"{step * 1e3:.1f} ms measured vs {floor * 1e3:.2f} ms at {gflops:.0f} GFLOP/s "
                            f"(torch.mm 1024x1024 fp32 on this machine)"))
-    rows += settings_rows(engine, opts, compile_too)
+    rows += settings_rows(engine, opts, opts.compile)
 
     # cold start
     cold, inner = cold_start(folder, opts.steps, torch.get_num_threads())
@@ -214,20 +212,5 @@ def run(opts: Options, *, compile_too: bool | None = None) -> list[Row]:
     return rows
 
 
-def main(argv=None) -> int:
-    from benchmarks.common import add_arguments, machine_line, options_from, print_table, quiet_libraries, set_threads
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
-    args = parser.parse_args(argv)
-    opts = options_from(args)
-    quiet_libraries()
-    threads = set_threads(opts)
-    rows = run(opts, compile_too=False if args.no_compile else None)
-    print_table(rows, opts.notes, title=f"{PART} ({machine_line(threads)})")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(standalone(PART, run))

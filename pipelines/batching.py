@@ -1,10 +1,10 @@
 """Queued txt2img requests with the same settings run as one batched pipeline call.
 
-While the engine is busy, requests wait for `engine.lock`. The next thread to get the lock becomes the
-*leader*: it takes every waiting request whose settings match its own (task, size, steps, guidance,
-scheduler; prompts, negative prompts, seeds and batch sizes may differ), up to `limits.batch_requests`
-images, and runs them as one call with one CPU generator per image (seed + i, exactly as a solo run).
-The others find their images ready when they get the lock. A request that waits alone runs exactly as
+While the engine is busy, requests wait. One of them at a time is the *leader*: once it has engine.lock it
+takes every waiting request whose settings match its own (size, steps, guidance, scheduler; prompts,
+negative prompts, seeds and batch sizes may differ), up to `limits.batch_requests` images, and runs them as
+one call with one CPU generator per image (seed + i, exactly as a solo run). The requests it took are
+answered when it finishes; the rest elect the next leader. A request that waits alone runs exactly as
 before (same call, same bytes).
 
 Equality: the initial noise, prompts and scheduler maths are per image, so a merged image is its solo image
@@ -50,32 +50,56 @@ class Request:
 
 
 class RequestBatcher:
-    """Leader/follower merging of compatible txt2img requests (one per engine: `engine.batcher`)."""
+    """Leader/follower merging of compatible txt2img requests (one per engine: `engine.batcher`).
+
+    One leader at a time waits for engine.lock, takes the waiting requests that match its own, runs them and
+    wakes everyone; a request another leader took is answered at once (it never waits for the engine again).
+    """
 
     def __init__(self, engine):
         self.engine = engine
         self._pending: list[Request] = []
-        self._guard = threading.Lock()  # protects _pending only; model work is under engine.lock
+        self._cond = threading.Condition()  # guards _pending and _leading; model work is under engine.lock
+        self._leading = False
 
     def run(self, request: Request) -> list[Image.Image]:
         """Run `request` (alone or merged with others waiting); returns its images or raises its error."""
-        with self._guard:
+        lock_owned = getattr(self.engine.lock, "_is_owned", None)
+        if lock_owned is not None and lock_owned():  # called from inside model work: run it, wait for nobody
+            with self.engine.lock:
+                self._execute([request])
+            return self._answer(request)
+        with self._cond:
             self._pending.append(request)
+            try:
+                while self._leading and not request.done:
+                    self._cond.wait()
+            except BaseException:
+                self._pending.remove(request)
+                raise
+            if request.done:  # a leader ran it
+                return self._answer(request)
+            self._leading = True
         try:
             with self.engine.lock:
-                if not request.done:
-                    self._execute(self._take(request))
+                self._execute(self._take(request))
         finally:
-            with self._guard:
+            with self._cond:
                 if request in self._pending:  # only if something failed before it was taken
                     self._pending.remove(request)
+                self._leading = False
+                self._cond.notify_all()
+        return self._answer(request)
+
+    @staticmethod
+    def _answer(request: Request) -> list[Image.Image]:
         if request.error is not None:
             raise request.error
         return request.images
 
     def _take(self, leader: Request) -> list[Request]:
         limit = max(1, int(getattr(self.engine.limits, "batch_requests", 1)))
-        with self._guard:
+        with self._cond:
             batch, images = [leader], leader.count
             for other in self._pending:
                 if other is leader or other.key != leader.key or images + other.count > limit:

@@ -88,6 +88,38 @@ def test_waiting_requests_with_same_settings_run_as_one_call_and_equal_solo_runs
     assert worst <= MAX_LEVEL_DIFF, f"merged images differ from solo runs by up to {worst} levels"
 
 
+def test_a_merged_request_is_answered_without_waiting_for_the_engine_again(engine):
+    # After the merged call, someone else takes the engine for a long time: the follower must not wait for it.
+    hold, holding = threading.Event(), threading.Event()
+
+    def blocker():
+        with engine.lock:
+            holding.set()
+            hold.wait(300)
+
+    started = []
+
+    def on_last_step(i, n, preview):
+        if i == n and not started:  # the leader still holds the lock: the blocker gets it right after
+            started.append(threading.Thread(target=blocker))
+            started[0].start()
+
+    try:
+        results = run_together(engine, REQUESTS[:2], on_steps=[on_last_step, on_last_step])  # joins for <= 120 s
+        assert holding.wait(30)
+        assert [len(r.images) for r in results] == [1, 2]  # both answered while the lock is held
+    finally:
+        hold.set()
+        for thread in started:
+            thread.join(30)
+
+
+def test_called_inside_model_work_runs_at_once(engine):
+    with engine.lock:  # e.g. a task that already holds the engine and makes a txt2img image on the way
+        result = txt2img.generate(engine, **SETTINGS, **REQUESTS[0])
+    assert len(result.images) == 1
+
+
 def test_different_settings_are_not_merged(engine):
     extras = [{}, {"scheduler": "DDIM"}, {"steps": 2}]  # default / other scheduler / other step count
     results, threads = [], []
