@@ -45,6 +45,7 @@ class AnnotatorTrainConfig:
     heatmap_weight: float = 0.1
     heatmap_sigma_cells: float = 0.75  # Gaussian target width in 4-px heatmap cells
     vae_share: float = 0.5  # with --vae: share of each batch taken from the VAE round trips of the pictures
+    low_contrast_share: float = 0.0  # share of samples washed out (contrast and saturation x 0.35-1), like a weak VAE decoder
     vae_scenes: int = 2000  # with --vae: this many training pictures (spread over the set) are round-tripped (~0.25 s each on 1 thread)
 
 
@@ -86,7 +87,7 @@ def _gaussian_kernel(sigma: float, radius: int = 3) -> torch.Tensor:
     return taps / taps.sum()
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, low_contrast_share: float = 0.0) -> torch.Tensor:
     """Photometric and resampling noise: (B, 3, 64, 64) in [-1, 1] -> same. Geometry is unchanged.
 
     Generated pictures are softer than renders (the VAE decoder blurs edges and bleeds colour), so half of
@@ -98,6 +99,13 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return low + (high - low) * torch.rand((b, *shape), generator=generator)
 
     x = images * uniform(0.8, 1.2, 1, 1, 1) + uniform(-0.15, 0.15, 1, 1, 1) + uniform(-0.05, 0.05, 3, 1, 1)
+    if low_contrast_share > 0:  # washed-out pictures: less contrast around the mean colour, less saturation
+        washed = torch.rand((b, 1, 1, 1), generator=generator) < low_contrast_share
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        grey = x.mean(dim=1, keepdim=True)
+        faded = mean + uniform(0.35, 1, 1, 1, 1) * (x - mean)
+        faded = grey + uniform(0.3, 1, 1, 1, 1) * (faded - grey)
+        x = torch.where(washed, faded, x)
     if torch.rand((), generator=generator) < 0.33:
         size = int(torch.randint(20, 57, (), generator=generator))
         x = F.interpolate(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False),
@@ -210,6 +218,17 @@ class HeldOut:
         save_grid(np.concatenate(rows), path, columns=count)
 
 
+def _git_commit() -> str | None:
+    """The repository's commit, recorded with each export so a run can be traced to its code."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def meets_target(kind: str, scores: dict[str, float]) -> bool:
     key, bar, sense = TARGETS[kind]
     value = scores.get(key, float("nan"))
@@ -255,7 +274,7 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
             pick = torch.randint(0, len(images_vae), (config.batch_size,), generator=generator)
             index = torch.where(from_vae, vae_index[pick], index)
             pictures = torch.where(from_vae[:, None, None, None], images_vae[pick], pictures)
-        x = augment(pictures.float().div(127.5).sub(1), generator)
+        x = augment(pictures.float().div(127.5).sub(1), generator, config.low_contrast_share)
         y = targets[index]
         if kind == "depth":
             flip = torch.rand(config.batch_size, generator=generator) < 0.5
@@ -287,7 +306,8 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
             held_out.grid(model, out_dir / "samples" / f"step-{step:06d}.png")
             annotators.save_model(model, kind, net_config, out_dir / "annotator", steps=step,
                                   train_seconds=round(seconds), parameters=parameters, held_out=scores,
-                                  train=asdict(config), vae=str(vae) if vae else None, history=history)
+                                  train=asdict(config), vae=str(vae) if vae else None, history=history,
+                                  code_commit=_git_commit())
             checkpoint.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
                              "history": history, "config": asdict(config)})
             print(f"step {step}: held-out {scores} ({seconds / 60:.1f} min of training)", flush=True)
@@ -315,12 +335,14 @@ def main(argv=None):
     parser.add_argument("--stop-at-target", action="store_true", help=f"stop at the first evaluation that meets {TARGETS}")
     parser.add_argument("--vae", type=Path, default=None,
                         help="a Shapes VAE folder: also train (and score) on pictures after its encode/decode, as generated pictures look")
+    parser.add_argument("--low-contrast-share", type=float, default=AnnotatorTrainConfig.low_contrast_share,
+                        help="share of samples washed out (contrast/saturation reduced), for weak VAE decoders")
     parser.add_argument("--vae-scenes", type=int, default=AnnotatorTrainConfig.vae_scenes, help="training pictures round-tripped through --vae")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     config = AnnotatorTrainConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, eval_count=args.eval_count,
-                                  vae_scenes=args.vae_scenes)
+                                  vae_scenes=args.vae_scenes, low_contrast_share=args.low_contrast_share)
     train(args.kind, args.out or Path(f"runs/annotator-{args.kind}"), args.max_steps, config,
           log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target, vae=args.vae)
 
