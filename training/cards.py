@@ -26,6 +26,11 @@ def _curve(history: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _options(train: dict) -> str:
+    share = train.get("low_contrast_share", 0)
+    return f", washed-out augmentation on {share:.0%} of samples" if share else ""
+
+
 def _format(scores: dict) -> str:
     return "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
 
@@ -72,7 +77,8 @@ def write_annotator_card(folder: Path, kind: str, scores: dict) -> Path:
     if kind == "pose":
         limits += ("- The visibility head was trained on Shapes scenes only: on photo-like pictures it often "
                    "reports a person and draws a skeleton that is not there.\n")
-    reproduce_vae = f" --vae {vae}" if vae else ""
+    reproduce_vae = (f" --vae {vae}" if vae else "") + (
+        f" --low-contrast-share {train['low_contrast_share']}" if train.get("low_contrast_share") else "")
     text = f"""# Shapes-world {kind} annotator
 
 {task} Used by the app's ControlNet tab (preprocessor "{kind}") for the built-in model through
@@ -90,6 +96,7 @@ how well the {kind} ControlNet's outputs follow their control maps.
 - AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')} with warm-up and cosine decay.
 - Steps: {info.get('steps', '?')}; training time {minutes:.0f} min on 1 CPU thread at low priority (nice 10,
   sharing 2 cores with the LDM's training run).
+- Code: `training/train_annotators.py` at commit {info.get('code_commit') or '?'}{_options(train)}.{chr(10) + "- Note: " + info["note"] + "." if info.get("note") else ""}
 
 ## Held-out scores
 Scenes from seed `training.common.HELD_OUT_SEED` up (never used in training). {metric}
