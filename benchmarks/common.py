@@ -7,7 +7,9 @@ absolute times depend on the machine and its load, so a benchmark never asserts 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -255,7 +257,8 @@ class LiveApp:
         return Client(self.url, verbose=False)
 
     def close(self) -> None:
-        self.blocks.close()
+        with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "Closing server running on port ..."
+            self.blocks.close()
 
 
 def start_app(engine, attempts: int = 3, **settings) -> LiveApp:

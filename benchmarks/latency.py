@@ -108,7 +108,7 @@ def settings_rows(engine, opts: Options, compile_too: bool) -> list[Row]:
         torch.set_num_threads(1)
         one = step_time(unet, args, repeats=opts.repeats)
         torch.set_num_threads(threads)
-        rows.append(Row(PART, f"U-Net step: {threads} threads vs 1 (time ratio)", base / one,
+        rows.append(Row(PART, f"U-Net step: all threads ({threads}) vs 1 (time ratio)", base / one,
                         detail=f"{base * 1e3:.1f} ms vs {one * 1e3:.1f} ms"))
     else:
         rows.append(Row(PART, "U-Net step: all threads vs 1 (time ratio)", float("nan"),
