@@ -7,14 +7,15 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
 
     registry.ModelPreset, registry.PRESETS, registry.resolve_preset(name_or_local_folder) -> ModelPreset
     registry.preset_from_folder(path, **overrides) -> ModelPreset
-    settings.Limits.from_env()                      LDS_MAX_SIZE/STEPS/BATCH/PROMPT_CHARS/GUIDANCE/IMAGE_PIXELS/UPLOAD_MB/OUTPAINT
+    settings.Limits.from_env()                      LDS_MAX_SIZE/STEPS/BATCH/PROMPT_CHARS/GUIDANCE/IMAGE_PIXELS/UPLOAD_MB/OUTPAINT,
+                                                    LDS_BATCH_REQUESTS (images of queued txt2img requests merged per call)
     engine.Engine(preset, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False, cpu_offload=False)
         .pipeline(task, *, scheduler=None, controls=()) -> request-scoped diffusers pipeline view
         .controlnet(type | (type, type)), .annotator(type) -> callable(PIL, **options) -> PIL
         .lock (RLock), .limits, .preset, .device, .torch_dtype, .base (the one StableDiffusionPipeline)
         .unknown_words(prompt) -> list[str], .vocabulary() -> list[str], .info() -> dict
         .scheduler_names, .control_types, .tasks, .unet_in_channels, .vae_scale_factor
-        .preview(latents) -> PIL
+        .preview(latents) -> PIL, .previews(latents) -> [PIL], .preview_every_s, .batcher (pipelines.batching)
     engine.download(preset) -> list[str]            for `python app.py --download NAME`
     schedulers.SCHEDULERS, schedulers.make_scheduler(name, config)
     txt2img.generate(engine, *, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
@@ -64,6 +65,11 @@ with folder = assets/models/shapes-annotators/<kind>; it must return `callable(P
 (an RGB control map the size of the input). Until that exists, asking for them raises ModelNotAvailable
 with a hint to upload a ready map and choose preprocessor "none".
 
-Progress: `on_step(step, total, preview)` after every denoising step (1-based). Cancel: any object with
-`is_set()`; the run stops within one step and raises `Cancelled`.
+Progress: `on_step(step, total, preview)` after every denoising step (1-based); preview is a new picture when
+one is due (at most every `engine.preview_every_s` = 0.15 s and 10% of the run time; 0 = every step), else
+None. Cancel: any object with `is_set()`; the run stops within one step and raises `Cancelled`.
+
+Batching: txt2img requests waiting for the engine with the same size, steps, guidance and scheduler run as
+one call (`pipelines.batching`), each image with its own seed; a merged image equals its solo run up to float
+rounding of batched kernels (at most a level of 255 here and there on CPU). A request alone runs as before.
 """
