@@ -157,7 +157,7 @@ A ControlNet (Zhang et al. 2023) for the built-in Shapes LDM (`assets/models/sha
 
 ## Training
 - Data: {info.get('train_scenes', '?')} {data}: (control map, caption, image); latents and caption embeddings cached.
-- Eps-prediction loss with min-SNR weighting (gamma {train.get('min_snr_gamma', 5.0)}), caption dropout {train.get('caption_dropout', 0.1)},
+- The U-Net's own target ({train.get('prediction_type', 'v_prediction')}; x0 error weighted by min(SNR, {train.get('min_snr_gamma', 5.0)}) + 1 for v), caption dropout {train.get('caption_dropout', 0.1)},
   AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')}; Stable Diffusion's noise schedule.
 - Steps: {info.get('steps', '?')}; training time {info.get('train_seconds', 0) / 60:.0f} min on CPU.
 
