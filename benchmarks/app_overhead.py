@@ -1,10 +1,16 @@
 """1. App overhead: the running app's /txt2img API (gradio_client, end to end: queue, worker thread, PNG with
 metadata, file download) against a plain diffusers StableDiffusionPipeline call on the same weights, scheduler,
-steps, guidance and seed. Both sides run in turns; the ratio is median(app) / median(diffusers).
+steps, guidance and seed. All sides run in turns; the ratio is median(app) / median(diffusers).
+
+Two more rows split the difference: the app's own task path without HTTP (demo.common.run_task: engine view,
+worker thread, previews, PNG files with parameters), and gradio's floor: a round trip of an event with the
+same outputs (preview, gallery, params, status) that runs no model, served and called the same way.
 
     python -m benchmarks.app_overhead [--model FOLDER] [--threads N] [--repeats N] [--quick]
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -30,9 +36,39 @@ def raw_pipeline(folder: str, engine):
     return pipe
 
 
+def gradio_floor(repeats: int, png: str) -> float:
+    """Median seconds of a /txt2img-shaped round trip that runs no model (gradio queue, SSE, file download)."""
+    import gradio as gr
+
+    from benchmarks.common import LiveApp, free_port
+
+    def fake(prompt: str):
+        yield gr.skip(), gr.skip(), gr.skip(), "Waiting for the model…"
+        yield png, [(png, "seed 7")], {"seed": 7}, "Done"
+
+    with gr.Blocks() as blocks:
+        prompt = gr.Textbox()
+        outputs = [gr.Image(format="png"), gr.Gallery(format="png", type="filepath"), gr.JSON(), gr.Markdown()]
+        gr.Button().click(fake, prompt, outputs, api_name="fake", concurrency_limit=1)
+    blocks.queue()
+    port = free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                  allowed_paths=[str(Path(png).parent)])
+    server = LiveApp(url=f"http://127.0.0.1:{port}", blocks=blocks, engine=None)
+    try:
+        client = server.client()
+        return interleaved_medians({"floor": lambda: client.predict("x", api_name="/fake")}, repeats=repeats,
+                                   warmup=2)["floor"]
+    finally:
+        server.close()
+
+
 def run(opts: Options) -> list[Row]:
     import torch
     from PIL import Image
+
+    from demo import common as ui
+    from pipelines import txt2img
 
     folder, note = model_folder(opts)
     if note:
@@ -56,15 +92,29 @@ def run(opts: Options) -> list[Row]:
                     guidance_scale=args["guidance"], width=args["width"], height=args["height"],
                     generator=[torch.Generator("cpu").manual_seed(args["seed"])]).images[0]
 
-        medians = interleaved_medians({"app": app_call, "raw": raw_call}, repeats=opts.repeats, warmup=2)
+        studio = ui.Studio()
+
+        def task_call():  # what the txt2img event runs, minus gradio
+            for _ in ui.run_task(engine, studio, "txt2img", txt2img.generate, dict(args), request=None, progress=None):
+                pass
+
+        medians = interleaved_medians({"app": app_call, "raw": raw_call, "task": task_call}, repeats=opts.repeats,
+                                      warmup=2)
         with Image.open(outputs["app"]) as png:
             same = np.array_equal(np.asarray(png.convert("RGB")), np.asarray(outputs["raw"]))
+        floor = gradio_floor(opts.repeats, outputs["app"])
     finally:
         server.close()
-    return [Row(PART, f"API /txt2img vs diffusers call ({args['width']}x{args['height']}, {args['steps']} steps)",
-                medians["app"] / medians["raw"], goal=GOAL,
-                detail=f"app {medians['app']:.3f} s vs diffusers {medians['raw']:.3f} s, median of {opts.repeats}; "
-                       f"images {'identical' if same else 'DIFFERENT'}")]
+    size = f"{args['width']}x{args['height']}, {args['steps']} steps"
+    return [
+        Row(PART, f"API /txt2img vs diffusers call ({size})", medians["app"] / medians["raw"], goal=GOAL,
+            detail=f"app {medians['app']:.3f} s vs diffusers {medians['raw']:.3f} s, median of {opts.repeats}; "
+                   f"images {'identical' if same else 'DIFFERENT'}"),
+        Row(PART, f"app task path without HTTP vs diffusers call ({size})", medians["task"] / medians["raw"],
+            detail=f"{medians['task']:.3f} s vs {medians['raw']:.3f} s (engine view, worker thread, previews, PNGs)"),
+        Row(PART, "gradio floor: same outputs, no model (share of the diffusers call)", floor / medians["raw"],
+            detail=f"{floor:.3f} s per round trip (queue, SSE, file download) vs {medians['raw']:.3f} s"),
+    ]
 
 
 if __name__ == "__main__":

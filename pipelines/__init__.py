@@ -66,7 +66,7 @@ with folder = assets/models/shapes-annotators/<kind>; it must return `callable(P
 with a hint to upload a ready map and choose preprocessor "none".
 
 Progress: `on_step(step, total, preview)` after every denoising step (1-based); preview is a new picture when
-one is due (at most every `engine.preview_every_s` = 0.15 s and 10% of the run time; 0 = every step), else
+one is due (at most every `engine.preview_every_s` = 0.15 s and 5% of the run time; 0 = every step), else
 None. Cancel: any object with `is_set()`; the run stops within one step and raises `Cancelled`.
 
 Batching: txt2img requests waiting for the engine with the same size, steps, guidance and scheduler run as

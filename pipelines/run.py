@@ -18,7 +18,7 @@ OnStep = Callable[[int, int, "Image.Image | None"], None]
 # previews take at most PREVIEW_COST_SHARE of the run: the built-in model's real VAE decode costs about two
 # U-Net steps, so a preview at every step made a 64x64 run ~3x slower. Steps without a new preview get None.
 PREVIEW_EVERY_S = 0.15
-PREVIEW_COST_SHARE = 0.1
+PREVIEW_COST_SHARE = 0.05
 
 
 class PreviewClock:
