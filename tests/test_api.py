@@ -136,7 +136,7 @@ def test_preprocess_canny_and_ready_map(client, images, live_app):
 def controlnet_args(image, **overrides):
     args = dict(image=handle_file(str(image)), control_type="canny", preprocessor="canny", low_threshold=100,
                 high_threshold=200, conditioning_scale=1.0, guidance_start=0.0, guidance_end=1.0, use_second=False,
-                image_2=None, control_type_2="pose", preprocessor_2="none", conditioning_scale_2=0.5,
+                image_2=None, control_type_2="canny", preprocessor_2="none", conditioning_scale_2=0.5,
                 prompt="a red circle at the top", **common_args())
     args.update(overrides)
     return args
@@ -148,7 +148,7 @@ def test_controlnet_one_and_two_controls(client, images, live_app):
     _, gallery, params, _ = client.predict(**controlnet_args(images["scene.png"]), api_name="/controlnet")
     one = pixels(gallery_paths(gallery)[0])
     assert one.shape == (64, 64, 3)
-    _, gallery, params2, _ = client.predict(**controlnet_args(images["scene.png"], use_second=True,
+    _, gallery, params2, _ = client.predict(**controlnet_args(images["scene.png"], use_second=True, control_type_2="pose",
                                                               image_2=handle_file(str(images["control_pose.png"]))),
                                             api_name="/controlnet")
     two = pixels(gallery_paths(gallery)[0])
