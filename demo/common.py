@@ -570,9 +570,11 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
             if progress is not None and total:
                 progress((step, total), desc=f"Denoising step {step}/{total}")
             now = time.perf_counter()
-            if latest_preview is not None and now - last_sent >= PREVIEW_EVERY_S:
+            # The step count goes out even between previews (they are rationed by their cost), so the
+            # status always shows the run moving.
+            if now - last_sent >= PREVIEW_EVERY_S:
                 last_sent = now
-                yield (latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
+                yield (gr.skip() if latest_preview is None else latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
         worker.join()
     finally:
         if worker.is_alive():  # the browser left or the job was cancelled: stop the model too
