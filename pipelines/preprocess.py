@@ -122,16 +122,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
 
 
+def _fit_scale(long_side: int, max_size: int, min_size: int | None) -> float:
+    """The factor that brings the long side within [min_size, max_size] (1.0 when it already is)."""
+    if long_side > max_size:
+        return max_size / long_side
+    if min_size and long_side < min_size:
+        return min(min_size, max_size) / long_side
+    return 1.0
+
+
 def fit_to_model(image: Image.Image, max_size: int, multiple: int = 8, *, min_size: int | None = None) -> Image.Image:
     """Resize keeping the aspect ratio so the long side is <= max_size (and >= min_size when given), then
     centre-crop each side down to a multiple of `multiple` (at most multiple - 1 pixels lost)."""
     w, h = image.size
-    long_side = max(w, h)
-    scale = 1.0
-    if long_side > max_size:
-        scale = max_size / long_side
-    elif min_size and long_side < min_size:
-        scale = min(min_size, max_size) / long_side
+    scale = _fit_scale(max(w, h), max_size, min_size)
     if scale != 1.0:
         w, h = max(multiple, round(w * scale)), max(multiple, round(h * scale))
         image = image.resize((w, h), Image.LANCZOS)
@@ -242,12 +246,7 @@ def working_size(size: tuple[int, int], max_size: int, *, min_size: int | None =
     """The size the model runs at for an input of `size`: long side within [min_size, max_size], both
     sides multiples of `multiple`, aspect kept to within one multiple. Results are mapped back to `size`."""
     w, h = size
-    long_side = max(w, h)
-    scale = 1.0
-    if long_side > max_size:
-        scale = max_size / long_side
-    elif min_size and long_side < min_size:
-        scale = min(min_size, max_size) / long_side
+    scale = _fit_scale(max(w, h), max_size, min_size)
 
     def snap(v: float) -> int:
         return int(min(max(multiple, round(v / multiple) * multiple), max_size - max_size % multiple))
