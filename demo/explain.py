@@ -149,7 +149,8 @@ def noise_line(e, i: int) -> str:
     a = float(e.alpha_bars[i])
     return (f"**Step {i + 1} of {e.steps}** · t = {e.timesteps[i]:.0f} · σ = {e.sigmas[i]:.3g} · ᾱ = {a:.4f}  \n"
             f"z_t = {math.sqrt(a):.3f} · x0 + {math.sqrt(1 - a):.3f} · ε — the U-Net sees this latent "
-            f"(left, 4 channels) and predicts the noise ε̂ in it; removing that noise gives x̂0 (right, decoded "
+            f"(left, 4 channels) and predicts the noise ε̂ in it (directly, or through v = √ᾱ·ε − √(1−ᾱ)·x0 for a "
+            f"v-prediction model such as the built-in one); removing that noise gives x̂0 (right, decoded "
             f"by the VAE): (z_t − {math.sqrt(1 - a):.3f}·ε̂) / {math.sqrt(a):.3f}.")
 
 
