@@ -97,28 +97,45 @@ def set_threads(opts: Options) -> int:
 
 # --- the model -----------------------------------------------------------------------------------------------
 
+COPY_LIMIT = 2 * 1024**3  # model folders smaller than this are measured from a private copy
+_copies: dict[str, tuple[str, str | None]] = {}  # source folder -> (private copy, note), one copy per run
+
+
 def model_folder(opts: Options) -> tuple[str, str | None]:
-    """(folder or preset to load, a note). The built-in folder falls back to a private copy of the training
-    export (it is rewritten every few minutes; a copy cannot change under a running benchmark)."""
-    value = opts.model
-    path = Path(value)
+    """(folder or preset to load, a note). A model folder is copied to a private temp folder first: weights are
+    memory-mapped from their files, so a folder rewritten during the run (the built-in model while it is being
+    trained or packaged) would change the model under a running benchmark. While the built-in folder does not
+    exist, the trainer's latest export runs/ldm/pipeline is measured instead (and the table says so)."""
+    path = Path(opts.model)
     if (path / "model_index.json").is_file():
-        return str(path), None
-    if path.resolve() == BUILTIN_MODEL.resolve() and (TRAINING_EXPORT / "model_index.json").is_file():
-        target = Path(tempfile.mkdtemp(prefix="lds-bench-model-"))
-        for _ in range(3):  # the trainer may be writing it right now: copy until a complete folder results
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(TRAINING_EXPORT, target)
-            try:
-                for sub in ("unet", "vae", "text_encoder"):
-                    json.loads((target / sub / "config.json").read_text())
-                break
-            except (OSError, ValueError):
-                time.sleep(2)
-        step = (target / "TRAINING_STEP").read_text().strip() if (target / "TRAINING_STEP").is_file() else "?"
-        return str(target), (f"{BUILTIN_MODEL.relative_to(REPO)} does not exist yet: measured a copy of the training "
-                             f"export runs/ldm/pipeline (training step {step})")
-    return value, None
+        source, note = path, None
+    elif path.resolve() == BUILTIN_MODEL.resolve() and (TRAINING_EXPORT / "model_index.json").is_file():
+        source = TRAINING_EXPORT
+        step = (source / "TRAINING_STEP").read_text().strip() if (source / "TRAINING_STEP").is_file() else "?"
+        note = (f"{BUILTIN_MODEL.relative_to(REPO)} does not exist yet: measured a copy of the training export "
+                f"runs/ldm/pipeline (training step {step})")
+    else:
+        return opts.model, None  # a preset name: loaded as the app would load it
+    if sum(f.stat().st_size for f in source.rglob("*") if f.is_file()) > COPY_LIMIT:
+        return str(source), note
+    key = str(source.resolve())
+    if key not in _copies:
+        _copies[key] = (_private_copy(source), note)
+    return _copies[key]
+
+
+def _private_copy(source: Path) -> str:
+    target = Path(tempfile.mkdtemp(prefix="lds-bench-model-")) / source.name
+    for _ in range(3):  # the folder may be being written right now: copy until a complete folder results
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        try:
+            for sub in ("unet", "vae", "text_encoder"):
+                json.loads((target / sub / "config.json").read_text())
+            break
+        except (OSError, ValueError):
+            time.sleep(2)
+    return str(target)
 
 
 def preset_for(folder_or_name: str):
