@@ -552,9 +552,9 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
         yield (gr.skip(), gr.skip(), gr.skip(), "Waiting for the model…")
         last_sent = 0.0
         finished = False
-        latest_preview = None  # the newest preview not sent yet (rationed previews are rare: keep it until sent)
         while not finished:
             item = updates.get()
+            latest_preview = None
             while True:  # drain: only the newest preview is worth sending
                 if item is None:
                     finished = True
@@ -574,8 +574,7 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
             # status always shows the run moving.
             if now - last_sent >= PREVIEW_EVERY_S:
                 last_sent = now
-                shown, latest_preview = latest_preview, None
-                yield (gr.skip() if shown is None else shown, gr.skip(), gr.skip(), f"Step {step}/{total}")
+                yield (gr.skip() if latest_preview is None else latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
         worker.join()
     finally:
         if worker.is_alive():  # the browser left or the job was cancelled: stop the model too

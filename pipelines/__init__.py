@@ -66,8 +66,8 @@ with folder = assets/models/shapes-annotators/<kind>; it must return `callable(P
 with a hint to upload a ready map and choose preprocessor "none".
 
 Progress: `on_step(step, total, preview)` after every denoising step (1-based); preview is a new picture when
-one is due (at most every `engine.preview_every_s` = 0.15 s and within 5% of the run time, yet at least
-every 2 s; preview_every_s = 0: every step), else None. Cancel: any object with `is_set()`; the run stops within one step and raises `Cancelled`.
+one is due (at most every `engine.preview_every_s` = 0.15 s and 5% of the run time; 0 = every step), else
+None. Cancel: any object with `is_set()`; the run stops within one step and raises `Cancelled`.
 
 Batching: txt2img requests waiting for the engine with the same size, steps, guidance and scheduler run as
 one call (`pipelines.batching`), each image with its own seed; a merged image equals its solo run up to float

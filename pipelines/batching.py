@@ -101,7 +101,7 @@ class RequestBatcher:
         limit = max(1, int(getattr(self.engine.limits, "batch_requests", 1)))
         with self._cond:
             batch, images = [leader], leader.count
-            for other in [] if leader.cancelled() else self._pending:  # a cancelled leader runs alone: at once
+            for other in self._pending:
                 if other is leader or other.key != leader.key or images + other.count > limit:
                     continue
                 if other.cancelled():  # cancelled while waiting: answer it now, run nothing for it

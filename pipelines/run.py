@@ -19,13 +19,12 @@ OnStep = Callable[[int, int, "Image.Image | None"], None]
 # U-Net steps, so a preview at every step made a 64x64 run ~3x slower. Steps without a new preview get None.
 PREVIEW_EVERY_S = 0.15
 PREVIEW_COST_SHARE = 0.05
-PREVIEW_MAX_GAP_S = 2.0  # ... but a long run still shows a new preview at least this often
 
 
 class PreviewClock:
-    """When the next live preview is due: `max(every_s, min(cost / PREVIEW_COST_SHARE, PREVIEW_MAX_GAP_S))` after
-    the run starts or the last preview, where cost is what the engine's last preview took (`engine.preview_cost_s`,
-    remembered across runs, so a run shorter than that makes none). `engine.preview_every_s <= 0`: every step."""
+    """When the next live preview is due: `max(every_s, cost / PREVIEW_COST_SHARE)` after the run starts or the
+    last preview, where cost is what the engine's last preview took (`engine.preview_cost_s`, remembered across
+    runs, so a run shorter than that makes none). `engine.preview_every_s <= 0` means every step."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -33,7 +32,7 @@ class PreviewClock:
         self.next_at = time.perf_counter() + self._gap(float(getattr(engine, "preview_cost_s", 0.0)))
 
     def _gap(self, cost_s: float) -> float:
-        return max(self.every_s, min(cost_s / PREVIEW_COST_SHARE, PREVIEW_MAX_GAP_S))
+        return max(self.every_s, cost_s / PREVIEW_COST_SHARE)
 
     def due(self) -> bool:
         return self.every_s <= 0 or time.perf_counter() >= self.next_at

