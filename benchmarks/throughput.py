@@ -73,7 +73,7 @@ def run(opts: Options) -> list[Row]:
     per_client = 1 if opts.quick else 3
     requests = _requests(engine, clients * per_client, opts.steps)
     rows = []
-    for label, batch in (("batching on", max(engine.limits.batch_requests, 8)), ("batching off", 1)):
+    for label, batch in (("batching on", engine.limits.batch_requests), ("batching off", 1)):
         engine.limits = dataclasses.replace(engine.limits, batch_requests=batch)
         sequential, concurrent, alone, together = _measure(engine, requests, clients)
         same = sum(np.array_equal(a, b) for a, b in zip(alone, together))
