@@ -2,14 +2,17 @@
 metadata, file download) against a plain diffusers StableDiffusionPipeline call on the same weights, scheduler,
 steps, guidance and seed. All sides run in turns; the ratio is median(app) / median(diffusers).
 
-Two more rows split the difference: the app's own task path without HTTP (demo.common.run_task: engine view,
-worker thread, previews, PNG files with parameters), and gradio's floor: a round trip of an event with the
-same outputs (preview, gallery, params, status) that runs no model, served and called the same way.
+More rows split the difference: the same API called over plain HTTP (gradio's REST route: POST, then the
+SSE stream, then the PNG download; gradio_client itself polls its message queue every 50 ms), the app's own
+task path without HTTP (demo.common.run_task: engine view, worker thread, previews, PNG files with
+parameters), and gradio's floor: a gradio_client round trip of an event with the same outputs (preview,
+gallery, params, status) that runs no model.
 
     python -m benchmarks.app_overhead [--model FOLDER] [--threads N] [--repeats N] [--quick]
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,33 @@ def raw_pipeline(folder: str, engine):
     pipe.scheduler = make_scheduler(engine.preset.default_scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def http_caller(server, client, api_name: str, args: dict):
+    """A function that calls `api_name` with `args` over plain HTTP (POST /gradio_api/call, SSE, file download)."""
+    import httpx
+
+    info = client.view_api(print_info=False, return_format="dict")
+    names = [p["parameter_name"] for p in info["named_endpoints"][api_name]["parameters"]]
+    payload = {"data": [args[name] for name in names]}
+    http = httpx.Client(timeout=600)
+    route = f"{server.url}/gradio_api/call{api_name}"
+
+    def call():
+        event_id = http.post(route, json=payload).raise_for_status().json()["event_id"]
+        kind, data = None, None
+        with http.stream("GET", f"{route}/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and kind == "error":
+                    raise RuntimeError(f"{api_name} failed: {line[5:].strip()}")
+                elif line.startswith("data:") and kind == "complete":
+                    data = json.loads(line[5:])
+        http.get(data[1][0]["image"]["url"]).raise_for_status()  # the PNG, as a client would fetch it
+        return data
+
+    return call
 
 
 def gradio_floor(repeats: int, png: str) -> float:
@@ -98,8 +128,9 @@ def run(opts: Options) -> list[Row]:
             for _ in ui.run_task(engine, studio, "txt2img", txt2img.generate, dict(args), request=None, progress=None):
                 pass
 
-        medians = interleaved_medians({"app": app_call, "raw": raw_call, "task": task_call}, repeats=opts.repeats,
-                                      warmup=2)
+        medians = interleaved_medians({"app": app_call, "raw": raw_call, "task": task_call,
+                                       "http": http_caller(server, client, "/txt2img", args)},
+                                      repeats=opts.repeats, warmup=2)
         with Image.open(outputs["app"]) as png:
             same = np.array_equal(np.asarray(png.convert("RGB")), np.asarray(outputs["raw"]))
         floor = gradio_floor(opts.repeats, outputs["app"])
@@ -110,6 +141,9 @@ def run(opts: Options) -> list[Row]:
         Row(PART, f"API /txt2img vs diffusers call ({size})", medians["app"] / medians["raw"], goal=GOAL,
             detail=f"app {medians['app']:.3f} s vs diffusers {medians['raw']:.3f} s, median of {opts.repeats}; "
                    f"images {'identical' if same else 'DIFFERENT'}"),
+        Row(PART, f"API /txt2img over plain HTTP (no gradio_client) vs diffusers call ({size})",
+            medians["http"] / medians["raw"],
+            detail=f"{medians['http']:.3f} s vs {medians['raw']:.3f} s (POST, SSE stream, PNG download)"),
         Row(PART, f"app task path without HTTP vs diffusers call ({size})", medians["task"] / medians["raw"],
             detail=f"{medians['task']:.3f} s vs {medians['raw']:.3f} s (engine view, worker thread, previews, PNGs)"),
         Row(PART, "gradio floor: same outputs, no model (share of the diffusers call)", floor / medians["raw"],

@@ -1,11 +1,12 @@
 """3. Throughput: 8 clients at once against one client asking the same requests one after another, through
 the running app's /txt2img API (gradio_client, one session per client).
 
-Each of the 8 clients sends R requests back to back (different prompts and seeds, the same size, steps,
-guidance and scheduler), so the engine finds several requests waiting whenever it frees up and runs them as
-one batched call (pipelines/batching.py). Ratio = sequential time / concurrent time for the same 8R requests.
-The same is then measured with merging off (LDS_BATCH_REQUESTS=1), which is what concurrency alone gives.
-Every concurrent image is compared with its sequential twin.
+In each round, one client sends 8 requests one after another, then 8 clients send one each at the same
+moment (different prompts and seeds; the same size, steps, guidance and scheduler), so the engine finds
+requests waiting and runs them as one batched call (pipelines/batching.py). Rounds alternate the two ways,
+so a machine whose speed drifts slows both alike. Ratio = total sequential time / total concurrent time.
+The same is measured with merging off (LDS_BATCH_REQUESTS=1): what concurrency alone gives (it overlaps the
+clients' HTTP waiting with model work). Every concurrent image is compared with its sequential twin.
 
     python -m benchmarks.throughput [--model FOLDER] [--threads N] [--quick]
 """
@@ -24,8 +25,9 @@ GOAL = ">= 1.8"
 CLIENTS = 8
 
 
-def _requests(engine, count: int, steps: int) -> list[dict]:
-    return [txt2img_args(engine, seed=100 + i, prompt=PROMPTS[i % len(PROMPTS)], steps=steps) for i in range(count)]
+def _requests(engine, count: int, steps: int, *, first_seed: int) -> list[dict]:
+    return [txt2img_args(engine, seed=first_seed + i, prompt=PROMPTS[i % len(PROMPTS)], steps=steps)
+            for i in range(count)]
 
 
 def _image(result) -> np.ndarray:
@@ -35,30 +37,25 @@ def _image(result) -> np.ndarray:
         return np.asarray(png.convert("RGB"), dtype=np.int16)
 
 
-def _measure(engine, requests: list[dict], clients: int) -> tuple[float, float, list, list]:
+def _measure(engine, rounds: list[list[dict]]) -> tuple[float, float, list, list]:
     """(sequential seconds, concurrent seconds, sequential images, concurrent images) on a fresh app."""
-    server = start_app(engine, queue_size=max(20, 2 * len(requests)))
+    clients = len(rounds[0])
+    server = start_app(engine, queue_size=max(20, 2 * clients))
     try:
         sessions = [server.client() for _ in range(clients)]
         for session in sessions:  # warm-up: every session once (connections, first-call costs)
-            session.predict(**requests[0], api_name="/txt2img")
-        started = time.perf_counter()
-        alone = [sessions[0].predict(**r, api_name="/txt2img") for r in requests]
-        sequential = time.perf_counter() - started
-
-        per_client = [requests[k::clients] for k in range(clients)]
-
-        def client_run(k: int) -> list:
-            return [sessions[k].predict(**r, api_name="/txt2img") for r in per_client[k]]
-
-        started = time.perf_counter()
+            session.predict(**rounds[0][0], api_name="/txt2img")
+        sequential = concurrent = 0.0
+        alone, together = [], []
         with ThreadPoolExecutor(clients) as pool:
-            outcomes = list(pool.map(client_run, range(clients)))
-        concurrent = time.perf_counter() - started
-        together: list = [None] * len(requests)
-        for k, results in enumerate(outcomes):
-            for j, result in enumerate(results):
-                together[k + j * clients] = result
+            for requests in rounds:
+                started = time.perf_counter()
+                alone += [sessions[0].predict(**r, api_name="/txt2img") for r in requests]
+                sequential += time.perf_counter() - started
+                started = time.perf_counter()
+                together += list(pool.map(lambda k: sessions[k].predict(**requests[k], api_name="/txt2img"),
+                                          range(clients)))
+                concurrent += time.perf_counter() - started
     finally:
         server.close()
     return sequential, concurrent, [_image(r) for r in alone], [_image(r) for r in together]
@@ -70,19 +67,20 @@ def run(opts: Options) -> list[Row]:
         opts.notes.append(note)
     engine = build_engine(folder)
     clients = 2 if opts.quick else CLIENTS
-    per_client = 1 if opts.quick else 3
-    requests = _requests(engine, clients * per_client, opts.steps)
+    rounds = [_requests(engine, clients, opts.steps, first_seed=100 + clients * r) for r in range(1 if opts.quick else 3)]
+    count = clients * len(rounds)
     rows = []
-    for label, batch in (("batching on", engine.limits.batch_requests), ("batching off", 1)):
+    # merging on at least for as many requests as there are clients, whatever LDS_BATCH_REQUESTS says
+    for label, batch in (("batching on", max(engine.limits.batch_requests, clients)), ("batching off", 1)):
         engine.limits = dataclasses.replace(engine.limits, batch_requests=batch)
-        sequential, concurrent, alone, together = _measure(engine, requests, clients)
+        sequential, concurrent, alone, together = _measure(engine, rounds)
         same = sum(np.array_equal(a, b) for a, b in zip(alone, together))
         worst = max(int(np.abs(a - b).max()) for a, b in zip(alone, together))
         rows.append(Row(
             PART, f"{clients} clients at once vs 1 client in turn ({label}, LDS_BATCH_REQUESTS={batch})",
             sequential / concurrent, goal=GOAL if batch > 1 else "",
-            detail=f"{len(requests)} requests: {sequential:.2f} s in turn vs {concurrent:.2f} s at once; "
-                   f"{same}/{len(requests)} images byte-identical to their solo run, max diff {worst}/255"))
+            detail=f"{count} requests in {len(rounds)} round(s): {sequential:.2f} s in turn vs {concurrent:.2f} s "
+                   f"at once; {same}/{count} images byte-identical to their solo run, max diff {worst}/255"))
     return rows
 
 

@@ -11,6 +11,7 @@ from tests.conftest import REPO
 
 ROWS = [
     "1 app overhead | API /txt2img vs diffusers call",
+    "1 app overhead | API /txt2img over plain HTTP (no gradio_client) vs diffusers call",
     "1 app overhead | app task path without HTTP vs diffusers call",
     "1 app overhead | gradio floor: same outputs, no model",
     "2 sharing      | built-in: all tab pipelines via engine vs 1 txt2img + 3 ControlNets (RSS)",
