@@ -1,10 +1,10 @@
 """3. Throughput: 8 clients at once against one client asking the same requests one after another, through
 the running app's /txt2img API (gradio_client, one session per client).
 
-In each round, one client sends 8 requests one after another, then 8 clients send one each at the same
-moment (different prompts and seeds; the same size, steps, guidance and scheduler), so the engine finds
-requests waiting and runs them as one batched call (pipelines/batching.py). Rounds alternate the two ways,
-so a machine whose speed drifts slows both alike. Ratio = total sequential time / total concurrent time.
+In each round, one client sends 16 requests one after another, then 8 clients send the same 16, two each,
+back to back (different prompts and seeds; the same size, steps, guidance and scheduler), so the engine
+finds requests waiting and runs them as one batched call (pipelines/batching.py). Rounds alternate the two
+ways, so a machine whose speed drifts slows both alike. Ratio = total sequential time / total concurrent time.
 The same is measured with merging off (LDS_BATCH_REQUESTS=1): what concurrency alone gives (it overlaps the
 clients' HTTP waiting with model work). Every concurrent image is compared with its sequential twin.
 
@@ -23,6 +23,8 @@ from benchmarks.common import PROMPTS, Options, Row, build_engine, model_folder,
 PART = "3 throughput"
 GOAL = ">= 1.8"
 CLIENTS = 8
+PER_CLIENT = 2  # requests each client sends back to back in a round
+ROUNDS = 2
 
 
 def _requests(engine, count: int, steps: int, *, first_seed: int) -> list[dict]:
@@ -37,9 +39,8 @@ def _image(result) -> np.ndarray:
         return np.asarray(png.convert("RGB"), dtype=np.int16)
 
 
-def _measure(engine, rounds: list[list[dict]]) -> tuple[float, float, list, list]:
+def _measure(engine, rounds: list[list[dict]], clients: int) -> tuple[float, float, list, list]:
     """(sequential seconds, concurrent seconds, sequential images, concurrent images) on a fresh app."""
-    clients = len(rounds[0])
     server = start_app(engine, queue_size=max(20, 2 * clients))
     try:
         sessions = [server.client() for _ in range(clients)]
@@ -53,9 +54,14 @@ def _measure(engine, rounds: list[list[dict]]) -> tuple[float, float, list, list
                 alone += [sessions[0].predict(**r, api_name="/txt2img") for r in requests]
                 sequential += time.perf_counter() - started
                 started = time.perf_counter()
-                together += list(pool.map(lambda k: sessions[k].predict(**requests[k], api_name="/txt2img"),
-                                          range(clients)))
+                per_client = list(pool.map(
+                    lambda k: [sessions[k].predict(**r, api_name="/txt2img") for r in requests[k::clients]],
+                    range(clients)))
                 concurrent += time.perf_counter() - started
+                ordered: list = [None] * len(requests)
+                for k, results in enumerate(per_client):
+                    ordered[k::clients] = results
+                together += ordered
     finally:
         server.close()
     return sequential, concurrent, [_image(r) for r in alone], [_image(r) for r in together]
@@ -66,14 +72,15 @@ def run(opts: Options) -> list[Row]:
     if note:
         opts.notes.append(note)
     engine = build_engine(folder)
-    clients = 2 if opts.quick else CLIENTS
-    rounds = [_requests(engine, clients, opts.steps, first_seed=100 + clients * r) for r in range(1 if opts.quick else 3)]
-    count = clients * len(rounds)
+    clients, per_client, count_rounds = (2, 1, 1) if opts.quick else (CLIENTS, PER_CLIENT, ROUNDS)
+    size = clients * per_client
+    rounds = [_requests(engine, size, opts.steps, first_seed=100 + size * r) for r in range(count_rounds)]
+    count = size * count_rounds
     rows = []
     # merging on at least for as many requests as there are clients, whatever LDS_BATCH_REQUESTS says
     for label, batch in (("batching on", max(engine.limits.batch_requests, clients)), ("batching off", 1)):
         engine.limits = dataclasses.replace(engine.limits, batch_requests=batch)
-        sequential, concurrent, alone, together = _measure(engine, rounds)
+        sequential, concurrent, alone, together = _measure(engine, rounds, clients)
         same = sum(np.array_equal(a, b) for a, b in zip(alone, together))
         worst = max(int(np.abs(a - b).max()) for a, b in zip(alone, together))
         rows.append(Row(
