@@ -146,7 +146,8 @@ def settings_rows(engine, opts: Options, compile_too: bool) -> list[Row]:
             compile_s = time.perf_counter() - started
             fast = step_time(compiled, args, repeats=opts.repeats)
             rows.append(Row(PART, "U-Net step: torch.compile vs eager (time ratio)", fast / base,
-                            detail=f"{fast * 1e3:.1f} ms vs {base * 1e3:.1f} ms after {compile_s:.0f} s of compiling"))
+                            detail=f"{fast * 1e3:.1f} ms vs {base * 1e3:.1f} ms after {compile_s:.0f} s of compiling "
+                                   f"(less when inductor's on-disk cache is warm)"))
         except Exception as error:  # no compiler, unsupported op: say so, do not fail the run
             rows.append(Row(PART, "U-Net step: torch.compile vs eager (time ratio)", float("nan"),
                             detail=f"skipped: {type(error).__name__}: {str(error).splitlines()[0][:120]}"))
