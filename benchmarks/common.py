@@ -7,6 +7,7 @@ absolute times depend on the machine and its load, so a benchmark never asserts 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import io
@@ -125,7 +126,9 @@ def model_folder(opts: Options) -> tuple[str, str | None]:
 
 
 def _private_copy(source: Path) -> str:
-    target = Path(tempfile.mkdtemp(prefix="lds-bench-model-")) / source.name
+    root = Path(tempfile.mkdtemp(prefix="lds-bench-model-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    target = root / source.name
     for _ in range(3):  # the folder may be being written right now: copy until a complete folder results
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
