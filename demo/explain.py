@@ -108,6 +108,12 @@ def _abs_limits(*arrays: np.ndarray) -> np.ndarray:
     return np.max([np.abs(a).reshape(a.shape[0], -1).max(axis=1) for a in arrays], axis=0)
 
 
+def view_image(label: str, name: str, scale: int | None = None):
+    """A read-only, pixelated, fixed-height picture of one part of the last run (every view in this tab)."""
+    return gr.Image(label=label, interactive=False, format="png", height=VIEW_PX, scale=scale,
+                    elem_id=f"{TAB}-{name}", elem_classes=["lds-pixelated"])
+
+
 def overlay(image: Image.Image, heat: np.ndarray) -> Image.Image:
     """An attention map (h, w) in [0, 1] over the image, both enlarged to at least IMAGE_PX."""
     base = enlarge(image.convert("RGB"))
@@ -344,10 +350,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
                          value=max(1, preset.default_steps), elem_id=f"{TAB}-step")
     with gr.Row(equal_height=False):
-        latent = gr.Image(label="z_t: the latent's 4 channels", interactive=False, format="png", height=VIEW_PX, scale=2,
-                          elem_id=f"{TAB}-latent", elem_classes=["lds-pixelated"])
-        x0 = gr.Image(label="x̂0 decoded by the VAE", interactive=False, format="png", height=VIEW_PX, scale=1,
-                      elem_id=f"{TAB}-x0", elem_classes=["lds-pixelated"])
+        latent = view_image("z_t: the latent's 4 channels", "latent", scale=2)
+        x0 = view_image("x̂0 decoded by the VAE", "x0", scale=1)
     noise = gr.Markdown("", label="Noise level at this step", elem_id=f"{TAB}-noise")
     film = gr.Gallery(label="x̂0 at every step (step · σ)", columns=10, height=300, format="png", object_fit="contain",
                       interactive=False, elem_id=f"{TAB}-filmstrip", elem_classes=["lds-gallery", "lds-pixelated"])
@@ -374,19 +378,13 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     cfg_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1, value=1,
                              elem_id=f"{TAB}-cfg-step")
     with gr.Row(equal_height=False):
-        eps_uncond = gr.Image(label="ε̂ unconditional", interactive=False, format="png", height=VIEW_PX,
-                              elem_id=f"{TAB}-eps-uncond", elem_classes=["lds-pixelated"])
-        eps_cond = gr.Image(label="ε̂ conditional (prompt)", interactive=False, format="png", height=VIEW_PX,
-                            elem_id=f"{TAB}-eps-cond", elem_classes=["lds-pixelated"])
-        eps_diff = gr.Image(label="ε̂_cond − ε̂_uncond", interactive=False, format="png", height=VIEW_PX,
-                            elem_id=f"{TAB}-eps-diff", elem_classes=["lds-pixelated"])
+        eps_uncond = view_image("ε̂ unconditional", "eps-uncond")
+        eps_cond = view_image("ε̂ conditional (prompt)", "eps-cond")
+        eps_diff = view_image("ε̂_cond − ε̂_uncond", "eps-diff")
     with gr.Row(equal_height=False):
-        x0_uncond = gr.Image(label="x̂0 from ε̂ unconditional", interactive=False, format="png", height=VIEW_PX,
-                             elem_id=f"{TAB}-x0-uncond", elem_classes=["lds-pixelated"])
-        x0_cond = gr.Image(label="x̂0 from ε̂ conditional", interactive=False, format="png", height=VIEW_PX,
-                           elem_id=f"{TAB}-x0-cond", elem_classes=["lds-pixelated"])
-        x0_guided = gr.Image(label="x̂0 from the guided ε̂", interactive=False, format="png", height=VIEW_PX,
-                             elem_id=f"{TAB}-x0-guided", elem_classes=["lds-pixelated"])
+        x0_uncond = view_image("x̂0 from ε̂ unconditional", "x0-uncond")
+        x0_cond = view_image("x̂0 from ε̂ conditional", "x0-cond")
+        x0_guided = view_image("x̂0 from the guided ε̂", "x0-guided")
     cfg_text = gr.Markdown("", label="Guidance at this step", elem_id=f"{TAB}-cfg-text")
     strip = gr.Gallery(label="Same seed, different guidance", columns=6, height=260, fit_columns=False, format="png",
                        object_fit="contain", interactive=False, elem_id=f"{TAB}-strip",
@@ -446,21 +444,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             inpaint_status = gr.Markdown("", label="Status", elem_id=f"{TAB}-inpaint-status")
         with gr.Column(scale=3):
             with gr.Row(equal_height=False):
-                mask_shown = gr.Image(label="Your mask (magenta)", interactive=False, format="png", height=VIEW_PX,
-                                      elem_id=f"{TAB}-mask-image", elem_classes=["lds-pixelated"])
-                mask_latent = gr.Image(label="The mask the U-Net uses (latent grid)", interactive=False, format="png",
-                                       height=VIEW_PX,
-                                       elem_id=f"{TAB}-mask-latent", elem_classes=["lds-pixelated"])
-                inpaint_result = gr.Image(label="Result", interactive=False, format="png", height=VIEW_PX,
-                                          elem_id=f"{TAB}-inpaint-result", elem_classes=["lds-pixelated"])
+                mask_shown = view_image("Your mask (magenta)", "mask-image")
+                mask_latent = view_image("The mask the U-Net uses (latent grid)", "mask-latent")
+                inpaint_result = view_image("Result", "inpaint-result")
             inpaint_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
                                          value=1, elem_id=f"{TAB}-inpaint-step")
             with gr.Row(equal_height=False):
-                inpaint_latent = gr.Image(label="What the U-Net sees: z_t, 4 channels", interactive=False,
-                                          format="png", height=VIEW_PX,
-                                          scale=2, elem_id=f"{TAB}-inpaint-latent", elem_classes=["lds-pixelated"])
-                inpaint_x0 = gr.Image(label="x̂0 decoded", interactive=False, format="png", height=VIEW_PX, scale=1,
-                                      elem_id=f"{TAB}-inpaint-x0", elem_classes=["lds-pixelated"])
+                inpaint_latent = view_image("What the U-Net sees: z_t, 4 channels", "inpaint-latent", scale=2)
+                inpaint_x0 = view_image("x̂0 decoded", "inpaint-x0", scale=1)
             inpaint_text = gr.Markdown("", label="Inpainting at this step", elem_id=f"{TAB}-inpaint-text")
     inpaint_state = gr.State(None)
 
