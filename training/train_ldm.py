@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class LDMConfig:
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 200
+    cosine_decay: bool = False  # decay the learning rate to 0 at --max-steps (for a final run that settles the weights)
     caption_dropout: float = 0.1  # share of empty captions: the unconditional model for CFG
     min_snr_gamma: float = 5.0  # Hang et al. 2023: caps the weight of easy, low-noise steps
     # "v_prediction" (Salimans & Ho 2022): at high noise the U-Net predicts the clean latent itself,
@@ -184,6 +186,8 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
         loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, config.prediction_type)).mean()
 
         lr = config.learning_rate * min(1.0, (step + 1 - first_step) / config.warmup_steps)
+        if config.cosine_decay:
+            lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -237,11 +241,14 @@ def main(argv=None):
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--eval-every", type=int, default=500, help="0 turns the in-training evaluation off")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=LDMConfig.prediction_type)
+    parser.add_argument("--learning-rate", type=float, default=LDMConfig.learning_rate)
+    parser.add_argument("--cosine-decay", action="store_true", help="decay the learning rate to 0 at --max-steps")
     parser.add_argument("--init-from", type=Path, default=None, help="start a new run from another run's checkpoint.pt weights")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    config = LDMConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, prediction_type=args.prediction_type)
+    config = LDMConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, prediction_type=args.prediction_type,
+                       learning_rate=args.learning_rate, cosine_decay=args.cosine_decay)
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from)
 

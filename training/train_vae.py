@@ -38,7 +38,7 @@ class VAEConfig:
     learning_rate: float = 2e-4
     kl_weight: float = 1e-6  # the LDM's KL-f4 setting: a nearly deterministic, well-scaled latent
     disc_start: int = 1500  # steps of pure reconstruction before the adversarial term
-    disc_weight: float = 0.1  # kept small: sharpness without trading away PSNR
+    disc_weight: float = 0.1  # kept small: sharpness without trading away PSNR; 0: the decoder phase is L1 only
     disc_learning_rate: float = 1e-4
     # From disc_start on only the decoder trains: the latent space the U-Net learns stays fixed, so the
     # decoder can keep improving (here or in a later run) without retraining the U-Net.
@@ -134,8 +134,9 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
         x = random_crops(images_to_tensor(shapes.batch(seeds)[0]), config.crop, crop_generator)  # (B, 3, crop, crop)
 
         # 2. Autoencoder: reconstruction + KL (+ adversarial after warm-up).
-        use_disc = step >= config.disc_start
-        with torch.set_grad_enabled(not (use_disc and config.freeze_encoder_with_disc)):
+        decoder_phase = step >= config.disc_start
+        use_disc = decoder_phase and config.disc_weight > 0
+        with torch.set_grad_enabled(not (decoder_phase and config.freeze_encoder_with_disc)):
             posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         rec_loss = (recon - x).abs().mean()
@@ -198,13 +199,15 @@ def main(argv=None):
     parser.add_argument("--max-steps", type=int, default=3000, help="train until this step (resumes from the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=VAEConfig.batch_size)
     parser.add_argument("--disc-start", type=int, default=VAEConfig.disc_start)
+    parser.add_argument("--disc-weight", type=float, default=VAEConfig.disc_weight,
+                        help="adversarial weight from --disc-start on; 0 trains the decoder on L1 alone")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--export-only", action="store_true", help="export the checkpoint's VAE to OUT/vae and stop")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    config = VAEConfig(batch_size=args.batch_size, disc_start=args.disc_start)
+    config = VAEConfig(batch_size=args.batch_size, disc_start=args.disc_start, disc_weight=args.disc_weight)
     if args.export_only:
         state = Checkpoint(args.out).load()
         if state is None:
