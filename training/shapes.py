@@ -61,6 +61,7 @@ POSITIONS: dict[str, tuple[str, tuple[int, int]]] = {
 # training, so fine-tuning can teach the model a style it has provably never been told about.
 STYLES = ("flat", "outline", "striped", "dotted", "glow")
 UNSEEN_STYLES = ("checkered",)
+CHECKER_PX = 6  # side of a checkered style's square
 
 POSES = ("standing", "waving", "jumping", "sitting", "running", "arms up")
 POSE_PHRASES = {pose: ("with arms up" if pose == "arms up" else pose) for pose in POSES}
@@ -366,7 +367,8 @@ def _style_fill(style: str, colour: np.ndarray, coverage: np.ndarray, box_centre
         dots = (((xs - box_centre[0]) % 5 - 2) ** 2 + ((ys - box_centre[1]) % 5 - 2) ** 2 <= 1.5)[:, :, None]
         fill = np.where(dots, 255.0, fill * 0.9)
     elif style == "checkered":
-        checker = (((xs - box_centre[0]) // 4 + (ys - box_centre[1]) // 4) % 2 == 0)[:, :, None]
+        # 6 px squares: 1.5 latent positions of the f=4 VAE, so the pattern survives the latent space
+        checker = (((xs - box_centre[0]) // CHECKER_PX + (ys - box_centre[1]) // CHECKER_PX) % 2 == 0)[:, :, None]
         fill = np.where(checker, fill, fill * 0.25)
     return fill, coverage
 

@@ -43,6 +43,9 @@ class VAEConfig:
     # From disc_start on only the decoder trains: the latent space the U-Net learns stays fixed, so the
     # decoder can keep improving (here or in a later run) without retraining the U-Net.
     freeze_encoder_with_disc: bool = True
+    # Also scenes in styles no caption names (shapes.UNSEEN_STYLES): the VAE never reads captions, and a
+    # codec that cannot draw a texture would make it impossible to fine-tune the LDM on that texture later.
+    all_styles: bool = False
 
 
 def build_vae(config: VAEConfig) -> AutoencoderKL:
@@ -131,7 +134,8 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
     while step < max_steps:
         # 1. A fresh batch of scenes: seeds advance with the step, so a resumed run sees new data.
         seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
-        x = random_crops(images_to_tensor(shapes.batch(seeds)[0]), config.crop, crop_generator)  # (B, 3, crop, crop)
+        scenes = shapes.batch(seeds, allow_unseen_styles=config.all_styles)[0]
+        x = random_crops(images_to_tensor(scenes), config.crop, crop_generator)  # (B, 3, crop, crop)
 
         # 2. Autoencoder: reconstruction + KL (+ adversarial after warm-up).
         decoder_phase = step >= config.disc_start
@@ -201,13 +205,15 @@ def main(argv=None):
     parser.add_argument("--disc-start", type=int, default=VAEConfig.disc_start)
     parser.add_argument("--disc-weight", type=float, default=VAEConfig.disc_weight,
                         help="adversarial weight from --disc-start on; 0 trains the decoder on L1 alone")
+    parser.add_argument("--all-styles", action="store_true", help="train on every rendered style, also uncaptioned ones")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--export-only", action="store_true", help="export the checkpoint's VAE to OUT/vae and stop")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    config = VAEConfig(batch_size=args.batch_size, disc_start=args.disc_start, disc_weight=args.disc_weight)
+    config = VAEConfig(batch_size=args.batch_size, disc_start=args.disc_start, disc_weight=args.disc_weight,
+                       all_styles=args.all_styles)
     if args.export_only:
         state = Checkpoint(args.out).load()
         if state is None:
