@@ -69,17 +69,17 @@ def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) 
 
 
 def build_app(engine, settings: AppSettings | None = None):
-    """The whole UI for one engine: header, five task tabs, "Send to" links, bounded queue."""
+    """The whole UI for one engine: header, five task tabs, Explain, Fine-tune, "Send to" links, bounded queue."""
     import gradio as gr
 
-    from demo import common, controlnet, explain, header, inpaint, outpaint, style, txt2img
+    from demo import common, controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
 
     settings = settings or AppSettings()
     gpu = gpu_decorator()
     zero_gpu = getattr(gpu, "__module__", "").startswith("spaces")
     studio = common.Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=zero_gpu))
     modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
-               "controlnet": controlnet, "explain": explain}
+               "controlnet": controlnet, "explain": explain, "finetune": finetune}
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         header.build_header(engine)
         with gr.Tabs() as tabs:

@@ -34,6 +34,7 @@ TAB_LABELS = {
     "style": "Style transfer",
     "controlnet": "ControlNet",
     "explain": "Explain",
+    "finetune": "Fine-tune",
 }
 SEND_TARGETS = ("inpaint", "outpaint", "style", "controlnet")  # tabs with an input image
 HISTORY_LIMIT = 48  # images kept in a session's history gallery

@@ -13,7 +13,7 @@ one user's fine-tune never changes another user's images. The LoRA state of the 
 request under `engine.lock` (all model work holds it), never left to chance between requests.
 
 File format (one `.safetensors`, what `save` writes and `load_file` reads back):
-    unet.*           LoRA weights in diffusers' format (`load_lora_weights` reads the file as it is)
+    unet.*           LoRA weights, peft key names (diffusers' `load_lora_weights` reads the file as it is)
     unet_full.*      a full fine-tune's U-Net state dict (kind "full")
     token_embedding  (hidden,) the learned vector of the trigger word, if the tokenizer lacked it
     metadata         {"lds_token", "lds_kind", "lds_base", "lds_info" (JSON)}
@@ -226,6 +226,8 @@ class AdapterSet:
             others = [a.name for a in self._adapters.values() if a.kind == "lora" and a.name != name]
             if adapter.kind != "lora" or others:
                 raise ModelError(f"cannot fuse adapter {name!r}: only a lone LoRA can be fused (others: {others})")
+            self._lora_state = None
+            self._set_lora([adapter])  # fusing folds in the layers' current scale: make it this adapter's
             self.engine.base.fuse_lora(adapter_names=[name])
             self.engine.base.unload_lora_weights()
             del self._adapters[name]
@@ -246,7 +248,7 @@ class AdapterSet:
             self._unk_vectors.setdefault(word, embeddings.weight[unk].detach().clone())
             if word not in tokenizer.get_vocab():
                 tokenizer.add_tokens([word])
-                text_encoder.resize_token_embeddings(len(tokenizer))
+                text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
                 embeddings = text_encoder.get_input_embeddings()
             word_id = int(tokenizer.convert_tokens_to_ids(word))
             with torch.no_grad():
@@ -271,14 +273,14 @@ class AdapterSet:
 
     def state_dict(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, metadata) of an adapter in this module's file format."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         adapter = self.get(name)
         with self.engine.lock:
             if adapter.kind == "lora":
                 lora = get_peft_model_state_dict(self.engine.base.unet, adapter_name=name)
-                tensors = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(lora).items()}
+                # peft's key names ("...to_q.lora_A.weight"), which load_lora_weights reads back for every layer type
+                tensors = {f"unet.{k}": v for k, v in lora.items()}
             else:
                 tensors = {f"unet_full.{k}": v for k, v in adapter.unet.state_dict().items()}
             if adapter.token_embedding is not None:
@@ -371,14 +373,20 @@ class AdapterSet:
             raise InputError(f"this LoRA does not fit model {self.engine.preset.name}: {str(error)[:300]}") from error
 
     def _load_full_unet(self, state: dict[str, torch.Tensor]):
-        unet = copy.deepcopy(self.engine.base.unet)
-        if getattr(unet, "_hf_peft_config_loaded", False):
-            raise ModelError("full fine-tunes need a U-Net without LoRA layers; remove the LoRA adapters first")
+        unet = plain_unet_copy(self.engine.base.unet)
         try:
             unet.load_state_dict({k: v.to(self.engine.torch_dtype) for k, v in state.items()}, strict=True)
         except RuntimeError as error:
             raise InputError(f"this U-Net does not fit model {self.engine.preset.name}: {str(error)[:300]}") from error
         return unet.eval().requires_grad_(False)
+
+
+def plain_unet_copy(unet):
+    """A copy of the shared U-Net without any LoRA layers (a full fine-tune starts from, and replaces, the base)."""
+    unet = copy.deepcopy(unet)
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        unet.unload_lora()  # unmerged LoRA layers are dropped, leaving the base weights
+    return unet
 
 
 def needs_new_word(tokenizer, word: str) -> bool:

@@ -34,6 +34,7 @@ class Request:
     negative_prompt: str
     seed: int
     count: int  # images (batch_size); image i uses seed + i
+    adapters: tuple[str, ...] = ()  # adapters the prompt switches on: requests share a call only with the same ones
     on_step: OnStep | None = None
     cancel: CancelEvent | None = None
     images: list[Image.Image] | None = None
@@ -43,7 +44,7 @@ class Request:
 
     @property
     def key(self) -> tuple:
-        return (self.scheduler, tuple(sorted(self.shared.items())))
+        return (self.scheduler, tuple(sorted(self.shared.items())), self.adapters)
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()

@@ -11,6 +11,7 @@ the same modules. Nothing per-request is ever assigned onto a shared pipeline.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 from dataclasses import replace
@@ -20,8 +21,10 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from pipelines.adapters import AdapterSet
 from pipelines.batching import RequestBatcher
 from pipelines.common import InputError, ModelNotAvailable, check_choice
+from pipelines.compute import model_thread
 from pipelines.registry import CONTROL_TYPES, ModelPreset
 from pipelines.run import PREVIEW_EVERY_S
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
@@ -128,6 +131,9 @@ class Engine:
         self.preset = preset
         self.device, self.torch_dtype = pick_device(device, dtype, builtin=preset.is_builtin)
         self.lock = threading.RLock()  # serialises all model work: API, CLI and UI callers alike
+        # Loads and runs the model on one OS thread, whatever thread a request arrives on: one OpenMP pool per
+        # process, or every CPU op waits for a wake-up (2.65x slower on 2 cores; pipelines/compute.py)
+        self.compute = model_thread()
         env_limits = Limits.from_env()
         max_size = min(preset.max_size, env_limits.max_size) if env_limits.max_size else preset.max_size
         self.limits = replace(env_limits, max_size=max_size)
@@ -140,13 +146,16 @@ class Engine:
         self.preview_every_s = PREVIEW_EVERY_S  # live previews at most this often (0: every step); see pipelines/run.py
         self.preview_cost_s = 0.0  # what the last live preview took (PreviewClock spaces previews by it)
         self.batcher = RequestBatcher(self)  # merges queued compatible txt2img requests (limits.batch_requests)
+        self.adapters = AdapterSet(self)  # fine-tuned / loaded LoRAs and U-Nets, each used by prompts with its word
         _quiet_from_pipe_warnings()
 
         # 1. Load the one base pipeline (U-Net, VAE, text encoder, tokenizer, scheduler config)
-        self.base = self._load_base()
+        self.base = self.compute.run(self._load_base)
         # 2. Memory options act on the shared modules once, at load time, never per request
         if self.preset.lora:
-            self._load_lora(self.preset.lora)
+            # Loaded like any adapter, then folded into the U-Net weights: no per-step cost for a preset's LoRA
+            self.adapters.load_source(self.preset.lora, name="preset-lora")
+            self.adapters.fuse("preset-lora")
         if attention_slicing:
             self.base.enable_attention_slicing()
         if vae_tiling:
@@ -180,17 +189,10 @@ class Engine:
             pipe = pipe.to(self.device)
         return pipe
 
-    def _load_lora(self, lora: str) -> None:
-        try:
-            self.base.load_lora_weights(lora)
-        except _load_errors() as error:
-            raise _not_available("LoRA", lora, self.preset.name, error) from error
-        # Fusing folds the LoRA into the U-Net weights: every task pipeline sees it, no per-step cost.
-        self.base.fuse_lora()
-
     def _load_model(self, cls, model_id: str, what: str, **kwargs):
         try:
-            model = cls.from_pretrained(model_id, **_dtype_kwarg(self.torch_dtype), use_safetensors=True, **kwargs)
+            model = self.compute.run(cls.from_pretrained, model_id, **_dtype_kwarg(self.torch_dtype),
+                                     use_safetensors=True, **kwargs)
         except _load_errors() as error:
             raise _not_available(what, model_id, self.preset.name, error) from error
         # Lazily loaded models live on the device even with cpu_offload: the offload hooks were attached to
@@ -255,9 +257,11 @@ class Engine:
         }
 
     def unknown_words(self, prompt: str) -> list[str]:
+        from pipelines.adapters import prompt_words
         from training.text import unknown_words
 
-        return unknown_words(self.base.tokenizer, prompt or "")
+        switched_off = self.adapters.disabled_words() & prompt_words(prompt)  # words of adapters that are off
+        return unknown_words(self.base.tokenizer, prompt or "") + sorted(switched_off)
 
     def vocabulary(self) -> list[str]:
         """The words a word-level tokenizer knows (the built-in model); [] for CLIP's open BPE vocabulary."""
@@ -355,8 +359,8 @@ class Engine:
             return preprocess.canny
         with self.lock:
             if control_type not in self._annotators:
-                self._annotators[control_type] = self._load_annotator(control_type)
-            return self._annotators[control_type]
+                self._annotators[control_type] = self.compute.run(self._load_annotator, control_type)
+            return functools.partial(self.compute.run, self._annotators[control_type])  # runs on the model thread
 
     def _load_annotator(self, control_type: str) -> Callable[..., Image.Image]:
         source = self.preset.annotators

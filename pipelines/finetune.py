@@ -16,7 +16,6 @@ generation requests run between steps; until it finishes nothing but the trainer
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipelines.adapters import Adapter, needs_new_word, prompt_words
+from pipelines.adapters import Adapter, needs_new_word, plain_unet_copy, prompt_words
 from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
 from pipelines.run import CancelEvent, generators, run_pipeline
 
@@ -277,10 +276,7 @@ def _trainable_unet(engine, settings: FineTuneSettings):
     base = engine.base
     with engine.lock:
         if settings.method == "full":
-            unet = copy.deepcopy(base.unet)
-            if getattr(unet, "_hf_peft_config_loaded", False):
-                unet.unload_lora()  # the copy starts from the plain base weights, not from other adapters
-            unet = unet.float().train()
+            unet = plain_unet_copy(base.unet).float().train()  # from the base weights, not from other adapters
             unet.requires_grad_(True)
             return unet, [p for p in unet.parameters()]
         from peft import LoraConfig

@@ -131,8 +131,11 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
 def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image]:
     """`view(**call_kwargs)` with a step-end callback; model failures become ModelError, bad values InputError."""
     try:
-        with torch.inference_mode():
-            output = view(callback_on_step_end=on_step_end, output_type="pil", **call_kwargs)
+        # The adapters this prompt's words switch on (fine-tunes, LoRAs); none: the base model, untouched
+        view = engine.adapters.prepare(view, call_kwargs.get("prompt"))
+        # On the engine's model thread (pipelines/compute.py); inference_mode is per thread, so it is entered there
+        output = engine.compute.run(_inference, view, callback_on_step_end=on_step_end, output_type="pil",
+                                    **call_kwargs)
     except (InputError, Cancelled):
         raise
     except ValueError as error:
@@ -151,5 +154,14 @@ def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image
     return list(output.images)
 
 
+def _inference(fn, /, **kwargs: Any):
+    with torch.inference_mode():
+        return fn(**kwargs)
+
+
 def base_params(engine, task: str, common: dict[str, Any], width: int, height: int) -> dict[str, Any]:
-    return {"task": task, "model": engine.preset.name, **common, "width": width, "height": height}
+    params = {"task": task, "model": engine.preset.name, **common, "width": width, "height": height}
+    adapters = engine.adapters.active_for(common.get("prompt"))
+    if adapters:
+        params["adapters"] = list(adapters)  # which fine-tunes made the image: needed to make it again
+    return params

@@ -21,6 +21,9 @@ class Limits:
     max_upload_mb: int = 20  # LDS_MAX_UPLOAD_MB: upload file size, for the web layer
     max_seed: int = 2**32 - 1  # seeds are 32-bit like A1111/ComfyUI so they survive JSON and UI number fields
     max_outpaint: int = 512  # LDS_MAX_OUTPAINT: pixels added on any one side
+    max_adapters: int = 8  # LDS_MAX_ADAPTERS: fine-tuned or loaded adapters held at once
+    max_finetune_steps: int = 2000  # LDS_MAX_FINETUNE_STEPS: optimiser steps of one fine-tune
+    max_finetune_images: int = 20  # LDS_MAX_FINETUNE_IMAGES: training images of one fine-tune
     batch_requests: int = 8  # LDS_BATCH_REQUESTS: images of queued same-settings txt2img requests run as one call (1: off)
 
     @classmethod

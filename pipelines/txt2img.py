@@ -34,6 +34,7 @@ def generate(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps
                         width=width, height=height),
             prompt=common["prompt"], negative_prompt=common["negative_prompt"], seed=common["seed"],
             count=common["batch_size"], on_step=on_step, cancel=cancel,
+            adapters=engine.adapters.active_for(common["prompt"]),
         ))
     return GenerationResult(images=images, params=params)
 
