@@ -77,7 +77,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             method = gr.Radio(["lora", "full"], value="lora", label="Method", elem_id=f"{TAB}-method",
                               info="lora: small, combinable adapters · full: every U-Net weight (more memory, slower)")
             with gr.Accordion("Training settings", open=False):
-                steps = gr.Slider(10, limits.max_finetune_steps, value=default_steps(engine), step=10, label="Steps",
+                steps = gr.Slider(1, limits.max_finetune_steps, value=default_steps(engine), step=10, label="Steps",
                                   elem_id=f"{TAB}-steps")
                 learning_rate = gr.Number(value=0, label="Learning rate (0: the method's default)", minimum=0)
                 rank = gr.Slider(1, 64, value=8, step=1, label="Rank of the low-rank updates")
@@ -104,7 +104,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             table = gr.Dataframe(value=adapter_rows(engine), headers=ADAPTER_COLUMNS, interactive=False,
                                  elem_id=f"{TAB}-adapters")
             with gr.Row():
-                chosen = gr.Dropdown(adapter_names(engine), label="Adapter", allow_custom_value=False, elem_id=f"{TAB}-chosen")
+                chosen = gr.Dropdown(adapter_names(engine), label="Adapter", allow_custom_value=True, elem_id=f"{TAB}-chosen")
                 enabled = gr.Checkbox(value=True, label="On", elem_id=f"{TAB}-enabled")
                 strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength")
             with gr.Row():
@@ -142,7 +142,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                    batch_size, prior, prior_weight, seed, name, test_prompt],
                         [status, loss_plot, comparison, table], api_name="finetune",
                         concurrency_id="finetune", concurrency_limit=1, show_progress="minimal")
-    event.then(lambda: gr.Dropdown(choices=adapter_names(engine)), None, chosen, **common.UI_EVENT)
+    event.then(lambda: gr.Dropdown(choices=adapter_names(engine), value=(adapter_names(engine) or [None])[-1]),
+               None, chosen, **common.UI_EVENT)
 
     def stop(request: gr.Request):
         return "Cancelling…" if studio.cancels.cancel(common.session_key(request, TAB)) else gr.skip()
