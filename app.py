@@ -114,8 +114,14 @@ def launch(app, engine, settings: AppSettings, **kwargs):
     )
 
 
+def parse_adapter(value: str) -> tuple[str, str | None]:
+    """'SOURCE' or 'SOURCE=WORD' -> (source, word or None): a LoRA file/folder/hub id and its trigger word."""
+    source, _, word = value.rpartition("=") if "=" in value else (value, "", "")
+    return source.strip(), (word.strip() or None)
+
+
 def build_engine(model: str, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False,
-                 cpu_offload=False, max_batch: int | None = None):
+                 cpu_offload=False, max_batch: int | None = None, adapters: list[str] = ()):
     from pipelines.engine import Engine
     from pipelines.registry import resolve_preset
 
@@ -123,6 +129,10 @@ def build_engine(model: str, *, device=None, dtype=None, attention_slicing=False
                     vae_tiling=vae_tiling, cpu_offload=cpu_offload)
     if max_batch is not None:
         engine.limits = replace(engine.limits, max_batch=max_batch)
+    for value in adapters:  # the same loader as the Fine-tune tab's "Load", for files the server's owner chose
+        source, word = parse_adapter(value)
+        name = Path(source.rstrip("/")).name.removesuffix(".safetensors")[:40] or "adapter"
+        engine.adapters.load_source(source, name=name.replace("/", "-"), token=word)
     return engine
 
 
@@ -144,8 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention-slicing", action="store_true", help="lower peak memory, a little slower")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     parser.add_argument("--cpu-offload", action="store_true", help="keep idle modules in CPU memory (CUDA)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="SOURCE[=WORD]",
+                        help="load a LoRA (.safetensors file, diffusers folder or hub id) at start; with =WORD only "
+                             "prompts containing WORD use it (repeatable) [LDS_ADAPTERS, comma-separated]")
     parser.add_argument("--download", metavar="PRESET", help="pre-download a hub preset's weights, then exit")
     args = parser.parse_args(argv)
+    args.adapter = [a for a in env.get("LDS_ADAPTERS", "").split(",") if a.strip()] + args.adapter
     if args.max_batch is not None and args.max_batch < 1:
         parser.error(f"--max-batch {args.max_batch}: must be at least 1")
     if args.queue_size < 1:
@@ -168,7 +182,7 @@ def main(argv=None) -> int:
     try:
         engine = build_engine(args.model, device=args.device, dtype=args.dtype,
                               attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                              cpu_offload=args.cpu_offload, max_batch=args.max_batch)
+                              cpu_offload=args.cpu_offload, max_batch=args.max_batch, adapters=args.adapter)
     except (ModelNotAvailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ def test_help_lists_every_flag():
     result = run("app.py", "--help")
     assert result.returncode == 0
     for flag in ("--model", "--device", "--dtype", "--host", "--port", "--share", "--auth", "--max-batch",
-                 "--queue-size", "--attention-slicing", "--vae-tiling", "--cpu-offload", "--download"):
+                 "--queue-size", "--attention-slicing", "--vae-tiling", "--cpu-offload", "--adapter", "--download"):
         assert flag in result.stdout
 
 
@@ -43,7 +43,7 @@ def test_bad_flag_values_are_refused():
 
 def test_ui_package_never_imports_torch():
     code = ("import sys, demo, demo.common, demo.header, demo.txt2img, demo.inpaint, demo.outpaint, demo.style, "
-            "demo.controlnet, demo.explain, app; bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
+            "demo.controlnet, demo.explain, demo.finetune, app; bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = run("-c", code)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -85,3 +85,16 @@ def test_serves_a_local_model_folder_on_localhost_only(tiny_paths):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_adapter_flag_loads_a_lora_through_the_fine_tune_tabs_loader(tiny_paths):
+    import app
+
+    assert app.parse_adapter("loras/style.safetensors=zqx") == ("loras/style.safetensors", "zqx")
+    assert app.parse_adapter("latent-consistency/lcm-lora-sdv1-5") == ("latent-consistency/lcm-lora-sdv1-5", None)
+    lora_file = tiny_paths["sd_lcm_lora"] / "pytorch_lora_weights.safetensors"
+    engine = app.build_engine(str(tiny_paths["sd"]), device="cpu", adapters=[f"{lora_file}=sks", str(tiny_paths["sd_lcm_lora"])])
+    described = {a["name"]: a for a in engine.adapters.describe()}
+    assert described["pytorch_lora_weights"]["token"] == "sks"
+    assert described["tiny-lcm-lora"]["token"] is None  # a folder (as hub LoRAs come): every prompt while on
+    assert engine.adapters.active_for("a sks dog") == ("pytorch_lora_weights", "tiny-lcm-lora")
