@@ -8,6 +8,10 @@ task path without HTTP (demo.common.run_task: engine view, worker thread, previe
 parameters), and gradio's floor: a gradio_client round trip of an event with the same outputs (preview,
 gallery, params, status) that runs no model.
 
+The diffusers side is loaded and called on the app's model thread (pipelines/compute.py), where the app runs
+every model call: libgomp keeps one OpenMP pool per thread that has run a parallel op, and with more pool
+threads than CPUs every op waits for a wake-up, so a diffusers call on another thread would slow both sides.
+
     python -m benchmarks.app_overhead [--model FOLDER] [--threads N] [--repeats N] [--quick]
 """
 from __future__ import annotations
@@ -104,7 +108,7 @@ def run(opts: Options) -> list[Row]:
     if note:
         opts.notes.append(note)
     engine = build_engine(folder)
-    pipe = raw_pipeline(engine.preset.base, engine)
+    pipe = engine.compute.run(raw_pipeline, engine.preset.base, engine)  # same thread as the app's model calls
     args = txt2img_args(engine, seed=7, steps=opts.steps)
     server = start_app(engine)
     try:
@@ -115,12 +119,15 @@ def run(opts: Options) -> list[Row]:
             result = client.predict(**args, api_name="/txt2img")
             outputs["app"] = result[1][0]["image"]
 
-        def raw_call():
+        def raw_on_model_thread():
             with torch.inference_mode():
                 outputs["raw"] = pipe(
                     args["prompt"], negative_prompt=None, num_inference_steps=args["steps"],
                     guidance_scale=args["guidance"], width=args["width"], height=args["height"],
                     generator=[torch.Generator("cpu").manual_seed(args["seed"])]).images[0]
+
+        def raw_call():
+            engine.compute.run(raw_on_model_thread)
 
         studio = ui.Studio()
 

@@ -157,6 +157,23 @@ def settings_rows(engine, opts: Options, compile_too: bool) -> list[Row]:
     return rows
 
 
+def step_rows(engine, opts: Options) -> list[Row]:
+    unet_args = unet_inputs(engine)
+    flops = count_flops(engine.base.unet, *unet_args)
+    gflops = matmul_gflops(seconds=0.5 if opts.quick else 2.0)
+    step = step_time(engine.base.unet, unet_args, repeats=opts.repeats)
+    floor = flops / (gflops * 1e9)
+    latent = tuple(unet_args[0].shape)
+    rows = [
+        Row(PART, f"U-Net step {latent}: FLOPs", flops / 1e9, unit="GFLOP",
+            detail="torch.utils.flop_counter.FlopCounterMode, batch 2 = CFG"),
+        Row(PART, "U-Net step: time at matmul speed / measured time", floor / step * 100, unit="%",
+            detail=f"{step * 1e3:.1f} ms measured vs {floor * 1e3:.2f} ms at {gflops:.0f} GFLOP/s "
+                   f"(torch.mm 1024x1024 fp32 on this machine)"),
+    ]
+    return rows + settings_rows(engine, opts, opts.compile)
+
+
 def cold_start(folder: str, steps: int, threads: int) -> tuple[float, str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
     if threads:
@@ -192,19 +209,9 @@ def run(opts: Options) -> list[Row]:
                     api, unit="s", goal=API_GOAL,
                     detail=f"median of {opts.repeats}, {torch.get_num_threads()} thread(s); goal set for 2 idle cores"))
 
-    # one step against the floor
-    unet_args = unet_inputs(engine)
-    flops = count_flops(engine.base.unet, *unet_args)
-    gflops = matmul_gflops(seconds=0.5 if opts.quick else 2.0)
-    step = step_time(engine.base.unet, unet_args, repeats=opts.repeats)
-    floor = flops / (gflops * 1e9)
-    latent = tuple(unet_args[0].shape)
-    rows.append(Row(PART, f"U-Net step {latent}: FLOPs", flops / 1e9, unit="GFLOP",
-                    detail="torch.utils.flop_counter.FlopCounterMode, batch 2 = CFG"))
-    rows.append(Row(PART, "U-Net step: time at matmul speed / measured time", floor / step * 100, unit="%",
-                    detail=f"{step * 1e3:.1f} ms measured vs {floor * 1e3:.2f} ms at {gflops:.0f} GFLOP/s "
-                           f"(torch.mm 1024x1024 fp32 on this machine)"))
-    rows += settings_rows(engine, opts, opts.compile)
+    # one step against the floor, and the settings; on the model thread, as the app runs the model (a second
+    # thread's OpenMP pool would slow every op: pipelines/compute.py)
+    rows += engine.compute.run(step_rows, engine, opts)
 
     # cold start
     cold, inner = cold_start(folder, opts.steps, torch.get_num_threads())

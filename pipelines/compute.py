@@ -9,7 +9,9 @@ second pool is enough to cross that line. The app used to run each request on a 
 thread that loaded the model still held its pool, so on 2 cores every request's ~thousands of small ops
 each waited for a wake-up: the task path took 2.65x a plain diffusers call (0.90 s vs 0.34 s, 64x64, 20
 steps, 2 idle cores), while on 1 thread (no pools) it was 0.98x. Loading and running the model on one
-thread keeps one pool in the process, whatever thread a request arrives on.
+thread keeps one pool in the process, whatever thread a request arrives on. (The diagnosis rests on those
+two figures and libgomp's source; the 2-core run after this change has yet to confirm it.) Other torch work
+on another long-lived thread (a trainer, a benchmark's own calls) adds its pool again: run it here too.
 
 The thread is shared by every engine of the process (a second pool would cost the same as before) and
 created on first use. `run` called from the model thread itself runs inline, so nested calls cannot
@@ -45,8 +47,7 @@ class ModelThread:
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` on the model thread; blocks until it returns, re-raises what it raised."""
-        import os
-        if self.on_thread() or os.environ.get('LDS_INLINE'):
+        if self.on_thread():
             return fn(*args, **kwargs)
         job = _Job(fn, args, kwargs, torch.get_num_threads())
         self._jobs.put(job)
