@@ -228,8 +228,8 @@ class AdapterSet:
                 raise ModelError(f"cannot fuse adapter {name!r}: only a lone LoRA can be fused (others: {others})")
             self._lora_state = None
             self._set_lora([adapter])  # fusing folds in the layers' current scale: make it this adapter's
-            self.engine.base.fuse_lora(adapter_names=[name])
-            self.engine.base.unload_lora_weights()
+            self.engine.compute.run(self.engine.base.fuse_lora, adapter_names=[name])
+            self.engine.compute.run(self.engine.base.unload_lora_weights)
             del self._adapters[name]
             self._lora_state = None
 
@@ -357,7 +357,7 @@ class AdapterSet:
             return self.load_file(source, name=name, token=token)
         with self.engine.lock:
             try:
-                self.engine.base.load_lora_weights(source, adapter_name=name)
+                self.engine.compute.run(self.engine.base.load_lora_weights, source, adapter_name=name)
             except _load_errors() as error:
                 raise _not_available("LoRA", source, self.engine.preset.name, error) from error
             return self.register(Adapter(name=name, kind="lora", token=self.check_token(token), info={"source": source}))
@@ -368,14 +368,15 @@ class AdapterSet:
             raise InputError(f"not a LoRA file: tensor {odd!r} is not a LoRA weight")
         dtype = self.engine.torch_dtype
         try:
-            self.engine.base.load_lora_weights({k: v.to(dtype) for k, v in tensors.items()}, adapter_name=name)
+            self.engine.compute.run(self.engine.base.load_lora_weights, {k: v.to(dtype) for k, v in tensors.items()},
+                                    adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as error:
             raise InputError(f"this LoRA does not fit model {self.engine.preset.name}: {str(error)[:300]}") from error
 
     def _load_full_unet(self, state: dict[str, torch.Tensor]):
-        unet = plain_unet_copy(self.engine.base.unet)
+        unet = self.engine.compute.run(plain_unet_copy, self.engine.base.unet)
         try:
-            unet.load_state_dict({k: v.to(self.engine.torch_dtype) for k, v in state.items()}, strict=True)
+            self.engine.compute.run(unet.load_state_dict, {k: v.to(self.engine.torch_dtype) for k, v in state.items()}, strict=True)
         except RuntimeError as error:
             raise InputError(f"this U-Net does not fit model {self.engine.preset.name}: {str(error)[:300]}") from error
         return unet.eval().requires_grad_(False)
@@ -390,14 +391,11 @@ def plain_unet_copy(unet):
 
 
 def needs_new_word(tokenizer, word: str) -> bool:
-    """True where the tokenizer cannot spell `word` (a word-level vocabulary maps it to its unknown token),
-    or where an adapter added it earlier (its vector is then the adapter's to set)."""
-    unk = tokenizer.unk_token_id
-    if unk is None or type(tokenizer).__name__.startswith("CLIP"):
+    """True where the tokenizer cannot spell `word` (a word-level vocabulary lacks it), or where an adapter
+    added it earlier (its vector is then the adapter's to set). A lookup, never an encode (see text.unknown_words)."""
+    if tokenizer.unk_token_id is None or type(tokenizer).__name__.startswith("CLIP"):
         return False  # byte-level BPE spells any word; DreamBooth then trains on the word's usual tokens
-    if word in tokenizer.get_added_vocab():
-        return True
-    return unk in tokenizer(word, add_special_tokens=False).input_ids
+    return word in tokenizer.get_added_vocab() or word not in tokenizer.get_vocab()
 
 
 def _json_or_empty(text: str | None) -> dict:

@@ -151,7 +151,7 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
     with engine.lock:
         if needs_new_word(base.tokenizer, settings.token):
             word_id = adapters.add_word(settings.token)
-    ids = tokenize(engine, captions)  # (N, L)
+        ids = tokenize(engine, captions)  # (N, L); under the lock: encoding sets the tokenizer's shared padding state
 
     # 3. Prior preservation: the base model's own images for the captions without the word
     prior_mean = prior_std = prior_ids = None
@@ -161,7 +161,8 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
         prompts = [class_prompts[i % len(class_prompts)] for i in range(count)]
         prior = class_images(engine, prompts, seed=settings.seed, cancel=cancel)
         prior_mean, prior_std = encode(engine, prior)
-        prior_ids = tokenize(engine, prompts)
+        with engine.lock:
+            prior_ids = tokenize(engine, prompts)
 
     # 4. What trains: LoRA layers in the shared U-Net, or a copy of the U-Net; plus the new word's vector
     unet, trainable = _trainable_unet(engine, settings)
@@ -202,8 +203,9 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
             with engine.lock:
                 if settings.method == "lora":
                     adapters.activate_for_training(settings.name)
-                loss = _step(engine, unet, optimizer, noisy, timesteps, batch_ids, target, weights, device,
-                             word_id=word_id, original_rows=original_rows)
+                # On the engine's model thread: one OpenMP pool in the process (pipelines/compute.py)
+                loss = engine.compute.run(_step, engine, unet, optimizer, noisy, timesteps, batch_ids, target, weights,
+                                          device, word_id=word_id, original_rows=original_rows)
             losses.append(loss)
             steps_done = step + 1
             if not math.isfinite(loss):
@@ -243,7 +245,7 @@ def encode(engine, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tenso
     means, stds = [], []
     with engine.lock:
         for chunk in x.split(8):
-            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            dist = engine.compute.run(lambda c: vae.encode(c.to(vae.device, vae.dtype)).latent_dist, chunk)
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
@@ -273,27 +275,32 @@ def class_images(engine, prompts: list[str], *, seed: int, cancel: CancelEvent |
 
 
 def _trainable_unet(engine, settings: FineTuneSettings):
-    base = engine.base
     with engine.lock:
-        if settings.method == "full":
-            unet = plain_unet_copy(base.unet).float().train()  # from the base weights, not from other adapters
-            unet.requires_grad_(True)
-            return unet, [p for p in unet.parameters()]
-        from peft import LoraConfig
+        return engine.compute.run(_make_trainable, engine, settings)
 
-        base.unet.requires_grad_(False)
-        config = LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian",
-                            target_modules=LORA_TARGETS)
-        base.unet.add_adapter(config, adapter_name=settings.name)
-        trainable = []
-        for name, param in base.unet.named_parameters():
-            if "lora_" in name and f".{settings.name}." in name:
-                param.data = param.data.float()  # fp32 updates even when the base runs in fp16
-                param.requires_grad_(True)
-                trainable.append(param)
-        if not trainable:
-            raise ModelError(f"no LoRA layers were added to the U-Net (targets {LORA_TARGETS})")
-        return base.unet, trainable
+
+def _make_trainable(engine, settings: FineTuneSettings):
+    """(module to train, its trainable parameters); runs on the model thread under engine.lock."""
+    base = engine.base
+    if settings.method == "full":
+        unet = plain_unet_copy(base.unet).float().train()  # from the base weights, not from other adapters
+        unet.requires_grad_(True)
+        return unet, [p for p in unet.parameters()]
+    from peft import LoraConfig
+
+    base.unet.requires_grad_(False)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian",
+                        target_modules=LORA_TARGETS)
+    base.unet.add_adapter(config, adapter_name=settings.name)
+    trainable = []
+    for name, param in base.unet.named_parameters():
+        if "lora_" in name and f".{settings.name}." in name:
+            param.data = param.data.float()  # fp32 updates even when the base runs in fp16
+            param.requires_grad_(True)
+            trainable.append(param)
+    if not trainable:
+        raise ModelError(f"no LoRA layers were added to the U-Net (targets {LORA_TARGETS})")
+    return base.unet, trainable
 
 
 def _step(engine, unet, optimizer, noisy, timesteps, ids, target, weights, device, *, word_id, original_rows) -> float:

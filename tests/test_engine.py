@@ -299,3 +299,14 @@ def test_lora_is_fused_once_and_enables_lcm(tiny_presets, tiny_paths, sd_engine,
     with_lora = txt2img.generate(engine, **{**SETTINGS, "guidance": 1.0}, scheduler="DDIM")
     assert plain.images[0].tobytes() != with_lora.images[0].tobytes()  # the LoRA changed the U-Net
     assert lcm.images[0].size == (64, 64)
+
+
+def test_unknown_word_check_leaves_the_tokenizers_shared_state_alone(shapes_engine):
+    """The UI checks prompts for unknown words while a model run may be tokenizing on another thread; encoding
+    would reset the fast tokenizer's padding/truncation (shared, in Rust), giving that run unpadded prompts."""
+    tokenizer = shapes_engine.base.tokenizer
+    tokenizer(["a red circle"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    padding, truncation = tokenizer.backend_tokenizer.padding, tokenizer.backend_tokenizer.truncation
+    assert padding is not None
+    assert shapes_engine.unknown_words("a red zorblax circle") == ["zorblax"]
+    assert tokenizer.backend_tokenizer.padding == padding and tokenizer.backend_tokenizer.truncation == truncation

@@ -60,14 +60,14 @@ def unknown_words(tokenizer, prompt: str) -> list[str]:
     """Words of `prompt` that the tokenizer maps to its unknown token, in order, without repeats.
 
     Works for any tokenizer with an unknown token; a tokenizer without one (CLIP's BPE) knows every word.
+    A vocabulary lookup, not an encode: encoding resets the fast tokenizer's shared padding/truncation state,
+    and the UI asks this while a model run may be tokenizing on another thread.
     """
-    unk_id = tokenizer.unk_token_id
-    if unk_id is None or not getattr(tokenizer, "is_fast", False):
+    if tokenizer.unk_token_id is None or not getattr(tokenizer, "is_fast", False):
         return []
+    vocabulary = tokenizer.get_vocab()
     found: list[str] = []
-    words = _WORD.findall(prompt.lower())
-    for word in words:
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if unk_id in ids and word not in found:
+    for word in _WORD.findall(prompt.lower()):
+        if word not in vocabulary and word not in found:
             found.append(word)
     return found
