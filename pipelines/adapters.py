@@ -393,7 +393,9 @@ def plain_unet_copy(unet):
 def needs_new_word(tokenizer, word: str) -> bool:
     """True where the tokenizer cannot spell `word` (a word-level vocabulary lacks it), or where an adapter
     added it earlier (its vector is then the adapter's to set). A lookup, never an encode (see text.unknown_words)."""
-    if tokenizer.unk_token_id is None or type(tokenizer).__name__.startswith("CLIP"):
+    from training.text import is_word_level
+
+    if tokenizer.unk_token_id is None or not is_word_level(tokenizer):
         return False  # byte-level BPE spells any word; DreamBooth then trains on the word's usual tokens
     return word in tokenizer.get_added_vocab() or word not in tokenizer.get_vocab()
 

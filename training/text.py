@@ -56,6 +56,12 @@ def build_text_encoder(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int =
     return CLIPTextModel(config)
 
 
+def is_word_level(tokenizer) -> bool:
+    """A fast tokenizer whose model is a plain word list (the built-in model's), as opposed to CLIP's BPE."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordLevel"
+
+
 def unknown_words(tokenizer, prompt: str) -> list[str]:
     """Words of `prompt` that the tokenizer maps to its unknown token, in order, without repeats.
 
@@ -63,8 +69,8 @@ def unknown_words(tokenizer, prompt: str) -> list[str]:
     A vocabulary lookup, not an encode: encoding resets the fast tokenizer's shared padding/truncation state,
     and the UI asks this while a model run may be tokenizing on another thread.
     """
-    if tokenizer.unk_token_id is None or not getattr(tokenizer, "is_fast", False):
-        return []
+    if tokenizer.unk_token_id is None or not is_word_level(tokenizer):
+        return []  # BPE and friends spell any word from pieces
     vocabulary = tokenizer.get_vocab()
     found: list[str] = []
     for word in _WORD.findall(prompt.lower()):
