@@ -82,8 +82,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 learning_rate = gr.Number(value=0, label="Learning rate (0: the method's default)", minimum=0)
                 rank = gr.Slider(1, 64, value=8, step=1, label="Rank of the low-rank updates")
                 batch_size = gr.Slider(1, 16, value=4, step=1, label="Images per step")
-                prior = gr.Checkbox(value=False, label="Prior preservation (also train on the base model's images "
-                                                       "for the captions without the word)")
+                prior = gr.Checkbox(value=False, label="Prior preservation (also train on what the untuned network "
+                                                       "draws for the captions without the word)")
                 prior_weight = gr.Slider(0, 2, value=1.0, step=0.1, label="Prior preservation weight")
                 seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=limits.max_seed)
                 name = gr.Textbox(value="", label="Adapter name (empty: the trigger word)", max_lines=1)
