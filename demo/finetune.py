@@ -129,6 +129,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         """Fine-tune on the images; prompts with the trigger word then use the result in every tab and endpoint.
         Yields (status, loss curve, before/after images, adapter table)."""
         ft = common.task("finetune")
+        for i, path in enumerate(images or []):  # unreadable files and decompression bombs, before any decoding
+            common._check_image_file(path, limits.max_image_pixels, f"training image {i + 1} ({Path(path).name})")
         pictures = [common.open_image(p) for p in (images or [])]
         caption_lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
         settings = ft.FineTuneSettings(token=(token or "").strip(), method=method, name=(name or "").strip(),

@@ -76,6 +76,16 @@ def test_bad_finetune_input_is_explained_and_keeps_nothing(client, live_app, ove
     assert live_app.engine.adapters.describe() == []
 
 
+def test_a_training_file_that_is_not_an_image_is_explained(client, tmp_path, live_app):
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image at all")
+    with pytest.raises(AppError, match=r"training image 2 \(notes.png\) is not a readable image"):
+        client.predict(**finetune_args(images=[handle_file(str(EXAMPLES[0])), handle_file(str(bad))]), api_name="/finetune")
+    assert live_app.engine.adapters.describe() == []
+
+
 def test_loading_a_file_that_is_not_an_adapter_is_explained(client, tmp_path, live_app):
     from gradio_client.exceptions import AppError
 
