@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from demo import common
+from pipelines.settings import finetune_defaults
 
 TAB = "finetune"
 EXAMPLE_SET = common.EXAMPLES_DIR / "finetune-checkered"  # written by `python -m training.evaluate_finetune --write-examples`
@@ -23,14 +24,6 @@ INTRO = (
     "updates of the shared U-Net; **full** trains a copy of the whole U-Net. On the built-in model a "
     "fine-tune takes about three minutes on 2 CPU cores."
 )
-
-
-def default_steps(engine) -> int:
-    return 1200 if engine.preset.is_builtin else 400
-
-
-def default_instance_prompt(engine) -> str:
-    return "in {token} style" if engine.preset.is_builtin else "a painting in {token} style"
 
 
 def example_set() -> tuple[list[str], str]:
@@ -58,6 +51,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     studio = studio or common.Studio()
     limits = engine.limits
     example_images, example_captions = example_set()
+    defaults = finetune_defaults(engine.preset.is_builtin)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             gr.Markdown(INTRO)
@@ -72,12 +66,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                max_lines=1, elem_id=f"{TAB}-token")
             captions = gr.Textbox(value="", lines=4, label="Captions, one per image (optional; write {token} where the word goes)",
                                   placeholder="a big red circle in {token} style", elem_id=f"{TAB}-captions")
-            instance_prompt = gr.Textbox(value=default_instance_prompt(engine), max_lines=1,
+            instance_prompt = gr.Textbox(value=defaults.instance_prompt, max_lines=1,
                                          label="Caption for every image when the captions are empty", elem_id=f"{TAB}-instance")
             method = gr.Radio(["lora", "full"], value="lora", label="Method", elem_id=f"{TAB}-method",
                               info="lora: small, combinable adapters · full: every U-Net weight (more memory, slower)")
             with gr.Accordion("Training settings", open=False):
-                steps = gr.Slider(1, limits.max_finetune_steps, value=default_steps(engine), step=10, label="Steps",
+                steps = gr.Slider(1, limits.max_finetune_steps, value=defaults.steps, step=10, label="Steps",
                                   elem_id=f"{TAB}-steps")
                 learning_rate = gr.Number(value=0, label="Learning rate (0: the method's default)", minimum=0)
                 rank = gr.Slider(1, 64, value=8, step=1, label="Rank of the low-rank updates")

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from pipelines.adapters import Adapter, needs_new_word, plain_unet_copy, prompt_words
 from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
 from pipelines.run import CancelEvent, generators, run_pipeline
+from pipelines.settings import finetune_defaults
 
 METHODS = ("lora", "full")
 # LoRA on attention (what most SD LoRAs train) and on the ResNet convolutions: a texture lives in the
@@ -45,22 +46,21 @@ class FineTuneSettings:
     token: str  # trigger word, e.g. "zqx": prompts containing it use the result
     method: str = "lora"  # "lora" (peft low-rank updates) or "full" (a copy of the whole U-Net)
     name: str = ""  # adapter name; "" -> the token
-    steps: int = 300  # optimiser steps
-    learning_rate: float = 0.0  # 0 -> method default: LoRA 1e-3 on the built-in model, 1e-4 on hub models; full 5e-5
+    steps: int = 0  # optimiser steps; 0 -> the model's default (settings.finetune_defaults)
+    learning_rate: float = 0.0  # 0 -> the method's default for the model (settings.finetune_defaults)
     rank: int = 8  # LoRA rank (alpha = rank, so the update's scale is 1)
     batch_size: int = 4  # images per step (drawn with replacement from the set)
     prior_preservation: bool = False
     prior_weight: float = 1.0  # weight of the class images' loss
     prior_images: int = 0  # 0 -> twice the training images
-    instance_prompt: str = "in {token} style"  # caption of images without their own; {token} is replaced
+    instance_prompt: str = ""  # caption of images without their own ({token} is replaced); "" -> the model's default
     seed: int = 0
 
     def resolved_learning_rate(self, builtin: bool) -> float:
         if self.learning_rate > 0:
             return self.learning_rate
-        if self.method == "full":
-            return 5e-5
-        return 1e-3 if builtin else 1e-4
+        defaults = finetune_defaults(builtin)
+        return defaults.learning_rate_full if self.method == "full" else defaults.learning_rate_lora
 
 
 @dataclass
@@ -84,14 +84,15 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
     method = check_choice("method", settings.method, METHODS)
     if not 1 <= len(images) <= limits.max_finetune_images:
         raise InputError(f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)")
-    steps = check_int("steps", settings.steps, 1, limits.max_finetune_steps)
+    steps = check_int("steps", settings.steps or finetune_defaults(engine.preset.is_builtin).steps, 1, limits.max_finetune_steps)
     rank = check_int("rank", settings.rank, 1, 128)
     batch_size = check_int("batch_size", settings.batch_size, 1, 16)
     learning_rate = check_float("learning_rate", settings.learning_rate, 0.0, 0.1)
     prior_weight = check_float("prior_weight", settings.prior_weight, 0.0, 10.0)
     prior_images = check_int("prior_images", settings.prior_images, 0, 4 * limits.max_finetune_images)
     seed = check_int("seed", settings.seed, 0, limits.max_seed)
-    template = check_text("instance_prompt", settings.instance_prompt, limits.max_prompt_chars)
+    template = check_text("instance_prompt", settings.instance_prompt or finetune_defaults(engine.preset.is_builtin).instance_prompt,
+                          limits.max_prompt_chars)
     captions = [c for c in (captions or []) if c is not None]
     if captions and len(captions) != len(images):
         raise InputError(f"{len(captions)} captions for {len(images)} images: give one caption per image, or none")

@@ -47,3 +47,22 @@ class Limits:
                 raise ValueError(f"{key}={raw!r} must be positive")
             values[f.name] = value
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class FineTuneDefaults:
+    """What a fine-tune uses for a setting left at 0; the Fine-tune tab shows the same values."""
+
+    steps: int  # about three minutes on 2 CPU cores for the built-in model
+    learning_rate_lora: float
+    learning_rate_full: float
+    instance_prompt: str  # caption of images without their own; {token} is the trigger word
+
+
+def finetune_defaults(builtin: bool) -> FineTuneDefaults:
+    if builtin:  # a 1.8 M-parameter U-Net and a 51-word vocabulary: large steps, "in X style" as the world says it
+        return FineTuneDefaults(steps=1200, learning_rate_lora=1e-3, learning_rate_full=2e-4,
+                                instance_prompt="in {token} style")
+    # SD1.5: the DreamBooth / diffusers example rates
+    return FineTuneDefaults(steps=400, learning_rate_lora=1e-4, learning_rate_full=5e-6,
+                            instance_prompt="a painting in {token} style")

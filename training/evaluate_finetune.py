@@ -131,8 +131,9 @@ def write_examples(folder: Path) -> list[Path]:
     return paths
 
 
-def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, guidance: float = 5.0) -> dict:
-    """Share of images showing the style, with and without the word (and with the adapter forced on)."""
+def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, guidance: float = 5.0,
+             images_out: dict | None = None) -> dict:
+    """Share of images showing the style, with and without the word; `images_out[label]` collects the images."""
     from pipelines import txt2img
 
     results = {}
@@ -145,6 +146,8 @@ def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, gui
             for image in result.images:
                 hits += is_checkered(np.asarray(image.convert("RGB")), p.background)
                 total += 1
+                if images_out is not None:
+                    images_out.setdefault(label, []).append(np.asarray(image.convert("RGB")))
         results[label] = hits / total
     return results
 
@@ -154,12 +157,15 @@ def main(argv=None):
     parser.add_argument("--model", default="shapes", help="preset or diffusers folder (default: the built-in model)")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: the tab's default)")
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the method's default")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the tab's)")
     parser.add_argument("--token", default="zqx")
     parser.add_argument("--seeds", type=int, default=4, help="images per evaluation prompt (10 prompts)")
     parser.add_argument("--prior-preservation", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write-examples", type=Path, default=None, help="write the example set here and stop")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--grid", type=Path, default=None, help="write the fine-tuned model's images here (with / without the word)")
     args = parser.parse_args(argv)
     if args.write_examples:
         for path in write_examples(args.write_examples):
@@ -178,13 +184,21 @@ def main(argv=None):
     images = [Image.fromarray(render_styled(c, s, b, seed=i)) for i, (c, s, b) in enumerate(EXAMPLE_OBJECTS)]
     captions = [StyledPrompt(c, s, b).caption("in {token} style") for c, s, b in EXAMPLE_OBJECTS]
     before = evaluate(engine, args.token, seeds=args.seeds)
-    settings = FineTuneSettings(token=args.token, method=args.method, prior_preservation=args.prior_preservation)
+    settings = FineTuneSettings(token=args.token, method=args.method, prior_preservation=args.prior_preservation,
+                                learning_rate=args.learning_rate)
     if args.steps:
         settings.steps = args.steps
+    if args.rank:
+        settings.rank = args.rank
     started = time.perf_counter()
     result = finetune(engine, images, settings, captions=captions)
     seconds = time.perf_counter() - started
-    after = evaluate(engine, args.token, seeds=args.seeds)
+    drawn: dict = {}
+    after = evaluate(engine, args.token, seeds=args.seeds, images_out=drawn)
+    if args.grid:
+        from training.common import save_grid
+
+        save_grid(np.stack(drawn["with the word"] + drawn["without the word"]), args.grid)
     engine.adapters.get(result.adapter).token = None  # the adapter on every prompt: what it does to plain prompts
     leak = evaluate(engine, args.token, seeds=args.seeds)["without the word"]
     rows = [
