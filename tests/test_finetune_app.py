@@ -1,13 +1,13 @@
 """The Fine-tune tab through the real app: gradio_client on a live port, and a person in headless Chromium."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from gradio_client import handle_file
 
 from demo.finetune import EXAMPLE_SET
+from tests.test_browser import browser, open_tab, page, set_number  # noqa: F401  (browser and page are fixtures)
 
 EXAMPLES = sorted(EXAMPLE_SET.glob("*.png"))
 CAPTIONS = (EXAMPLE_SET / "captions.txt").read_text()
@@ -97,31 +97,20 @@ def test_loading_a_file_that_is_not_an_adapter_is_explained(client, tmp_path, li
 
 
 @pytest.mark.browser
-def test_finetune_tab_in_the_browser(live_app, test_output):
-    if not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"):
-        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_tab, set_number
-
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
-        page.set_default_timeout(30_000)
-        try:
-            page.goto(live_app.url)
-            open_tab(page, "Fine-tune")
-            page.locator("#finetune-example").click()
-            page.wait_for_function("() => document.querySelectorAll('#finetune-thumbnails img').length === 6")
-            page.locator("#finetune-token textarea, #finetune-token input").first.fill("zqweb")
-            page.get_by_text("Training settings").click()
-            set_number(page, "finetune-steps", 10)
-            page.locator("#finetune-train").click()
-            page.wait_for_function("() => (document.querySelector('#finetune-status')?.innerText || '').startsWith('Done')",
-                                   timeout=180_000)
-            page.wait_for_function("() => document.querySelectorAll('#finetune-comparison img').length === 2")
-            assert "zqweb" in page.locator("#finetune-adapters").inner_text()
-            page.screenshot(path=str(test_output / "browser-finetune.png"), full_page=True)
-        finally:
-            browser.close()
-            for adapter in [a["name"] for a in live_app.engine.adapters.describe()]:
-                live_app.engine.adapters.remove(adapter)
+def test_finetune_tab_in_the_browser(page, live_app, test_output):
+    try:
+        open_tab(page, "Fine-tune")
+        page.locator("#finetune-example").click()
+        page.wait_for_function("() => document.querySelectorAll('#finetune-thumbnails img').length === 6")
+        page.locator("#finetune-token textarea, #finetune-token input").first.fill("zqweb")
+        page.get_by_text("Training settings").click()
+        set_number(page, "finetune-steps", 10)
+        page.locator("#finetune-train").click()
+        page.wait_for_function("() => (document.querySelector('#finetune-status')?.innerText || '').startsWith('Done')",
+                               timeout=180_000)
+        page.wait_for_function("() => document.querySelectorAll('#finetune-comparison img').length === 2")
+        assert "zqweb" in page.locator("#finetune-adapters").inner_text()
+        page.screenshot(path=str(test_output / "browser-finetune.png"), full_page=True)
+    finally:
+        for adapter in [a["name"] for a in live_app.engine.adapters.describe()]:
+            live_app.engine.adapters.remove(adapter)
