@@ -81,6 +81,9 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
     if token is None:
         raise InputError("the trigger word is empty: choose a new word such as 'zqx'")
     name = adapters.check_name(settings.name or token)
+    held = len(adapters.describe())
+    if held >= limits.max_adapters:  # before training, not after minutes of it
+        raise InputError(f"{held} adapters are loaded, the limit is {limits.max_adapters} (LDS_MAX_ADAPTERS): remove one first")
     method = check_choice("method", settings.method, METHODS)
     if not 1 <= len(images) <= limits.max_finetune_images:
         raise InputError(f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)")

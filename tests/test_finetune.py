@@ -211,3 +211,21 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_adapter_limit_and_strength_bounds(engine, examples, monkeypatch):
+    import dataclasses
+
+    images, _ = examples
+    monkeypatch.setattr(engine, "limits", dataclasses.replace(engine.limits, max_adapters=1))
+    first = finetune(engine, images[:1], FineTuneSettings(token="zqlimit", steps=1))
+    try:
+        with pytest.raises(InputError, match="1 adapters are loaded, the limit is 1"):
+            finetune(engine, images[:1], FineTuneSettings(token="zqmore", steps=1))
+        with pytest.raises(InputError, match="scale=3 is above the limit of 2"):
+            engine.adapters.set_scale(first.adapter, 3)
+        with pytest.raises(InputError, match="adapter='nope' is not loaded"):
+            engine.adapters.set_enabled("nope", False)
+    finally:
+        engine.adapters.remove(first.adapter)
+    assert engine.adapters.describe() == [] and "zqmore" in engine.unknown_words("a zqmore circle")
