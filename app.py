@@ -121,12 +121,12 @@ def parse_adapter(value: str) -> tuple[str, str | None]:
 
 
 def build_engine(model: str, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False,
-                 cpu_offload=False, max_batch: int | None = None, adapters: list[str] = ()):
+                 cpu_offload=False, max_batch: int | None = None, adapters: list[str] = (), threads: int | None = None):
     from pipelines.engine import Engine
     from pipelines.registry import resolve_preset
 
     engine = Engine(resolve_preset(model), device=device, dtype=dtype, attention_slicing=attention_slicing,
-                    vae_tiling=vae_tiling, cpu_offload=cpu_offload)
+                    vae_tiling=vae_tiling, cpu_offload=cpu_offload, threads=threads)
     if max_batch is not None:
         engine.limits = replace(engine.limits, max_batch=max_batch)
     for value in adapters:  # the same loader as the Fine-tune tab's "Load", for files the server's owner chose
@@ -151,6 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=None, help="images per request (overrides LDS_MAX_BATCH)")
     parser.add_argument("--queue-size", type=int, default=int(env.get("LDS_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)),
                         help="requests that may wait for the model [LDS_QUEUE_SIZE]")
+    parser.add_argument("--threads", type=int, default=int(env["LDS_THREADS"]) if env.get("LDS_THREADS") else None,
+                        help="CPU threads for model work (default: all usable cores but one, left to the web server) [LDS_THREADS]")
     parser.add_argument("--attention-slicing", action="store_true", help="lower peak memory, a little slower")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     parser.add_argument("--cpu-offload", action="store_true", help="keep idle modules in CPU memory (CUDA)")
@@ -162,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.adapter = [a for a in env.get("LDS_ADAPTERS", "").split(",") if a.strip()] + args.adapter
     if args.max_batch is not None and args.max_batch < 1:
         parser.error(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be at least 1")
     if args.queue_size < 1:
         parser.error(f"--queue-size {args.queue_size}: must be at least 1")
     return args
@@ -182,7 +186,8 @@ def main(argv=None) -> int:
     try:
         engine = build_engine(args.model, device=args.device, dtype=args.dtype,
                               attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                              cpu_offload=args.cpu_offload, max_batch=args.max_batch, adapters=args.adapter)
+                              cpu_offload=args.cpu_offload, max_batch=args.max_batch, adapters=args.adapter,
+                              threads=args.threads)
     except (ModelNotAvailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

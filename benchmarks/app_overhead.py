@@ -108,7 +108,10 @@ def run(opts: Options) -> list[Row]:
     if note:
         opts.notes.append(note)
     engine = build_engine(folder)
-    pipe = engine.compute.run(raw_pipeline, engine.preset.base, engine)  # same thread as the app's model calls
+    # The diffusers side runs on the same OS thread as the app's model calls, with this run's --threads (all
+    # cores by default: plain diffusers as anyone would call it); the app uses its own setting (engine.threads)
+    plain = engine.compute.thread
+    pipe = plain.run(raw_pipeline, engine.preset.base, engine)
     args = txt2img_args(engine, seed=7, steps=opts.steps)
     server = start_app(engine)
     try:
@@ -127,7 +130,7 @@ def run(opts: Options) -> list[Row]:
                     generator=[torch.Generator("cpu").manual_seed(args["seed"])]).images[0]
 
         def raw_call():
-            engine.compute.run(raw_on_model_thread)
+            plain.run(raw_on_model_thread)
 
         studio = ui.Studio()
 

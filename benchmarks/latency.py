@@ -211,7 +211,7 @@ def run(opts: Options) -> list[Row]:
 
     # one step against the floor, and the settings; on the model thread, as the app runs the model (a second
     # thread's OpenMP pool would slow every op: pipelines/compute.py)
-    rows += engine.compute.run(step_rows, engine, opts)
+    rows += engine.compute.thread.run(step_rows, engine, opts)  # this run's --threads, not the app's setting
 
     # cold start
     cold, inner = cold_start(folder, opts.steps, torch.get_num_threads())

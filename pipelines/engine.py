@@ -24,7 +24,7 @@ from PIL import Image
 from pipelines.adapters import AdapterSet
 from pipelines.batching import RequestBatcher
 from pipelines.common import InputError, ModelNotAvailable, check_choice
-from pipelines.compute import model_thread
+from pipelines.compute import EngineCompute, default_threads, model_thread
 from pipelines.registry import CONTROL_TYPES, ModelPreset
 from pipelines.run import PREVIEW_EVERY_S
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
@@ -127,13 +127,16 @@ def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tupl
 
 class Engine:
     def __init__(self, preset: ModelPreset, *, device: str | None = None, dtype: str | None = None,
-                 attention_slicing: bool = False, vae_tiling: bool = False, cpu_offload: bool = False):
+                 attention_slicing: bool = False, vae_tiling: bool = False, cpu_offload: bool = False,
+                 threads: int | None = None):
         self.preset = preset
         self.device, self.torch_dtype = pick_device(device, dtype, builtin=preset.is_builtin)
         self.lock = threading.RLock()  # serialises all model work: API, CLI and UI callers alike
         # Loads and runs the model on one OS thread, whatever thread a request arrives on: one OpenMP pool per
         # process, or every CPU op waits for a wake-up (2.65x slower on 2 cores; pipelines/compute.py)
-        self.compute = model_thread()
+        # threads: intra-op threads of every model call (None: all usable cores but one on CPU; compute.default_threads)
+        self.threads = int(threads) if threads else default_threads(self.device)
+        self.compute = EngineCompute(model_thread(), self.threads)
         env_limits = Limits.from_env()
         max_size = min(preset.max_size, env_limits.max_size) if env_limits.max_size else preset.max_size
         self.limits = replace(env_limits, max_size=max_size)
@@ -239,6 +242,7 @@ class Engine:
             "builtin": self.preset.is_builtin,
             "device": self.device,
             "dtype": str(self.torch_dtype).removeprefix("torch."),
+            "threads": self.threads,
             "default_size": self.preset.default_size,
             "max_size": self.limits.max_size,
             "size_multiple": self.size_multiple,

@@ -185,31 +185,14 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
         for step in range(settings.steps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"fine-tune cancelled after step {steps_done} of {settings.steps}")
-            # 5. A batch: images (with replacement), their captions; class images alongside
-            pick = torch.randint(0, len(mean), (settings.batch_size,), generator=generator)
-            latents = sample_latents(mean[pick], std[pick], generator, engine)
-            batch_ids = ids[pick]
-            weights = torch.ones(len(pick))
-            if prior_mean is not None:
-                prior_pick = torch.randint(0, len(prior_mean), (settings.batch_size,), generator=generator)
-                latents = torch.cat([latents, sample_latents(prior_mean[prior_pick], prior_std[prior_pick], generator, engine)])
-                batch_ids = torch.cat([batch_ids, prior_ids[prior_pick]])
-                weights = torch.cat([weights, torch.full((len(prior_pick),), settings.prior_weight)])
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-
-            # 6. One optimiser step, under the engine lock (generation requests run between steps)
+            # 5.-6. A batch and one optimiser step, under the engine lock (generation requests run between
+            # steps) and on the model thread, batch sampling included: one OpenMP pool (pipelines/compute.py)
             with engine.lock:
                 if settings.method == "lora":
                     adapters.activate_for_training(settings.name)
-                # On the engine's model thread: one OpenMP pool in the process (pipelines/compute.py)
-                loss = engine.compute.run(_step, engine, unet, optimizer, noisy, timesteps, batch_ids, target, weights,
-                                          device, word_id=word_id, original_rows=original_rows)
+                loss = engine.compute.run(_train_step, engine, unet, optimizer, noise_scheduler, generator, settings,
+                                          mean, std, ids, prior_mean, prior_std, prior_ids, device,
+                                          word_id=word_id, original_rows=original_rows)
             losses.append(loss)
             steps_done = step + 1
             if not math.isfinite(loss):
@@ -305,6 +288,29 @@ def _make_trainable(engine, settings: FineTuneSettings):
     if not trainable:
         raise ModelError(f"no LoRA layers were added to the U-Net (targets {LORA_TARGETS})")
     return base.unet, trainable
+
+
+def _train_step(engine, unet, optimizer, noise_scheduler, generator, settings, mean, std, ids, prior_mean, prior_std,
+                prior_ids, device, *, word_id, original_rows) -> float:
+    """Draw a batch (images with replacement, class images alongside), noise it, take one optimiser step."""
+    pick = torch.randint(0, len(mean), (settings.batch_size,), generator=generator)
+    latents = sample_latents(mean[pick], std[pick], generator, engine)  # (B, 4, h, w)
+    batch_ids = ids[pick]
+    weights = torch.ones(len(pick))
+    if prior_mean is not None:
+        prior_pick = torch.randint(0, len(prior_mean), (settings.batch_size,), generator=generator)
+        latents = torch.cat([latents, sample_latents(prior_mean[prior_pick], prior_std[prior_pick], generator, engine)])
+        batch_ids = torch.cat([batch_ids, prior_ids[prior_pick]])
+        weights = torch.cat([weights, torch.full((len(prior_pick),), settings.prior_weight)])
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return _step(engine, unet, optimizer, noisy, timesteps, batch_ids, target, weights, device,
+                 word_id=word_id, original_rows=original_rows)
 
 
 def _step(engine, unet, optimizer, noisy, timesteps, ids, target, weights, device, *, word_id, original_rows) -> float:

@@ -42,7 +42,27 @@ def test_requests_from_any_thread_run_the_model_on_the_engines_model_thread(shap
 
 def test_one_model_thread_per_process(shapes_engine, sd_engine):
     # A second engine's own thread would be a second OpenMP pool: the slowdown this avoids.
-    assert shapes_engine.compute is sd_engine.compute
+    assert shapes_engine.compute.thread is sd_engine.compute.thread
+
+
+def test_model_work_uses_the_engines_thread_count_whoever_calls(tiny_presets, monkeypatch):
+    """All usable cores but one on CPU (the web server keeps one); an explicit count wins; callers' own counts
+    (a benchmark's, a test's) do not leak into the engine's jobs."""
+    import os
+
+    import torch
+
+    from pipelines.compute import default_threads
+    from pipelines.engine import Engine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_threads("cpu") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_threads("cpu") == 1
+    engine = Engine(tiny_presets["shapes"], device="cpu", threads=2)
+    assert engine.threads == 2 and engine.info()["threads"] == 2
+    assert engine.compute.run(torch.get_num_threads) == 2
+    assert engine.compute.thread.run(torch.get_num_threads) == torch.get_num_threads()  # a plain job: the caller's
 
 
 def test_model_thread_hands_back_results_and_errors_and_runs_nested_calls_inline(shapes_engine):
