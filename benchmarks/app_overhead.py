@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Options, Row, build_engine, interleaved_medians, model_folder, standalone, start_app, txt2img_args
+from benchmarks.common import Options, Row, build_engine, cores, interleaved_medians, model_folder, standalone, start_app, txt2img_args
 
 PART = "1 app overhead"
 GOAL = "<= 1.03"
@@ -110,8 +110,8 @@ def run(opts: Options) -> list[Row]:
     engine = build_engine(folder)
     # The diffusers side runs on the same OS thread as the app's model calls, with this run's --threads (all
     # cores by default: plain diffusers as anyone would call it); the app uses its own setting (engine.threads)
-    plain = engine.compute.thread
-    pipe = plain.run(raw_pipeline, engine.preset.base, engine)
+    plain, plain_threads = engine.compute.thread, opts.threads or cores()
+    pipe = plain.run_threads(plain_threads, raw_pipeline, engine.preset.base, engine)
     args = txt2img_args(engine, seed=7, steps=opts.steps)
     server = start_app(engine)
     try:
@@ -130,7 +130,7 @@ def run(opts: Options) -> list[Row]:
                     generator=[torch.Generator("cpu").manual_seed(args["seed"])]).images[0]
 
         def raw_call():
-            plain.run(raw_on_model_thread)
+            plain.run_threads(plain_threads, raw_on_model_thread)
 
         studio = ui.Studio()
 
@@ -149,7 +149,8 @@ def run(opts: Options) -> list[Row]:
     size = f"{args['width']}x{args['height']}, {args['steps']} steps"
     return [
         Row(PART, f"API /txt2img vs diffusers call ({size})", medians["app"] / medians["raw"], goal=GOAL,
-            detail=f"app {medians['app']:.3f} s vs diffusers {medians['raw']:.3f} s, median of {opts.repeats}; "
+            detail=f"app {medians['app']:.3f} s ({engine.threads} thread(s)) vs diffusers {medians['raw']:.3f} s "
+                   f"({plain_threads} thread(s)), median of {opts.repeats}; "
                    f"images {'identical' if same else 'DIFFERENT'}"),
         Row(PART, f"API /txt2img over plain HTTP (no gradio_client) vs diffusers call ({size})",
             medians["http"] / medians["raw"],

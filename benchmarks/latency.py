@@ -207,11 +207,11 @@ def run(opts: Options) -> list[Row]:
         server.close()
     rows.append(Row(PART, f"API /txt2img {args['width']}x{args['height']}, {args['steps']} steps, CFG {args['guidance']}",
                     api, unit="s", goal=API_GOAL,
-                    detail=f"median of {opts.repeats}, {torch.get_num_threads()} thread(s); goal set for 2 idle cores"))
+                    detail=f"median of {opts.repeats}, the app's {engine.threads} model thread(s); goal set for 2 idle cores"))
 
     # one step against the floor, and the settings; on the model thread, as the app runs the model (a second
     # thread's OpenMP pool would slow every op: pipelines/compute.py)
-    rows += engine.compute.thread.run(step_rows, engine, opts)  # this run's --threads, not the app's setting
+    rows += engine.compute.thread.run_threads(opts.threads or cores(), step_rows, engine, opts)  # this run's --threads, not the app's
 
     # cold start
     cold, inner = cold_start(folder, opts.steps, torch.get_num_threads())
