@@ -58,14 +58,20 @@ def gpu_decorator():
     return spaces.GPU
 
 
+MODEL_EVENTS_ADMITTED = 8  # model events gradio lets through at once; the engine still runs one model call at a time
+
+
 def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) -> int:
-    """Model events admitted at once: enough for the engine to merge queued txt2img requests (one model call at
-    a time still), but at most 1 + queue_size, so `--queue-size` still bounds what waits (gradio queues the rest).
-    One on ZeroGPU, where every admitted call would hold a GPU lease while it waits."""
+    """Model events admitted at once: enough for the engine to merge queued txt2img requests when merging is on
+    (one model call at a time still: engine.lock), but at most 1 + queue_size, so `--queue-size` still bounds
+    what waits (gradio queues the rest). One on ZeroGPU, where every admitted call would hold a GPU lease.
+
+    Admitting several even with merging off keeps Cancel working: with a limit of 1, the browser test that
+    cancels a long run and then starts a short one waited forever behind the cancelled event's slot."""
     if zero_gpu:
         return 1
     batch = int(getattr(getattr(engine, "limits", None), "batch_requests", 1) or 1)
-    return max(1, min(batch, 1 + settings.queue_size))
+    return max(1, min(max(batch, MODEL_EVENTS_ADMITTED), 1 + settings.queue_size))
 
 
 def build_app(engine, settings: AppSettings | None = None):
