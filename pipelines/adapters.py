@@ -26,11 +26,11 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from pipelines.common import InputError, ModelError
+from pipelines.common import InputError, ModelError, check_float
 
 KINDS = ("lora", "full")
 TOKEN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,23}$")  # one lower-case word: what a word-level tokenizer can add
@@ -99,27 +99,34 @@ class AdapterSet:
         return tuple(sorted(a.name for a in self._adapters.values()
                             if a.enabled and (a.token is None or a.token in words)))
 
-    def check_name(self, name: str, *, new: bool = True) -> str:
+    def check_name(self, name: str) -> str:
+        """A valid name no loaded adapter has."""
         name = str(name or "").strip()
         if not NAME_PATTERN.match(name):
             raise InputError(f"adapter name {name!r} must be 1-48 letters, digits, '_', '-' or '.', starting with a letter or digit")
-        if new and name in self._adapters:
+        if name in self._adapters:
             raise InputError(f"adapter name {name!r} is taken; remove that adapter first or choose another name")
         return name
 
-    def check_token(self, token: str | None, *, new: bool = True) -> str | None:
+    def check_token(self, token: str | None) -> str | None:
+        """A valid trigger word no adapter uses and the model does not already know; None for none."""
         if token is None or str(token).strip() == "":
             return None
         token = str(token).strip()
         if not TOKEN_PATTERN.match(token):
             raise InputError(f"trigger word {token!r} must be one lower-case word of 2-24 letters/digits, e.g. 'zqx'")
-        if new and token in self.tokens():
+        if token in self.tokens():
             raise InputError(f"trigger word {token!r} already belongs to adapter {self.tokens()[token]!r}")
-        vocabulary = self.engine.vocabulary()
-        if new and token in vocabulary and token not in self._unk_vectors:
+        if token in self.engine.vocabulary() and token not in self._unk_vectors:
             raise InputError(f"trigger word {token!r} is a word model {self.engine.preset.name} already knows: "
                              f"pick a new word (e.g. 'zqx') so prompts without it stay as they were")
         return token
+
+    def check_room(self) -> None:
+        """Refuse a new adapter when LDS_MAX_ADAPTERS are held (the trainer asks before training, not after)."""
+        limit = self.engine.limits.max_adapters
+        if len(self._adapters) >= limit:
+            raise InputError(f"{len(self._adapters)} adapters are loaded, the limit is {limit} (LDS_MAX_ADAPTERS): remove one first")
 
     # --- per request ------------------------------------------------------------------------------------
 
@@ -142,25 +149,25 @@ class AdapterSet:
         return swapped
 
     def _set_lora(self, adapters: list[Adapter]) -> None:
-        state = (tuple(a.name for a in adapters), tuple(a.scale for a in adapters))
+        self._apply_lora(tuple(a.name for a in adapters), tuple(a.scale for a in adapters))
+
+    def activate_for_training(self, name: str) -> None:
+        """Only the adapter being trained is on (the trainer calls this under engine.lock before every step)."""
+        self._apply_lora((name,), (1.0,))
+
+    def _apply_lora(self, names: tuple[str, ...], scales: tuple[float, ...]) -> None:
+        """These LoRAs at these scales on the shared U-Net, the others off; nothing to do when already so."""
+        state = (names, scales)
         if state == self._lora_state or not self._has_lora():
             self._lora_state = state
             return
         base = self.engine.base
-        if adapters:
+        if names:
             base.enable_lora()
-            base.set_adapters(list(state[0]), adapter_weights=list(state[1]))
+            base.set_adapters(list(names), adapter_weights=list(scales))
         else:
             base.disable_lora()
         self._lora_state = state
-
-    def activate_for_training(self, name: str) -> None:
-        """Only the adapter being trained is on (the trainer calls this under engine.lock before every step)."""
-        self._lora_state = None
-        base = self.engine.base
-        base.enable_lora()
-        base.set_adapters([name], adapter_weights=[1.0])
-        self._lora_state = ((name,), (1.0,))
 
     def invalidate(self) -> None:
         """The U-Net's LoRA state changed behind our back (a fine-tune added or dropped layers): set it afresh next time."""
@@ -169,10 +176,15 @@ class AdapterSet:
     def forget_word(self, word: str) -> None:
         """Give a word added for an unfinished fine-tune its old meaning back (unknown)."""
         if word in self._unk_vectors and word in self.engine.base.tokenizer.get_vocab():
-            embeddings = self.engine.base.text_encoder.get_input_embeddings()
-            word_id = int(self.engine.base.tokenizer.convert_tokens_to_ids(word))
-            with torch.no_grad():
-                embeddings.weight[word_id] = self._unk_vectors[word].to(embeddings.weight)
+            self._write_row(word, self._unk_vectors[word])
+
+    def _write_row(self, word: str, vector: torch.Tensor) -> int:
+        """Set the embedding row of a word the tokenizer has; returns its id."""
+        embeddings = self.engine.base.text_encoder.get_input_embeddings()
+        word_id = int(self.engine.base.tokenizer.convert_tokens_to_ids(word))
+        with torch.no_grad():
+            embeddings.weight[word_id] = vector.to(embeddings.weight)
+        return word_id
 
     def _has_lora(self) -> bool:
         return bool(getattr(self.engine.base.unet, "_hf_peft_config_loaded", False))
@@ -182,9 +194,7 @@ class AdapterSet:
     def register(self, adapter: Adapter) -> Adapter:
         """Make an adapter (already in the U-Net, or with its own U-Net) usable by requests."""
         with self.engine.lock:
-            limit = self.engine.limits.max_adapters
-            if len(self._adapters) >= limit:
-                raise InputError(f"{len(self._adapters)} adapters are loaded, the limit is {limit} (LDS_MAX_ADAPTERS): remove one first")
+            self.check_room()
             self._adapters[adapter.name] = adapter
             self._set_word(adapter)
             self._lora_state = None
@@ -199,8 +209,6 @@ class AdapterSet:
         return adapter
 
     def set_scale(self, name: str, scale: float) -> Adapter:
-        from pipelines.common import check_float
-
         with self.engine.lock:
             adapter = self.get(name)
             adapter.scale = check_float("scale", scale, 0.0, 2.0)
@@ -249,25 +257,16 @@ class AdapterSet:
             if word not in tokenizer.get_vocab():
                 tokenizer.add_tokens([word])
                 text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
-                embeddings = text_encoder.get_input_embeddings()
-            word_id = int(tokenizer.convert_tokens_to_ids(word))
-            with torch.no_grad():
-                vector = init if init is not None else embeddings.weight[:unk].mean(0)
-                embeddings.weight[word_id] = vector.to(embeddings.weight)
-            return word_id
+            vocabulary_mean = text_encoder.get_input_embeddings().weight[:unk].detach().mean(0)
+            return self._write_row(word, init if init is not None else vocabulary_mean)
 
     def _set_word(self, adapter: Adapter) -> None:
         """An enabled adapter's word means its learned vector; a disabled one's what it meant before (unknown)."""
         if adapter.token_embedding is None or not adapter.token:
             return
-        tokenizer, text_encoder = self.engine.base.tokenizer, self.engine.base.text_encoder
-        if adapter.token not in tokenizer.get_vocab():
+        if adapter.token not in self.engine.base.tokenizer.get_vocab():
             self.add_word(adapter.token)
-        embeddings = text_encoder.get_input_embeddings()
-        word_id = int(tokenizer.convert_tokens_to_ids(adapter.token))
-        vector = adapter.token_embedding if adapter.enabled else self._unk_vectors[adapter.token]
-        with torch.no_grad():
-            embeddings.weight[word_id] = vector.to(embeddings.weight)
+        self._write_row(adapter.token, adapter.token_embedding if adapter.enabled else self._unk_vectors[adapter.token])
 
     # --- files --------------------------------------------------------------------------------------------
 

@@ -269,8 +269,10 @@ class Engine:
 
     def vocabulary(self) -> list[str]:
         """The words a word-level tokenizer knows (the built-in model); [] for CLIP's open BPE vocabulary."""
+        from training.text import is_word_level
+
         tokenizer = self.base.tokenizer
-        if tokenizer.unk_token_id is None or type(tokenizer).__name__.startswith("CLIP"):
+        if tokenizer.unk_token_id is None or not is_word_level(tokenizer):
             return []
         special = set(tokenizer.all_special_tokens)
         return sorted(w for w in tokenizer.get_vocab() if w not in special)

@@ -16,6 +16,7 @@ generation requests run between steps; until it finishes nothing but the trainer
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -81,20 +82,19 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
     if token is None:
         raise InputError("the trigger word is empty: choose a new word such as 'zqx'")
     name = adapters.check_name(settings.name or token)
-    held = len(adapters.describe())
-    if held >= limits.max_adapters:  # before training, not after minutes of it
-        raise InputError(f"{held} adapters are loaded, the limit is {limits.max_adapters} (LDS_MAX_ADAPTERS): remove one first")
+    adapters.check_room()  # before training, not after minutes of it
+    defaults = finetune_defaults(engine.preset.is_builtin)
     method = check_choice("method", settings.method, METHODS)
     if not 1 <= len(images) <= limits.max_finetune_images:
         raise InputError(f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)")
-    steps = check_int("steps", settings.steps or finetune_defaults(engine.preset.is_builtin).steps, 1, limits.max_finetune_steps)
+    steps = check_int("steps", settings.steps or defaults.steps, 1, limits.max_finetune_steps)
     rank = check_int("rank", settings.rank, 1, 128)
     batch_size = check_int("batch_size", settings.batch_size, 1, 16)
     learning_rate = check_float("learning_rate", settings.learning_rate, 0.0, 0.1)
     prior_weight = check_float("prior_weight", settings.prior_weight, 0.0, 10.0)
     prior_images = check_int("prior_images", settings.prior_images, 0, 4 * limits.max_finetune_images)
     seed = check_int("seed", settings.seed, 0, limits.max_seed)
-    template = check_text("instance_prompt", settings.instance_prompt or finetune_defaults(engine.preset.is_builtin).instance_prompt,
+    template = check_text("instance_prompt", settings.instance_prompt or defaults.instance_prompt,
                           limits.max_prompt_chars)
     captions = [c for c in (captions or []) if c is not None]
     if captions and len(captions) != len(images):
@@ -322,7 +322,7 @@ def _step(engine, unet, optimizer, noisy, timesteps, ids, target, weights, devic
         if word_id is not None:
             embeddings.weight.requires_grad_(True)
         hidden = text_encoder(ids.to(device)).last_hidden_state  # (B, L, D)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and dtype == torch.float16 else _nullcontext()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and dtype == torch.float16 else contextlib.nullcontext()
         with autocast:
             prediction = unet(noisy.to(device, dtype), timesteps.to(device), hidden.to(dtype)).sample
         per_sample = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none").mean(dim=(1, 2, 3))
@@ -354,11 +354,3 @@ def _discard(engine, settings: FineTuneSettings, word_id: int | None) -> None:
         if word_id is not None:
             engine.adapters.forget_word(settings.token)
         engine.adapters.invalidate()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
