@@ -330,30 +330,71 @@ def vocabulary(engine) -> list[str]:
 # --- cancel ---------------------------------------------------------------------------------------------
 
 class CancelRegistry:
-    """One threading.Event per running request, keyed by (browser session, tab); Cancel sets it."""
+    """Cancel flags keyed by (browser session, tab).
+
+    A browser click first *expects* a run, so that a Cancel while the request still waits in the queue is
+    kept; the run then *starts* with that flag (a fresh one for API calls) and Cancel sets it. The app never
+    uses gradio's own `cancels=`: its frontend keeps a cancelled event pending until two more round trips
+    finish, and a Generate click in that window was silently dropped.
+    """
 
     def __init__(self) -> None:
-        self._events: dict[tuple[str, str], threading.Event] = {}
+        self._running: dict[tuple[str, str], threading.Event] = {}
+        self._waiting: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.Lock()
 
-    def start(self, key: tuple[str, str]) -> threading.Event:
-        event = threading.Event()
+    def expect(self, key: tuple[str, str]) -> None:
         with self._lock:
-            self._events[key] = event
+            self._waiting[key] = threading.Event()
+
+    def start(self, key: tuple[str, str]) -> threading.Event:
+        with self._lock:
+            event = self._waiting.pop(key, None) or threading.Event()
+            self._running[key] = event
         return event
 
     def finish(self, key: tuple[str, str], event: threading.Event) -> None:
         with self._lock:
-            if self._events.get(key) is event:
-                del self._events[key]
+            if self._running.get(key) is event:
+                del self._running[key]
 
-    def cancel(self, key: tuple[str, str]) -> bool:
+    def cancel(self, key: tuple[str, str]) -> str | None:
+        """Set the flag of this key's run: "running", "waiting" (it will not run), or None (nothing to stop)."""
         with self._lock:
-            event = self._events.get(key)
-        if event is None:
-            return False
-        event.set()
-        return True
+            if key in self._running:
+                self._waiting.pop(key, None)  # a second click's leftover must not cancel the next run
+                self._running[key].set()
+                return "running"
+            if key in self._waiting:
+                self._waiting[key].set()
+                return "waiting"
+        return None
+
+
+CANCEL_MESSAGES = {"running": "Cancelling…", "waiting": "Cancelled: it will not run."}
+
+
+def wire_cancellable(studio: "Studio", tab: str, trigger: gr.Button, cancel_button: gr.Button, status, fn: Callable,
+                     *, cancel_api_name: str | None = None, **event_kwargs):
+    """trigger -> fn on the model queue, with a Cancel button that really stops it.
+
+    Cancel sets the run's flag; the model stops within one step and fn's own last update reports it, so the
+    event ends normally and the next click always runs. Returns fn's event (for .success/.then)."""
+    def expect_run(request: gr.Request) -> None:
+        studio.cancels.expect(session_key(request, tab))
+
+    event = trigger.click(expect_run, None, None, **UI_EVENT).then(fn, **event_kwargs)
+
+    def cancel(request: gr.Request):
+        stopped = studio.cancels.cancel(session_key(request, tab))
+        return CANCEL_MESSAGES[stopped] if stopped else gr.skip()
+
+    api = dict(api_name=cancel_api_name, api_description=f"Stop this session's running {tab} request.") \
+        if cancel_api_name else dict(api_visibility="private")
+    cancel_button.click(cancel, None, status, **api,
+                        queue=False,  # never waits in (or is refused by) the model queue it is meant to clear
+                        show_progress="hidden")
+    return event
 
 
 def session_key(request: gr.Request | None, tab: str) -> tuple[str, str]:
@@ -478,21 +519,13 @@ def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable,
                      api_description: str | None = None, extra_outputs=()) -> None:
     """Generate -> fn (a generator using `run_task`) on the shared model queue; Cancel really stops it.
     `extra_outputs` follow the panel's four outputs (fn then yields those four values and one per extra)."""
-    event = panel.generate.click(studio.gpu(fn), inputs_kwargs=inputs_kwargs,
-                                 outputs=panel.outputs() + list(extra_outputs), api_name=api_name,
-                                 api_description=api_description, show_progress="minimal",
-                                 show_progress_on=[panel.preview], **studio.model_event())
+    event = wire_cancellable(studio, tab, panel.generate, panel.cancel, panel.status, studio.gpu(fn),
+                             cancel_api_name=f"cancel_{tab}", inputs_kwargs=inputs_kwargs,
+                             outputs=panel.outputs() + list(extra_outputs), api_name=api_name,
+                             api_description=api_description, show_progress="minimal",
+                             show_progress_on=[panel.preview], **studio.model_event())
     event.success(_add_history, [panel.gallery, panel.history_state], [panel.history, panel.history_state],
                   **UI_EVENT)
-
-    def cancel(request: gr.Request):
-        stopped = studio.cancels.cancel(session_key(request, tab))
-        return "Cancelled." if stopped else gr.skip()
-
-    panel.cancel.click(cancel, None, panel.status, cancels=[event], api_name=f"cancel_{tab}",
-                       api_description=f"Stop this session's running {tab} request.",
-                       queue=False,  # never waits in (or is refused by) the model queue it is meant to clear
-                       show_progress="hidden")
 
 
 def _add_history(gallery_value, history):
@@ -531,6 +564,10 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
     """
     key = session_key(request, tab)
     cancel = studio.cancels.start(key)
+    if cancel.is_set():  # cancelled while it waited in the queue
+        studio.cancels.finish(key, cancel)
+        yield (gr.skip(), gr.skip(), gr.skip(), "Cancelled before it started.")
+        return
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
     started = time.perf_counter()

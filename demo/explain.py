@@ -553,8 +553,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 yield (status, gr.skip(), gr.skip(), preview if preview is not None else gr.skip(),
                        *([gr.skip()] * 4), gr.skip())
 
-    inpaint_event = inpaint_run.click(
-        studio.gpu(explain_inpainting),
+    common.wire_cancellable(
+        studio, INPAINT_TAB, inpaint_run, inpaint_cancel, inpaint_status, studio.gpu(explain_inpainting),
         inputs_kwargs=dict(image=editor, mask=mask_upload, inpaint_prompt=inpaint_prompt, prompt=prompt,
                            strength=inpaint_strength, **{k: v for k, v in settings.kwargs().items()
                                                           if k not in ("batch_size", "width", "height")}),
@@ -562,13 +562,6 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                  inpaint_text, inpaint_state],
         api_name="explain_inpaint", show_progress="minimal", show_progress_on=[inpaint_result],
         **_model_event(studio))
-
-    def cancel_inpainting(request: gr.Request):
-        stopped = studio.cancels.cancel(common.session_key(request, INPAINT_TAB))
-        return "Cancelled." if stopped else gr.skip()
-
-    inpaint_cancel.click(cancel_inpainting, None, inpaint_status, cancels=[inpaint_event], api_visibility="private",
-                         queue=False, show_progress="hidden")
     inpaint_step.change(inpaint_step_view, [inpaint_state, inpaint_step], [inpaint_latent, inpaint_x0, inpaint_text],
                         **common.UI_EVENT)
     examples = common.example_files("scene_a.png", "scene_d.png")

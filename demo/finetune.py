@@ -134,17 +134,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        seed=_number(seed), instance_prompt=instance_prompt or "")
         yield from _run_finetune(engine, studio, ft, pictures, settings, caption_lines, test_prompt, request)
 
-    event = train.click(finetune, [images, token, captions, instance_prompt, method, steps, learning_rate, rank,
-                                   batch_size, prior, prior_weight, seed, name, test_prompt],
-                        [status, loss_plot, comparison, table], api_name="finetune",
-                        concurrency_id="finetune", concurrency_limit=1, show_progress="minimal")
+    event = common.wire_cancellable(
+        studio, TAB, train, cancel, status, finetune, cancel_api_name="cancel_finetune",
+        inputs=[images, token, captions, instance_prompt, method, steps, learning_rate, rank, batch_size, prior,
+                prior_weight, seed, name, test_prompt],
+        outputs=[status, loss_plot, comparison, table], api_name="finetune",
+        concurrency_id="finetune", concurrency_limit=1, show_progress="minimal")
     event.then(lambda: gr.Dropdown(choices=adapter_names(engine), value=(adapter_names(engine) or [None])[-1]),
                None, chosen, **common.UI_EVENT)
-
-    def stop(request: gr.Request):
-        return "Cancelling…" if studio.cancels.cancel(common.session_key(request, TAB)) else gr.skip()
-
-    cancel.click(stop, None, status, cancels=[event], api_name="cancel_finetune", queue=False, show_progress="hidden")
 
     def list_adapters() -> list[dict]:
         """Every adapter on the server: name, kind, trigger word, on/off, strength and how it was made."""
@@ -207,6 +204,10 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
     """Train in a worker thread; yield status, loss curve, before/after and the adapter table while it runs."""
     key = common.session_key(request, TAB)
     cancel = studio.cancels.start(key)
+    if cancel.is_set():  # cancelled while it waited for the running fine-tune
+        studio.cancels.finish(key, cancel)
+        yield "Cancelled before it started.", gr.skip(), gr.skip(), gr.skip()
+        return
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
     losses: list[tuple[int, float]] = []

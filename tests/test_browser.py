@@ -238,26 +238,32 @@ def test_controlnet_preview_and_generate(page, images, live_app, test_output):
     shot(page, test_output, "controlnet")
 
 
-def test_cancel_a_long_run(page, live_app, test_output):
+def test_cancel_a_long_run_then_generate_again(page, live_app, test_output):
+    """Generate, Cancel, Generate at once, three times over: every click after a Cancel runs."""
     limits = live_app.engine.limits
     page.fill("#txt2img-prompt textarea", "a big yellow star")
     open_settings(page, "txt2img")
-    set_number(page, "txt2img-steps", limits.max_steps)
-    set_number(page, "txt2img-batch", limits.max_batch)
-    set_number(page, "txt2img-width", limits.max_size)
-    set_number(page, "txt2img-height", limits.max_size)
-    page.locator("#txt2img-generate").click()
-    page.wait_for_function("() => (document.querySelector('#txt2img-status')?.innerText || '').startsWith('Step')",
-                           timeout=RUN_TIMEOUT_MS)
-    page.locator("#txt2img-preview img").first.wait_for()  # the live preview shows the partial image
-    shot(page, test_output, "cancel-running")
-    page.locator("#txt2img-cancel").click()
-    page.wait_for_function("() => (document.querySelector('#txt2img-status')?.innerText || '').startsWith('Cancelled')",
-                           timeout=30_000)
-    # the model is free again: a short run completes
-    set_number(page, "txt2img-steps", STEPS)
-    set_number(page, "txt2img-batch", 1)
-    generate_and_wait(page, "txt2img")
+    for round_ in range(3):
+        set_number(page, "txt2img-steps", limits.max_steps)
+        set_number(page, "txt2img-batch", limits.max_batch)
+        set_number(page, "txt2img-width", limits.max_size)
+        set_number(page, "txt2img-height", limits.max_size)
+        page.locator("#txt2img-generate").click()
+        page.wait_for_function("() => (document.querySelector('#txt2img-status')?.innerText || '').startsWith('Step')",
+                               timeout=RUN_TIMEOUT_MS)
+        page.locator("#txt2img-preview img").first.wait_for()  # the live preview shows the partial image
+        if round_ == 0:
+            shot(page, test_output, "cancel-running")
+        page.locator("#txt2img-cancel").click()
+        page.wait_for_function(
+            "() => /^Cancelled at step \\d+ of \\d+/.test(document.querySelector('#txt2img-status')?.innerText || '')",
+            timeout=30_000)
+        # the model is free again, and the very next click runs
+        set_number(page, "txt2img-steps", STEPS)
+        set_number(page, "txt2img-batch", 1)
+        set_number(page, "txt2img-width", 64)
+        set_number(page, "txt2img-height", 64)
+        generate_and_wait(page, "txt2img")
     shot(page, test_output, "cancel-after")
 
 

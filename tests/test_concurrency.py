@@ -77,7 +77,7 @@ def test_cancel_button_stops_the_model(live_app):
     job = client.submit(**long_run(live_app.engine), api_name="/txt2img")
     wait_for_progress(job)
     started = time.time()
-    assert client.predict(api_name="/cancel_txt2img") == "Cancelled."
+    assert client.predict(api_name="/cancel_txt2img") == "Cancelling…"
     _, gallery, _, status = job.result(timeout=60)
     assert time.time() - started < 30
     assert status.startswith("Cancelled at step")
@@ -104,3 +104,36 @@ def test_client_side_cancel_frees_the_model(live_app):
     job.cancel()
     live_app.client().predict(prompt="x", width=64, height=64, **common_args(steps=1), api_name="/txt2img")
     assert time.time() - started < 30  # the abandoned run stopped instead of finishing all its steps
+
+
+def test_cancel_registry_keeps_a_cancel_made_while_the_request_waits():
+    from demo.common import CancelRegistry
+
+    registry, key = CancelRegistry(), ("session", "txt2img")
+    assert registry.cancel(key) is None  # nothing clicked, nothing to stop
+    registry.expect(key)  # Generate clicked; the request waits in the queue
+    assert registry.cancel(key) == "waiting"
+    assert registry.start(key).is_set()  # when its turn comes it does not run
+    registry.expect(key)  # the next click starts clean
+    running = registry.start(key)
+    assert not running.is_set()
+    registry.expect(key)  # a second click while it runs (the browser drops that run) ...
+    assert registry.cancel(key) == "running" and running.is_set()  # ... Cancel stops the one that runs
+    registry.finish(key, running)
+    assert not registry.start(key).is_set()  # and the second click's leftover flag cancels nothing later
+
+
+def test_a_request_cancelled_in_the_queue_never_reaches_the_model(tmp_path):
+    from demo.common import Studio, run_task, session_key
+
+    class Request:
+        session_hash = "queued"
+
+    studio = Studio(output_dir=tmp_path)
+    studio.cancels.expect(session_key(Request(), "txt2img"))
+    studio.cancels.cancel(session_key(Request(), "txt2img"))
+    called = []
+    updates = list(run_task(object(), studio, "txt2img", lambda *a, **k: called.append(1), {}, request=Request(),
+                            progress=None))
+    assert called == [] and updates[-1][3] == "Cancelled before it started."
+    assert studio.cancels.cancel(session_key(Request(), "txt2img")) is None  # nothing left behind

@@ -1,4 +1,5 @@
 """The Shapes world, the evaluation checker, the training scripts (2-step smoke runs) and the shipped model."""
+import torch
 import re
 from pathlib import Path
 
@@ -133,3 +134,15 @@ def test_shipped_model_loads_with_plain_diffusers_and_is_deterministic():
     assert runs[0].shape == (64, 64, 3)
     np.testing.assert_array_equal(runs[0], runs[1])
     assert (SHIPPED_MODEL / "README.md").exists()
+
+
+def test_a_wider_unet_starts_from_the_tensors_that_keep_their_shape():
+    from training.train_ldm import LDMConfig, build_unet, load_matching
+
+    narrow, wide = build_unet(LDMConfig()), build_unet(LDMConfig(block_out_channels=(64, 64, 64)))
+    fresh = load_matching(wide, narrow.state_dict())
+    wide_state, narrow_state = wide.state_dict(), narrow.state_dict()
+    assert "conv_in.weight" in fresh  # 4 -> 64 channels now: cannot come from the 32-channel U-Net
+    kept = [k for k in wide_state if k not in fresh]
+    assert any(".attn2." in k for k in kept)  # the cross-attention levels keep their trained weights
+    assert all(torch.equal(wide_state[k], narrow_state[k]) for k in kept)

@@ -155,12 +155,19 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
         # optimiser starts fresh and warms up again, the step count goes on for one continuous curve.
         # The source's EMA weights become the live weights and the new EMA's starting point.
         source = torch.load(init_from, map_location="cpu", weights_only=False)
-        for module in (unet, ema_unet):
-            module.load_state_dict(source["ema_unet"])
         for module in (text_encoder, ema_text):
             module.load_state_dict(source["ema_text"])
-        step = first_step = source["step"]
-        print(f"initialised from {init_from} (step {step}, {source['config'].get('prediction_type', 'epsilon')})")
+        fresh = []
+        for module in (unet, ema_unet):
+            fresh = load_matching(module, source["ema_unet"])
+        if fresh:
+            # A wider U-Net: every tensor whose shape is unchanged (the text encoder, the cross-attention
+            # levels) starts trained, the rest from scratch; its curve starts again at step 0.
+            print(f"initialised from {init_from}: {len(fresh)} U-Net tensors of a new shape start fresh, "
+                  f"e.g. {', '.join(fresh[:4])}")
+        else:
+            step = first_step = source["step"]
+            print(f"initialised from {init_from} (step {step}, {source['config'].get('prediction_type', 'epsilon')})")
     n_unet = sum(p.numel() for p in unet.parameters()); n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"U-Net {n_unet / 1e6:.2f} M parameters, text encoder {n_text / 1e6:.2f} M, {len(captions)} scenes")
     log = LossLog(out_dir, ["loss", "lr", "colour", "shape", "position", "binding"])
@@ -216,6 +223,14 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
     return assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type)
 
 
+def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load the tensors of `state` whose name and shape match; the names left at their fresh init."""
+    own = module.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(matching, strict=False)
+    return [k for k in own if k not in matching]
+
+
 def quick_scores(pipe: StableDiffusionPipeline, grid_path: Path, count: int = 48) -> dict[str, float]:
     """Prompt-following scores on a small held-out set, and a sample grid, during training."""
     from training import evaluate
@@ -244,11 +259,14 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=LDMConfig.learning_rate)
     parser.add_argument("--cosine-decay", action="store_true", help="decay the learning rate to 0 at --max-steps")
     parser.add_argument("--init-from", type=Path, default=None, help="start a new run from another run's checkpoint.pt weights")
+    parser.add_argument("--channels", default=",".join(map(str, LDMConfig.block_out_channels)),
+                        help="U-Net block_out_channels of the 16x16, 8x8 and 4x4 latent levels, e.g. 64,64,64")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     config = LDMConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, prediction_type=args.prediction_type,
-                       learning_rate=args.learning_rate, cosine_decay=args.cosine_decay)
+                       learning_rate=args.learning_rate, cosine_decay=args.cosine_decay,
+                       block_out_channels=tuple(int(c) for c in args.channels.split(",")))
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from)
 
