@@ -13,7 +13,7 @@ from pipelines import txt2img
 from pipelines.common import Cancelled, InputError
 from pipelines.finetune import FineTuneSettings, finetune, without_token
 from training import shapes
-from training.evaluate_finetune import EXAMPLE_OBJECTS, StyledPrompt, is_checkered, render_styled
+from training.evaluate_finetune import EVAL_OBJECTS, EXAMPLE_OBJECTS, StyledPrompt, is_checkered, render_styled
 
 RUN = dict(seed=5, steps=4, guidance=5.0)
 PLAIN = "a big red circle on grass"
@@ -197,7 +197,7 @@ def test_finetune_on_a_clip_tokenizer_model_adds_no_word(tiny_presets):
 
 def test_checkered_statistic_on_ground_truth_renders():
     """The evaluation's texture statistic: every checkered render passes, no other style does."""
-    objects = EXAMPLE_OBJECTS + (("purple", "star", "plain"), ("pink", "heart", "night"))
+    objects = EXAMPLE_OBJECTS + EVAL_OBJECTS
     for style in shapes.STYLES + shapes.UNSEEN_STYLES:
         hits = [is_checkered(render_styled(c, s, b, style, seed=i), b) for i, (c, s, b) in enumerate(objects)]
         assert all(hits) if style == "checkered" else not any(hits), (style, hits)

@@ -1,10 +1,10 @@
 """The Shapes world, the evaluation checker, the training scripts (2-step smoke runs) and the shipped model."""
-import torch
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training import evaluate, shapes, text
 

@@ -31,9 +31,12 @@ MIN_OBJECT_PIXELS = 60
 MIN_CONTRAST = 0.06  # std of the high-passed luminance inside the object, luminance in [0, 1]
 MIN_CORRELATION = 0.15  # |autocorrelation| the pattern must reach at each of the four shifts
 
-# The example set: big single shapes on varied backgrounds (none of the held-out colour-shape pairs).
+# The example set: big single shapes on varied backgrounds (none of the held-out colour-shape pairs), every
+# colour of the world at least once, so the style is not learned as a property of a few colours.
 EXAMPLE_OBJECTS = (("red", "circle", "plain"), ("blue", "square", "grass"), ("yellow", "star", "night"),
-                   ("green", "heart", "sand"), ("white", "triangle", "sky"), ("orange", "square", "snow"))
+                   ("green", "heart", "sand"), ("white", "triangle", "sky"), ("orange", "square", "snow"),
+                   ("purple", "square", "sand"), ("pink", "heart", "night"), ("blue", "circle", "snow"),
+                   ("green", "triangle", "plain"))
 # Evaluation prompts: other colour-shape-background combinations than the examples.
 EVAL_OBJECTS = (("purple", "circle", "plain"), ("pink", "star", "grass"), ("orange", "heart", "sky"),
                 ("blue", "triangle", "sand"), ("red", "square", "night"), ("yellow", "circle", "snow"),
