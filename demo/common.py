@@ -554,6 +554,69 @@ def save_pngs(result, out_dir: Path, task_name: str) -> list[tuple[str, str]]:
     return items
 
 
+class BackgroundRun:
+    """One request's model work in a worker thread, with this session's Cancel flag and its reports.
+
+    `work(cancel, report)` runs in the thread; `report(item)` hands items to `batches`, which a gradio
+    generator turns into UI updates. Use it as a context manager inside that generator: when the browser
+    leaves (gradio closes the generator) the model is told to stop at once. `cancelled_before_start` is
+    true when Cancel came while the request waited in the queue; then nothing runs.
+    """
+
+    _DONE = object()
+
+    def __init__(self, studio: Studio, key: tuple[str, str], work: Callable[[threading.Event, Callable], Any]):
+        self.studio, self.key = studio, key
+        self.cancel = studio.cancels.start(key)
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._reports: queue.Queue = queue.Queue()
+        self.cancelled_before_start = self.cancel.is_set()
+        self._worker = threading.Thread(target=self._run, args=(work,), name=f"lds-{key[1]}", daemon=True)
+        if not self.cancelled_before_start:
+            self._worker.start()
+
+    def __enter__(self) -> "BackgroundRun":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._worker.is_alive():  # the browser left or the job was cancelled: stop the model too
+            self.cancel.set()
+        self.studio.cancels.finish(self.key, self.cancel)
+
+    def _run(self, work) -> None:
+        try:
+            self.result = work(self.cancel, self._reports.put)
+        except BaseException as e:  # handed to the generator, which turns it into a message
+            self.error = e
+        finally:
+            self._reports.put(self._DONE)
+
+    def batches(self, every_s: float) -> Iterator[list]:
+        """The reports gathered since the last batch, at most one batch per `every_s`, and the last ones
+        when the work ends."""
+        pending: list = []
+        last_sent = 0.0
+        while True:
+            item = self._reports.get()
+            while item is not self._DONE:
+                pending.append(item)
+                try:
+                    item = self._reports.get_nowait()
+                except queue.Empty:
+                    break
+            if item is self._DONE:
+                if pending:
+                    yield pending
+                break
+            now = time.perf_counter()
+            if now - last_sent >= every_s:
+                last_sent = now
+                yield pending
+                pending = []
+        self._worker.join()
+
+
 def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, Any], *,
              request: gr.Request | None, progress: gr.Progress | None) -> Iterator[tuple]:
     """Run task `fn(engine, **kwargs, on_step=, cancel=)` in a worker thread, yielding UI updates.
@@ -562,70 +625,30 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
     Errors the user can fix become gr.Error with the pipeline's sentence; a model error becomes a
     gr.Error for this user only; Cancel ends the run early with a status line.
     """
-    key = session_key(request, tab)
-    cancel = studio.cancels.start(key)
-    if cancel.is_set():  # cancelled while it waited in the queue
-        studio.cancels.finish(key, cancel)
-        yield (gr.skip(), gr.skip(), gr.skip(), "Cancelled before it started.")
-        return
-    updates: queue.Queue = queue.Queue()
-    outcome: dict[str, Any] = {}
     started = time.perf_counter()
-
-    def on_step(step: int, total: int, preview=None) -> None:
-        updates.put((step, total, preview))
-
-    def work() -> None:
-        try:
-            outcome["result"] = fn(engine, **kwargs, on_step=on_step, cancel=cancel)
-        except BaseException as e:  # handed to the generator, which turns it into a message
-            outcome["error"] = e
-        finally:
-            updates.put(None)
-
-    worker = threading.Thread(target=work, name=f"lds-{tab}", daemon=True)
-    worker.start()
     step = total = 0
-    try:
+    with BackgroundRun(studio, session_key(request, tab), lambda cancel, report: fn(
+            engine, **kwargs, cancel=cancel,
+            on_step=lambda step, total, preview=None: report((step, total, preview)))) as run:
+        if run.cancelled_before_start:
+            yield (gr.skip(), gr.skip(), gr.skip(), "Cancelled before it started.")
+            return
         yield (gr.skip(), gr.skip(), gr.skip(), "Waiting for the model…")
-        last_sent = 0.0
-        finished = False
-        while not finished:
-            item = updates.get()
-            latest_preview = None
-            while True:  # drain: only the newest preview is worth sending
-                if item is None:
-                    finished = True
-                    break
-                step, total, preview = item
-                latest_preview = preview if preview is not None else latest_preview
-                try:
-                    item = updates.get_nowait()
-                except queue.Empty:
-                    break
-            if finished:
-                break
+        for reports in run.batches(PREVIEW_EVERY_S):
+            step, total, _ = reports[-1]
+            latest_preview = next((preview for *_, preview in reversed(reports) if preview is not None), None)
             if progress is not None and total:
                 progress((step, total), desc=f"Denoising step {step}/{total}")
-            now = time.perf_counter()
             # The step count goes out even between previews (they are rationed by their cost), so the
             # status always shows the run moving.
-            if now - last_sent >= PREVIEW_EVERY_S:
-                last_sent = now
-                yield (gr.skip() if latest_preview is None else latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
-        worker.join()
-    finally:
-        if worker.is_alive():  # the browser left or the job was cancelled: stop the model too
-            cancel.set()
-        studio.cancels.finish(key, cancel)
+            yield (gr.skip() if latest_preview is None else latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
 
-    error = outcome.get("error")
-    if isinstance(error, Cancelled):
+    if isinstance(run.error, Cancelled):
         yield (gr.skip(), gr.skip(), gr.skip(), f"Cancelled at step {step} of {total}." if total else "Cancelled.")
         return
-    if error is not None:
-        raise user_error(error)
-    result = outcome["result"]
+    if run.error is not None:
+        raise user_error(run.error)
+    result = run.result
     items = save_pngs(result, studio.output_dir, tab)
     seconds = time.perf_counter() - started
     first = result.images[0] if result.images else None

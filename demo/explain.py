@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from demo import common
 

@@ -2,8 +2,6 @@
 watch the loss, compare before/after, and manage adapters (switch on/off, strength, save, load LoRA files)."""
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -202,61 +200,37 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 
 def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption_lines, test_prompt, request):
     """Train in a worker thread; yield status, loss curve, before/after and the adapter table while it runs."""
-    key = common.session_key(request, TAB)
-    cancel = studio.cancels.start(key)
-    if cancel.is_set():  # cancelled while it waited for the running fine-tune
-        studio.cancels.finish(key, cancel)
-        yield "Cancelled before it started.", gr.skip(), gr.skip(), gr.skip()
-        return
-    updates: queue.Queue = queue.Queue()
-    outcome: dict[str, Any] = {}
     losses: list[tuple[int, float]] = []
     comparison: list[tuple[Any, str]] = []
+    prompt = (test_prompt or "").replace("{token}", settings.token)
 
-    def work() -> None:
-        try:
-            prompt = (test_prompt or "").replace("{token}", settings.token)
-            if prompt.strip():
-                comparison.append((_test_image(engine, prompt, settings.seed), "before"))
-            outcome["result"] = ft.finetune(engine, pictures, settings, captions=caption_lines or None,
-                                            on_step=lambda step, total, loss: updates.put((step, total, loss)), cancel=cancel)
-            if prompt.strip():
-                comparison.append((_test_image(engine, prompt, settings.seed), "after"))
-        except BaseException as error:  # handed to the generator, which turns it into a message
-            outcome["error"] = error
-        finally:
-            updates.put(None)
+    def work(cancel, report):
+        if prompt.strip():
+            comparison.append((_test_image(engine, prompt, settings.seed), "before"))
+        result = ft.finetune(engine, pictures, settings, captions=caption_lines or None,
+                             on_step=lambda step, total, loss: report((step, total, loss)), cancel=cancel)
+        if prompt.strip():
+            comparison.append((_test_image(engine, prompt, settings.seed), "after"))
+        return result
 
-    worker = threading.Thread(target=work, name="lds-finetune", daemon=True)
     started = time.perf_counter()
-    worker.start()
     step = total = 0
-    last_sent = 0.0
-    try:
+    with common.BackgroundRun(studio, common.session_key(request, TAB), work) as run:
+        if run.cancelled_before_start:
+            yield "Cancelled before it started.", gr.skip(), gr.skip(), gr.skip()
+            return
         yield "Preparing: encoding the images…", gr.skip(), gr.skip(), gr.skip()
-        while True:
-            item = updates.get()
-            if item is None:
-                break
-            step, total, loss = item
-            losses.append((step, loss))
-            now = time.perf_counter()
-            if now - last_sent >= UPDATE_EVERY_S:
-                last_sent = now
-                yield (f"Step {step}/{total} · loss {loss:.4f} · {now - started:.0f} s", _loss_frame(losses),
-                       list(comparison) or gr.skip(), gr.skip())
-        worker.join()
-    finally:
-        if worker.is_alive():
-            cancel.set()
-        studio.cancels.finish(key, cancel)
-    error = outcome.get("error")
-    if isinstance(error, common.Cancelled):
+        for reports in run.batches(UPDATE_EVERY_S):
+            losses += [(step, loss) for step, _, loss in reports]
+            step, total, loss = reports[-1]
+            yield (f"Step {step}/{total} · loss {loss:.4f} · {time.perf_counter() - started:.0f} s", _loss_frame(losses),
+                   list(comparison) or gr.skip(), gr.skip())
+    if isinstance(run.error, common.Cancelled):
         yield f"Cancelled at step {step} of {total}; nothing was kept.", _loss_frame(losses), gr.skip(), adapter_rows(engine)
         return
-    if error is not None:
-        raise common.user_error(error)
-    result = outcome["result"]
+    if run.error is not None:
+        raise common.user_error(run.error)
+    result = run.result
     yield (f"Done: adapter `{result.adapter}` trained {result.steps_done} steps in {result.seconds:.0f} s "
            f"(final loss {result.info.get('final_loss') or 0:.4f}). Prompts with **{result.token}** now use it in every tab.",
            _loss_frame(losses), list(comparison), adapter_rows(engine))

@@ -34,6 +34,7 @@ from pipelines.common import InputError, ModelError, check_float
 
 KINDS = ("lora", "full")
 TOKEN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,23}$")  # one lower-case word: what a word-level tokenizer can add
+EVERY_PROMPT = "none"  # the trigger word that loads an adapter for every request
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 
 
@@ -303,7 +304,7 @@ class AdapterSet:
         """Load a `.safetensors` adapter: this app's format or any LoRA diffusers can read (kohya, A1111, LCM-LoRA).
 
         `token` overrides the file's trigger word ("" or None keeps the file's; a file without one applies
-        to every request while enabled).
+        to every request while enabled); EVERY_PROMPT ("none") applies it to every request.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -317,7 +318,11 @@ class AdapterSet:
             raise InputError(f"{path.name} is not a readable .safetensors file ({error})") from error
         if not tensors:
             raise InputError(f"{path.name} holds no tensors")
-        token = self.check_token(token if token not in (None, "") else metadata.get("lds_token") or None)
+        if str(token or "").strip().lower() == EVERY_PROMPT:
+            token = None
+            tensors.pop("token_embedding", None)  # a learned word means nothing when no prompt needs the word
+        else:
+            token = self.check_token(token if token not in (None, "") else metadata.get("lds_token") or None)
         info = {"source": path.name, **_json_or_empty(metadata.get("lds_info"))}
         return self.load_tensors(tensors, name=name, token=token, kind=metadata.get("lds_kind"),
                                  enabled=enabled, scale=scale, info=info)

@@ -278,7 +278,11 @@ def _make_trainable(engine, settings: FineTuneSettings):
     base.unet.requires_grad_(False)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian",
                         target_modules=LORA_TARGETS)
-    base.unet.add_adapter(config, adapter_name=settings.name)
+    # peft draws the initial LoRA weights from torch's global generator; seeded here, the same settings
+    # give the same adapter, and other requests' random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        base.unet.add_adapter(config, adapter_name=settings.name)
     trainable = []
     for name, param in base.unet.named_parameters():
         if "lora_" in name and f".{settings.name}." in name:

@@ -7,13 +7,14 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines import txt2img
 from pipelines.common import Cancelled, InputError
 from pipelines.finetune import FineTuneSettings, finetune, without_token
 from training import shapes
-from training.evaluate_finetune import EVAL_OBJECTS, EXAMPLE_OBJECTS, StyledPrompt, is_checkered, render_styled
+from training.evaluate_finetune import EVAL_OBJECTS, EXAMPLE_OBJECTS, example_set, is_checkered, render_styled
 
 RUN = dict(seed=5, steps=4, guidance=5.0)
 PLAIN = "a big red circle on grass"
@@ -31,9 +32,8 @@ def engine():
 
 @pytest.fixture(scope="module")
 def examples():
-    images = [Image.fromarray(render_styled(c, s, b, seed=i)) for i, (c, s, b) in enumerate(EXAMPLE_OBJECTS)]
-    captions = [StyledPrompt(c, s, b).caption("in {token} style") for c, s, b in EXAMPLE_OBJECTS]
-    return images, captions
+    arrays, captions = example_set()
+    return [Image.fromarray(a) for a in arrays], captions
 
 
 def draw(engine, prompt: str) -> bytes:
@@ -70,6 +70,11 @@ def test_finetune_applies_only_to_prompts_with_its_word(engine, examples, method
     assert draw(engine, PLAIN) == plain_before
     engine.adapters.remove(loaded.name)
     assert draw(engine, WITH_WORD.format(word=word)) == word_before
+    # 3. loaded for every prompt ("none" as the word): plain prompts change too
+    everywhere = engine.adapters.load_file(path, name=f"{word}-everywhere", token="none")
+    assert everywhere.token is None and draw(engine, PLAIN) != plain_before
+    engine.adapters.remove(everywhere.name)
+    assert draw(engine, PLAIN) == plain_before
 
 
 def test_two_adapters_and_batching_keys(engine, examples):
@@ -197,9 +202,9 @@ def test_finetune_on_a_clip_tokenizer_model_adds_no_word(tiny_presets):
 
 def test_checkered_statistic_on_ground_truth_renders():
     """The evaluation's texture statistic: every checkered render passes, no other style does."""
-    objects = EXAMPLE_OBJECTS + EVAL_OBJECTS
+    objects = EXAMPLE_OBJECTS + tuple((c, s, b, "center") for c, s, b in EVAL_OBJECTS)
     for style in shapes.STYLES + shapes.UNSEEN_STYLES:
-        hits = [is_checkered(render_styled(c, s, b, style, seed=i), b) for i, (c, s, b) in enumerate(objects)]
+        hits = [is_checkered(render_styled(c, s, b, style, position=p, seed=i), b) for i, (c, s, b, p) in enumerate(objects)]
         assert all(hits) if style == "checkered" else not any(hits), (style, hits)
 
 
@@ -229,3 +234,17 @@ def test_adapter_limit_and_strength_bounds(engine, examples, monkeypatch):
     finally:
         engine.adapters.remove(first.adapter)
     assert engine.adapters.describe() == [] and "zqmore" in engine.unknown_words("a zqmore circle")
+
+
+def test_the_same_settings_give_the_same_adapter(engine, examples):
+    images, captions = examples
+    trained = []
+    for other_requests, seed in enumerate((5, 5, 6)):
+        torch.manual_seed(other_requests)  # whatever ran before leaves torch's global generator anywhere
+        settings = FineTuneSettings(token="zqsame", steps=2, seed=seed)
+        name = finetune(engine, images, settings, captions=captions).adapter
+        trained.append(engine.adapters.state_dict(name)[0])
+        engine.adapters.remove(name)
+    same, other = trained[0], trained[2]
+    assert trained[1].keys() == same.keys() and all(torch.equal(trained[1][k], same[k]) for k in same)
+    assert any(not torch.equal(other[k], same[k]) for k in same)  # the seed, LoRA init included, is what differs

@@ -66,7 +66,7 @@ def test_finetune_through_the_api_then_use_save_switch_and_load(client, live_app
     (dict(token="red"), "'red' is a word model"),
     (dict(images=[]), "0 training images given"),
     (dict(steps=10**6), "1000000 is (above the limit|greater than maximum)"),
-    (dict(captions="only one caption with zqapi"), "1 captions for 6 images"),
+    (dict(captions="only one caption with zqapi"), f"1 captions for {len(EXAMPLES)} images"),
 ])
 def test_bad_finetune_input_is_explained_and_keeps_nothing(client, live_app, overrides, message):
     from gradio_client.exceptions import AppError
@@ -101,7 +101,7 @@ def test_finetune_tab_in_the_browser(page, live_app, test_output):
     try:
         open_tab(page, "Fine-tune")
         page.locator("#finetune-example").click()
-        page.wait_for_function("() => document.querySelectorAll('#finetune-thumbnails img').length === 6")
+        page.wait_for_function(f"() => document.querySelectorAll('#finetune-thumbnails img').length === {len(EXAMPLES)}")
         page.locator("#finetune-token textarea, #finetune-token input").first.fill("zqweb")
         page.get_by_text("Training settings").click()
         set_number(page, "finetune-steps", 10)

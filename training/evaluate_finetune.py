@@ -1,20 +1,21 @@
 """Fine-tuning evaluation: teach the built-in model the Shapes world's "checkered" style, which no training
 caption ever named, from a handful of images, and measure how often prompts show it.
 
-    python -m training.evaluate_finetune                 # LoRA, the Fine-tune tab's defaults; prints the table
+    python -m training.evaluate_finetune                 # LoRA, the Fine-tune tab's defaults, 3 runs; prints the table
     python -m training.evaluate_finetune --method full   # a full U-Net fine-tune instead
     python -m training.evaluate_finetune --write-examples assets/examples/finetune-checkered
 
 It goes through the app's own code (`pipelines.finetune.finetune` on an `Engine`), so what it measures is
 what a user of the Fine-tune tab gets. A texture statistic judges every image: inside the object (segmented
 against the prompt's empty background) the high-passed luminance must anti-correlate with itself one checker
-square (4 px) to the side and below, and correlate one square diagonally: the signature of a checkerboard,
+square (6 px) to the side and below, and correlate one square diagonally: the signature of a checkerboard,
 which stripes, dots, outlines, glow and flat fills do not have (tested on ground-truth renders).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,13 @@ MIN_CONTRAST = 0.06  # std of the high-passed luminance inside the object, lumin
 MIN_CORRELATION = 0.15  # |autocorrelation| the pattern must reach at each of the four shifts
 
 # The example set: big single shapes on varied backgrounds (none of the held-out colour-shape pairs), every
-# colour of the world at least once, so the style is not learned as a property of a few colours.
-EXAMPLE_OBJECTS = (("red", "circle", "plain"), ("blue", "square", "grass"), ("yellow", "star", "night"),
-                   ("green", "heart", "sand"), ("white", "triangle", "sky"), ("orange", "square", "snow"),
-                   ("purple", "square", "sand"), ("pink", "heart", "night"), ("blue", "circle", "snow"),
-                   ("green", "triangle", "plain"))
+# colour of the world at least once and at varied places, so that what the examples share is the style
+# alone, not a few colours or a centred layout.
+EXAMPLE_OBJECTS = (("red", "circle", "plain", "left"), ("blue", "square", "grass", "top right"),
+                   ("yellow", "star", "night", "center"), ("green", "heart", "sand", "bottom left"),
+                   ("white", "triangle", "sky", "right"), ("orange", "square", "snow", "top"),
+                   ("purple", "square", "sand", "bottom right"), ("pink", "heart", "night", "top left"),
+                   ("blue", "circle", "snow", "bottom"), ("green", "triangle", "plain", "center"))
 # Evaluation prompts: other colour-shape-background combinations than the examples.
 EVAL_OBJECTS = (("purple", "circle", "plain"), ("pink", "star", "grass"), ("orange", "heart", "sky"),
                 ("blue", "triangle", "sand"), ("red", "square", "night"), ("yellow", "circle", "snow"),
@@ -49,22 +52,35 @@ class StyledPrompt:
     colour: str
     shape: str
     background: str
+    position: str = ""  # a key of shapes.POSITIONS, or "" (no place named)
 
     def caption(self, style_words: str = "") -> str:
         text = f"a big {self.colour} {self.shape}"
+        if self.position:
+            text += f" {shapes.POSITIONS[self.position][0]}"
         if style_words:
             text += f" {style_words}"
         phrase = shapes.BACKGROUNDS[self.background][0]
         return f"{text} {phrase}" if phrase else text
 
 
-def render_styled(colour: str, shape: str, background: str, style: str = STYLE, *, seed: int = 0) -> np.ndarray:
-    """A big centred shape in `style`: (64, 64, 3) uint8."""
+def render_styled(colour: str, shape: str, background: str, style: str = STYLE, *, position: str = "center",
+                  seed: int = 0) -> np.ndarray:
+    """A big shape in `style` at `position` (jittered a little, kept inside the frame): (64, 64, 3) uint8."""
     rng = np.random.default_rng(seed)
-    centre = (32 + rng.uniform(-4, 4), 32 + rng.uniform(-4, 4))
+    x, y = shapes.POSITIONS[position][1]
+    # 16 px from the border at most, as the world draws big shapes
+    centre = tuple(float(np.clip(c + rng.uniform(-4, 4), 16, 48)) for c in (x, y))
     scene = shapes.Scene(caption="", background=background,
                          objects=[shapes.SceneObject(shape, colour, "big", centre, style)])
     return shapes.render(scene).image
+
+
+def example_set() -> tuple[list[np.ndarray], list[str]]:
+    """The example images and their captions (with `{token}` where the word goes)."""
+    images = [render_styled(c, s, b, position=p, seed=i) for i, (c, s, b, p) in enumerate(EXAMPLE_OBJECTS)]
+    captions = [StyledPrompt(c, s, b, p).caption("in {token} style") for c, s, b, p in EXAMPLE_OBJECTS]
+    return images, captions
 
 
 def object_mask(image: np.ndarray, background: str) -> np.ndarray | None:
@@ -121,15 +137,16 @@ def is_checkered(image: np.ndarray, background: str) -> bool:
 
 def write_examples(folder: Path) -> list[Path]:
     """The Fine-tune tab's example set: PNGs + captions.txt (one per line, `{token}` where the word goes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, captions = [], []
-    for i, (colour, shape, background) in enumerate(EXAMPLE_OBJECTS):
-        from PIL import Image
+    from PIL import Image
 
-        path = folder / f"{i + 1:02d}-{colour}-{shape}.png"
-        Image.fromarray(render_styled(colour, shape, background, seed=i)).save(path)
-        paths.append(path)
-        captions.append(StyledPrompt(colour, shape, background).caption("in {token} style"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    images, captions = example_set()
+    paths = []
+    for i, (image, (colour, shape, _, _)) in enumerate(zip(images, EXAMPLE_OBJECTS)):
+        paths.append(folder / f"{i + 1:02d}-{colour}-{shape}.png")
+        Image.fromarray(image).save(paths[-1])
     (folder / "captions.txt").write_text("\n".join(captions) + "\n")
     return paths
 
@@ -144,9 +161,11 @@ def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, gui
     for label, words in (("with the word", f"in {adapter_token} style"), ("without the word", "")):
         hits, total = 0, 0
         for p in prompts:
-            result = txt2img.generate(engine, prompt=p.caption(words), seed=1000, steps=steps, guidance=guidance,
-                                      batch_size=seeds)
-            for image in result.images:
+            images = []
+            for first in range(0, seeds, engine.limits.max_batch):  # seeds 1000, 1001, ... in batches the app allows
+                images += txt2img.generate(engine, prompt=p.caption(words), seed=1000 + first, steps=steps,
+                                           guidance=guidance, batch_size=min(engine.limits.max_batch, seeds - first)).images
+            for image in images:
                 hits += is_checkered(np.asarray(image.convert("RGB")), p.background)
                 total += 1
                 if images_out is not None:
@@ -164,6 +183,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the tab's)")
     parser.add_argument("--token", default="zqx")
     parser.add_argument("--seeds", type=int, default=4, help="images per evaluation prompt (10 prompts)")
+    parser.add_argument("--runs", type=int, default=3, help="fine-tunes with seeds 0, 1, ...; the figures are their mean")
     parser.add_argument("--prior-preservation", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write-examples", type=Path, default=None, help="write the example set here and stop")
@@ -181,45 +201,68 @@ def main(argv=None):
     from PIL import Image
 
     from app import build_engine
+    from pipelines.adapters import EVERY_PROMPT
     from pipelines.finetune import FineTuneSettings, finetune
 
     engine = build_engine(args.model)
-    images = [Image.fromarray(render_styled(c, s, b, seed=i)) for i, (c, s, b) in enumerate(EXAMPLE_OBJECTS)]
-    captions = [StyledPrompt(c, s, b).caption("in {token} style") for c, s, b in EXAMPLE_OBJECTS]
+    arrays, captions = example_set()
+    images = [Image.fromarray(a) for a in arrays]
     before = evaluate(engine, args.token, seeds=args.seeds)
-    settings = FineTuneSettings(token=args.token, method=args.method, prior_preservation=args.prior_preservation,
-                                learning_rate=args.learning_rate)
-    if args.steps:
-        settings.steps = args.steps
-    if args.rank:
-        settings.rank = args.rank
-    started = time.perf_counter()
-    result = finetune(engine, images, settings, captions=captions)
-    seconds = time.perf_counter() - started
-    drawn: dict = {}
-    after = evaluate(engine, args.token, seeds=args.seeds, images_out=drawn)
-    if args.grid:
-        from training.common import save_grid
+    runs = []
+    for run in range(args.runs):
+        # Runs differ only in the fine-tune's seed (LoRA init, noise, timesteps). One run's images of a prompt
+        # look alike whatever the sampling seed, so the spread between runs is the one that matters.
+        settings = FineTuneSettings(token=args.token, method=args.method, prior_preservation=args.prior_preservation,
+                                    learning_rate=args.learning_rate, seed=run, name=f"eval-{run}")
+        if args.steps:
+            settings.steps = args.steps
+        if args.rank:
+            settings.rank = args.rank
+        started = time.perf_counter()
+        result = finetune(engine, images, settings, captions=captions)
+        seconds = time.perf_counter() - started
+        drawn: dict = {}
+        after = evaluate(engine, args.token, seeds=args.seeds, images_out=drawn)
+        if args.grid and run == 0:
+            from training.common import save_grid
 
-        save_grid(np.stack(drawn["with the word"] + drawn["without the word"]), args.grid)
-    engine.adapters.get(result.adapter).token = None  # the adapter on every prompt: what it does to plain prompts
-    leak = evaluate(engine, args.token, seeds=args.seeds)["without the word"]
+            save_grid(np.stack(drawn["with the word"] + drawn["without the word"]), args.grid)
+        # The same weights loaded for every prompt: what they alone would do to prompts without the word.
+        saved = engine.adapters.save(result.adapter, Path(tempfile.mkdtemp()) / "adapter.safetensors")
+        engine.adapters.remove(result.adapter)
+        forced = engine.adapters.load_file(saved, name=f"{result.adapter}-everywhere", token=EVERY_PROMPT)
+        leak = evaluate(engine, args.token, seeds=args.seeds)["without the word"]
+        engine.adapters.remove(forced.name)
+        runs.append({"seed": run, "seconds": seconds, "with": after["with the word"],
+                     "without": after["without the word"], "forced_on_without": leak})
+        print(f"run {run}: {seconds:.0f} s, with the word {after['with the word']:.0%}, "
+              f"without {after['without the word']:.0%}, forced on {leak:.0%}", flush=True)
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in runs]))
+
+    def spread(key: str) -> str:
+        values = [r[key] for r in runs]
+        return f"{mean(key):.0%}" + (f" ({min(values):.0%}-{max(values):.0%})" if len(runs) > 1 else "")
+
     rows = [
-        ("fine-tune time (s)", f"{seconds:.1f}", "about 180 on 2 CPU cores"),
-        ("steps / images", f"{result.steps_done} / {len(images)}", ""),
+        ("fine-tune time (s)", f"{mean('seconds'):.0f}", "about 180 on 2 CPU cores"),
+        ("steps / images", f"{settings.steps} / {len(images)}", ""),
         ("with the word, before fine-tuning", f"{before['with the word']:.0%}", ""),
-        ("with the word", f"{after['with the word']:.0%}", ">= 70%"),
-        ("without the word", f"{after['without the word']:.0%}", "<= 10%"),
-        ("without the word, adapter forced on for every prompt", f"{leak:.0%}", "(drift of the fine-tuned weights)"),
+        ("with the word", spread("with"), ">= 70%"),
+        ("without the word", spread("without"), "<= 10%"),
+        ("without the word, adapter forced on for every prompt", spread("forced_on_without"),
+         "(drift of the fine-tuned weights)"),
     ]
-    print(f"Fine-tune evaluation: {args.method}, model {engine.preset.name}, {len(EVAL_OBJECTS)} prompts x {args.seeds} seeds, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(f"Fine-tune evaluation: {args.method}, model {engine.preset.name}, {args.runs} fine-tune run(s), "
+          f"{len(EVAL_OBJECTS)} prompts x {args.seeds} seeds each, {torch.get_num_threads()} thread(s); "
+          f"mean (min-max over runs)")
     width = max(len(r[0]) for r in rows)
     for name, value, goal in rows:
-        print(f"{name:<{width}} | {value:>8} | {goal}")
+        print(f"{name:<{width}} | {value:>14} | {goal}")
     if args.json:
-        args.json.write_text(json.dumps({"seconds": seconds, "before": before, "after": after, "forced_on_without": leak,
-                                         "method": args.method, "steps": result.steps_done}, indent=2))
+        args.json.write_text(json.dumps({"before": before["with the word"], "runs": runs, "method": args.method,
+                                         "steps": settings.steps, "images": len(images)}, indent=2))
 
 
 if __name__ == "__main__":
