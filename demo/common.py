@@ -39,6 +39,7 @@ TAB_LABELS = {
 SEND_TARGETS = ("inpaint", "outpaint", "style", "controlnet")  # tabs with an input image
 HISTORY_LIMIT = 48  # images kept in a session's history gallery
 PREVIEW_EVERY_S = 0.15  # at most this often a live preview is sent to the browser
+HEARTBEAT_S = 0.5  # a running request's generator hands control back to gradio at least this often
 RANDOM_SEED = -1  # the seed box value meaning "pick one"; the seed actually used is shown with the result
 MAX_SEED = 2**32 - 1
 UPSCALED_VIEW_PX = 256  # small images are shown at least this big, with pixelated rendering
@@ -594,11 +595,17 @@ class BackgroundRun:
 
     def batches(self, every_s: float) -> Iterator[list]:
         """The reports gathered since the last batch, at most one batch per `every_s`, and the last ones
-        when the work ends."""
+        when the work ends. An empty batch comes at least every HEARTBEAT_S: gradio's cancel (a client's
+        job.cancel(), a closed browser tab) waits for the generator's next step, so a step never waits on
+        the model for long."""
         pending: list = []
         last_sent = 0.0
         while True:
-            item = self._reports.get()
+            try:
+                item = self._reports.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield []
+                continue
             while item is not self._DONE:
                 pending.append(item)
                 try:
@@ -635,6 +642,9 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
             return
         yield (gr.skip(), gr.skip(), gr.skip(), "Waiting for the model…")
         for reports in run.batches(PREVIEW_EVERY_S):
+            if not reports:
+                yield (gr.skip(),) * 4
+                continue
             step, total, _ = reports[-1]
             latest_preview = next((preview for *_, preview in reversed(reports) if preview is not None), None)
             if progress is not None and total:

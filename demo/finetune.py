@@ -221,6 +221,9 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
             return
         yield "Preparing: encoding the images…", gr.skip(), gr.skip(), gr.skip()
         for reports in run.batches(UPDATE_EVERY_S):
+            if not reports:
+                yield (gr.skip(),) * 4
+                continue
             losses += [(step, loss) for step, _, loss in reports]
             step, total, loss = reports[-1]
             yield (f"Step {step}/{total} · loss {loss:.4f} · {time.perf_counter() - started:.0f} s", _loss_frame(losses),
