@@ -146,3 +146,14 @@ def test_a_wider_unet_starts_from_the_tensors_that_keep_their_shape():
     kept = [k for k in wide_state if k not in fresh]
     assert any(".attn2." in k for k in kept)  # the cross-attention levels keep their trained weights
     assert all(torch.equal(wide_state[k], narrow_state[k]) for k in kept)
+
+
+def test_two_object_scenes_get_the_share_asked_for():
+    from training.train_ldm import scene_weights
+
+    captions = shapes.batch(range(400))[1]
+    two = torch.tensor([sum(w in shapes.SHAPES for w in c.split()) == 2 for c in captions])
+    assert 0.2 < two.float().mean() < 0.6  # the world's own share (two-object scenes are 40% of draws)
+    assert torch.equal(scene_weights(captions, 0.0), torch.ones(len(captions)))
+    weights = scene_weights(captions, 0.7)
+    assert abs(float(weights[two].sum() / weights.sum()) - 0.7) < 1e-5

@@ -46,6 +46,9 @@ class LDMConfig:
     # where eps-prediction's loss is nearly blind to layout and text; see loss_weights.
     prediction_type: str = "v_prediction"
     ema_decay: float = 0.999
+    # Share of each batch drawn from two-object scenes (0: as often as the data has them, 40%); binding is
+    # learned only from those.
+    two_object_share: float = 0.0
 
 
 def build_unet(config: LDMConfig) -> UNet2DConditionModel:
@@ -169,13 +172,14 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
             print(f"initialised from {init_from} (step {step}, {source['config'].get('prediction_type', 'epsilon')})")
     n_unet = sum(p.numel() for p in unet.parameters()); n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"U-Net {n_unet / 1e6:.2f} M parameters, text encoder {n_text / 1e6:.2f} M, {len(captions)} scenes")
+    sampling_weights = scene_weights(captions, config.two_object_share)
     log = LossLog(out_dir, ["loss", "lr", "colour", "shape", "position", "binding"])
     generator = torch.Generator().manual_seed(seed + step)
     scores: dict[str, float] = {}
 
     while step < max_steps:
         # 4. A batch: sample latents from the posterior, drop 10% of captions.
-        index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
+        index = torch.multinomial(sampling_weights, config.batch_size, replacement=True, generator=generator)
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
         batch_ids = ids[index].clone()
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
@@ -222,6 +226,17 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
     return assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type)
 
 
+def scene_weights(captions: list[str], two_object_share: float) -> torch.Tensor:
+    """Sampling weight per training scene: two-object scenes get `two_object_share` of the total (0: uniform)."""
+    uniform = torch.ones(len(captions))
+    if not two_object_share:
+        return uniform
+    two = torch.tensor([sum(word in shapes.SHAPES for word in c.split()) == 2 for c in captions])
+    if two.all() or not two.any():
+        return uniform
+    return torch.where(two, two_object_share / two.sum(), (1 - two_object_share) / (~two).sum())
+
+
 def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load the tensors of `state` whose name and shape match; the names left at their fresh init."""
     own = module.state_dict()
@@ -260,12 +275,15 @@ def main(argv=None):
     parser.add_argument("--init-from", type=Path, default=None, help="start a new run from another run's checkpoint.pt weights")
     parser.add_argument("--channels", default=",".join(map(str, LDMConfig.block_out_channels)),
                         help="U-Net block_out_channels of the 16x16, 8x8 and 4x4 latent levels, e.g. 64,64,64")
+    parser.add_argument("--two-object-share", type=float, default=LDMConfig.two_object_share,
+                        help="share of each batch from two-object scenes (0: as in the data)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     config = LDMConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, prediction_type=args.prediction_type,
                        learning_rate=args.learning_rate, cosine_decay=args.cosine_decay,
-                       block_out_channels=tuple(int(c) for c in args.channels.split(",")))
+                       block_out_channels=tuple(int(c) for c in args.channels.split(",")),
+                       two_object_share=args.two_object_share)
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from)
 
