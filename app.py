@@ -66,8 +66,9 @@ def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) 
     (one model call at a time still: engine.lock), but at most 1 + queue_size, so `--queue-size` still bounds
     what waits (gradio queues the rest). One on ZeroGPU, where every admitted call would hold a GPU lease.
 
-    Admitting several even with merging off keeps Cancel working: with a limit of 1, the browser test that
-    cancels a long run and then starts a short one waited forever behind the cancelled event's slot."""
+    With merging off, admitting several changes nothing about the order of model work (engine.lock takes one
+    call at a time) and lets waiting requests show "Waiting for the model…"; Cancel reaches a request either
+    way (demo/common.CancelRegistry). The README's throughput figures were measured with this setting."""
     if zero_gpu:
         return 1
     batch = int(getattr(getattr(engine, "limits", None), "batch_requests", 1) or 1)

@@ -375,7 +375,7 @@ class CancelRegistry:
 CANCEL_MESSAGES = {"running": "Cancelling…", "waiting": "Cancelled: it will not run."}
 
 
-def wire_cancellable(studio: "Studio", tab: str, trigger: gr.Button, cancel_button: gr.Button, status, fn: Callable,
+def wire_cancellable(studio: Studio, tab: str, trigger: gr.Button, cancel_button: gr.Button, status, fn: Callable,
                      *, cancel_api_name: str | None = None, **event_kwargs):
     """trigger -> fn on the model queue, with a Cancel button that really stops it.
 
@@ -577,7 +577,7 @@ class BackgroundRun:
         if not self.cancelled_before_start:
             self._worker.start()
 
-    def __enter__(self) -> "BackgroundRun":
+    def __enter__(self) -> BackgroundRun:
         return self
 
     def __exit__(self, *exc_info) -> None:

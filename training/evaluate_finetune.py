@@ -228,9 +228,10 @@ def main(argv=None):
 
             save_grid(np.stack(drawn["with the word"] + drawn["without the word"]), args.grid)
         # The same weights loaded for every prompt: what they alone would do to prompts without the word.
-        saved = engine.adapters.save(result.adapter, Path(tempfile.mkdtemp()) / "adapter.safetensors")
-        engine.adapters.remove(result.adapter)
-        forced = engine.adapters.load_file(saved, name=f"{result.adapter}-everywhere", token=EVERY_PROMPT)
+        with tempfile.TemporaryDirectory() as folder:
+            saved = engine.adapters.save(result.adapter, Path(folder) / "adapter.safetensors")
+            engine.adapters.remove(result.adapter)
+            forced = engine.adapters.load_file(saved, name=f"{result.adapter}-everywhere", token=EVERY_PROMPT)
         leak = evaluate(engine, args.token, seeds=args.seeds)["without the word"]
         engine.adapters.remove(forced.name)
         runs.append({"seed": run, "seconds": seconds, "with": after["with the word"],

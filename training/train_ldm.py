@@ -179,7 +179,10 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
 
     while step < max_steps:
         # 4. A batch: sample latents from the posterior, drop 10% of captions.
-        index = torch.multinomial(sampling_weights, config.batch_size, replacement=True, generator=generator)
+        if sampling_weights is None:  # the default draws exactly as before the option existed
+            index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
+        else:
+            index = torch.multinomial(sampling_weights, config.batch_size, replacement=True, generator=generator)
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
         batch_ids = ids[index].clone()
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
@@ -226,14 +229,14 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
     return assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type)
 
 
-def scene_weights(captions: list[str], two_object_share: float) -> torch.Tensor:
-    """Sampling weight per training scene: two-object scenes get `two_object_share` of the total (0: uniform)."""
-    uniform = torch.ones(len(captions))
+def scene_weights(captions: list[str], two_object_share: float) -> torch.Tensor | None:
+    """Sampling weight per training scene: two-object scenes get `two_object_share` of the total; None for
+    uniform sampling (a share of 0, or scenes of one kind only)."""
     if not two_object_share:
-        return uniform
+        return None
     two = torch.tensor([sum(word in shapes.SHAPES for word in c.split()) == 2 for c in captions])
     if two.all() or not two.any():
-        return uniform
+        return None
     return torch.where(two, two_object_share / two.sum(), (1 - two_object_share) / (~two).sum())
 
 
