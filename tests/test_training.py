@@ -157,3 +157,42 @@ def test_two_object_scenes_get_the_share_asked_for():
     assert scene_weights(captions, 0.0) is None  # uniform: drawn as without the option
     weights = scene_weights(captions, 0.7)
     assert abs(float(weights[two].sum() / weights.sum()) - 0.7) < 1e-5
+
+
+def test_a_grown_vae_encodes_and_decodes_exactly_like_its_source():
+    from diffusers import AutoencoderKL
+
+    from training.train_decoder import grow
+
+    torch.manual_seed(0)
+    source = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4).eval()
+    grown = grow(source, 3).eval()
+    assert len(grown.decoder.up_blocks[0].resnets) == 4 and len(grown.encoder.down_blocks[0].resnets) == 3
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = source.encode(images).latent_dist.mode()
+        assert torch.equal(grown.encode(images).latent_dist.mode(), latents)
+        torch.testing.assert_close(grown.decode(latents).sample, source.decode(latents).sample, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="below the source"):
+        grow(grown, 1)
+
+
+def test_train_decoder_smoke_run_keeps_the_encoder_and_resumes(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training import train_decoder, train_vae
+
+    vae_dir = tmp_path / "vae"
+    train_vae.main(["--out", str(vae_dir), "--max-steps", "1", "--batch-size", "2", "--log-every", "1"])
+    out = tmp_path / "decoder"
+    args = ["--vae", str(vae_dir / "vae"), "--out", str(out), "--layers-per-block", "2", "--batch-size", "2", "--log-every", "1"]
+    train_decoder.main(args + ["--max-steps", "2"])
+    train_decoder.main(args + ["--max-steps", "3"])
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3  # resumed, not restarted
+    source, trained = AutoencoderKL.from_pretrained(vae_dir / "vae"), AutoencoderKL.from_pretrained(out / "vae")
+    assert trained.config.layers_per_block == 2 and trained.config.scaling_factor == source.config.scaling_factor
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():  # the latent space the U-Net learnt is untouched
+        assert torch.equal(trained.encode(images).latent_dist.mode(), source.encode(images).latent_dist.mode())
+        assert not torch.equal(trained.decoder.conv_out.weight, source.decoder.conv_out.weight)

@@ -1,0 +1,183 @@
+"""Trains a deeper decoder for a frozen VAE encoder, so the latent space the U-Net learnt stays valid.
+
+The shipped encoder's latents still tell a small star from a small circle (a probe on the 6x6 latent
+patch around a small shape classifies its shape on 99% of held-out renders), but the first decoder drew
+small stars as round blobs. So this script keeps the encoder and grows the decoder:
+
+- Growing: `AutoencoderKL` takes one `layers_per_block` for both halves, so a deeper decoder also
+  adds a residual block per encoder level. Each added block (encoder and decoder alike) starts with
+  its last convolution at zero, which makes it an exact identity: the grown VAE encodes and decodes
+  exactly like the source one before training. Only the decoder (and `post_quant_conv`) then train;
+  the encoder's added blocks stay identities, so every latent is unchanged to the last bit.
+- Loss: L1 + MSE (PSNR is an MSE measure) with extra weight on pixels near edges, where a blob and a
+  star differ; flat sky and ground dominate a plain per-pixel mean otherwise.
+
+    python -m training.train_decoder --vae assets/models/shapes-ldm/vae --out runs/decoder --layers-per-block 2 --max-steps 4000
+
+Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's scaling factor.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from training import shapes
+from training.common import Checkpoint, LossLog, HELD_OUT_SEED, images_to_tensor, save_grid, set_threads, tensor_to_images
+from training.train_vae import psnr, reconstruct
+
+
+@dataclass
+class DecoderConfig:
+    layers_per_block: int = 2
+    batch_size: int = 32
+    latent_crop: int = 8  # 8x8 latents -> 32x32 pixels; the decoder is convolutional
+    learning_rate: float = 1e-4
+    mse_weight: float = 1.0
+    edge_weight: float = 4.0  # extra weight on pixels within 1 px of an edge of the target
+    all_styles: bool = True  # as the shipped decoder: the uncaptioned checkered texture must survive too
+
+
+def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
+    """`source` with `layers_per_block` residual blocks per level; the added blocks are identities."""
+    config = dict(source.config)
+    if layers_per_block < config["layers_per_block"]:
+        raise ValueError(f"layers_per_block {layers_per_block} is below the source's {config['layers_per_block']}")
+    config["layers_per_block"] = layers_per_block
+    grown = AutoencoderKL.from_config(config)
+    missing, unexpected = grown.load_state_dict(source.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"source tensors with no place in the grown VAE: {unexpected[:4]}")
+    old = source.config.layers_per_block
+    added = [block.resnets[i] for block in grown.encoder.down_blocks for i in range(old, layers_per_block)]
+    added += [block.resnets[i] for block in grown.decoder.up_blocks for i in range(old + 1, layers_per_block + 1)]
+    added_names = {name for resnet in added for name, _ in _named_in(grown, resnet)}
+    if set(missing) != added_names:
+        raise ValueError(f"tensors left uninitialised: {sorted(set(missing) - added_names)[:4]}")
+    with torch.no_grad():
+        for resnet in added:  # out = x + conv2(...) / 1: a zero conv2 makes the block pass x through
+            resnet.conv2.weight.zero_()
+            resnet.conv2.bias.zero_()
+    return grown
+
+
+def _named_in(model: torch.nn.Module, module: torch.nn.Module):
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    return [(f"{prefix}.{name}", p) for name, p in module.named_parameters()]
+
+
+def decoder_parameters(vae: AutoencoderKL) -> list[torch.nn.Parameter]:
+    return list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters()) if vae.post_quant_conv is not None else [])
+
+
+def edge_weights(target: torch.Tensor, extra: float) -> torch.Tensor:
+    """1 everywhere, 1 + extra within one pixel of a colour edge of the target."""
+    dx = (target[..., :, 1:] - target[..., :, :-1]).abs().amax(1, keepdim=True)
+    dy = (target[..., 1:, :] - target[..., :-1, :]).abs().amax(1, keepdim=True)
+    edges = (F.pad(dx, (0, 1, 0, 0)) + F.pad(dy, (0, 0, 0, 1)) > 0.1).float()
+    return 1 + extra * F.max_pool2d(edges, 3, stride=1, padding=1)
+
+
+def latent_crops(latents, images, crop, generator):
+    """Aligned crops: `crop` x `crop` latents and the pixels they encode (f = 4)."""
+    n, _, h, w = latents.shape
+    ys = torch.randint(0, h - crop + 1, (n,), generator=generator)
+    xs = torch.randint(0, w - crop + 1, (n,), generator=generator)
+    z = torch.stack([l[:, y:y + crop, x:x + crop] for l, y, x in zip(latents, ys, xs)])
+    f = images.shape[-1] // w
+    x = torch.stack([im[:, y * f:(y + crop) * f, x_ * f:(x_ + crop) * f] for im, y, x_ in zip(images, ys, xs)])
+    return z, x
+
+
+def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *, log_every: int = 50,
+          save_every: int = 250, seed: int = 0) -> AutoencoderKL:
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    vae = grow(AutoencoderKL.from_pretrained(source), config.layers_per_block)
+    vae.requires_grad_(False)
+    trainable = decoder_parameters(vae)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    step, checkpoint = 0, Checkpoint(out_dir)
+    state = checkpoint.load()
+    if state is not None:
+        vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed from {checkpoint.path} at step {step}")
+    log = LossLog(out_dir, ["l1", "mse", "psnr"])
+    held_out = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 64))[0]
+    crop_generator = torch.Generator().manual_seed(seed + step)
+    vae.encoder.eval()  # frozen: no dropout or norm statistics to update, but say so
+
+    while step < max_steps:
+        seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
+        images = images_to_tensor(shapes.batch(seeds, allow_unseen_styles=config.all_styles)[0])
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample()
+        z, x = latent_crops(latents, images, config.latent_crop, crop_generator)
+        recon = vae.decode(z).sample
+        weights = edge_weights(x, config.edge_weight)
+        l1 = ((recon - x).abs() * weights).mean() / weights.mean()
+        mse = (((recon - x) ** 2) * weights).mean() / weights.mean()
+        loss = l1 + config.mse_weight * mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % log_every == 0 or step == max_steps:
+            vae.decoder.eval()
+            held_psnr = psnr(held_out, reconstruct(vae, held_out))
+            vae.decoder.train()
+            log.write(step, l1=l1.item(), mse=mse.item(), psnr=held_psnr)
+        if step % save_every == 0 or step == max_steps:
+            checkpoint.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(config)})
+            save_grid(np.concatenate([held_out[:16], reconstruct(vae, held_out[:16])]), out_dir / "samples" / f"step-{step:06d}.png")
+    return vae.eval()
+
+
+def export(vae: AutoencoderKL, out_dir: Path) -> Path:
+    """The diffusers folder `out_dir/vae`; the scaling factor is the source's (the encoder is unchanged)."""
+    target = Path(out_dir) / "vae"
+    vae.save_pretrained(target, safe_serialization=True)
+    print(f"exported {target}")
+    return target
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", type=Path, required=True, help="the source VAE folder: its encoder is kept")
+    parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
+    parser.add_argument("--max-steps", type=int, default=4000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument("--layers-per-block", type=int, default=DecoderConfig.layers_per_block)
+    parser.add_argument("--batch-size", type=int, default=DecoderConfig.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=DecoderConfig.learning_rate)
+    parser.add_argument("--edge-weight", type=float, default=DecoderConfig.edge_weight)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--export-only", action="store_true", help="export the checkpoint's VAE to OUT/vae and stop")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    config = DecoderConfig(layers_per_block=args.layers_per_block, batch_size=args.batch_size,
+                           learning_rate=args.learning_rate, edge_weight=args.edge_weight)
+    if args.export_only:
+        state = Checkpoint(args.out).load()
+        if state is None:
+            parser.error(f"no checkpoint in {args.out}")
+        vae = grow(AutoencoderKL.from_pretrained(args.vae), state["config"]["layers_per_block"])
+        vae.load_state_dict(state["vae"])
+        export(vae.eval(), args.out)
+        print(f"(from the checkpoint at step {state['step']})")
+        return
+    vae = train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every)
+    export(vae, args.out)
+
+
+if __name__ == "__main__":
+    main()
