@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from training import shapes
-from training.common import Checkpoint, LossLog, HELD_OUT_SEED, images_to_tensor, save_grid, set_threads, tensor_to_images
+from training.common import Checkpoint, LossLog, HELD_OUT_SEED, images_to_tensor, save_grid, set_threads
 from training.train_vae import psnr, reconstruct
 
 
