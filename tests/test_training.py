@@ -196,3 +196,15 @@ def test_train_decoder_smoke_run_keeps_the_encoder_and_resumes(tmp_path):
     with torch.no_grad():  # the latent space the U-Net learnt is untouched
         assert torch.equal(trained.encode(images).latent_dist.mode(), source.encode(images).latent_dist.mode())
         assert not torch.equal(trained.decoder.conv_out.weight, source.decoder.conv_out.weight)
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
+def test_vae_ceiling_scores_renders_and_their_round_trips():
+    from diffusers import AutoencoderKL
+
+    expectations, images = evaluate.held_out_renders(40)
+    assert len(images) == 40 and {len(e.objects) for e in expectations} == {1, 2}
+    assert all(e.relation in ("and", "left of", "above") for e in expectations if len(e.objects) == 2)
+    ceiling = evaluate.vae_ceiling(AutoencoderKL.from_pretrained(SHIPPED_MODEL / "vae"), count=40)
+    assert ceiling["renders_shape"] >= 0.95 and ceiling["renders_binding"] >= 0.9  # the checker on ground truth
+    assert 0 < ceiling["vae_binding"] <= ceiling["renders_binding"]

@@ -158,6 +158,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=DecoderConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=DecoderConfig.learning_rate)
     parser.add_argument("--edge-weight", type=float, default=DecoderConfig.edge_weight)
+    parser.add_argument("--latent-crop", type=int, default=DecoderConfig.latent_crop,
+                        help="training crop in latents (16 = whole 64x64 images)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -165,7 +167,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     set_threads(args.threads)
     config = DecoderConfig(layers_per_block=args.layers_per_block, batch_size=args.batch_size,
-                           learning_rate=args.learning_rate, edge_weight=args.edge_weight)
+                           learning_rate=args.learning_rate, edge_weight=args.edge_weight,
+                           latent_crop=args.latent_crop)
     if args.export_only:
         state = Checkpoint(args.out).load()
         if state is None:
