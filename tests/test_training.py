@@ -177,6 +177,13 @@ def test_a_grown_vae_encodes_and_decodes_exactly_like_its_source():
     with pytest.raises(ValueError, match="below the source"):
         grow(grown, 1)
 
+    from training.package import same_encoder  # what lets `training.package` ship the grown decoder
+
+    assert same_encoder(source, grown)
+    with torch.no_grad():
+        grown.encoder.down_blocks[0].resnets[1].conv2.bias.add_(0.01)  # an added block that is no identity
+    assert not same_encoder(source, grown)
+
 
 def test_train_decoder_smoke_run_keeps_the_encoder_and_resumes(tmp_path):
     from diffusers import AutoencoderKL

@@ -3,7 +3,8 @@
     python -m training.package --ldm runs/ldm/pipeline --vae runs/vae/vae --out assets/models/shapes-ldm
 
 The VAE's encoder is frozen once its adversarial phase starts (see train_vae), so a decoder trained
-longer than the encoder the U-Net learned on decodes the same latents better. This script refuses a
+longer than the encoder the U-Net learned on (train_vae's decoder phase, or train_decoder's deeper
+decoder) decodes the same latents better. This script refuses a
 VAE whose encoder differs from the one the LDM was trained with.
 """
 from __future__ import annotations
@@ -17,9 +18,17 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 
 def same_encoder(a: AutoencoderKL, b: AutoencoderKL) -> bool:
-    state_a, state_b = a.state_dict(), b.state_dict()
-    keys = [k for k in state_a if k.startswith(("encoder.", "quant_conv."))]
-    return all(torch.equal(state_a[k], state_b[k]) for k in keys)
+    """Whether both encode world scenes to the same latents, bit for bit.
+
+    Compared by what they compute, not by their tensors: a VAE grown by `train_decoder` has more
+    encoder blocks than its source, all of them identities."""
+    from training import shapes
+    from training.common import images_to_tensor
+
+    images = images_to_tensor(shapes.batch(range(8))[0])
+    with torch.no_grad():
+        return torch.equal(a.encode(images).latent_dist.mean, b.encode(images).latent_dist.mean) and \
+            torch.equal(a.encode(images).latent_dist.std, b.encode(images).latent_dist.std)
 
 
 def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
