@@ -215,3 +215,19 @@ def test_vae_ceiling_scores_renders_and_their_round_trips():
     ceiling = evaluate.vae_ceiling(AutoencoderKL.from_pretrained(SHIPPED_MODEL / "vae"), count=40)
     assert ceiling["renders_shape"] >= 0.95 and ceiling["renders_binding"] >= 0.9  # the checker on ground truth
     assert 0 < ceiling["vae_binding"] <= ceiling["renders_binding"]
+
+
+def test_attention_added_at_16x16_starts_as_an_identity():
+    from training.train_ldm import LDMConfig, build_unet, load_matching, start_added_attention_as_identity
+
+    torch.manual_seed(0)
+    source, grown = build_unet(LDMConfig()).eval(), build_unet(LDMConfig(attention_16x16_up=True)).eval()
+    assert grown.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    fresh = load_matching(grown, source.state_dict())
+    latents, timesteps, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 24, 128)
+    with torch.no_grad():
+        assert not torch.equal(grown(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
+        assert start_added_attention_as_identity(grown, fresh) == ["up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+        assert torch.equal(grown(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
+    wider = build_unet(LDMConfig(block_out_channels=(64, 64, 64)))
+    assert start_added_attention_as_identity(wider, load_matching(wider, source.state_dict())) == []  # not only attention
