@@ -234,7 +234,7 @@ def main(argv=None):
             forced = engine.adapters.load_file(saved, name=f"{result.adapter}-everywhere", token=EVERY_PROMPT)
         leak = evaluate(engine, args.token, seeds=args.seeds)["without the word"]
         engine.adapters.remove(forced.name)
-        runs.append({"seed": run, "seconds": seconds, "with": after["with the word"],
+        runs.append({"seed": run, "seconds": seconds, "steps": result.steps_done, "with": after["with the word"],
                      "without": after["without the word"], "forced_on_without": leak})
         print(f"run {run}: {seconds:.0f} s, with the word {after['with the word']:.0%}, "
               f"without {after['without the word']:.0%}, forced on {leak:.0%}", flush=True)
@@ -248,7 +248,7 @@ def main(argv=None):
 
     rows = [
         ("fine-tune time (s)", f"{mean('seconds'):.0f}", "about 180 on 2 CPU cores"),
-        ("steps / images", f"{settings.steps} / {len(images)}", ""),
+        ("steps / images", f"{runs[-1]['steps']} / {len(images)}", ""),
         ("with the word, before fine-tuning", f"{before['with the word']:.0%}", ""),
         ("with the word", spread("with"), ">= 70%"),
         ("without the word", spread("without"), "<= 10%"),
@@ -263,7 +263,7 @@ def main(argv=None):
         print(f"{name:<{width}} | {value:>14} | {goal}")
     if args.json:
         args.json.write_text(json.dumps({"before": before["with the word"], "runs": runs, "method": args.method,
-                                         "steps": settings.steps, "images": len(images)}, indent=2))
+                                         "steps": runs[-1]["steps"], "images": len(images)}, indent=2))
 
 
 if __name__ == "__main__":

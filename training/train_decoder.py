@@ -9,10 +9,13 @@ small stars as round blobs. So this script keeps the encoder and grows the decod
   its last convolution at zero, which makes it an exact identity: the grown VAE encodes and decodes
   exactly like the source one before training. Only the decoder (and `post_quant_conv`) then train;
   the encoder's added blocks stay identities, so every latent is unchanged to the last bit.
-- Loss: L1 + MSE (PSNR is an MSE measure) with extra weight on pixels near edges, where a blob and a
-  star differ; flat sky and ground dominate a plain per-pixel mean otherwise.
+- Data: whole 64x64 images, as the decoder sees them at inference (train_vae's 32x32 crops have borders
+  that are not the frame's, and the sky and ground shading depends on the row).
+- Loss: L1 + MSE (PSNR is an MSE measure). `--edge-weight` adds weight on pixels near edges, where a
+  blob and a star differ. With whole images and no edge weight, held-out PSNR went from 28.3 to 29.7 dB
+  within 50 steps; on 32x32 crops with edge weight 4 it fell over the first 150 steps.
 
-    python -m training.train_decoder --vae assets/models/shapes-ldm/vae --out runs/decoder --layers-per-block 2 --max-steps 4000
+    python -m training.train_decoder --vae runs/vae/vae --out runs/decoder --max-steps 1500
 
 Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's scaling factor.
 """
@@ -34,12 +37,12 @@ from training.train_vae import psnr, reconstruct
 
 @dataclass
 class DecoderConfig:
-    layers_per_block: int = 2
-    batch_size: int = 32
-    latent_crop: int = 8  # 8x8 latents -> 32x32 pixels; the decoder is convolutional
+    layers_per_block: int = 3
+    batch_size: int = 8
+    latent_crop: int = 16  # whole 16x16 latents = 64x64 images; 8 trains on 32x32 crops (4x cheaper)
     learning_rate: float = 1e-4
     mse_weight: float = 1.0
-    edge_weight: float = 4.0  # extra weight on pixels within 1 px of an edge of the target
+    edge_weight: float = 0.0  # extra weight on pixels within 1 px of an edge of the target
     all_styles: bool = True  # as the shipped decoder: the uncaptioned checkered texture must survive too
 
 
@@ -153,7 +156,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", type=Path, required=True, help="the source VAE folder: its encoder is kept")
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
-    parser.add_argument("--max-steps", type=int, default=4000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument("--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)")
     parser.add_argument("--layers-per-block", type=int, default=DecoderConfig.layers_per_block)
     parser.add_argument("--batch-size", type=int, default=DecoderConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=DecoderConfig.learning_rate)
