@@ -73,7 +73,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                   elem_id=f"{TAB}-steps")
                 learning_rate = gr.Number(value=0, label="Learning rate (0: the method's default)", minimum=0)
                 rank = gr.Slider(1, 64, value=8, step=1, label="Rank of the low-rank updates")
-                batch_size = gr.Slider(1, 16, value=4, step=1, label="Images per step")
+                batch_size = gr.Slider(1, 16, value=defaults.batch_size, step=1, label="Images per step")
                 prior = gr.Checkbox(value=False, label="Prior preservation (also train on what the untuned network "
                                                        "draws for the captions without the word)")
                 prior_weight = gr.Slider(0, 2, value=1.0, step=0.1, label="Prior preservation weight")

@@ -50,7 +50,7 @@ class FineTuneSettings:
     steps: int = 0  # optimiser steps; 0 -> the model's default (settings.finetune_defaults)
     learning_rate: float = 0.0  # 0 -> the method's default for the model (settings.finetune_defaults)
     rank: int = 8  # LoRA rank (alpha = rank, so the update's scale is 1)
-    batch_size: int = 4  # images per step (drawn with replacement from the set)
+    batch_size: int = 0  # images per step (drawn with replacement from the set); 0 -> the model's default
     prior_preservation: bool = False
     prior_weight: float = 1.0  # weight of the class images' loss
     prior_images: int = 0  # 0 -> twice the training images
@@ -89,7 +89,7 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
         raise InputError(f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)")
     steps = check_int("steps", settings.steps or defaults.steps, 1, limits.max_finetune_steps)
     rank = check_int("rank", settings.rank, 1, 128)
-    batch_size = check_int("batch_size", settings.batch_size, 1, 16)
+    batch_size = check_int("batch_size", settings.batch_size or defaults.batch_size, 1, 16)
     learning_rate = check_float("learning_rate", settings.learning_rate, 0.0, 0.1)
     prior_weight = check_float("prior_weight", settings.prior_weight, 0.0, 10.0)
     prior_images = check_int("prior_images", settings.prior_images, 0, 4 * limits.max_finetune_images)

@@ -181,6 +181,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: the tab's default)")
     parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the method's default")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the tab's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per fine-tune step (default: the tab's)")
     parser.add_argument("--token", default="zqx")
     parser.add_argument("--seeds", type=int, default=4, help="images per evaluation prompt (10 prompts)")
     parser.add_argument("--runs", type=int, default=3, help="fine-tunes with seeds 0, 1, ...; the figures are their mean")
@@ -218,6 +219,8 @@ def main(argv=None):
             settings.steps = args.steps
         if args.rank:
             settings.rank = args.rank
+        if args.batch_size:
+            settings.batch_size = args.batch_size
         started = time.perf_counter()
         result = finetune(engine, images, settings, captions=captions)
         seconds = time.perf_counter() - started
