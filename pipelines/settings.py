@@ -61,7 +61,7 @@ class FineTuneDefaults:
 
 
 def finetune_defaults(builtin: bool) -> FineTuneDefaults:
-    if builtin:  # a 1.8 M-parameter U-Net and a 51-word vocabulary: large steps, "in X style" as the world says it
+    if builtin:  # a 1.9 M-parameter U-Net and a 51-word vocabulary: large steps, "in X style" as the world says it
         # Batch 8: the spread between fine-tunes that differ only in their seed is what the texture score
         # suffers from (52-75% at batch 4, 55-82% at 8, three seeds each), and a step costs little here.
         return FineTuneDefaults(steps=1200, learning_rate_lora=1e-3, learning_rate_full=2e-4,
