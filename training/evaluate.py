@@ -261,25 +261,15 @@ def vae_ceiling(vae, count: int = 300) -> dict[str, float]:
 
     A generated image reaches the screen through the decoder, so these bound what any U-Net can score:
     a decoder that draws a small star as a blob fails the shape check whatever the latent says."""
-    import torch
-    from training.common import images_to_tensor, tensor_to_images
+    from training.train_vae import reconstruct
 
     expectations, images = held_out_renders(count)
-    with torch.no_grad():
-        recon = np.concatenate([tensor_to_images(vae.decode(vae.encode(images_to_tensor(images[i:i + 50])).latent_dist.mode()).sample)
-                                for i in range(0, len(images), 50)])
+    recon = np.concatenate([reconstruct(vae, images[i:i + 50]) for i in range(0, len(images), 50)])
     result = {}
     for name, batch in (("renders", images), ("vae", recon)):
-        verdicts = [judge(image, expected) for image, expected in zip(batch, expectations)]
-        one = [judge_shape(image, expected) for image, expected in zip(batch, expectations) if len(expected.objects) == 1]
-        result[f"{name}_shape"] = float(np.mean(one))
-        result[f"{name}_binding"] = score(verdicts)["binding"]
+        scores = score([judge(image, expected) for image, expected in zip(batch, expectations)])
+        result[f"{name}_shape"], result[f"{name}_binding"] = scores["shape"], scores["binding"]
     return result
-
-
-def judge_shape(image: np.ndarray, expected: Expectation) -> bool:
-    found = find_objects(image, expected.background)
-    return bool(found) and found[0].shape == expected.objects[0][1]
 
 
 def ms_per_image(pipe, steps: int = 20, repeats: int = 5) -> float:

@@ -27,8 +27,8 @@ def same_encoder(a: AutoencoderKL, b: AutoencoderKL) -> bool:
 
     images = images_to_tensor(shapes.batch(range(8))[0])
     with torch.no_grad():
-        return torch.equal(a.encode(images).latent_dist.mean, b.encode(images).latent_dist.mean) and \
-            torch.equal(a.encode(images).latent_dist.std, b.encode(images).latent_dist.std)
+        first, second = a.encode(images).latent_dist, b.encode(images).latent_dist
+    return torch.equal(first.mean, second.mean) and torch.equal(first.std, second.std)
 
 
 def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from training import shapes
+from training import shapes, train_vae
 from training.common import Checkpoint, LossLog, HELD_OUT_SEED, images_to_tensor, save_grid, set_threads
 from training.train_vae import psnr, reconstruct
 
@@ -146,10 +146,7 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
 
 def export(vae: AutoencoderKL, out_dir: Path) -> Path:
     """The diffusers folder `out_dir/vae`; the scaling factor is the source's (the encoder is unchanged)."""
-    target = Path(out_dir) / "vae"
-    vae.save_pretrained(target, safe_serialization=True)
-    print(f"exported {target}")
-    return target
+    return train_vae.export(vae, out_dir, measure_scaling=False)
 
 
 def main(argv=None):

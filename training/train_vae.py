@@ -184,13 +184,15 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
     return vae
 
 
-def export(vae: AutoencoderKL, out_dir: Path) -> Path:
+def export(vae: AutoencoderKL, out_dir: Path, *, measure_scaling: bool = True) -> Path:
     """Writes the diffusers folder `out_dir/vae` with scaling_factor measured on training scenes.
 
     The scaling factor depends only on the encoder, so every export after the encoder is frozen
     carries the same one, and `training.package` can pair a newer decoder with an older U-Net.
+    `measure_scaling=False` keeps the VAE's own (train_decoder: the encoder is the source's, unchanged).
     """
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, range(0, 512)))
+    if measure_scaling:
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, range(0, 512)))
     target = Path(out_dir) / "vae"
     vae.save_pretrained(target, safe_serialization=True)
     print(f"exported {target} (scaling_factor={vae.config.scaling_factor:.4f})")
