@@ -34,6 +34,7 @@ from pipelines.run import CancelEvent, generators, run_pipeline
 from pipelines.settings import finetune_defaults
 
 METHODS = ("lora", "full")
+LR_SCHEDULES = ("constant", "cosine")
 # LoRA on attention (what most SD LoRAs train) and on the ResNet convolutions: a texture lives in the
 # convolutions at full latent resolution, where the built-in U-Net has no attention at all.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
@@ -55,6 +56,7 @@ class FineTuneSettings:
     prior_weight: float = 1.0  # weight of the class images' loss
     prior_images: int = 0  # 0 -> twice the training images
     instance_prompt: str = ""  # caption of images without their own ({token} is replaced); "" -> the model's default
+    lr_schedule: str = ""  # "constant" or "cosine" (decays to 0 by the last step); "" -> the model's default
     seed: int = 0
 
     def resolved_learning_rate(self, builtin: bool) -> float:
@@ -94,6 +96,7 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
     prior_weight = check_float("prior_weight", settings.prior_weight, 0.0, 10.0)
     prior_images = check_int("prior_images", settings.prior_images, 0, 4 * limits.max_finetune_images)
     seed = check_int("seed", settings.seed, 0, limits.max_seed)
+    lr_schedule = check_choice("lr_schedule", settings.lr_schedule or defaults.lr_schedule, LR_SCHEDULES)
     template = check_text("instance_prompt", settings.instance_prompt or defaults.instance_prompt,
                           limits.max_prompt_chars)
     captions = [c for c in (captions or []) if c is not None]
@@ -111,8 +114,14 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
         cleaned.append(caption)
     return FineTuneSettings(**{**asdict(settings), "token": token, "name": name, "method": method, "steps": steps,
                                "rank": rank, "batch_size": batch_size, "learning_rate": learning_rate,
-                               "prior_weight": prior_weight, "prior_images": prior_images, "seed": seed,
+                               "prior_weight": prior_weight, "prior_images": prior_images, "seed": seed, "lr_schedule": lr_schedule,
                                "instance_prompt": template}), cleaned
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """The learning rate's factor at `step` of `total` on a cosine to 0: the last steps of a tiny batch move the
+    weights less, so the result is closer to an average of where training ended than to its last noisy step."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 def without_token(caption: str, token: str) -> str:
@@ -176,6 +185,8 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
     if word_id is not None:
         groups.append({"params": [embeddings.weight], "lr": WORD_LEARNING_RATE, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
+    schedule = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, settings.steps))
+                if settings.lr_schedule == "cosine" else None)
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
@@ -193,6 +204,8 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
                 loss = engine.compute.run(_train_step, engine, unet, optimizer, noise_scheduler, generator, settings,
                                           mean, std, ids, prior_mean, prior_std, prior_ids, device,
                                           word_id=word_id, original_rows=original_rows)
+            if schedule is not None:
+                schedule.step()
             losses.append(loss)
             steps_done = step + 1
             if not math.isfinite(loss):
@@ -206,7 +219,8 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
     # 7. Register the result: from now on prompts with the word use it, in every tab
     seconds = time.perf_counter() - started
     info = {"method": settings.method, "steps": steps_done, "images": len(images), "rank": settings.rank if settings.method == "lora" else None,
-            "learning_rate": settings.resolved_learning_rate(engine.preset.is_builtin), "batch_size": settings.batch_size,
+            "learning_rate": settings.resolved_learning_rate(engine.preset.is_builtin), "lr_schedule": settings.lr_schedule,
+            "batch_size": settings.batch_size,
             "prior_preservation": settings.prior_preservation, "seconds": round(seconds, 1), "base": engine.preset.name,
             "final_loss": float(np.mean(losses[-20:])) if losses else None, "captions": sorted(set(captions))[:20]}
     token_embedding = embeddings.weight[word_id].detach().clone().float() if word_id is not None else None

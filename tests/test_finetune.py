@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines import txt2img
 from pipelines.common import Cancelled, InputError
-from pipelines.finetune import FineTuneSettings, finetune, without_token
+from pipelines.finetune import FineTuneSettings, cosine_factor, finetune, without_token
 from training import shapes
 from training.evaluate_finetune import EVAL_OBJECTS, EXAMPLE_OBJECTS, example_set, is_checkered, render_styled
 
@@ -125,6 +125,7 @@ def test_prior_preservation_and_default_captions(engine, examples):
     (dict(token="zqbad"), ["a red circle", "b", "c"], 3, "caption 1 ('a red circle') does not contain the trigger word 'zqbad'"),
     (dict(token="zqbad", instance_prompt="a red circle"), None, 3, "must contain {token}"),
     (dict(token="zqbad", learning_rate=5.0), None, 3, "learning_rate=5 is above the limit of 0.1"),
+    (dict(token="zqbad", lr_schedule="linear"), None, 3, "lr_schedule='linear' is not one of 'constant', 'cosine'"),
 ])
 def test_bad_settings_are_refused_with_the_value_and_the_limit(engine, settings, captions, count, message):
     image = Image.new("RGB", (64, 64), "white")
@@ -248,3 +249,18 @@ def test_the_same_settings_give_the_same_adapter(engine, examples):
     same, other = trained[0], trained[2]
     assert trained[1].keys() == same.keys() and all(torch.equal(trained[1][k], same[k]) for k in same)
     assert any(not torch.equal(other[k], same[k]) for k in same)  # the seed, LoRA init included, is what differs
+
+
+def test_cosine_schedule_ends_near_zero_and_changes_the_result(engine, examples):
+    assert cosine_factor(0, 100) == 1.0 and abs(cosine_factor(50, 100) - 0.5) < 1e-9 and cosine_factor(100, 100) == 0.0
+    images, captions = examples
+    drawn = {}
+    word = "zqsched"
+    for schedule in ("constant", "constant", "cosine"):
+        result = finetune(engine, images[:2], FineTuneSettings(token=word, steps=3, learning_rate=1e-2, lr_schedule=schedule),
+                          captions=[c.replace("{token}", word) for c in captions[:2]])
+        assert result.info["lr_schedule"] == schedule
+        drawn.setdefault(schedule, set()).add(draw(engine, WITH_WORD.format(word=word)))
+        engine.adapters.remove(result.adapter)
+    # the same settings twice give the same images; the schedule alone changes them
+    assert len(drawn["constant"]) == 1 and drawn["constant"] != drawn["cosine"]

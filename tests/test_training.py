@@ -86,6 +86,14 @@ def test_checker_is_right_on_ground_truth_renders():
     assert all(value == 1.0 for value in scores.values()), scores
 
 
+def test_half_contrast_shape_masks_survive_blur():
+    """A decoder softens edges; the checker must still see a blurred star as a star (ground truth: the scene)."""
+    accuracy = evaluate.checker_accuracy(count=120, blurs=(1.0,))
+    assert accuracy["half-contrast, sharp"] >= 0.97 and accuracy["detection, sharp"] >= 0.97
+    assert accuracy["half-contrast, blur 1 px"] >= 0.9
+    assert accuracy["half-contrast, blur 1 px"] > accuracy["detection, blur 1 px"] + 0.03
+
+
 def test_checker_rejects_wrong_images():
     expectation = evaluate.Expectation("a red circle in the top left", "plain", [("red", "circle")], position="top left")
     wrong_colour = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("circle", "blue", "small", (15, 15))])).image
@@ -214,7 +222,7 @@ def test_vae_ceiling_scores_renders_and_their_round_trips():
     assert all(e.relation in ("and", "left of", "above") for e in expectations if len(e.objects) == 2)
     ceiling = evaluate.vae_ceiling(AutoencoderKL.from_pretrained(SHIPPED_MODEL / "vae"), count=40)
     assert ceiling["renders_shape"] >= 0.95 and ceiling["renders_binding"] >= 0.9  # the checker on ground truth
-    assert 0 < ceiling["vae_binding"] <= ceiling["renders_binding"]
+    assert ceiling["vae_binding"] >= 0.5  # the shipped decoder keeps most two-object scenes recognisable
 
 
 def test_attention_added_at_16x16_starts_as_an_identity():

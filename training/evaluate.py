@@ -27,6 +27,12 @@ from training.common import HELD_OUT_SEED
 EVAL_BACKGROUNDS = ("plain", "sky", "grass", "sand", "night")  # snow hides white objects from a diff checker
 FOREGROUND_THRESHOLD = 35  # max channel difference from the empty background that counts as object
 MIN_OBJECT_PIXELS = 12
+# Shape masks: "half-contrast" outlines each object where its difference from the background reaches half
+# of its own (the usual edge definition: where a sharp edge is, whatever the blur); "detection" takes the
+# whole component at FOREGROUND_THRESHOLD, faint halo included, which rounds every blurred corner and star
+# point. On held-out renders blurred by a 1 px Gaussian (a decoder's softness) the shape of 86.6% of
+# objects is right with detection masks, 95.4% with half-contrast ones; on sharp renders 98.8% and 98.5%.
+SHAPE_MASKS = ("half-contrast", "detection")
 
 
 # ----------------------------------------------------------------------------- held-out prompts
@@ -112,8 +118,8 @@ def classify_shape(mask: np.ndarray) -> str:
     return best
 
 
-def find_objects(image: np.ndarray, background: str) -> list[Found]:
-    """Objects in a generated image, largest first."""
+def find_objects(image: np.ndarray, background: str, shape_mask: str = "half-contrast") -> list[Found]:
+    """Objects in a generated image, largest first; `shape_mask` (SHAPE_MASKS) says which outline is classified."""
     empty, _ = shapes.background_image(background)
     diff = np.abs(image.astype(np.float32) - empty).max(axis=2)
     mask = (diff > FOREGROUND_THRESHOLD).astype(np.uint8)
@@ -127,7 +133,11 @@ def find_objects(image: np.ndarray, background: str) -> list[Found]:
         component = labels == label
         core = cv2.erode(component.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         colour_pixels = image[core] if core.sum() >= 4 else image[component]
-        found.append(Found(classify_colour(np.median(colour_pixels, axis=0)), classify_shape(component),
+        outline = component
+        if shape_mask == "half-contrast":
+            half = component & (diff >= 0.5 * np.percentile(diff[component], 90))
+            outline = half if half.sum() >= MIN_OBJECT_PIXELS // 2 else component
+        found.append(Found(classify_colour(np.median(colour_pixels, axis=0)), classify_shape(outline),
                            (float(centroids[label][0]), float(centroids[label][1])), pixels))
     return sorted(found, key=lambda f: -f.pixels)
 
@@ -140,9 +150,9 @@ def position_of(centroid: tuple[float, float]) -> str:
     return f"{row} {col}".strip() or "center"
 
 
-def judge(image: np.ndarray, expected: Expectation) -> dict[str, bool | None]:
+def judge(image: np.ndarray, expected: Expectation, shape_mask: str = "half-contrast") -> dict[str, bool | None]:
     """Per-criterion verdicts for one image (None where the criterion does not apply)."""
-    found = find_objects(image, expected.background)
+    found = find_objects(image, expected.background, shape_mask)
     verdict: dict[str, bool | None] = {"colour": None, "shape": None, "position": None, "count": None, "binding": None,
                                        "colour_binding": None, "held_out_pair": None}
     verdict["count"] = len(found) == len(expected.objects)
@@ -217,7 +227,11 @@ def prompt_following(pipe, *, count: int = 200, steps: int = 20, guidance: float
         images.append(np.round(out.images * 255).astype(np.uint8))
     images = np.concatenate(images)
     verdicts = [judge(image, e) for image, e in zip(images, expectations)]
-    return {"scores": score(verdicts), "images": images, "prompts": [e.prompt for e in expectations],
+    scores = score(verdicts)
+    # The same images judged with the previous checker's shape masks, so figures from before stay comparable
+    previous = score([judge(image, e, "detection") for image, e in zip(images, expectations)])
+    scores.update({f"{key}_detection_mask": previous[key] for key in ("shape", "binding", "held_out_pair")})
+    return {"scores": scores, "images": images, "prompts": [e.prompt for e in expectations],
             "verdicts": verdicts, "seconds": time.time() - started}
 
 
@@ -269,6 +283,32 @@ def vae_ceiling(vae, count: int = 300) -> dict[str, float]:
     for name, batch in (("renders", images), ("vae", recon)):
         scores = score([judge(image, expected) for image, expected in zip(batch, expectations)])
         result[f"{name}_shape"], result[f"{name}_binding"] = scores["shape"], scores["binding"]
+    return result
+
+
+def checker_accuracy(count: int = 600, blurs=(0.7, 1.0), vae=None) -> dict[str, float]:
+    """Share of objects whose shape each SHAPE_MASKS mode gets right on held-out renders: sharp, blurred by a
+    Gaussian of each sigma in `blurs` (px), and after a round trip through `vae` if given. Ground truth is the
+    scene's own object list (each object found by its colour), so this measures the checker, not a model."""
+    expectations, images = held_out_renders(count)
+    variants = {"sharp": images}
+    variants.update({f"blur {sigma:g} px": np.stack([cv2.GaussianBlur(im, (0, 0), sigma) for im in images]) for sigma in blurs})
+    if vae is not None:
+        from training.train_vae import reconstruct
+
+        variants["VAE round trip"] = np.concatenate([reconstruct(vae, images[i:i + 50]) for i in range(0, len(images), 50)])
+    result = {}
+    for mode in SHAPE_MASKS:
+        for name, batch in variants.items():
+            right = total = 0
+            for image, expected in zip(batch, expectations):
+                found = find_objects(image, expected.background, mode)
+                for colour, kind in expected.objects:
+                    match = next((f for f in found if f.colour == colour), None)
+                    if match is not None:
+                        total += 1
+                        right += match.shape == kind
+            result[f"{mode}, {name}"] = right / max(total, 1)
     return result
 
 
@@ -507,12 +547,14 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=Path("assets/models/shapes-ldm"))
     parser.add_argument("--count", type=int, default=200, help="held-out prompts")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the built-in model's, as the app uses it)")
     parser.add_argument("--karras", action="store_true", help="DPM-Solver++ on Karras sigmas")
     parser.add_argument("--prompt-seed", type=int, default=HELD_OUT_SEED,
                         help="another held-out prompt set of the same mix, to tune sampler settings on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 beside a training run)")
     parser.add_argument("--prompts-only", action="store_true", help="prompt following only: skip VAE and speed measures")
+    parser.add_argument("--checker", action="store_true",
+                        help="measure the checker itself (shape masks on sharp, blurred and VAE round-trip renders) and stop")
     parser.add_argument("--grid", type=Path, default=None, help="write a grid of the first 40 results here")
     parser.add_argument("--json", type=Path, default=None, help="write the scores as JSON here")
     parser.add_argument("--card", type=Path, default=None, help="write the scores into this model card (README.md)")
@@ -524,12 +566,25 @@ def main(argv=None):
     controls.add_argument("--models-root", type=Path, default=MODELS_ROOT, help="folder holding shapes-controlnet-{canny,depth,pose}")
     controls.add_argument("--annotator-count", type=int, default=500, help="held-out scenes per annotator")
     controls.add_argument("--control-count", type=int, default=100, help="held-out control maps per ControlNet")
-    controls.add_argument("--control-guidance", type=float, default=4.0, help="CFG scale of the ControlNet runs (the app's default)")
+    controls.add_argument("--control-guidance", type=float, default=None, help="CFG scale of the ControlNet runs (default: the app's)")
     controls.add_argument("--write-cards", action="store_true", help="write the scores into each folder's README.md")
     args = parser.parse_args(argv)
     from training.common import set_threads
 
     set_threads(args.threads)
+    from pipelines.registry import PRESETS
+
+    if args.guidance is None:
+        args.guidance = PRESETS["shapes"].default_guidance
+    if args.control_guidance is None:
+        args.control_guidance = PRESETS["shapes"].default_guidance
+    if args.checker:
+        from diffusers import AutoencoderKL
+
+        accuracy = checker_accuracy(vae=AutoencoderKL.from_pretrained(args.model / "vae").eval())
+        for name, value in accuracy.items():
+            print(f"{name:<40} {value:.1%} of objects' shapes right")
+        return
     if args.controls:
         report = evaluate_controls(ldm=args.model, annotator_folder=args.annotators, models_root=args.models_root,
                                    annotator_count=args.annotator_count, control_count=args.control_count, steps=args.steps,
@@ -575,7 +630,10 @@ def scores_markdown(scores: dict, args) -> str:
              "held_out_pair": "colour-shape pairs never seen in training", "vae_psnr_db": "VAE PSNR, held-out scenes (dB)",
              "ms_per_image_20_steps": "ms per image, 20 steps, CFG, batch 1 (this CPU)",
              "ceiling_vae_shape": "ceiling: shape on held-out renders after a VAE round trip",
-             "ceiling_vae_binding": "ceiling: binding on held-out renders after a VAE round trip"}
+             "ceiling_vae_binding": "ceiling: binding on held-out renders after a VAE round trip",
+             "shape_detection_mask": "shape, previous checker (detection-threshold masks)",
+             "binding_detection_mask": "binding, previous checker (detection-threshold masks)",
+             "held_out_pair_detection_mask": "unseen pairs, previous checker (detection-threshold masks)"}
     for key, name in names.items():
         value = scores.get(key)
         if value is None:

@@ -151,11 +151,14 @@ def write_examples(folder: Path) -> list[Path]:
     return paths
 
 
-def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, guidance: float = 5.0,
+def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, guidance: float | None = None,
              images_out: dict | None = None) -> dict:
-    """Share of images showing the style, with and without the word; `images_out[label]` collects the images."""
+    """Share of images showing the style, with and without the word; `images_out[label]` collects the images.
+    `guidance` None: the model's default CFG scale, what the app's tabs start with."""
     from pipelines import txt2img
 
+    if guidance is None:
+        guidance = engine.preset.default_guidance
     results = {}
     prompts = [StyledPrompt(*o) for o in EVAL_OBJECTS]
     for label, words in (("with the word", f"in {adapter_token} style"), ("without the word", "")):
@@ -182,8 +185,10 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the method's default")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the tab's)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per fine-tune step (default: the tab's)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="", help="default: the tab's")
     parser.add_argument("--token", default="zqx")
     parser.add_argument("--seeds", type=int, default=4, help="images per evaluation prompt (10 prompts)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale of the evaluation images (default: the model's)")
     parser.add_argument("--runs", type=int, default=3, help="fine-tunes with seeds 0, 1, ...; the figures are their mean")
     parser.add_argument("--prior-preservation", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
@@ -208,13 +213,14 @@ def main(argv=None):
     engine = build_engine(args.model)
     arrays, captions = example_set()
     images = [Image.fromarray(a) for a in arrays]
-    before = evaluate(engine, args.token, seeds=args.seeds)
+    before = evaluate(engine, args.token, seeds=args.seeds, guidance=args.guidance)
     runs = []
     for run in range(args.runs):
         # Runs differ only in the fine-tune's seed (LoRA init, noise, timesteps). One run's images of a prompt
         # look alike whatever the sampling seed, so the spread between runs is the one that matters.
         settings = FineTuneSettings(token=args.token, method=args.method, prior_preservation=args.prior_preservation,
-                                    learning_rate=args.learning_rate, seed=run, name=f"eval-{run}")
+                                    learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, seed=run,
+                                    name=f"eval-{run}")
         if args.steps:
             settings.steps = args.steps
         if args.rank:
@@ -225,7 +231,7 @@ def main(argv=None):
         result = finetune(engine, images, settings, captions=captions)
         seconds = time.perf_counter() - started
         drawn: dict = {}
-        after = evaluate(engine, args.token, seeds=args.seeds, images_out=drawn)
+        after = evaluate(engine, args.token, seeds=args.seeds, guidance=args.guidance, images_out=drawn)
         if args.grid and run == 0:
             from training.common import save_grid
 
@@ -235,7 +241,7 @@ def main(argv=None):
             saved = engine.adapters.save(result.adapter, Path(folder) / "adapter.safetensors")
             engine.adapters.remove(result.adapter)
             forced = engine.adapters.load_file(saved, name=f"{result.adapter}-everywhere", token=EVERY_PROMPT)
-        leak = evaluate(engine, args.token, seeds=args.seeds)["without the word"]
+        leak = evaluate(engine, args.token, seeds=args.seeds, guidance=args.guidance)["without the word"]
         engine.adapters.remove(forced.name)
         runs.append({"seed": run, "seconds": seconds, "steps": result.steps_done, "with": after["with the word"],
                      "without": after["without the word"], "forced_on_without": leak})
@@ -259,7 +265,8 @@ def main(argv=None):
          "(drift of the fine-tuned weights)"),
     ]
     print(f"Fine-tune evaluation: {args.method}, model {engine.preset.name}, {args.runs} fine-tune run(s), "
-          f"{len(EVAL_OBJECTS)} prompts x {args.seeds} seeds each, {torch.get_num_threads()} thread(s); "
+          f"{len(EVAL_OBJECTS)} prompts x {args.seeds} seeds each, 20 steps, guidance "
+          f"{args.guidance or engine.preset.default_guidance}, {torch.get_num_threads()} thread(s); "
           f"mean (min-max over runs)")
     width = max(len(r[0]) for r in rows)
     for name, value, goal in rows:
