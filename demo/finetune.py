@@ -69,7 +69,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             method = gr.Radio(["lora", "full"], value="lora", label="Method", elem_id=f"{TAB}-method",
                               info="lora: small, combinable adapters · full: every U-Net weight (more memory, slower)")
             with gr.Accordion("Training settings", open=False):
-                steps = gr.Slider(1, limits.max_finetune_steps, value=defaults.steps, step=10, label="Steps",
+                steps = gr.Slider(1, limits.max_finetune_steps, value=defaults.steps, step=1, label="Steps",
                                   elem_id=f"{TAB}-steps")
                 learning_rate = gr.Number(value=0, label="Learning rate (0: the method's default)", minimum=0)
                 rank = gr.Slider(1, 64, value=8, step=1, label="Rank of the low-rank updates")

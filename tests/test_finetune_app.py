@@ -105,9 +105,12 @@ def test_finetune_tab_in_the_browser(page, live_app, test_output):
         page.locator("#finetune-token textarea, #finetune-token input").first.fill("zqweb")
         page.get_by_text("Training settings").click()
         set_number(page, "finetune-steps", 10)
+        # the typed number reaches the slider a moment later; training must start with it, not the default
+        page.wait_for_function("() => document.querySelector('#finetune-steps input[type=range]').value === '10'")
         page.locator("#finetune-train").click()
         page.wait_for_function("() => (document.querySelector('#finetune-status')?.innerText || '').startsWith('Done')",
                                timeout=180_000)
+        assert "trained 10 steps" in page.locator("#finetune-status").inner_text()
         page.wait_for_function("() => document.querySelectorAll('#finetune-comparison img').length === 2")
         assert "zqweb" in page.locator("#finetune-adapters").inner_text()
         page.screenshot(path=str(test_output / "browser-finetune.png"), full_page=True)
