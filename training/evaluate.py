@@ -235,15 +235,18 @@ def prompt_following(pipe, *, count: int = 200, steps: int = 20, guidance: float
             "verdicts": verdicts, "seconds": time.time() - started}
 
 
+def vae_round_trip(vae, images: np.ndarray, chunk: int = 50) -> np.ndarray:
+    """`images` (N, H, W, 3) uint8 encoded and decoded by `vae` (posterior mode), `chunk` at a time."""
+    from training.train_vae import reconstruct
+
+    return np.concatenate([reconstruct(vae, images[i:i + chunk]) for i in range(0, len(images), chunk)])
+
+
 def vae_psnr(vae, count: int = 256) -> float:
-    import torch
-    from training.common import images_to_tensor, tensor_to_images
     from training.train_vae import psnr
 
     images, _ = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + count))
-    with torch.no_grad():
-        recon = tensor_to_images(vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mode()).sample)
-    return psnr(images, recon)
+    return psnr(images, vae_round_trip(vae, images))
 
 
 def held_out_renders(count: int) -> tuple[list[Expectation], np.ndarray]:
@@ -275,10 +278,8 @@ def vae_ceiling(vae, count: int = 300) -> dict[str, float]:
 
     A generated image reaches the screen through the decoder, so these bound what any U-Net can score:
     a decoder that draws a small star as a blob fails the shape check whatever the latent says."""
-    from training.train_vae import reconstruct
-
     expectations, images = held_out_renders(count)
-    recon = np.concatenate([reconstruct(vae, images[i:i + 50]) for i in range(0, len(images), 50)])
+    recon = vae_round_trip(vae, images)
     result = {}
     for name, batch in (("renders", images), ("vae", recon)):
         scores = score([judge(image, expected) for image, expected in zip(batch, expectations)])
@@ -294,9 +295,7 @@ def checker_accuracy(count: int = 600, blurs=(0.7, 1.0), vae=None) -> dict[str, 
     variants = {"sharp": images}
     variants.update({f"blur {sigma:g} px": np.stack([cv2.GaussianBlur(im, (0, 0), sigma) for im in images]) for sigma in blurs})
     if vae is not None:
-        from training.train_vae import reconstruct
-
-        variants["VAE round trip"] = np.concatenate([reconstruct(vae, images[i:i + 50]) for i in range(0, len(images), 50)])
+        variants["VAE round trip"] = vae_round_trip(vae, images)
     result = {}
     for mode in SHAPE_MASKS:
         for name, batch in variants.items():
@@ -408,13 +407,7 @@ def annotator_accuracy(folder: Path = ANNOTATOR_ROOT, *, count: int = 500, vae=N
     pose: PCK@0.1 (and @0.05) with the threshold a share of max(width, height) of the person's rendered box.
     With a `vae`, also on the VAE's reconstructions of the same renders (closer to what a model generates).
     """
-    import torch
     from training import annotators
-    from training.common import images_to_tensor, tensor_to_images
-
-    def round_trip(images):
-        with torch.no_grad():
-            return tensor_to_images(vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mode()).sample)
 
     result: dict = {}
     if (Path(folder) / "depth" / annotators.WEIGHTS_NAME).exists():
@@ -423,7 +416,7 @@ def annotator_accuracy(folder: Path = ANNOTATOR_ROOT, *, count: int = 500, vae=N
         pred = annotators.predict_depth(model, images)
         result["depth"] = {"abs_rel": depth_abs_rel(pred, depth), "mae": float(np.abs(pred - depth).mean()), "scenes": count}
         if vae is not None:
-            result["depth"]["abs_rel_vae_round_trip"] = depth_abs_rel(annotators.predict_depth(model, round_trip(images)), depth)
+            result["depth"]["abs_rel_vae_round_trip"] = depth_abs_rel(annotators.predict_depth(model, vae_round_trip(vae, images)), depth)
     if (Path(folder) / "pose" / annotators.WEIGHTS_NAME).exists():
         model = annotators.load_model("pose", Path(folder) / "pose")
         images, keypoints, sizes = held_out_pose_set(count)
@@ -432,7 +425,7 @@ def annotator_accuracy(folder: Path = ANNOTATOR_ROOT, *, count: int = 500, vae=N
                           "mean_error_px": float(np.hypot(*(pred[..., :2] - keypoints[..., :2]).transpose(2, 0, 1)).mean()),
                           "person_scenes": count, "mean_person_size_px": float(sizes.mean())}
         if vae is not None:
-            result["pose"]["pck_vae_round_trip"] = pck(annotators.predict_keypoints(model, round_trip(images)), keypoints, sizes)
+            result["pose"]["pck_vae_round_trip"] = pck(annotators.predict_keypoints(model, vae_round_trip(vae, images)), keypoints, sizes)
         # Scenes without a person must give an empty map (every keypoint invisible).
         empty = [s for s in (shapes.sample(HELD_OUT_SEED + i) for i in range(count)) if not s.keypoints[:, 2].any()][:200]
         found = annotators.predict_keypoints(model, np.stack([s.image for s in empty]))

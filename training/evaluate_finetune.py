@@ -211,9 +211,10 @@ def main(argv=None):
     from pipelines.finetune import FineTuneSettings, finetune
 
     engine = build_engine(args.model)
+    guidance = args.guidance or engine.preset.default_guidance
     arrays, captions = example_set()
     images = [Image.fromarray(a) for a in arrays]
-    before = evaluate(engine, args.token, seeds=args.seeds, guidance=args.guidance)
+    before = evaluate(engine, args.token, seeds=args.seeds, guidance=guidance)
     runs = []
     for run in range(args.runs):
         # Runs differ only in the fine-tune's seed (LoRA init, noise, timesteps). One run's images of a prompt
@@ -231,7 +232,7 @@ def main(argv=None):
         result = finetune(engine, images, settings, captions=captions)
         seconds = time.perf_counter() - started
         drawn: dict = {}
-        after = evaluate(engine, args.token, seeds=args.seeds, guidance=args.guidance, images_out=drawn)
+        after = evaluate(engine, args.token, seeds=args.seeds, guidance=guidance, images_out=drawn)
         if args.grid and run == 0:
             from training.common import save_grid
 
@@ -241,7 +242,7 @@ def main(argv=None):
             saved = engine.adapters.save(result.adapter, Path(folder) / "adapter.safetensors")
             engine.adapters.remove(result.adapter)
             forced = engine.adapters.load_file(saved, name=f"{result.adapter}-everywhere", token=EVERY_PROMPT)
-        leak = evaluate(engine, args.token, seeds=args.seeds, guidance=args.guidance)["without the word"]
+        leak = evaluate(engine, args.token, seeds=args.seeds, guidance=guidance)["without the word"]
         engine.adapters.remove(forced.name)
         runs.append({"seed": run, "seconds": seconds, "steps": result.steps_done, "with": after["with the word"],
                      "without": after["without the word"], "forced_on_without": leak})
@@ -265,8 +266,8 @@ def main(argv=None):
          "(drift of the fine-tuned weights)"),
     ]
     print(f"Fine-tune evaluation: {args.method}, model {engine.preset.name}, {args.runs} fine-tune run(s), "
-          f"{len(EVAL_OBJECTS)} prompts x {args.seeds} seeds each, 20 steps, guidance "
-          f"{args.guidance or engine.preset.default_guidance}, {torch.get_num_threads()} thread(s); "
+          f"{len(EVAL_OBJECTS)} prompts x {args.seeds} seeds each, 20 steps, guidance {guidance}, "
+          f"{torch.get_num_threads()} thread(s); "
           f"mean (min-max over runs)")
     width = max(len(r[0]) for r in rows)
     for name, value, goal in rows:
