@@ -52,11 +52,30 @@ def open_tab(page, label):
     page.get_by_role("tab", name=label).click()
 
 
-def set_number(page, elem_id, value):
-    """Type into a slider's (or number field's) number box, as a person would, and leave the field."""
+def set_number(page, elem_id, value, attempts=4):
+    """Type into a slider's (or number field's) number box, as a person would, and leave the field.
+
+    A slider takes the typed number only once it has mounted: right after its accordion opens it can
+    reset the box to its own value, so the typing is repeated until the slider's range shows the number
+    (a person would see the knob stay put and type again).
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # imported here: the module skips without playwright
+
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
+    slider = f"#{elem_id} input[type=range]"
+    shown = None
+    for _ in range(attempts):
+        box.fill(str(value))
+        box.press("Tab")
+        if page.locator(slider).count() == 0:
+            return
+        try:
+            page.wait_for_function("([selector, wanted]) => document.querySelector(selector).value === wanted",
+                                   arg=[slider, str(value)], timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            shown = page.locator(slider).input_value()
+    raise AssertionError(f"slider #{elem_id} shows {shown} after typing {value} {attempts} times")
 
 
 def open_settings(page, tab):
