@@ -130,6 +130,36 @@ def test_train_vae_and_ldm_smoke_runs_resume_and_export(tmp_path):
     assert image.shape == (64, 64, 3)
 
 
+def test_train_ldm_stop_at_branches_mid_schedule(tmp_path):
+    """--stop-at ends a cosine run early with the learning rate it had there; a copied folder goes on from it."""
+    import csv
+    import shutil
+
+    import torch
+
+    from training import train_ldm, train_vae
+
+    vae_dir = tmp_path / "vae"
+    train_vae.main(["--out", str(vae_dir), "--max-steps", "1", "--batch-size", "4", "--log-every", "1"])
+    common = ["--vae", str(vae_dir / "vae"), "--train-scenes", "16", "--batch-size", "4", "--log-every", "1",
+              "--eval-every", "0", "--cosine-decay", "--max-steps", "4"]
+    train_ldm.main(common + ["--out", str(tmp_path / "trunk"), "--stop-at", "2"])
+    assert torch.load(tmp_path / "trunk" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert (tmp_path / "trunk" / "pipeline" / "TRAINING_STEP").read_text().strip() == "2"
+    shutil.copytree(tmp_path / "trunk", tmp_path / "branch")
+    train_ldm.main(common + ["--out", str(tmp_path / "branch"), "--two-object-share", "0.85"])
+    train_ldm.main(common + ["--out", str(tmp_path / "straight")])
+
+    def learning_rates(run):
+        with open(tmp_path / run / "log.csv") as f:
+            return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
+
+    # the branch's steps 3 and 4 follow the trunk's schedule to --max-steps, not a new warm-up and cosine
+    assert learning_rates("branch") == learning_rates("straight")
+    assert sorted(learning_rates("branch")) == [1, 2, 3, 4] and learning_rates("branch")[4] < learning_rates("branch")[3]
+    assert torch.load(tmp_path / "branch" / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
 def test_shipped_model_loads_with_plain_diffusers_and_is_deterministic():
     import torch
@@ -239,3 +269,16 @@ def test_attention_added_at_16x16_starts_as_an_identity():
         assert torch.equal(grown(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
     wider = build_unet(LDMConfig(block_out_channels=(64, 64, 64)))
     assert start_added_attention_as_identity(wider, load_matching(wider, source.state_dict())) == []  # not only attention
+
+
+def test_curve_shows_a_branch_copied_from_its_trunk_once(tmp_path):
+    from training.evaluate import curve_markdown
+
+    header = "step,s_per_step,loss,lr,colour,shape,position,binding\n"
+    trunk = header + "500,1,0.03,1e-4,0.9,0.8,1,0.2\n550,1,0.02,1e-4,nan,nan,nan,nan\n"
+    (tmp_path / "trunk.csv").write_text(trunk)
+    (tmp_path / "branch.csv").write_text(trunk + "1000,1,0.01,1e-5,0.95,0.9,1,0.3\n")
+    (tmp_path / "other.csv").write_text(header + "500,1,0.05,1e-4,0.5,0.5,0.5,0\n")  # another run at the same step
+    table = curve_markdown([f"trunk={tmp_path / 'trunk.csv'}", f"branch={tmp_path / 'branch.csv'}", f"other={tmp_path / 'other.csv'}"])
+    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ") and "step" not in line] == [
+        ["| trunk", "500"], ["| branch", "1000"], ["| other", "500"]]

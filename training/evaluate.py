@@ -645,13 +645,17 @@ def curve_markdown(logs: list[str]) -> str:
     import csv
 
     rows = ["| run | step | loss | colour | shape | position | binding |", "|---|---|---|---|---|---|---|"]
+    shown = set()  # a branched run's folder is a copy of its trunk's, log included: its trunk rows are shown once
     for entry in logs:
         label, _, path = entry.rpartition("=")
         with open(path) as f:
             for row in csv.DictReader(f):
                 if row.get("colour") not in (None, "", "nan"):
-                    rows.append(f"| {label or Path(path).parent.name} | {row['step']} | {float(row['loss']):.4f} | " + " | ".join(
-                        f"{float(row[k]):.0%}" for k in ("colour", "shape", "position", "binding")) + " |")
+                    cells = f"{row['step']} | {float(row['loss']):.4f} | " + " | ".join(
+                        f"{float(row[k]):.0%}" for k in ("colour", "shape", "position", "binding"))
+                    if cells not in shown:
+                        shown.add(cells)
+                        rows.append(f"| {label or Path(path).parent.name} | {cells} |")
     rows.append("")
     rows.append("In-training scores: 48 held-out prompts per point (EMA weights, 20 steps; about 19 single-object and 19\ntwo-object prompts), so a point moves by 5-10% from noise alone.")
     return "\n".join(rows)

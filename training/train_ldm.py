@@ -127,8 +127,12 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str =
 
 
 def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, log_every=50, save_every=250,
-          eval_every=500, seed=0, init_from: Path | None = None) -> StableDiffusionPipeline:
+          eval_every=500, seed=0, init_from: Path | None = None, stop_at: int | None = None) -> StableDiffusionPipeline:
+    """Trains to `max_steps`; `stop_at` ends the run earlier (saved and exported there) while the learning-rate
+    schedule still runs to `max_steps`, so a copy of the run folder can go on with other settings from a
+    point mid-schedule."""
     out_dir = Path(out_dir)
+    last_step = min(max_steps, stop_at) if stop_at is not None else max_steps
     torch.manual_seed(seed)
     # 1. Frozen VAE and the cached latents of the training scenes.
     vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
@@ -187,7 +191,7 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
     generator = torch.Generator().manual_seed(seed + step)
     scores: dict[str, float] = {}
 
-    while step < max_steps:
+    while step < last_step:
         # 4. A batch: sample latents from the posterior, drop 10% of captions.
         if sampling_weights is None:  # the default draws exactly as before the option existed
             index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
@@ -226,12 +230,12 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
                 for e, p in zip(ema.parameters(), live.parameters()):
                     e.lerp_(p, 1 - decay)
 
-        if eval_every and (step % eval_every == 0 or step == max_steps):
+        if eval_every and (step % eval_every == 0 or step == last_step):
             scores = quick_scores(assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type), out_dir / "samples" / f"step-{step:06d}.png")
-        if step % log_every == 0 or step == max_steps:
+        if step % log_every == 0 or step == last_step:
             log.write(step, loss=loss.item(), lr=lr, **scores)
             scores = {}
-        if step % save_every == 0 or step == max_steps:
+        if step % save_every == 0 or step == last_step:
             checkpoint.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                              "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
                              "opt": opt.state_dict(), "step": step, "first_step": first_step, "config": asdict(config)})
@@ -294,6 +298,8 @@ def main(argv=None):
     parser.add_argument("--vae", type=Path, default=Path("runs/vae/vae"), help="trained VAE folder (train_vae's export)")
     parser.add_argument("--out", type=Path, default=Path("runs/ldm"), help="run folder: checkpoint, log, samples, pipeline/")
     parser.add_argument("--max-steps", type=int, default=6000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop at this step, the schedule still running to --max-steps (to branch a run: copy its folder, go on with other settings)")
     parser.add_argument("--train-scenes", type=int, default=LDMConfig.train_scenes)
     parser.add_argument("--batch-size", type=int, default=LDMConfig.batch_size)
     parser.add_argument("--log-every", type=int, default=50)
@@ -317,7 +323,7 @@ def main(argv=None):
                        block_out_channels=tuple(int(c) for c in args.channels.split(",")),
                        two_object_share=args.two_object_share, attention_16x16_up=args.attention_16x16_up)
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
-          eval_every=args.eval_every, init_from=args.init_from)
+          eval_every=args.eval_every, init_from=args.init_from, stop_at=args.stop_at)
 
 
 if __name__ == "__main__":
