@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from demo import common
-from pipelines.settings import finetune_defaults
+from pipelines.settings import FINETUNE_METHODS, finetune_defaults
 
 TAB = "finetune"
 EXAMPLE_SET = common.EXAMPLES_DIR / "finetune-checkered"  # written by `python -m training.evaluate_finetune --write-examples`
@@ -66,7 +66,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                   placeholder="a big red circle in {token} style", elem_id=f"{TAB}-captions")
             instance_prompt = gr.Textbox(value=defaults.instance_prompt, max_lines=1,
                                          label="Caption for every image when the captions are empty", elem_id=f"{TAB}-instance")
-            method = gr.Radio(["lora", "full"], value="lora", label="Method", elem_id=f"{TAB}-method",
+            method = gr.Radio(list(FINETUNE_METHODS), value="lora", label="Method", elem_id=f"{TAB}-method",
                               info="lora: small, combinable adapters · full: every U-Net weight (more memory, slower)")
             with gr.Accordion("Training settings", open=False):
                 steps = gr.Slider(1, limits.max_finetune_steps, value=defaults.steps, step=1, label="Steps",

@@ -31,10 +31,8 @@ from PIL import Image, ImageOps
 from pipelines.adapters import Adapter, needs_new_word, plain_unet_copy, prompt_words
 from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
 from pipelines.run import CancelEvent, generators, run_pipeline
-from pipelines.settings import finetune_defaults
+from pipelines.settings import FINETUNE_METHODS, LR_SCHEDULES, finetune_defaults
 
-METHODS = ("lora", "full")
-LR_SCHEDULES = ("constant", "cosine")
 # LoRA on attention (what most SD LoRAs train) and on the ResNet convolutions: a texture lives in the
 # convolutions at full latent resolution, where the built-in U-Net has no attention at all.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
@@ -86,7 +84,7 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
     name = adapters.check_name(settings.name or token)
     adapters.check_room()  # before training, not after minutes of it
     defaults = finetune_defaults(engine.preset.is_builtin)
-    method = check_choice("method", settings.method, METHODS)
+    method = check_choice("method", settings.method, FINETUNE_METHODS)
     if not 1 <= len(images) <= limits.max_finetune_images:
         raise InputError(f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)")
     steps = check_int("steps", settings.steps or defaults.steps, 1, limits.max_finetune_steps)

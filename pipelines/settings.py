@@ -61,6 +61,10 @@ class FineTuneDefaults:
     lr_schedule: str = "constant"  # "constant" or "cosine"
 
 
+FINETUNE_METHODS = ("lora", "full")
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def finetune_defaults(builtin: bool) -> FineTuneDefaults:
     if builtin:  # a 1.9 M-parameter U-Net and a 51-word vocabulary: large steps, "in X style" as the world says it
         # Batch 8: 1200 steps take ~3 minutes on the app's one model thread of a 2-core machine (152 ms a step

@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipelines.settings import FINETUNE_METHODS, LR_SCHEDULES
 from training import shapes
 
 STYLE = "checkered"
@@ -180,12 +181,12 @@ def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, gui
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes", help="preset or diffusers folder (default: the built-in model)")
-    parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument("--method", choices=FINETUNE_METHODS, default="lora")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: the tab's default)")
     parser.add_argument("--learning-rate", type=float, default=0.0, help="0: the method's default")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the tab's)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per fine-tune step (default: the tab's)")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="", help="default: the tab's")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="", help="default: the tab's")
     parser.add_argument("--token", default="zqx")
     parser.add_argument("--seeds", type=int, default=4, help="images per evaluation prompt (10 prompts)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale of the evaluation images (default: the model's)")
