@@ -1,0 +1,229 @@
+"""Inpainting examples from the Shapes world: masks like the ones people paint, and captions that say what.
+
+An example is (source scene, mask, caption, target): the U-Net sees the source with the mask's area greyed
+out and learns to paint the target there. The rule it learns, everywhere the same:
+- objects the caption names that the unmasked picture does not show go inside the mask (add / replace);
+- an object the mask hides whole and the caption does not name is gone from the target (remove): the area
+  becomes the world's background, so an empty prompt or one naming only the background removes;
+- everything else continues the picture: the background, the horizon and objects cut by the mask's edge.
+  The caption's background words never override what the unmasked picture shows (a share of captions name
+  a wrong background on purpose), so an outpainted border continues the scene whatever the prompt says.
+
+Scenes and masks are deterministic per seed. Training draws scenes below `common.HELD_OUT_SEED` and masks
+from seeds below `HELD_OUT_MASK_SEED`; `training.evaluate_inpaint` draws both from at or above them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+
+from training import shapes
+
+HELD_OUT_MASK_SEED = 2_000_000_000  # mask seeds at or above this are evaluation-only
+HIDDEN_SHARE = 0.85  # an object counts as hidden when the mask covers this share of its pixels
+
+# Mask kinds a trainer draws, with their shares: object-aimed masks (boxes with a margin, the object's own
+# shape grown, a scribble over it), masks anywhere (boxes, brush strokes), border bands (outpainting) and,
+# now and then, the whole image.
+MASK_KINDS = {"object-box": 0.22, "object-shape": 0.12, "object-scribble": 0.12, "box": 0.14, "strokes": 0.12,
+              "band": 0.22, "full": 0.06}
+# How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
+# objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
+# means "nothing new").
+CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
+WRONG_BACKGROUND_SHARE = 0.1  # captions whose background words contradict the picture (the picture wins)
+
+
+@dataclass
+class InpaintExample:
+    source: np.ndarray  # (64, 64, 3) uint8: the scene the user starts from
+    mask: np.ndarray  # (64, 64) bool: True = repaint
+    caption: str
+    target: np.ndarray  # (64, 64, 3) uint8: source outside the mask, the finished scene inside
+    mode: str  # a CAPTION_MODES key
+    mask_kind: str  # a MASK_KINDS key
+
+
+# ----------------------------------------------------------------------------- object coverage and phrases
+
+def coverage(obj: shapes.SceneObject) -> np.ndarray:
+    """(64, 64) float32 coverage of one scene object, as the renderer draws it."""
+    if obj.kind == "person":
+        height = obj.half_extent * 2
+        return shapes.person_mask(shapes.person_keypoints(obj.pose, obj.centre, height), height)
+    return shapes.shape_mask(obj.kind, obj.centre, obj.half_extent)
+
+
+def hidden_objects(scene: shapes.Scene, mask: np.ndarray) -> list[int]:
+    """Indices of the objects the mask covers (almost) whole."""
+    hidden = []
+    for i, obj in enumerate(scene.objects):
+        solid = coverage(obj) > 0.5
+        if solid.any() and (solid & mask).sum() >= HIDDEN_SHARE * solid.sum():
+            hidden.append(i)
+    return hidden
+
+
+def object_phrase(obj: shapes.SceneObject, rng: np.random.Generator, *, size_share=0.6, style_share=0.7,
+                  position_share=0.2) -> str:
+    """'a big green star', sometimes with its style or position, as a person names one object."""
+    words = []
+    if obj.kind != "person" and rng.random() < size_share:
+        words.append(obj.size)
+    words += [obj.colour, obj.kind]
+    phrase = f"{shapes.article(words[0])} {' '.join(words)}"
+    if obj.kind == "person" and obj.pose:
+        phrase += f" {shapes.POSE_PHRASES[obj.pose]}"
+    if obj.style != "flat" and rng.random() < style_share:
+        phrase += f" in {obj.style} style"
+    if rng.random() < position_share:
+        phrase += f" {shapes.POSITIONS[position_name(obj.centre)][0]}"
+    return phrase
+
+
+def position_name(centre: tuple[float, float]) -> str:
+    """The caption position (a shapes.POSITIONS key) nearest to a centre."""
+    return min(shapes.POSITIONS, key=lambda p: (shapes.POSITIONS[p][1][0] - centre[0]) ** 2
+               + (shapes.POSITIONS[p][1][1] - centre[1]) ** 2)
+
+
+def background_phrase(background: str) -> str:
+    return shapes.BACKGROUNDS[background][0]
+
+
+def join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------- masks
+
+def box_mask(x0: float, y0: float, x1: float, y1: float, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[max(0, int(round(y0))):max(0, int(round(y1))), max(0, int(round(x0))):max(0, int(round(x1)))] = True
+    return mask
+
+
+def stroke_mask(points: np.ndarray, thickness: int, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
+    """A brush stroke through `points` ((N, 2) pixels), round caps, as a sketchpad brush draws."""
+    canvas = np.zeros((size, size), np.uint8)
+    cv2.polylines(canvas, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
+    for x, y in np.round(points[[0, -1]]).astype(int):
+        cv2.circle(canvas, (int(x), int(y)), thickness // 2, 255, -1)
+    return canvas >= 128
+
+
+def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
+    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+
+
+def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator) -> np.ndarray:
+    """A mask over one object: a box with a margin, its shape grown, or a scribble across it."""
+    solid = coverage(obj) > 0.5
+    ys, xs = np.nonzero(solid)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    if kind == "object-box":
+        m = rng.uniform(2, 7, size=4)
+        return box_mask(x0 - m[0], y0 - m[1], x1 + m[2], y1 + m[3])
+    if kind == "object-shape":
+        return grow(solid, int(rng.integers(2, 6)))
+    # A zigzag across the object's box, with a brush thick enough to cover it, as people scribble
+    rows = int(rng.integers(2, 4))
+    thickness = int(np.ceil((y1 - y0 + 6) / rows)) + int(rng.integers(2, 6))
+    ys_line = np.linspace(y0 - 1, y1 + 1, rows)
+    points = [(x0 - 2, ys_line[0])]
+    for i, y in enumerate(ys_line):
+        points.append((x1 + 2 if i % 2 == 0 else x0 - 2, y))
+    return stroke_mask(np.array(points, np.float32), thickness) | grow(solid, 1)
+
+
+def random_mask(kind: str, rng: np.random.Generator, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
+    if kind == "box":
+        w, h = rng.integers(12, 41, size=2)
+        x0, y0 = rng.integers(-4, size - w + 5), rng.integers(-4, size - h + 5)
+        return box_mask(x0, y0, x0 + w, y0 + h)
+    if kind == "strokes":
+        mask = np.zeros((size, size), bool)
+        for _ in range(int(rng.integers(1, 4))):
+            points = rng.uniform(-4, size + 4, size=(int(rng.integers(2, 5)), 2))
+            mask |= stroke_mask(points, int(rng.integers(4, 15)))
+        return mask
+    if kind == "band":  # outpainting: new borders on one to four sides
+        mask = np.zeros((size, size), bool)
+        sides = [s for s in ("left", "right", "top", "bottom") if rng.random() < 0.4] or [str(rng.choice(["left", "right", "top", "bottom"]))]
+        for side in sides:
+            width = int(rng.integers(8, 33))
+            if side == "left":
+                mask[:, :width] = True
+            elif side == "right":
+                mask[:, size - width:] = True
+            elif side == "top":
+                mask[:width] = True
+            else:
+                mask[size - width:] = True
+        return mask
+    if kind == "full":
+        return np.ones((size, size), bool)
+    raise ValueError(f"unknown mask kind {kind!r}; known: {', '.join(MASK_KINDS)}")
+
+
+def _choose(rng: np.random.Generator, table: dict[str, float]) -> str:
+    names = list(table)
+    weights = np.array([table[n] for n in names], np.float64)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
+# ----------------------------------------------------------------------------- examples
+
+def render_without(scene: shapes.Scene, drop: list[int]) -> np.ndarray:
+    """The scene rendered again without the objects at `drop`: the ground truth of removing them."""
+    kept = [obj for i, obj in enumerate(scene.objects) if i not in drop]
+    return shapes.render(replace(scene, objects=kept)).image
+
+
+def training_example(scene_seed: int, mask_seed: int) -> InpaintExample:
+    """One training example: the scene of `scene_seed`, a mask and caption mode drawn from `mask_seed`."""
+    rng = np.random.default_rng(mask_seed)
+    sample = shapes.sample(scene_seed)
+    scene = sample.scene
+    mask_kind = _choose(rng, MASK_KINDS)
+    if mask_kind.startswith("object"):
+        target_index = int(rng.integers(len(scene.objects)))
+        mask = object_mask(mask_kind, scene.objects[target_index], rng)
+    else:
+        mask = random_mask(mask_kind, rng)
+    hidden = hidden_objects(scene, mask)
+    mode = _choose(rng, CAPTION_MODES)
+    background = scene.background
+    if not mask.all() and rng.random() < WRONG_BACKGROUND_SHARE:
+        background = str(rng.choice([b for b in shapes.BACKGROUNDS if b != scene.background]))
+    bg_words = background_phrase(background) if rng.random() < 0.5 else ""
+    target = sample.image
+    if mode == "scene":
+        caption = scene.caption if background == scene.background else _with_background(scene, background)
+    elif mode == "part":
+        caption = join(" and ".join(object_phrase(scene.objects[i], rng) for i in hidden), bg_words)
+    else:
+        if hidden:
+            target = render_without(scene, hidden)
+        caption = "" if mode == "empty" else bg_words
+    return InpaintExample(source=sample.image, mask=mask, caption=caption, target=target, mode=mode, mask_kind=mask_kind)
+
+
+def _with_background(scene: shapes.Scene, background: str) -> str:
+    """The scene's caption with its background phrase swapped for another background's."""
+    own = background_phrase(scene.background)
+    caption = scene.caption[: -len(own) - 1] if own and scene.caption.endswith(" " + own) else scene.caption
+    return join(caption, background_phrase(background))
+
+
+def masked_source(source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What a 9-channel U-Net is shown: the source with the mask's area at 0 in [-1, 1] (mid grey), exactly as
+    diffusers' StableDiffusionInpaintPipeline builds `masked_image` (image * (mask < 0.5))."""
+    out = source.astype(np.float32) / 127.5 - 1
+    out[mask] = 0.0
+    return out

@@ -1,0 +1,252 @@
+"""Derives the built-in inpainting U-Net from the shipped base U-Net (the Stable Diffusion inpainting recipe).
+
+    python -m training.train_inpaint --base assets/models/shapes-ldm --out runs/inpaint --max-steps 3000
+    python -m training.train_inpaint --out runs/inpaint --export assets/models/shapes-inpaint
+
+Reads top to bottom: 1. a 9-channel U-Net (noisy latents, the mask, the masked image's latents) initialised
+from the base U-Net, its five added input channels at zero, so at step 0 it computes what the base does;
+2. a pool of inpainting examples from the Shapes world (training/inpaint_data.py: masks like people paint,
+captions that name the whole scene, only the masked part or nothing) encoded once by the frozen VAE;
+3. v-prediction with the base's min-SNR weights and an EMA, the text encoder frozen (the engine shares the
+base's); 4. an export that the engine loads as the preset's `inpaint_model` (its `unet/` folder).
+Re-run it after the base U-Net is retrained: it always starts from the base folder it is given.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import inpaint_data, shapes
+from training.common import HELD_OUT_SEED, Checkpoint, LossLog, save_grid, set_threads, tensor_to_images
+from training.train_ldm import SCHEDULE, loss_weights
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
+POOL_CHUNK = 1024  # examples per pool file: the pool is built (and resumed) a chunk at a time
+GRID_EXAMPLES = 16  # validation examples drawn in each sample grid
+VALIDATION_SEED = HELD_OUT_SEED + 500_000  # sample-grid scenes: outside the trainer's and the test split's seeds
+
+
+@dataclass
+class InpaintConfig:
+    pool_size: int = 24_576  # examples encoded once; each is seen ~8 times in 3000 steps of 64
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0  # the base's weighting (train_ldm.loss_weights)
+
+
+def inflate_unet(base_unet):
+    """A 9-channel copy of `base_unet`: conv_in takes (latents 4, mask 1, masked-image latents 4); the five
+    added channels' weights start at zero, so the copy computes exactly what the base does."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(base_unet.config)
+    config["in_channels"] = 9
+    unet = UNet2DConditionModel.from_config(config)
+    state = base_unet.state_dict()
+    weight = state["conv_in.weight"]  # (C, 4, 3, 3)
+    state["conv_in.weight"] = torch.cat([weight, torch.zeros(weight.shape[0], 5, *weight.shape[2:])], dim=1)
+    unet.load_state_dict(state)
+    return unet
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W) 0/1 -> (B, 1, h, w), as StableDiffusionInpaintPipeline.prepare_mask_latents resizes it."""
+    return F.interpolate(mask, size=latent_size)
+
+
+@torch.no_grad()
+def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64) -> dict[str, torch.Tensor]:
+    """Encodes `size` training examples (scene seed i, mask seed i) in chunk files; resumes where it stopped."""
+    pool_dir = out_dir / "pool"
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    started = time.time()
+    for first in range(0, size, POOL_CHUNK):
+        path = pool_dir / f"chunk-{first // POOL_CHUNK:04d}.pt"
+        if not path.exists():
+            examples = [inpaint_data.training_example(i, i) for i in range(first, min(first + POOL_CHUNK, size))]
+            target_mean, target_std, masked_mean, masked_std = [], [], [], []
+            for at in range(0, len(examples), chunk):
+                group = examples[at:at + chunk]
+                targets = torch.from_numpy(np.stack([e.target for e in group])).permute(0, 3, 1, 2).float() / 127.5 - 1
+                masked = torch.from_numpy(np.stack([inpaint_data.masked_source(e.source, e.mask) for e in group])).permute(0, 3, 1, 2)
+                t_post, m_post = vae.encode(targets).latent_dist, vae.encode(masked).latent_dist
+                target_mean.append(t_post.mean); target_std.append(t_post.std)
+                masked_mean.append(m_post.mean); masked_std.append(m_post.std)
+            ids = tokenizer([e.caption for e in examples], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            torch.save({"target_mean": torch.cat(target_mean), "target_std": torch.cat(target_std),
+                        "masked_mean": torch.cat(masked_mean), "masked_std": torch.cat(masked_std),
+                        "mask": torch.from_numpy(np.stack([e.mask for e in examples]))[:, None],  # (N, 1, 64, 64) bool
+                        "ids": ids, "modes": [e.mode for e in examples]}, path)
+            print(f"pool: {first + len(examples)}/{size} examples encoded ({time.time() - started:.0f} s)", flush=True)
+        parts.append(torch.load(path, weights_only=False))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "modes"}
+
+
+def validation_examples(count: int = GRID_EXAMPLES) -> list[inpaint_data.InpaintExample]:
+    return [inpaint_data.training_example(VALIDATION_SEED + i, inpaint_data.HELD_OUT_MASK_SEED + VALIDATION_SEED + i)
+            for i in range(count)]
+
+
+@torch.no_grad()
+def sample_grid(pipe, unet, path: Path, steps: int = 20, guidance: float = 2.5) -> None:
+    """Rows of (masked source, result) for validation examples: what the model does, at a glance."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    view = StableDiffusionInpaintPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                          unet=unet, scheduler=pipe.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    view.set_progress_bar_config(disable=True)
+    tiles = []
+    for i, example in enumerate(validation_examples()):
+        out = view(prompt=example.caption, image=Image.fromarray(example.source),
+                   mask_image=Image.fromarray(example.mask.astype(np.uint8) * 255), num_inference_steps=steps,
+                   guidance_scale=guidance, generator=torch.Generator().manual_seed(i), output_type="np").images[0]
+        shown = example.source.copy()
+        shown[example.mask] = 128
+        tiles += [shown, (out * 255).round().astype(np.uint8)]
+    save_grid(np.stack(tiles), path, columns=8)
+
+
+def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, log_every=50, save_every=250,
+          seed=0, threads: int | None = None):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    set_threads(threads)
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    # 1. The base pipeline (frozen VAE and text encoder) and the inflated U-Net.
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    vae, text_encoder, tokenizer = (m.eval().requires_grad_(False) if hasattr(m, "eval") else m
+                                    for m in (pipe.vae, pipe.text_encoder, pipe.tokenizer))
+    unet = inflate_unet(pipe.unet).train()
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=pipe.scheduler.config.prediction_type)
+    step = 0
+    checkpoint = Checkpoint(out_dir)
+    state = checkpoint.load()
+    if state is not None:
+        unet.load_state_dict(state["unet"]); ema_unet.load_state_dict(state["ema_unet"])
+        opt.load_state_dict(state["opt"]); step = state["step"]
+        print(f"resumed from {checkpoint.path} at step {step}")
+    base_step = (Path(base) / "TRAINING_STEP").read_text().strip() if (Path(base) / "TRAINING_STEP").exists() else "?"
+
+    # 2. The example pool, encoded once.
+    pool = build_pool(vae, tokenizer, out_dir, config.pool_size)
+    scaling = vae.config.scaling_factor
+    latent_size = tuple(pool["target_mean"].shape[-2:])
+    log = LossLog(out_dir, ["loss", "lr"])
+    generator = torch.Generator().manual_seed(seed + step)
+    print(f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters from {base} (step {base_step}), "
+          f"{len(pool['ids'])} examples", flush=True)
+
+    while step < max_steps:
+        # 3. A batch: latents sampled from both posteriors, the mask at latent size, the captions encoded.
+        index = torch.randint(0, len(pool["ids"]), (config.batch_size,), generator=generator)
+        latents = (pool["target_mean"][index] + pool["target_std"][index] * torch.randn(pool["target_mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
+        masked = (pool["masked_mean"][index] + pool["masked_std"][index] * torch.randn(pool["masked_mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
+        mask = latent_mask(pool["mask"][index].float(), latent_size)  # (B, 1, 16, 16)
+        with torch.no_grad():
+            hidden = text_encoder(pool["ids"][index]).last_hidden_state  # (B, 24, 128)
+
+        # 4. Noise at random timesteps; the U-Net sees (noisy, mask, masked) and predicts v.
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(torch.cat([noisy, mask, masked], dim=1), timesteps, hidden).sample  # (B, 4, 16, 16)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, noise_scheduler.config.prediction_type)).mean()
+
+        lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
+        lr *= 0.5 * (1 + math.cos(math.pi * step / max(1, max_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_unet.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+
+        if step % log_every == 0 or step == max_steps:
+            log.write(step, loss=loss.item(), lr=lr)
+        if step % save_every == 0 or step == max_steps:
+            checkpoint.save({"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(),
+                             "step": step, "config": asdict(config)})
+            export_run(ema_unet, out_dir / "model", step=step, base=base, base_step=base_step, config=config)
+            sample_grid(pipe, ema_unet.eval(), out_dir / "samples" / f"step-{step:06d}.png")
+    return ema_unet
+
+
+def export_run(unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig) -> None:
+    """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder and its step."""
+    unet.save_pretrained(Path(target) / "unet", safe_serialization=True)
+    (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
+    record = {"base": _relative(base), "base_step": base_step, "step": step, **asdict(config)}
+    (Path(target) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def export(out_dir: Path, target: Path) -> None:
+    """Copies a run's exported model (unet/, TRAINING_STEP, training.json) to `target`, keeping its card."""
+    source = Path(out_dir) / "model"
+    if not (source / "unet" / "config.json").is_file():
+        raise SystemExit(f"{source} holds no exported U-Net yet: train first")
+    (Path(target) / "unet").mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy2(source / "unet" / name, Path(target) / "unet" / name)
+    for name in ("TRAINING_STEP", "training.json"):
+        shutil.copy2(source / name, Path(target) / name)
+    print(f"exported {source} -> {target}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the base pipeline folder whose U-Net is inflated")
+    parser.add_argument("--out", type=Path, default=Path("runs/inpaint"), help="run folder: pool, checkpoint, log, samples, model/")
+    parser.add_argument("--max-steps", type=int, default=3000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument("--pool-size", type=int, default=InpaintConfig.pool_size)
+    parser.add_argument("--batch-size", type=int, default=InpaintConfig.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=InpaintConfig.learning_rate)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--export", type=Path, default=None, metavar="FOLDER",
+                        help="copy the run's exported model to FOLDER (e.g. assets/models/shapes-inpaint) and exit")
+    args = parser.parse_args(argv)
+    if args.export:
+        export(args.out, args.export)
+        return
+    config = InpaintConfig(pool_size=args.pool_size, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    train(args.base, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
+          threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
