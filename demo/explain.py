@@ -15,6 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from demo import common
+from pipelines.settings import DEFAULT_MASK_BLUR
 
 TAB = "explain"
 INPAINT_TAB = "explain_inpaint"  # cancel key of the inpainting run
@@ -306,10 +307,18 @@ def inpaint_step_view(data: dict | None, step) -> tuple:
     e = data["explanation"]
     i = _step_index(data, step)
     a = float(e.alpha_bars[i])
-    text = (f"**Step {i + 1} of {e.steps}** · t = {e.timesteps[i]:.0f} · ᾱ = {a:.4f}. Left: the latent the U-Net "
-            f"sees (dimmed = outside the mask). Outside the mask it is the input's own latent noised to this step's "
-            f"level ({math.sqrt(a):.2f}·z_input + {math.sqrt(1 - a):.2f}·ε), put back after every step; inside it "
-            f"is the image being denoised. Right: x̂0, the clean image predicted at this step.")
+    head = f"**Step {i + 1} of {e.steps}** · t = {e.timesteps[i]:.0f} · ᾱ = {a:.4f}. "
+    if data.get("params", {}).get("inpaint_unet") == "9-channel":
+        text = head + ("Left: the latent being denoised (dimmed = outside the mask), the first 4 of the 9 channels the "
+                       "inpainting U-Net sees; the other 5 are the mask at latent size and the latents of the input with "
+                       "the masked area greyed out, the same at every step, so the U-Net sees the picture around the hole. "
+                       "Nothing is put back between steps; the input's pixels return only outside the mask after decoding. "
+                       "Right: x̂0, the clean image predicted at this step.")
+    else:
+        text = head + (f"Left: the latent the U-Net sees (dimmed = outside the mask). Outside the mask it is the input's "
+                       f"own latent noised to this step's level ({math.sqrt(a):.2f}·z_input + {math.sqrt(1 - a):.2f}·ε), "
+                       f"put back after every step (latent blending); inside it is the image being denoised. Right: x̂0, "
+                       f"the clean image predicted at this step.")
     return latent_channels(e.latents[i], mask=e.latent_mask), enlarge(e.x0_images[i]), text
 
 
@@ -540,7 +549,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
                       prompt=inpaint_prompt or prompt, strength=strength, negative_prompt=negative_prompt,
                       seed=common.resolve_seed(seed), steps=steps, guidance=guidance, scheduler=scheduler,
-                      mask_blur=1)
+                      mask_blur=DEFAULT_MASK_BLUR)
         for preview, gallery, params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
                                                                  request=request, progress=progress):
             if isinstance(gallery, list) and "result" in holder:
@@ -554,7 +563,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                        *([gr.skip()] * 4), gr.skip())
 
     common.wire_cancellable(
-        studio, INPAINT_TAB, inpaint_run, inpaint_cancel, inpaint_status, studio.gpu(explain_inpainting),
+        studio, INPAINT_TAB, inpaint_run, inpaint_cancel, inpaint_status,
+        studio.gpu_event(explain_inpainting, common.generation_seconds),
         inputs_kwargs=dict(image=editor, mask=mask_upload, inpaint_prompt=inpaint_prompt, prompt=prompt,
                            strength=inpaint_strength, **{k: v for k, v in settings.kwargs().items()
                                                           if k not in ("batch_size", "width", "height")}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from demo import common
+from pipelines.settings import DEFAULT_MASK_BLUR
 
 TAB = "inpaint"
 MASK_COLOUR = "#ff00ff"  # any painted pixel counts as mask; magenta shows on every Shapes background
@@ -25,13 +26,15 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed", default_size=6),
                 eraser=gr.Eraser(default_size=6), layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
                 elem_id=f"{TAB}-editor", elem_classes=["lds-pixelated"], max_pixels=max_pixels)
-            prompt = gr.Textbox(value="", label="Prompt (what to paint in the masked area)", lines=2,
+            prompt = gr.Textbox(value="", label="Prompt (what to paint in the masked area: the mask says where)", lines=2,
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
                 strength = common.Slider(elem_id=f"{TAB}-strength", label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
                                      info="how much of the masked area is re-noised (1 = all)")
-                mask_blur = common.Slider(elem_id=f"{TAB}-mask-blur", label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=1)
+                mask_blur = common.Slider(elem_id=f"{TAB}-mask-blur", label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=DEFAULT_MASK_BLUR,
+                                          info="pixels inside the mask's edge where the result fades into the picture")
+            gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
             with gr.Accordion("Upload a mask instead of painting", open=False):
                 mask_upload = common.safe_image(label="Mask: white = repaint, black = keep", type="pil",
                                                image_mode=None, format="png", height=200, sources=("upload",),
@@ -64,3 +67,13 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         image=editor, prompt=prompt, strength=strength, mask_blur=mask_blur, mask=mask_upload, **settings.kwargs()))
     common.wire_restore(engine, settings, {"prompt": prompt, "strength": strength, "mask_blur": mask_blur})
     studio.register_target(TAB, editor, kind="editor")
+
+
+def method_note(engine) -> str:
+    """How this model applies a mask, in one line for the Inpaint and Outpaint tabs."""
+    if engine.unet_in_channels == 9 or engine.preset.inpaint_model:
+        return ("Inpainting U-Net: the model sees the picture around the mask, so name what to paint (or nothing, to "
+                "remove what the mask covers); the mask says where.")
+    return ("This model has no inpainting U-Net: the mask is applied by latent blending on "
+            f"{engine.vae_scale_factor}x{engine.vae_scale_factor}-pixel cells, so say where in the prompt "
+            "(\"on the left\") and expect the mask's edge to show.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from demo import common
+from demo.inpaint import method_note
 
 TAB = "outpaint"
 SIDES = ("left", "right", "top", "bottom")
@@ -29,8 +30,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             image = common.safe_image(label="Image to extend", type="pil", image_mode=None, format="png",
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=max_pixels)
-            prompt = gr.Textbox(value="", label="Prompt (the whole enlarged scene)", lines=2,
-                                max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
+            prompt = gr.Textbox(value="", label="Prompt (the whole enlarged scene, or what to add in the new area)", lines=2,
+                                max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt",
+                                info="The new area continues the picture (its background, horizon and cut objects); "
+                                     "background words in the prompt do not override what the picture shows.")
             common.unknown_words_warning(engine, prompt)
             directions = common.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
                                           elem_id=f"{TAB}-directions")
@@ -38,6 +41,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 pixels = common.Slider(elem_id=f"{TAB}-pixels", label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
                                    value=default_px)
                 fill = common.Dropdown(list(fills), elem_id=f"{TAB}-fill", value=fills[0], label="Fill of the new area before denoising")
+            gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
             settings = common.common_settings(engine, tab=TAB, size=False)
             examples = common.example_files("scene_c.png", "person.png")
             if examples:

@@ -37,6 +37,7 @@ from pipelines.common import GenerationResult, InputError, check_float
 from pipelines.registry import REPO_ROOT
 from pipelines.run import base_params, run_pipeline
 from pipelines.schedulers import SCHEDULERS, make_scheduler
+from pipelines.settings import DEFAULT_MASK_BLUR
 
 GUIDANCE_STRIP = (1.0, 2.0, 4.0, 7.5)  # default guidance scales of the same-seed strip
 MAX_STRIP = 6  # guidance strip images per request (each is a full run)
@@ -111,8 +112,9 @@ class Probe:
     """Context manager: takes engine.lock, installs the probes on the shared U-Net, text encoder and VAE
     decoder, and removes every one of them on exit, whatever happened (error, Cancel)."""
 
-    def __init__(self, engine, *, cfg: bool, attention: bool = True, keep_tokens: int | None = None):
+    def __init__(self, engine, *, cfg: bool, attention: bool = True, keep_tokens: int | None = None, unet=None):
         self.engine = engine
+        self.unet = unet if unet is not None else engine.base.unet  # the U-Net the run calls (an inpainting one may differ)
         self.keep_tokens = keep_tokens  # attention maps kept for token positions [0, keep_tokens): the prompt
         self.cfg = cfg  # the U-Net batch is [negative..., positive...]: the conditional item is the second half
         self.attention_enabled = attention
@@ -148,7 +150,7 @@ class Probe:
 
     def _install(self) -> None:
         base = self.engine.base
-        unet = base.unet
+        unet = self.unet
         if self.attention_enabled:
             from diffusers.models.attention_processor import Attention
 
@@ -562,15 +564,16 @@ def explain(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
 
 
 def explain_inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = "", seed: int, steps: int,
-                    guidance: float, scheduler: str | None = None, strength: float = 1.0, mask_blur: float = 4,
-                    on_step=None, cancel=None) -> ExplainResult:
+                    guidance: float, scheduler: str | None = None, strength: float = 1.0,
+                    mask_blur: float = DEFAULT_MASK_BLUR, on_step=None, cancel=None) -> ExplainResult:
     """Inpainting in latent space, watched: the mask at latent size and, per step, what the U-Net saw
     (inside the mask: the image being denoised; outside: the input's latents noised to that step's level).
 
     The run is `inpaint.inpaint` itself (batch size 1), so the image equals the Inpaint tab's.
     """
     cfg = _uses_cfg(engine, float(guidance) if isinstance(guidance, (int, float)) else 0.0)
-    with Probe(engine, cfg=cfg, attention=False) as probe:
+    unet = engine.inpaint_unet() or engine.base.unet  # a dedicated inpainting U-Net when the preset has one
+    with Probe(engine, cfg=cfg, attention=False, unet=unet) as probe:
         result = inpaint_task.inpaint(engine, image=image, mask=mask, prompt=prompt, negative_prompt=negative_prompt,
                                       seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
                                       strength=strength, mask_blur=mask_blur, batch_size=1, on_step=on_step,

@@ -11,12 +11,18 @@ from PIL import Image
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_float
 from pipelines.run import base_params, check_common, generators, run_pipeline
+from pipelines.settings import DEFAULT_MASK_BLUR
 
 MAX_MASK_BLUR = 64  # pixels; more feathers away the whole edit on small images
+NINE_CHANNEL, LATENT_BLENDING = "9-channel", "latent blending"  # params["inpaint_unet"]: how the mask was applied
+LATENT_BLENDING_NOTE = (
+    "{model} has no inpainting U-Net, so the mask was applied by latent blending: the U-Net never sees the pixels "
+    "around the hole and the mask acts on {f}x{f}-pixel latent cells, so a new object may land outside the mask "
+    "(saying where in the prompt helps) and the mask's edge may show.")
 
 
 def inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = "", seed: int, steps: int,
-            guidance: float, scheduler: str | None = None, strength: float = 1.0, mask_blur: float = 4,
+            guidance: float, scheduler: str | None = None, strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR,
             batch_size: int = 1, on_step=None, cancel=None) -> GenerationResult:
     # 1. Check inputs
     common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
@@ -37,7 +43,7 @@ def inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = "", seed
     soft = preprocess.feather(binary, mask_blur)
     images = [preprocess.composite(original, generated, soft) for generated in images]
     params = {**base_params(engine, "inpaint", common, width, height), "strength": strength, "mask_blur": mask_blur,
-              "inpaint_unet": kind, "image_size": list(original.size)}
+              "inpaint_unet": kind, "image_size": list(original.size), **method_notes(engine, kind)}
     return GenerationResult(images=images, params=params, previews=[binary])
 
 
@@ -57,7 +63,7 @@ def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, common: dic
     work_mask = binary.resize((width, height), Image.NEAREST) if binary.size != (width, height) else binary
     with engine.lock:
         view = engine.pipeline("inpaint", scheduler=common["scheduler"])
-        kind = "9-channel" if view.unet.config.in_channels == 9 else "latent blending"
+        kind = NINE_CHANNEL if view.unet.config.in_channels == 9 else LATENT_BLENDING
         images = run_pipeline(
             engine, view, on_step=on_step, cancel=cancel,
             prompt=common["prompt"], negative_prompt=common["negative_prompt"] or None,
@@ -67,3 +73,10 @@ def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, common: dic
         )
     images = [im.resize(canvas.size, Image.LANCZOS) if im.size != canvas.size else im for im in images]
     return images, width, height, kind
+
+
+def method_notes(engine, kind: str) -> dict:
+    """{"warnings": [...]} saying that the mask was applied by latent blending, else {}: the tabs show it."""
+    if kind != LATENT_BLENDING:
+        return {}
+    return {"warnings": [LATENT_BLENDING_NOTE.format(model=engine.preset.name, f=engine.vae_scale_factor)]}

@@ -6,12 +6,14 @@ from PIL import Image, ImageFilter
 
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_choice, check_float, check_int
-from pipelines.inpaint import check_denoising_steps, run_inpaint
+from pipelines.inpaint import check_denoising_steps, method_notes, run_inpaint
 from pipelines.run import base_params, check_common
 
 FILLS = ("edge", "blur", "noise")
 SIDE_MULTIPLE = 8  # new borders are whole latents at f = 8 (and f = 4)
-OVERLAP = 8  # pixels of the original inside the mask, so the model draws across the seam, not up to it
+# Pixels of the original inside the mask: the model draws across the old border, and the result fades from the
+# original into the new area over this band (the original stays byte-identical further in).
+OVERLAP = 8
 NOISE_LEVEL = 24  # std of the "noise" fill in 0..255 levels: texture for latent blending to grow from
 
 
@@ -43,13 +45,14 @@ def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bott
     mask[max(inner_top, 0):max(inner_bottom, 0), max(inner_left, 0):max(inner_right, 0)] = 0
     binary = Image.fromarray(mask)
 
-    # 4. Inpaint the canvas, then 5. paste the original back exactly
+    # 4. Inpaint the canvas, then 5. fade from the original into the new area over the overlap band
     images, width, height, kind = run_inpaint(engine, canvas, binary, common=common, strength=strength,
                                               on_step=on_step, cancel=cancel)
-    for im in images:
-        im.paste(original, (sides["left"], sides["top"]))
+    soft = preprocess.feather(binary, OVERLAP)  # (H', W'): 0 on the original, 255 from the old border out
+    images = [preprocess.composite(canvas, generated, soft) for generated in images]
     params = {**base_params(engine, "outpaint", common, width, height), **sides, "fill": fill, "strength": strength,
-              "inpaint_unet": kind, "image_size": list(original.size), "canvas_size": list(canvas.size)}
+              "inpaint_unet": kind, "image_size": list(original.size), "canvas_size": list(canvas.size),
+              **method_notes(engine, kind)}
     return GenerationResult(images=images, params=params, previews=[canvas, binary])
 
 

@@ -82,6 +82,7 @@ PRESETS = MappingProxyType({
         default_guidance=2.5,
         default_scheduler="DPM++ 2M",
         controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
+        inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base U-Net
         style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
         annotators=str(MODELS_DIR / "shapes-annotators"),
         example_prompts=("a red circle left of a blue square", "a big yellow star on grass", "a green person waving on sand"),
@@ -109,6 +110,10 @@ def _local_only(controlnets: dict[str, str]) -> dict[str, str]:
     return {t: p for t, p in controlnets.items() if (Path(p) / "config.json").is_file()}
 
 
+def _has_unet(path: Path) -> bool:
+    return (path / "unet" / "config.json").is_file()
+
+
 def preset_from_folder(path: str | Path, **overrides) -> ModelPreset:
     """An ad-hoc preset for a local diffusers StableDiffusionPipeline folder; sizes come from its configs."""
     path = Path(path).resolve()
@@ -134,7 +139,8 @@ def resolve_preset(name_or_path: str) -> ModelPreset:
     if value in PRESETS:
         preset = PRESETS[value]
         if preset.is_builtin:
-            preset = replace(preset, controlnets=_local_only(preset.controlnets))
+            inpaint = preset.inpaint_model if preset.inpaint_model and _has_unet(Path(preset.inpaint_model)) else None
+            preset = replace(preset, controlnets=_local_only(preset.controlnets), inpaint_model=inpaint)
         return preset
     path = Path(value).expanduser()
     if path.is_dir() and _is_pipeline_folder(path):

@@ -61,6 +61,10 @@ class FineTuneDefaults:
     lr_schedule: str = "constant"  # "constant" or "cosine"
 
 
+# Inpainting: pixels over which the result fades into the input inside the mask's edge (pipelines.preprocess.feather);
+# outside the mask nothing changes whatever the blur.
+DEFAULT_MASK_BLUR = 1
+
 FINETUNE_METHODS = ("lora", "full")
 LR_SCHEDULES = ("constant", "cosine")
 

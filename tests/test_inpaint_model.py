@@ -1,0 +1,190 @@
+"""The built-in inpainting U-Net: how it is derived, what it learns from, and what the tabs do with it."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO
+
+INPAINT_MODEL = REPO / "assets" / "models" / "shapes-inpaint"
+needs_model = pytest.mark.skipif(not (INPAINT_MODEL / "unet" / "config.json").is_file(),
+                                 reason="the built-in inpainting model is not trained yet")
+
+
+# --- the data ------------------------------------------------------------------------------------------------
+
+def test_examples_are_deterministic_and_follow_the_rule():
+    from training import inpaint_data, shapes
+
+    assert inpaint_data.training_example(5, 5).caption == inpaint_data.training_example(5, 5).caption
+    seen_modes = set()
+    for seed in range(200):
+        example = inpaint_data.training_example(seed, seed)
+        seen_modes.add(example.mode)
+        scene = shapes.sample(seed).scene
+        hidden = inpaint_data.hidden_objects(scene, example.mask)
+        # Outside the mask the target is the picture the user starts from, whatever the mode
+        assert np.array_equal(example.target[~example.mask], example.source[~example.mask]) or example.mode in ("remove", "empty")
+        if example.mode in ("remove", "empty") and hidden:
+            # the hidden objects are gone: the target equals the scene rendered without them
+            assert np.array_equal(example.target, inpaint_data.render_without(scene, hidden))
+            for i in hidden:
+                assert scene.objects[i].colour not in example.caption.split() or example.caption == scene.caption
+        if example.mode == "part":
+            named = {scene.objects[i].colour for i in hidden}
+            assert named <= set(example.caption.split())
+    assert seen_modes == set(inpaint_data.CAPTION_MODES)
+
+
+def test_masked_source_is_what_diffusers_shows_the_unet():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from training import inpaint_data
+
+    example = inpaint_data.training_example(7, 7)
+    image = VaeImageProcessor(vae_scale_factor=4).preprocess(Image.fromarray(example.source))
+    mask = VaeImageProcessor(vae_scale_factor=4, do_normalize=False, do_binarize=True, do_convert_grayscale=True) \
+        .preprocess(Image.fromarray(example.mask.astype(np.uint8) * 255))
+    masked = (image * (mask < 0.5))[0].permute(1, 2, 0).numpy()  # StableDiffusionInpaintPipeline's masked_image
+    assert np.allclose(masked, inpaint_data.masked_source(example.source, example.mask), atol=1e-6)
+
+
+def test_evaluation_split_is_held_out():
+    from training import evaluate_inpaint, inpaint_data
+    from training.common import HELD_OUT_SEED
+
+    cases = evaluate_inpaint.build_cases("validation", 2)
+    test_cases = evaluate_inpaint.build_cases("test", 2)
+    assert {c.task for c in cases} == set(evaluate_inpaint.TASKS)
+    assert not {c.seed for c in cases} & {c.seed for c in test_cases}
+    assert min(c.seed for c in cases + test_cases) >= HELD_OUT_SEED
+    with pytest.raises(SystemExit, match="not held out"):
+        evaluate_inpaint.check_split([5], [inpaint_data.HELD_OUT_MASK_SEED + 5], None)
+    with pytest.raises(SystemExit, match="mixes"):
+        evaluate_inpaint.check_split([c.seed for c in cases + test_cases], [inpaint_data.HELD_OUT_MASK_SEED] * 2, None)
+
+
+def test_checker_scores_the_ground_truth():
+    """The evaluation's judges pass the ground truth itself (a checker is trusted after it scores the truth)."""
+    from training import evaluate_inpaint
+
+    scores, _ = evaluate_inpaint.truth_scores(evaluate_inpaint.build_cases("validation", 5))
+    for key in ("replace", "remove", "keep", "outpaint"):
+        assert scores[key] == 1.0, (key, scores)
+    assert 0.9 <= scores["seam_ratio"] <= 1.1
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+def test_inflated_unet_computes_what_the_base_does():
+    from diffusers import UNet2DConditionModel
+
+    from training.train_inpaint import inflate_unet
+
+    base = UNet2DConditionModel.from_pretrained(REPO / "assets" / "models" / "shapes-ldm" / "unet").eval()
+    nine = inflate_unet(base).eval()
+    assert nine.config.in_channels == 9
+    g = torch.Generator().manual_seed(0)
+    latents, extra = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 16, 16, generator=g)
+    hidden = torch.randn(2, 24, base.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        expected = base(latents, 500, hidden).sample
+        got = nine(torch.cat([latents, extra], 1), 500, hidden).sample
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_inpaint_runs_resumes_and_exports(tmp_path):
+    from training import train_inpaint
+
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--pool-size", "64", "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--threads", "1"]
+    train_inpaint.main(common + ["--max-steps", "2"])
+    train_inpaint.main(common + ["--max-steps", "3"])  # resumes at step 2
+    log = (run / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3"]
+    record = json.loads((run / "model" / "training.json").read_text())
+    assert record["step"] == 3 and record["base"] == "assets/models/shapes-ldm" and record["base_step"].isdigit()
+    assert (run / "samples" / "step-000002.png").is_file()
+    train_inpaint.main(["--out", str(run), "--export", str(tmp_path / "shipped")])
+    config = json.loads((tmp_path / "shipped" / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 9
+
+
+# --- the engine and the tabs' tasks -------------------------------------------------------------------------------
+
+@needs_model
+def test_builtin_preset_inpaints_with_the_nine_channel_unet():
+    from pipelines.registry import resolve_preset
+
+    preset = resolve_preset("shapes")
+    assert preset.inpaint_model == str(INPAINT_MODEL)
+    record = json.loads((INPAINT_MODEL / "training.json").read_text())
+    base_step = (REPO / "assets" / "models" / "shapes-ldm" / "TRAINING_STEP").read_text().strip()
+    assert record["base_step"] == base_step, "the inpainting model was derived from another base U-Net: re-run train_inpaint"
+
+
+@pytest.fixture(scope="module")
+def builtin_engines():
+    from pipelines.engine import Engine
+    from pipelines.registry import resolve_preset
+
+    preset = resolve_preset("shapes")
+    return Engine(preset, device="cpu", threads=1), Engine(replace(preset, inpaint_model=None), device="cpu", threads=1)
+
+
+def _empty_corner_case():
+    """A held-out test-split scene and a box over an empty area, with a prompt that does not say where."""
+    from training import evaluate_inpaint
+
+    return next(c for c in evaluate_inpaint.build_cases("test", 3) if c.task == "add")
+
+
+@needs_model
+def test_inpaint_draws_the_object_inside_the_mask(builtin_engines):
+    from pipelines.inpaint import inpaint
+    from training import evaluate_inpaint
+
+    engine, _ = builtin_engines
+    case = _empty_corner_case()
+    result = inpaint(engine, image=Image.fromarray(case.image), mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
+                     prompt=case.prompt, seed=0, steps=20, guidance=engine.preset.default_guidance, batch_size=4)
+    assert result.params["inpaint_unet"] == "9-channel" and "warnings" not in result.params
+    verdicts = [evaluate_inpaint.judge_inpaint(case, np.asarray(im)) for im in result.images]
+    assert all(v["keep"] for v in verdicts)  # nothing outside the mask changed
+    assert sum(v["add"] for v in verdicts) >= 3, (case.prompt, verdicts)
+
+
+@needs_model
+def test_latent_blending_fallback_says_so(builtin_engines):
+    from pipelines.inpaint import inpaint
+    from pipelines.outpaint import outpaint
+
+    _, engine = builtin_engines
+    case = _empty_corner_case()
+    result = inpaint(engine, image=Image.fromarray(case.image), mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
+                     prompt=case.prompt, seed=0, steps=2, guidance=2.5)
+    assert result.params["inpaint_unet"] == "latent blending"
+    assert "no inpainting U-Net" in result.params["warnings"][0] and "4x4-pixel" in result.params["warnings"][0]
+    result = outpaint(engine, image=Image.fromarray(case.image), left=8, prompt="", seed=0, steps=2, guidance=2.5)
+    assert "no inpainting U-Net" in result.params["warnings"][0]
+
+
+@needs_model
+def test_outpaint_keeps_the_original_beyond_the_overlap_band(builtin_engines):
+    from pipelines.outpaint import OVERLAP, outpaint
+    from training import shapes
+
+    engine, _ = builtin_engines
+    original = shapes.sample(3).image
+    result = outpaint(engine, image=Image.fromarray(original), left=16, top=8, prompt="a red circle on grass",
+                      seed=1, steps=4, guidance=2.5)
+    out = np.asarray(result.images[0])
+    assert out.shape == (72, 80, 3) and result.params["inpaint_unet"] == "9-channel"
+    inner = original[OVERLAP:, OVERLAP:]  # the band along the extended sides fades into the new area
+    assert np.array_equal(out[8 + OVERLAP:, 16 + OVERLAP:], inner)

@@ -1,0 +1,387 @@
+"""Held-out evaluation of inpainting and outpainting on the built-in model, through the app's own tasks.
+
+    python -m training.evaluate_inpaint                        # test split, shipped models, tab defaults
+    python -m training.evaluate_inpaint --split validation     # the split settings are chosen on
+    python -m training.evaluate_inpaint --inpaint-model runs/inpaint/model --count 40
+
+Every case runs `pipelines.inpaint.inpaint` / `pipelines.outpaint.outpaint` on an `Engine`, as the Inpaint and
+Outpaint tabs do, once with the built-in inpainting U-Net and once with latent blending (the same engine
+without it: the baseline). Prompts never say where: the mask does.
+- add: a big or plain "a <colour> <shape>" asked for in an empty area; the checker (training.evaluate) must
+  find that colour and shape with its centre inside the mask.
+- replace: the mask covers an object; the prompt names another colour and shape; the same check.
+- remove: the mask covers an object; the prompt names only the background (empty on the plain one); nothing
+  may be found inside the mask, and 90% of its pixels must be within REMOVE_TOLERANCE of the scene rendered
+  without the object.
+- keep: pixels outside the mask are byte-identical to the input.
+- seam: the mean gradient magnitude on the mask's edge (one pixel either side) over the same measure on the
+  ground-truth render of the finished scene (the requested object drawn at the mask's centre, or none).
+- outpaint: a held-out scene with 8-24 px cut off one or two sides is extended back to 64x64 with its own
+  caption, or with a caption naming another background (a third of cases: the picture must still win);
+  continuity = 90% of the new area's background pixels within CONTINUITY_TOLERANCE of the ground truth;
+  objects cut by the old border (as the checker reads them on the ground truth) must come back with their
+  colour and shape; keep: the original is byte-identical beyond the overlap band it fades over.
+Scenes come from seeds at or above `common.HELD_OUT_SEED` and masks from at or above
+`inpaint_data.HELD_OUT_MASK_SEED`; the validation and test splits are disjoint, and the script checks that no
+seed of a split is one the trainer used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from training import inpaint_data, shapes
+from training.common import HELD_OUT_SEED, save_grid
+from pipelines.outpaint import OVERLAP
+from training.evaluate import EVAL_BACKGROUNDS, find_objects
+
+SPLITS = {"validation": HELD_OUT_SEED + 600_000, "test": HELD_OUT_SEED + 700_000}  # first scene seed of each
+SPLIT_SPAN = 100_000  # seeds per split
+REMOVE_TOLERANCE = 30  # max channel difference from the object-free render that counts as background
+CONTINUITY_TOLERANCE = 30
+PASS_SHARE = 0.9  # remove and outpaint: share of pixels that must match
+CENTRE_SLACK_PX = 2  # an object's centre may sit this close outside the mask and still count as inside
+OBJECT_SLACK_PX = 6  # outpaint: a continued object's centre within this of the ground truth's
+TASKS = ("add", "replace", "remove", "outpaint")
+
+
+@dataclass
+class Case:
+    task: str
+    seed: int  # the scene's seed
+    scene: shapes.Scene
+    image: np.ndarray  # (H, W, 3) uint8 the user starts from
+    prompt: str
+    mask: np.ndarray | None = None  # (64, 64) bool, inpainting
+    sides: dict | None = None  # outpainting: pixels per side
+    want: tuple[str, str] | None = None  # (colour, shape) that must appear
+    truth: np.ndarray | None = None  # (64, 64, 3) ground-truth render of the finished scene
+    wrong_background: bool = False
+
+
+# ----------------------------------------------------------------------------- held-out cases
+
+def check_split(seeds: list[int], mask_seeds: list[int], trained_pool: int | None) -> None:
+    """Evaluation scenes and masks never come from the trainer's seeds (scene seed i, mask seed i for i < pool)."""
+    if min(seeds) < HELD_OUT_SEED or min(mask_seeds) < inpaint_data.HELD_OUT_MASK_SEED:
+        raise SystemExit("evaluation seeds overlap the training range: the split is not held out")
+    if trained_pool is not None and min(seeds) < trained_pool:
+        raise SystemExit(f"scene seeds below the trained pool size {trained_pool}: the split is not held out")
+    spans = {name: range(first, first + SPLIT_SPAN) for name, first in SPLITS.items()}
+    if len({name for name, span in spans.items() for s in seeds if s in span}) != 1:
+        raise SystemExit("a case set mixes the validation and test splits")
+
+
+def _scene(seed: int) -> shapes.Sample | None:
+    sample = shapes.sample(seed)
+    if sample.scene.background not in EVAL_BACKGROUNDS:  # snow hides white objects from the checker
+        return None
+    return sample
+
+
+def _free_box(scene: shapes.Scene, rng: np.random.Generator, side: int) -> np.ndarray | None:
+    """A side x side box that touches no object (grown by 3 px), or None."""
+    taken = np.zeros((shapes.IMAGE_SIZE,) * 2, bool)
+    for obj in scene.objects:
+        taken |= inpaint_data.coverage(obj) > 0.2
+    taken = inpaint_data.grow(taken, 3)
+    for _ in range(30):
+        x0, y0 = rng.integers(2, shapes.IMAGE_SIZE - side - 1, size=2)
+        box = inpaint_data.box_mask(x0, y0, x0 + side, y0 + side)
+        if not (box & taken).any():
+            return box
+    return None
+
+
+def _blob(box: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A rounded blob inside a box, as a brush-painted mask is: an ellipse filling it, strokes at its edge."""
+    ys, xs = np.nonzero(box)
+    canvas = np.zeros(box.shape, np.uint8)
+    centre = (int((xs.min() + xs.max()) / 2), int((ys.min() + ys.max()) / 2))
+    axes = (int((xs.max() - xs.min()) / 2) + 1, int((ys.max() - ys.min()) / 2) + 1)
+    cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 30)), 0, 360, 255, -1)
+    return canvas > 0
+
+
+def _other_pair(rng: np.random.Generator, exclude: tuple[str, str]) -> tuple[str, str]:
+    while True:
+        colour, shape = str(rng.choice(list(shapes.COLOURS))), str(rng.choice(shapes.SHAPES))
+        if colour != exclude[0] and shape != exclude[1]:
+            return colour, shape
+
+
+def _with_object(scene: shapes.Scene, colour: str, shape: str, size: str, centre, drop: int | None = None) -> np.ndarray:
+    objects = [o for i, o in enumerate(scene.objects) if i != drop]
+    objects.append(shapes.SceneObject(shape, colour, size, centre))
+    return shapes.render(replace(scene, objects=objects)).image
+
+
+def build_cases(split: str, count: int) -> list[Case]:
+    """`count` cases of each task from the split's scenes, deterministic."""
+    first = SPLITS[split]
+    cases: dict[str, list[Case]] = {t: [] for t in TASKS}
+    seed = first
+    while any(len(v) < count for v in cases.values()):
+        seed += 1
+        sample = _scene(seed)
+        if sample is None:
+            continue
+        scene = sample.scene
+        rng = np.random.default_rng(inpaint_data.HELD_OUT_MASK_SEED + seed)
+        task = TASKS[seed % len(TASKS)]
+        if len(cases[task]) >= count:
+            continue
+        bg = inpaint_data.background_phrase(scene.background)
+        shapes_in_scene = [i for i, o in enumerate(scene.objects) if o.kind != "person"]
+        if task == "add":
+            big = rng.random() < 0.6
+            box = _free_box(scene, rng, int(rng.integers(26, 31)) if big else int(rng.integers(18, 23)))
+            if box is None:
+                continue
+            mask = _blob(box, rng) if rng.random() < 0.4 else box
+            want = _other_pair(rng, ("", ""))
+            ys, xs = np.nonzero(mask)
+            truth = _with_object(scene, *want, "big" if big else "small", (xs.mean(), ys.mean()))
+            words = (["big"] if big else []) + list(want)
+            prompt = f"{shapes.article(words[0])} {' '.join(words)}"
+            cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth))
+        elif task in ("replace", "remove"):
+            if not shapes_in_scene:
+                continue
+            index = int(rng.choice(shapes_in_scene))
+            obj = scene.objects[index]
+            kind = str(rng.choice(["object-box", "object-shape", "object-scribble"], p=[0.5, 0.25, 0.25]))
+            mask = inpaint_data.object_mask(kind, obj, rng)
+            if task == "replace":
+                want = _other_pair(rng, (obj.colour, obj.kind))
+                sized = rng.random() < 0.5
+                prompt = f"{shapes.article(obj.size if sized else want[0])} {obj.size + ' ' if sized else ''}{want[0]} {want[1]}"
+                truth = _with_object(scene, *want, obj.size, obj.centre, drop=index)
+                cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth))
+            else:
+                truth = inpaint_data.render_without(scene, [index])
+                cases[task].append(Case(task, seed, scene, sample.image, bg, mask=mask, truth=truth))
+        else:
+            sides = {}
+            for side in rng.choice(["left", "right", "top", "bottom"], size=int(rng.integers(1, 3)), replace=False):
+                sides[str(side)] = int(rng.choice([8, 16, 24]))
+            if sides.get("left", 0) + sides.get("right", 0) > 40 or sides.get("top", 0) + sides.get("bottom", 0) > 40:
+                continue
+            size = shapes.IMAGE_SIZE
+            crop = sample.image[sides.get("top", 0):size - sides.get("bottom", 0), sides.get("left", 0):size - sides.get("right", 0)]
+            wrong = rng.random() < 1 / 3
+            background = scene.background
+            if wrong:
+                background = str(rng.choice([b for b in EVAL_BACKGROUNDS if b != scene.background]))
+            prompt = inpaint_data._with_background(scene, background) if wrong else scene.caption
+            cases[task].append(Case(task, seed, scene, crop.copy(), prompt, sides=sides, truth=sample.image,
+                                    wrong_background=wrong))
+    out = [c for t in TASKS for c in cases[t]]
+    check_split([c.seed for c in out], [inpaint_data.HELD_OUT_MASK_SEED + c.seed for c in out], None)
+    return out
+
+
+# ----------------------------------------------------------------------------- measures
+
+def _found_inside(image: np.ndarray, background: str, mask: np.ndarray):
+    grown = inpaint_data.grow(mask, CENTRE_SLACK_PX)
+    return [f for f in find_objects(image, background)
+            if grown[min(63, int(round(f.centroid[1]))), min(63, int(round(f.centroid[0])))]]
+
+
+def edge_strength(image: np.ndarray, band: np.ndarray) -> float:
+    """Mean gradient magnitude (Sobel, max over colour channels) over the band's pixels."""
+    rgb = image.astype(np.float32)
+    gx = np.stack([cv2.Sobel(rgb[..., c], cv2.CV_32F, 1, 0, ksize=3) for c in range(3)], -1)
+    gy = np.stack([cv2.Sobel(rgb[..., c], cv2.CV_32F, 0, 1, ksize=3) for c in range(3)], -1)
+    magnitude = np.sqrt(gx ** 2 + gy ** 2).max(axis=2)
+    return float(magnitude[band].mean()) if band.any() else 0.0
+
+
+def edge_band(mask: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel of the mask's edge, on either side."""
+    m = mask.astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    return (cv2.dilate(m, kernel) > 0) & ~(cv2.erode(m, kernel) > 0)
+
+
+def judge_inpaint(case: Case, result: np.ndarray) -> dict:
+    verdict: dict = {"keep": bool((result[~case.mask] == case.image[~case.mask]).all())}
+    band = edge_band(case.mask)
+    verdict["seam"] = edge_strength(result, band)
+    verdict["seam_truth"] = edge_strength(case.truth, band)
+    if case.task in ("add", "replace"):
+        inside = _found_inside(result, case.scene.background, case.mask)
+        verdict[case.task] = any((f.colour, f.shape) == case.want for f in inside)
+    else:
+        inside = _found_inside(result, case.scene.background, case.mask)
+        close = np.abs(result.astype(np.int16) - case.truth.astype(np.int16)).max(axis=2) <= REMOVE_TOLERANCE
+        verdict["remove"] = not inside and float(close[case.mask].mean()) >= PASS_SHARE
+    return verdict
+
+
+def judge_outpaint(case: Case, result: np.ndarray) -> dict:
+    size = shapes.IMAGE_SIZE
+    new = np.ones((size, size), bool)
+    new[case.sides.get("top", 0):size - case.sides.get("bottom", 0), case.sides.get("left", 0):size - case.sides.get("right", 0)] = False
+    objects = np.zeros((size, size), bool)
+    for obj in case.scene.objects:
+        objects |= inpaint_data.coverage(obj) > 0.05
+    background = new & ~inpaint_data.grow(objects, 2)
+    close = np.abs(result.astype(np.int16) - case.truth.astype(np.int16)).max(axis=2) <= CONTINUITY_TOLERANCE
+    kept = ~inpaint_data.grow(new, OVERLAP)  # the original fades into the new area over the overlap band
+    verdict: dict = {"outpaint": float(close[background].mean()) >= PASS_SHARE if background.any() else True,
+                     "keep": bool((result[kept] == case.truth[kept]).all())}
+    # Objects the border cut: what the checker reads on the ground truth near the new area must be read on the
+    # result too (same colour and shape, centre within OBJECT_SLACK_PX)
+    near_new = inpaint_data.grow(new, 6)
+    cut = [f for f in find_objects(case.truth, case.scene.background)
+           if near_new[min(63, int(round(f.centroid[1]))), min(63, int(round(f.centroid[0])))]]
+    if cut:
+        found = find_objects(result, case.scene.background)
+        verdict["outpaint_objects"] = all(
+            any((f.colour, f.shape) == (c.colour, c.shape)
+                and np.hypot(f.centroid[0] - c.centroid[0], f.centroid[1] - c.centroid[1]) < OBJECT_SLACK_PX
+                for f in found) for c in cut)
+    if case.wrong_background:
+        verdict["outpaint_other_background"] = verdict["outpaint"]
+    return verdict
+
+
+# ----------------------------------------------------------------------------- running
+
+def make_engines(inpaint_model: str | None, threads: int):
+    from pipelines.engine import Engine
+    from pipelines.registry import resolve_preset
+
+    preset = resolve_preset("shapes")
+    if inpaint_model:
+        preset = replace(preset, inpaint_model=str(inpaint_model))
+    if not preset.inpaint_model:
+        raise SystemExit("no inpainting model: train one (python -m training.train_inpaint) or pass --inpaint-model")
+    return {"inpainting U-Net": Engine(preset, device="cpu", threads=threads),
+            "latent blending": Engine(replace(preset, inpaint_model=None), device="cpu", threads=threads)}
+
+
+def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | None, steps: int | None) -> np.ndarray:
+    from pipelines.inpaint import inpaint
+    from pipelines.outpaint import outpaint
+    from pipelines.settings import DEFAULT_MASK_BLUR
+
+    settings = dict(prompt=case.prompt, seed=case.seed % 100_000, steps=steps or engine.preset.default_steps,
+                    guidance=engine.preset.default_guidance if guidance is None else guidance)
+    if case.task == "outpaint":
+        result = outpaint(engine, image=Image.fromarray(case.image), **case.sides, **settings)
+    else:
+        result = inpaint(engine, image=Image.fromarray(case.image), mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
+                         mask_blur=DEFAULT_MASK_BLUR if mask_blur is None else mask_blur, **settings)
+    return np.asarray(result.images[0].convert("RGB"))
+
+
+def truth_scores(cases: list[Case]) -> tuple[dict[str, float], list[dict]]:
+    """The measures on the ground truth itself (composited into the input as the app composites): how far the
+    checker can be trusted. Its misreads are listed by `--check-truth`."""
+    verdicts = []
+    for case in cases:
+        if case.task == "outpaint":
+            verdicts.append(judge_outpaint(case, case.truth))
+        else:
+            verdicts.append(judge_inpaint(case, np.where(case.mask[..., None], case.truth, case.image)))
+    return summarise(verdicts), verdicts
+
+
+def summarise(verdicts: list[dict]) -> dict[str, float]:
+    out = {}
+    for key in ("add", "replace", "remove", "keep", "outpaint", "outpaint_other_background", "outpaint_objects"):
+        values = [v[key] for v in verdicts if key in v]
+        out[key] = float(np.mean(values)) if values else float("nan")
+    seams = [(v["seam"], v["seam_truth"]) for v in verdicts if "seam" in v]
+    out["seam_ratio"] = float(np.mean([s for s, _ in seams]) / max(1e-6, np.mean([t for _, t in seams]))) if seams else float("nan")
+    return out
+
+
+def evaluate(split: str, count: int, *, inpaint_model=None, guidance=None, mask_blur=None, steps=None, threads=1,
+             grid: Path | None = None, methods=None) -> dict[str, dict[str, float]]:
+    cases = build_cases(split, count)
+    engines = make_engines(inpaint_model, threads)
+    record = json.loads((Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").read_text()) \
+        if (Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").is_file() else {}
+    check_split([c.seed for c in cases], [inpaint_data.HELD_OUT_MASK_SEED + c.seed for c in cases], record.get("pool_size"))
+    results: dict[str, dict[str, float]] = {}
+    tiles = []
+    for name, engine in engines.items():
+        if methods and name not in methods:
+            continue
+        started = time.time()
+        verdicts = []
+        for i, case in enumerate(cases):
+            image = run_case(engine, case, guidance=guidance, mask_blur=mask_blur, steps=steps)
+            verdicts.append(judge_outpaint(case, image) if case.task == "outpaint" else judge_inpaint(case, image))
+            if grid is not None and i % count < 4:
+                shown = case.image.copy()
+                if case.mask is not None:
+                    shown[case.mask] = 128
+                else:
+                    shown = np.asarray(Image.fromarray(shown).resize((64, 64)))
+                tiles += [shown, image]
+        results[name] = summarise(verdicts)
+        results[name]["seconds_per_case"] = (time.time() - started) / len(cases)
+    if grid is not None and tiles:
+        save_grid(np.stack(tiles), grid, columns=8)
+    return results
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    names = list(results)
+    keys = [k for k in next(iter(results.values()))]
+    rows = ["| measure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for name in names:
+            value = results[name][key]
+            cells.append(f"{value:.2f}" if key in ("seam_ratio", "seconds_per_case") else f"{100 * value:.1f}%")
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", choices=list(SPLITS), default="test")
+    parser.add_argument("--count", type=int, default=60, help="cases per task (add, replace, remove, outpaint)")
+    parser.add_argument("--inpaint-model", default=None, help="an inpainting model folder (unet/ inside); default: the shipped one")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--mask-blur", type=float, default=None, help="default: the Inpaint tab's")
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", choices=("inpainting U-Net", "latent blending"), default=None)
+    parser.add_argument("--grid", type=Path, default=None, help="save (input, result) pairs of the first cases")
+    parser.add_argument("--json", type=Path, default=None, help="also write the scores as JSON")
+    parser.add_argument("--check-truth", action="store_true", help="score the ground truth instead, list the misreads, exit")
+    args = parser.parse_args(argv)
+    if args.check_truth:
+        cases = build_cases(args.split, args.count)
+        scores, verdicts = truth_scores(cases)
+        print(table({"ground truth": scores}))
+        for case, verdict in zip(cases, verdicts):
+            failed = [k for k in TASKS if verdict.get(k) is False]
+            if failed or not verdict.get("keep", True):
+                print(f"misread: {case.task} seed {case.seed} prompt {case.prompt!r}: {verdict}")
+        return
+    results = evaluate(args.split, args.count, inpaint_model=args.inpaint_model, guidance=args.guidance,
+                       mask_blur=args.mask_blur, steps=args.steps, threads=args.threads, grid=args.grid,
+                       methods=[args.only] if args.only else None)
+    print(f"split {args.split}, {args.count} cases per task")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
