@@ -149,7 +149,10 @@ def preset_for(folder_or_name: str):
     if (path / "model_index.json").is_file():
         unet = json.loads((path / "unet" / "config.json").read_text())
         if int(unet.get("sample_size", 0)) <= 32:  # a Shapes-sized model: the built-in preset's settings
-            return dataclasses.replace(resolve_preset("shapes"), base=str(path))
+            shapes = resolve_preset("shapes")
+            # the built-in inpainting U-Net belongs to the built-in base only (it was derived from its U-Net)
+            same_base = path.resolve() == Path(shapes.base).resolve()
+            return dataclasses.replace(shapes, base=str(path), inpaint_model=shapes.inpaint_model if same_base else None)
     return resolve_preset(folder_or_name)
 
 

@@ -9,7 +9,8 @@ Each configuration runs in a fresh subprocess, so its memory is its own:
 - peak: the process's peak RSS (getrusage) minus that baseline, after one 1-step run of every pipeline
   (the built-in model only; the SD1.5-shaped one is loaded in fp16 and not run on a CPU).
 
-Pipelines the tabs use (task, ControlNets): txt2img; inpaint (Inpaint and Outpaint tabs); img2img and
+Pipelines the tabs use (task, ControlNets): txt2img; inpaint (Inpaint and Outpaint tabs, with the preset's 9-channel
+inpainting U-Net when it has one, in every configuration); img2img and
 controlnet_img2img with canny / depth (Style transfer); controlnet with canny / depth / pose (ControlNet).
 
     python -m benchmarks.memory [--model FOLDER] [--no-sd15] [--quick]
@@ -117,6 +118,15 @@ def child(config: str, folder: str, controls: dict[str, str], dtype: str, run_si
     torch_dtype = DTYPES[dtype]
     kwargs = dict(**_dtype_kwarg(torch_dtype), use_safetensors=True)
     pipes: list[tuple[str, object]] = []
+    # A dedicated inpainting U-Net (the built-in preset's) serves the Inpaint and Outpaint tabs in every
+    # configuration: a script that inpaints as the app does loads it too.
+    inpaint_model = preset_for(folder).inpaint_model
+
+    def inpaint_unet():
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(inpaint_model, subfolder="unet", **kwargs)
+
     if config == "shared":
         import dataclasses
 
@@ -132,14 +142,19 @@ def child(config: str, folder: str, controls: dict[str, str], dtype: str, run_si
             classes = _task_classes()
             for task, ctrl in TAB_PIPELINES:
                 more = {"controlnet": ControlNetModel.from_pretrained(controls[ctrl[0]], **kwargs)} if ctrl else {}
+                if task == "inpaint" and inpaint_model:
+                    more["unet"] = inpaint_unet()
                 pipes.append((task, classes[task].from_pretrained(folder, **kwargs, **extra, **more)))
         else:  # "single": one txt2img pipeline + three ControlNets; the same workloads through pipelines
             # made directly from its components (the least that serves every tab, written by hand)
             base = StableDiffusionPipeline.from_pretrained(folder, **kwargs, **extra)
             nets = {c: ControlNetModel.from_pretrained(controls[c], **kwargs) for c in ("canny", "depth", "pose")}
             classes = _task_classes()
+            nine = inpaint_unet() if inpaint_model else None
             for task, ctrl in TAB_PIPELINES:
                 more = {"controlnet": nets[ctrl[0]]} if ctrl else {}
+                if task == "inpaint" and nine is not None:
+                    more["unet"] = nine
                 pipes.append((task, base if task == "txt2img" else classes[task](**base.components, **more)))
     _touch([p for _, p in pipes])
     loaded_rss = _rss()
@@ -147,10 +162,13 @@ def child(config: str, folder: str, controls: dict[str, str], dtype: str, run_si
     first = pipes[0][1]
     base_bytes = sum(_unique_bytes([_Holder({n: getattr(first, n)})]) for n in ("unet", "vae", "text_encoder"))
     controlnet_bytes = _unique_bytes([_Holder({"c": pipes[-1][1].controlnet})])
+    inpaint_pipe = next(p for task, p in pipes if task == "inpaint")
+    inpaint_bytes = _unique_bytes([_Holder({"u": inpaint_pipe.unet})]) if inpaint_pipe.unet is not first.unet else 0
     if run_size:
         _use(pipes, run_size)
     return dict(weights=weights, rss=loaded_rss - base_rss, peak=_peak() - base_rss if run_size else None,
-                pipelines=len(pipes), base_bytes=base_bytes, controlnet_bytes=controlnet_bytes)
+                pipelines=len(pipes), base_bytes=base_bytes, controlnet_bytes=controlnet_bytes,
+                inpaint_bytes=inpaint_bytes)
 
 
 class _Holder:
@@ -176,6 +194,7 @@ ROW_NAMES = {
     "weights": "same, unique weight bytes",
     "peak": "same, peak RSS after using every pipeline once",
     "separate": "same pipelines loaded separately vs via engine",
+    "inpaint": "the 9-channel inpainting U-Net (Inpaint, Outpaint) over the base model's weights",
 }
 
 
@@ -200,6 +219,10 @@ def _rows(label: str, results: dict[str, dict]) -> list[Row]:
         detail = (f"from weight bytes ({separate['pipelines']} full copies would not fit in RAM): "
                   f"{separate['weights'] / MB:.0f} MB vs {shared['weights'] / MB:.0f} MB")
     rows.append(Row(PART, f"{label}: {ROW_NAMES['separate']}", value, detail=detail))
+    if shared.get("inpaint_bytes"):
+        rows.append(Row(PART, f"{label}: {ROW_NAMES['inpaint']}", shared["inpaint_bytes"] / shared["base_bytes"],
+                        detail=f"+{shared['inpaint_bytes'] / MB:.1f} MB on {shared['base_bytes'] / MB:.1f} MB "
+                               f"(U-Net, VAE, text encoder), loaded on the first inpainting run"))
     return rows
 
 
