@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 DEFAULT_HOST = "127.0.0.1"  # local only; --host 0.0.0.0 or --share expose it, on request
 DEFAULT_PORT = 7860
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SHARE_WITHOUT_AUTH_FLAG = "--share-without-auth"
 DEFAULT_QUEUE_SIZE = 20  # requests waiting for the model beyond this are refused politely
 TITLE = "Latent Diffusion Studio"
 
@@ -49,13 +51,70 @@ def parse_auth(value: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
-def gpu_decorator():
-    """`spaces.GPU` on Hugging Face ZeroGPU Spaces, a no-op elsewhere (the one place this is decided)."""
+def server_address(env=os.environ) -> tuple[str, int]:
+    """The default (host, port) when no --host/--port flag is given: LDS_HOST/LDS_PORT, else Gradio's own
+    GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (how Spaces and Docker images tell an app where to listen), else
+    127.0.0.1:7860. The flags override all of these."""
+    host = env.get("LDS_HOST") or env.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    port_name = "LDS_PORT" if env.get("LDS_PORT") else "GRADIO_SERVER_PORT" if env.get("GRADIO_SERVER_PORT") else None
+    if port_name is None:
+        return host, DEFAULT_PORT
+    try:
+        port = int(env[port_name])
+    except ValueError:
+        raise SystemExit(f"{port_name}={env[port_name]!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise SystemExit(f"{port_name}={port} is outside the port range 1-65535")
+    return host, port
+
+
+def is_public(settings: AppSettings, env=os.environ) -> bool:
+    """Reachable by people other than the machine's owner: a Space, a share link, or a non-loopback bind."""
+    return bool(env.get("SPACE_ID")) or settings.share or not (
+        settings.host in LOOPBACK_HOSTS or settings.host.startswith("127."))
+
+
+def safety_checker_wanted(flag: bool | None, settings: AppSettings, env=os.environ) -> bool:
+    """--safety-checker / --no-safety-checker, else LDS_SAFETY_CHECKER (1/0, on/off), else on when public."""
+    if flag is not None:
+        return flag
+    value = env.get("LDS_SAFETY_CHECKER", "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value:
+        raise SystemExit(f"LDS_SAFETY_CHECKER={value!r}: expected 1/on or 0/off")
+    return is_public(settings, env)
+
+
+def zero_gpu_requested(env=os.environ) -> bool:
+    """The platform marks a ZeroGPU Space with SPACES_ZERO_GPU (the `spaces` package reads the same variable)."""
+    return env.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
+
+
+def gpu_decorator(env=os.environ):
+    """`spaces.GPU` on a Hugging Face ZeroGPU Space, None elsewhere (the one place this is decided).
+
+    Importing `spaces` there also makes torch report a CUDA device in this process, so that the model can be
+    put on "cuda" at start-up (ZeroGPU moves it to a real GPU inside each call): call this before any model is
+    loaded. On other hardware `spaces.GPU` does nothing, so the app does not wrap anything there."""
+    if not zero_gpu_requested(env):
+        return None
     try:
         import spaces  # type: ignore
     except ImportError:
-        return lambda fn: fn
+        raise SystemExit("SPACES_ZERO_GPU is set but the `spaces` package is missing: add `spaces` to "
+                         "requirements.txt") from None
     return spaces.GPU
+
+
+def model_device(requested: str | None, *, zero_gpu: bool) -> str | None:
+    """The device the model is loaded on: --device / LDS_DEVICE when given; "cuda" on ZeroGPU (where torch
+    is patched to accept it in this process); else None, the engine's auto choice."""
+    if requested:
+        return requested
+    return "cuda" if zero_gpu else None
 
 
 MODEL_EVENTS_ADMITTED = 8  # model events gradio lets through at once; the engine still runs one model call at a time
@@ -75,16 +134,15 @@ def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) 
     return max(1, min(max(batch, MODEL_EVENTS_ADMITTED), 1 + settings.queue_size))
 
 
-def build_app(engine, settings: AppSettings | None = None):
-    """The whole UI for one engine: header, five task tabs, Explain, Fine-tune, "Send to" links, bounded queue."""
+def build_app(engine, settings: AppSettings | None = None, *, gpu=None):
+    """The whole UI for one engine: header, five task tabs, Explain, Fine-tune, "Send to" links, bounded queue.
+    `gpu`: `spaces.GPU` on ZeroGPU (from gpu_decorator), else None."""
     import gradio as gr
 
     from demo import common, controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
 
     settings = settings or AppSettings()
-    gpu = gpu_decorator()
-    zero_gpu = getattr(gpu, "__module__", "").startswith("spaces")
-    studio = common.Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=zero_gpu))
+    studio = common.Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=gpu is not None))
     modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
                "controlnet": controlnet, "explain": explain, "finetune": finetune}
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
@@ -128,12 +186,16 @@ def parse_adapter(value: str) -> tuple[str, str | None]:
 
 
 def build_engine(model: str, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False,
-                 cpu_offload=False, max_batch: int | None = None, adapters: list[str] = (), threads: int | None = None):
+                 cpu_offload=False, max_batch: int | None = None, adapters: list[str] = (), threads: int | None = None,
+                 safety_checker: bool = False):
     from pipelines.engine import Engine
     from pipelines.registry import resolve_preset
+    from pipelines.safety import load_safety_checker
 
     engine = Engine(resolve_preset(model), device=device, dtype=dtype, attention_slicing=attention_slicing,
                     vae_tiling=vae_tiling, cpu_offload=cpu_offload, threads=threads)
+    if safety_checker:
+        engine.safety = load_safety_checker(engine)  # None for the built-in model, which needs none
     if max_batch is not None:
         engine.limits = replace(engine.limits, max_batch=max_batch)
     for value in adapters:  # the same loader as the Fine-tune tab's "Load", for files the server's owner chose
@@ -151,10 +213,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="preset (shapes, sd15, sd15-lcm, sd15-inpainting) or a local diffusers folder [LDS_MODEL]")
     parser.add_argument("--device", default=env.get("LDS_DEVICE"), help="cuda, cuda:1, mps or cpu (auto if unset) [LDS_DEVICE]")
     parser.add_argument("--dtype", default=env.get("LDS_DTYPE"), help="fp16, bf16 or fp32 (auto if unset) [LDS_DTYPE]")
-    parser.add_argument("--host", default=env.get("LDS_HOST", DEFAULT_HOST), help="address to bind [LDS_HOST]")
-    parser.add_argument("--port", type=int, default=int(env.get("LDS_PORT", DEFAULT_PORT)), help="port [LDS_PORT]")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live share link")
+    host, port = server_address(env)
+    parser.add_argument("--host", default=host, help="address to bind [LDS_HOST, else GRADIO_SERVER_NAME]")
+    parser.add_argument("--port", type=int, default=port, help="port [LDS_PORT, else GRADIO_SERVER_PORT]")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live share link (needs --auth)")
+    parser.add_argument(SHARE_WITHOUT_AUTH_FLAG, action="store_true",
+                        help="allow --share without --auth: anyone with the link can use the app")
     parser.add_argument("--auth", default=env.get("LDS_AUTH"), help="user:password (comma-separate several) [LDS_AUTH]")
+    parser.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
+                        help="screen SD1.5-class outputs with diffusers' safety checker (default: on when public: "
+                             "a Space, --share or a non-loopback --host) [LDS_SAFETY_CHECKER=1/0]")
     parser.add_argument("--max-batch", type=int, default=None, help="images per request (overrides LDS_MAX_BATCH)")
     parser.add_argument("--queue-size", type=int, default=int(env.get("LDS_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)),
                         help="requests that may wait for the model [LDS_QUEUE_SIZE]")
@@ -175,6 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--threads {args.threads}: must be at least 1")
     if args.queue_size < 1:
         parser.error(f"--queue-size {args.queue_size}: must be at least 1")
+    if args.share and not args.auth and not args.share_without_auth:
+        parser.error(f"--share puts the app on the public internet: add --auth user:password (or LDS_AUTH), "
+                     f"or pass {SHARE_WITHOUT_AUTH_FLAG} to share it without a login")
     return args
 
 
@@ -187,20 +258,27 @@ def main(argv=None) -> int:
         fetched = download(resolve_preset(args.download))
         print("downloaded: " + (", ".join(fetched) if fetched else "nothing (all weights are local)"))
         return 0
+    auth = parse_auth(args.auth)  # a malformed --auth fails before minutes of model loading
+    settings = AppSettings(host=args.host, port=args.port, share=args.share, auth=auth,
+                           queue_size=args.queue_size)
+    gpu = gpu_decorator()  # before torch touches CUDA: on ZeroGPU importing `spaces` patches it
+    from pipelines import compute
     from pipelines.common import ModelNotAvailable
 
-    auth = parse_auth(args.auth)  # a malformed --auth fails before minutes of model loading
+    if gpu is not None:  # ZeroGPU's CUDA emulation lives on this thread only: the model is loaded and changed here
+        compute.adopt_current_thread()
     try:
-        engine = build_engine(args.model, device=args.device, dtype=args.dtype,
-                              attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+        engine = build_engine(args.model, device=model_device(args.device, zero_gpu=gpu is not None),
+                              dtype=args.dtype, attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
                               cpu_offload=args.cpu_offload, max_batch=args.max_batch, adapters=args.adapter,
-                              threads=args.threads)
+                              threads=args.threads, safety_checker=safety_checker_wanted(args.safety_checker, settings))
     except (ModelNotAvailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    settings = AppSettings(host=args.host, port=args.port, share=args.share, auth=auth,
-                           queue_size=args.queue_size)
-    launch(build_app(engine, settings), engine, settings)
+    app = build_app(engine, settings, gpu=gpu)
+    launch(app, engine, settings, prevent_thread_lock=gpu is not None)
+    if gpu is not None:
+        compute.model_thread().serve_forever()  # this thread now runs the model work of other threads
     return 0
 
 

@@ -6,7 +6,11 @@ through `task()`, and everything else this file needs from pipelines/ is torch-f
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
+import math
+import os
 import queue
 import random
 import tempfile
@@ -21,7 +25,8 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.common import Cancelled, InputError, ModelError, ModelNotAvailable, params_from_png, params_to_png_info
+from pipelines.common import (Cancelled, InputError, ModelError, ModelNotAvailable, params_from_png, params_to_png_info,
+                              withheld)
 
 CONCURRENCY_ID = "model"  # every event that touches the model shares this id and one concurrency limit
 MODEL_EVENT = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)  # Studio.model_event() when batching
@@ -43,6 +48,17 @@ HEARTBEAT_S = 0.5  # a running request's generator hands control back to gradio 
 RANDOM_SEED = -1  # the seed box value meaning "pick one"; the seed actually used is shown with the result
 MAX_SEED = 2**32 - 1
 UPSCALED_VIEW_PX = 256  # small images are shown at least this big, with pixelated rendering
+CANCEL_SLOTS = 512  # cancel flags held at once (requests waiting or running); the oldest waiting one gives way
+
+# ZeroGPU: the seconds of GPU a call asks for (`spaces.GPU(duration=...)`). ZeroGPU refuses a call that asks for
+# more than about 300 s, and a shorter one gets a better place in its queue; the time actually used is what
+# counts against a visitor's quota. The per-step figures are estimates for an SD1.5-class model in fp16 at
+# 512x512 on a ZeroGPU slice, doubled for safety (no GPU here to measure on); the built-in model needs far less.
+ZERO_GPU_MAX_S = 300
+ZERO_GPU_MIN_S = 20  # a fresh worker: fork, weights to the GPU, first kernels
+GPU_S_PER_IMAGE_STEP = 0.1  # one denoising step (with CFG) of one 512x512 image
+GPU_S_PER_TRAIN_IMAGE_STEP = 0.3  # one fine-tuning step (forward and backward) of one 512x512 image
+GPU_REFERENCE_PIXELS = 512 * 512
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
@@ -331,45 +347,108 @@ def vocabulary(engine) -> list[str]:
 # --- cancel ---------------------------------------------------------------------------------------------
 
 class CancelRegistry:
-    """Cancel flags keyed by (browser session, tab).
+    """Cancel flags keyed by (browser session, tab), shared by the app's process and every process forked from it.
 
     A browser click first *expects* a run, so that a Cancel while the request still waits in the queue is
     kept; the run then *starts* with that flag (a fresh one for API calls) and Cancel sets it. The app never
     uses gradio's own `cancels=`: its frontend keeps a cancelled event pending until two more round trips
     finish, and a Generate click in that window was silently dropped.
+
+    The flags live in shared memory made when the app is built: on ZeroGPU a run starts and polls its flag in a
+    worker process forked from the app's, while Cancel arrives in the app's own process; a flag in one
+    process's memory would never reach the other. Each entry is (key id, state, cancelled, serial).
     """
 
-    def __init__(self) -> None:
-        self._running: dict[tuple[str, str], threading.Event] = {}
-        self._waiting: dict[tuple[str, str], threading.Event] = {}
-        self._lock = threading.Lock()
+    FREE, WAITING, RUNNING = 0, 1, 2
+    _FIELDS = 4
+
+    def __init__(self, slots: int = CANCEL_SLOTS) -> None:
+        import multiprocessing
+
+        self._slots = slots
+        self._table = multiprocessing.RawArray("q", slots * self._FIELDS)
+        self._serial = multiprocessing.RawValue("q", 0)
+        self._lock = multiprocessing.Lock()
+
+    @staticmethod
+    def _key_id(key: tuple[str, str]) -> int:
+        digest = hashlib.blake2b("\0".join(key).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little", signed=True)
+
+    def _entries(self, key_id: int, state: int) -> list[int]:
+        t, n = self._table, self._FIELDS
+        return [i for i in range(self._slots) if t[i * n + 1] == state and t[i * n] == key_id]
+
+    def _claim(self, key_id: int, state: int) -> tuple[int, int]:
+        """A free entry (else the oldest waiting one: a click whose request never ran) set to `state`."""
+        t, n = self._table, self._FIELDS
+        free = [i for i in range(self._slots) if t[i * n + 1] == self.FREE]
+        if not free:
+            waiting = [i for i in range(self._slots) if t[i * n + 1] == self.WAITING]
+            if not waiting:
+                raise RuntimeError(f"{self._slots} requests are running at once, the limit of the cancel registry")
+            free = [min(waiting, key=lambda i: t[i * n + 3])]
+        self._serial.value += 1
+        i = free[0]
+        t[i * n: i * n + n] = [key_id, state, 0, self._serial.value]
+        return i, self._serial.value
 
     def expect(self, key: tuple[str, str]) -> None:
+        key_id = self._key_id(key)
         with self._lock:
-            self._waiting[key] = threading.Event()
+            for i in self._entries(key_id, self.WAITING):  # a new click replaces the last one's flag
+                self._table[i * self._FIELDS + 1] = self.FREE
+            self._claim(key_id, self.WAITING)
 
-    def start(self, key: tuple[str, str]) -> threading.Event:
+    def start(self, key: tuple[str, str]) -> CancelFlag:
+        key_id, n = self._key_id(key), self._FIELDS
         with self._lock:
-            event = self._waiting.pop(key, None) or threading.Event()
-            self._running[key] = event
-        return event
+            waiting = self._entries(key_id, self.WAITING)
+            if waiting:  # the click's flag, cancelled or not, becomes the run's
+                i = waiting[0]
+                self._table[i * n + 1] = self.RUNNING
+                return CancelFlag(self, i, self._table[i * n + 3])
+            return CancelFlag(self, *self._claim(key_id, self.RUNNING))
 
-    def finish(self, key: tuple[str, str], event: threading.Event) -> None:
+    def finish(self, key: tuple[str, str], flag: CancelFlag) -> None:
         with self._lock:
-            if self._running.get(key) is event:
-                del self._running[key]
+            if flag.current():
+                self._table[flag.index * self._FIELDS + 1] = self.FREE
 
     def cancel(self, key: tuple[str, str]) -> str | None:
         """Set the flag of this key's run: "running", "waiting" (it will not run), or None (nothing to stop)."""
+        key_id, n = self._key_id(key), self._FIELDS
         with self._lock:
-            if key in self._running:
-                self._waiting.pop(key, None)  # a second click's leftover must not cancel the next run
-                self._running[key].set()
+            running = self._entries(key_id, self.RUNNING)
+            if running:
+                for i in self._entries(key_id, self.WAITING):  # a second click's leftover must not cancel the next run
+                    self._table[i * n + 1] = self.FREE
+                for i in running:
+                    self._table[i * n + 2] = 1
                 return "running"
-            if key in self._waiting:
-                self._waiting[key].set()
-                return "waiting"
-        return None
+            waiting = self._entries(key_id, self.WAITING)
+            for i in waiting:
+                self._table[i * n + 2] = 1
+            return "waiting" if waiting else None
+
+
+class CancelFlag:
+    """One run's cancel flag (an entry of a CancelRegistry): `is_set()` / `set()`, readable from any process."""
+
+    def __init__(self, registry: CancelRegistry, index: int, serial: int):
+        self.registry, self.index, self.serial = registry, index, serial
+
+    def current(self) -> bool:
+        """The entry still belongs to this run (not finished and reused)."""
+        return self.registry._table[self.index * CancelRegistry._FIELDS + 3] == self.serial
+
+    def is_set(self) -> bool:
+        return self.current() and self.registry._table[self.index * CancelRegistry._FIELDS + 2] == 1
+
+    def set(self) -> None:
+        with self.registry._lock:
+            if self.current():
+                self.registry._table[self.index * CancelRegistry._FIELDS + 2] = 1
 
 
 CANCEL_MESSAGES = {"running": "Cancelling…", "waiting": "Cancelled: it will not run."}
@@ -413,11 +492,38 @@ class Studio:
     cancels: CancelRegistry = field(default_factory=CancelRegistry)
     targets: dict[str, tuple[gr.components.Component, str]] = field(default_factory=dict)  # tab -> (input, kind)
     sources: list[tuple[gr.Gallery, gr.State, dict[str, gr.Button]]] = field(default_factory=list)
-    gpu: Callable[[Callable], Callable] = lambda fn: fn  # spaces.GPU on ZeroGPU Spaces (chosen in app.py)
+    # spaces.GPU on a ZeroGPU Space (app.gpu_decorator decides), else None: every event runs in this process.
+    # On ZeroGPU each call of a wrapped function runs in a worker process forked from this one (see gpu_event).
+    gpu: Callable[..., Callable] | None = None
+    pid: int = field(default_factory=os.getpid)  # the app's own process (ZeroGPU workers have other ids)
     # Model events admitted at once. The engine still runs one model call at a time (engine.lock); more than
     # one admitted lets queued txt2img requests with the same settings meet in the engine's batcher and run
     # as one call. app.py sets it from the engine's batch_requests and the queue size.
     model_concurrency: int = 1
+
+    @property
+    def zero_gpu(self) -> bool:
+        return self.gpu is not None
+
+    def in_gpu_worker(self) -> bool:
+        """True inside a ZeroGPU worker: what changes here (a new adapter) is gone when the call returns."""
+        return os.getpid() != self.pid
+
+    def gpu_event(self, fn: Callable, seconds: Callable[[dict[str, Any]], float] | None = None) -> Callable:
+        """`fn` as a ZeroGPU call on a ZeroGPU Space, `fn` itself elsewhere: the one place events get the GPU.
+
+        `seconds(arguments)` estimates the GPU time of one call from its arguments by name (e.g.
+        generation_seconds); ZeroGPU receives it clamped to [ZERO_GPU_MIN_S, ZERO_GPU_MAX_S], as
+        `spaces.GPU(duration=...)` with a callable that takes the same arguments as `fn`."""
+        if self.gpu is None:
+            return fn
+        signature = inspect.signature(fn)
+
+        def duration(*args, **kwargs) -> int:
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+            return gpu_duration(seconds(arguments) if seconds is not None else 0.0)
+
+        return self.gpu(fn, duration=duration)
 
     def model_event(self) -> dict[str, Any]:
         """The queue settings of every model event (one id, so gradio applies one limit to them all)."""
@@ -437,6 +543,46 @@ class Studio:
                 component, kind = self.targets[tab]
                 outputs = [component] + ([tabs] if tabs is not None else [])
                 button.click(_sender(kind, tab, tabs is not None), [gallery, selected], outputs, **UI_EVENT)
+
+
+def gpu_duration(estimate_s: float) -> int:
+    """The `duration` a ZeroGPU call asks for: the estimate, at least ZERO_GPU_MIN_S, at most ZERO_GPU_MAX_S."""
+    return int(min(ZERO_GPU_MAX_S, max(ZERO_GPU_MIN_S, math.ceil(estimate_s))))
+
+
+def _number_or(value, default: float) -> float:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default  # the pipeline's own check names the bad value
+
+
+def _area(arguments: dict[str, Any]) -> float:
+    """Pixels of the request relative to 512x512 (at least 1: an upload's size is not known before decoding)."""
+    width, height = _number_or(arguments.get("width"), 512), _number_or(arguments.get("height"), 512)
+    return max(1.0, width * height / GPU_REFERENCE_PIXELS)
+
+
+def generation_seconds(arguments: dict[str, Any]) -> float:
+    """GPU seconds of a generating event from its steps, batch size, size and (Explain) guidance strip."""
+    steps = _number_or(arguments.get("steps"), 50)
+    images = _number_or(arguments.get("batch_size"), 1) + len(arguments.get("guidance_strip") or [])
+    return ZERO_GPU_MIN_S + GPU_S_PER_IMAGE_STEP * steps * images * _area(arguments)
+
+
+FINETUNE_FIXED_S = ZERO_GPU_MIN_S + 2 * GPU_S_PER_IMAGE_STEP * 50  # worker start and the before/after test images
+
+
+def finetune_seconds(arguments: dict[str, Any], *, default_steps: int = 0, default_batch: int = 1) -> float:
+    """GPU seconds of a fine-tune: its optimiser steps times images per step, plus the before/after images."""
+    steps = _number_or(arguments.get("steps"), default_steps) or default_steps
+    batch = _number_or(arguments.get("batch_size"), default_batch) or default_batch
+    return FINETUNE_FIXED_S + GPU_S_PER_TRAIN_IMAGE_STEP * steps * batch
+
+
+def finetune_steps_within(limit_s: float, batch_size: int) -> int:
+    """The most fine-tuning steps at `batch_size` whose estimate stays within `limit_s` seconds."""
+    return max(0, math.floor((limit_s - FINETUNE_FIXED_S) / (GPU_S_PER_TRAIN_IMAGE_STEP * max(1, batch_size))))
 
 
 def _sender(kind: str, tab: str, switch: bool):
@@ -520,7 +666,8 @@ def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable,
                      api_description: str | None = None, extra_outputs=()) -> None:
     """Generate -> fn (a generator using `run_task`) on the shared model queue; Cancel really stops it.
     `extra_outputs` follow the panel's four outputs (fn then yields those four values and one per extra)."""
-    event = wire_cancellable(studio, tab, panel.generate, panel.cancel, panel.status, studio.gpu(fn),
+    event = wire_cancellable(studio, tab, panel.generate, panel.cancel, panel.status,
+                             studio.gpu_event(fn, generation_seconds),
                              cancel_api_name=f"cancel_{tab}", inputs_kwargs=inputs_kwargs,
                              outputs=panel.outputs() + list(extra_outputs), api_name=api_name,
                              api_description=api_description, show_progress="minimal",
@@ -670,6 +817,10 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
         status += f"\n\n⚠ Words the model does not know were ignored: {', '.join(unknown)}"
     for note in result.params.get("warnings", []) or []:
         status += f"\n\n⚠ {note}"
+    hidden = withheld(result.images)
+    if hidden:
+        status += (f"\n\n⚠ {hidden} of {len(result.images)} image(s) withheld by the safety checker: "
+                   f"a notice stands in for each.")
     yield (first, items, result.params, status)
 
 

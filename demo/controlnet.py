@@ -108,7 +108,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         """The control map a preprocessor makes from `image` (canny edges, depth or pose skeleton)."""
         return make_map(image, control_type, preprocessor, low_threshold, high_threshold)
 
-    preview.click(studio.gpu(preprocess), inputs_kwargs=dict(
+    preview.click(studio.gpu_event(preprocess), inputs_kwargs=dict(
         image=image, control_type=control_type, preprocessor=preprocessor, low_threshold=low,
         high_threshold=high), outputs=control_map, api_name="preprocess", **studio.model_event())
 

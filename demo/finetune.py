@@ -115,11 +115,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                           [images, thumbnails, captions], **common.UI_EVENT)
     images.change(lambda files: list(files or []), images, thumbnails, **common.UI_EVENT)
 
-    def finetune(images: list[str] | None, token: str, captions: str, instance_prompt: str, method: str, steps: float,
-                 learning_rate: float, rank: float, batch_size: float, prior_preservation: bool, prior_weight: float,
-                 seed: float, name: str, test_prompt: str, request: gr.Request):
-        """Fine-tune on the images; prompts with the trigger word then use the result in every tab and endpoint.
-        Yields (status, loss curve, before/after images, adapter table)."""
+    def train_adapter(images: list[str] | None, token: str, captions: str, instance_prompt: str, method: str,
+                      steps: float, learning_rate: float, rank: float, batch_size: float, prior_preservation: bool,
+                      prior_weight: float, seed: float, name: str, test_prompt: str, request: gr.Request):
+        """The fine-tune itself: a GPU call on ZeroGPU (a worker process), in this process elsewhere."""
         ft = common.task("finetune")
         for i, path in enumerate(images or []):  # unreadable files and decompression bombs, before any decoding
             common._check_image_file(path, limits.max_image_pixels, f"training image {i + 1} ({Path(path).name})")
@@ -131,6 +130,29 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        prior_preservation=bool(prior_preservation), prior_weight=_number(prior_weight, float),
                                        seed=_number(seed), instance_prompt=instance_prompt or "")
         yield from _run_finetune(engine, studio, ft, pictures, settings, caption_lines, test_prompt, request)
+
+    def seconds(arguments: dict) -> float:
+        return common.finetune_seconds(arguments, default_steps=defaults.steps, default_batch=defaults.batch_size)
+
+    train_gpu = studio.gpu_event(train_adapter, seconds)
+
+    def finetune(images: list[str] | None, token: str, captions: str, instance_prompt: str, method: str, steps: float,
+                 learning_rate: float, rank: float, batch_size: float, prior_preservation: bool, prior_weight: float,
+                 seed: float, name: str, test_prompt: str, request: gr.Request):
+        """Fine-tune on the images; prompts with the trigger word then use the result in every tab and endpoint.
+        Yields (status, loss curve, before/after images, adapter table)."""
+        arguments = dict(steps=steps, batch_size=batch_size)
+        if studio.zero_gpu and seconds(arguments) > common.ZERO_GPU_MAX_S:  # ZeroGPU would refuse it, or cut it off
+            fits = common.finetune_steps_within(common.ZERO_GPU_MAX_S, _number(batch_size) or defaults.batch_size)
+            raise gr.Error(f"steps={_number(steps) or defaults.steps} would need about {seconds(arguments):.0f} s of GPU "
+                           f"time; a ZeroGPU call may hold the GPU at most {common.ZERO_GPU_MAX_S} s: use at most "
+                           f"{fits} steps at this batch size", title="Invalid input")
+        for status, loss, comparison, table, trained in train_gpu(
+                images, token, captions, instance_prompt, method, steps, learning_rate, rank, batch_size,
+                prior_preservation, prior_weight, seed, name, test_prompt, request):
+            if trained is not None:  # trained in a ZeroGPU worker, which is gone when the call ends: keep it here
+                _keep_trained_adapter(engine, studio, trained)
+            yield status, loss, comparison, table if _is_skip(table) else adapter_rows(engine)
 
     event = common.wire_cancellable(
         studio, TAB, train, cancel, status, finetune, cancel_api_name="cancel_finetune",
@@ -150,8 +172,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     def update_adapter(adapter: str, on: bool, scale: float):
         """Switch an adapter on or off and set its LoRA strength (0-2)."""
         with _adapter_errors():
-            engine.adapters.set_enabled(adapter, bool(on))
-            engine.adapters.set_scale(adapter, scale)
+            _on_app_model(engine, studio, engine.adapters.set_enabled, adapter, bool(on))
+            _on_app_model(engine, studio, engine.adapters.set_scale, adapter, scale)
         return adapter_rows(engine), f"`{adapter}` is {'on' if on else 'off'}, strength {float(scale):g}."
 
     apply.click(update_adapter, [chosen, enabled, strength], [table, adapters_status], api_name="adapter_update",
@@ -160,7 +182,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     def remove_adapter(adapter: str):
         """Remove an adapter from the server (its word means nothing again)."""
         with _adapter_errors():
-            engine.adapters.remove(adapter)
+            _on_app_model(engine, studio, engine.adapters.remove, adapter)
         return adapter_rows(engine), gr.Dropdown(choices=adapter_names(engine), value=None), f"`{adapter}` removed."
 
     remove.click(remove_adapter, chosen, [table, chosen, adapters_status], api_name="adapter_remove",
@@ -170,7 +192,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         """The adapter as a .safetensors file (LoRA weights in diffusers/peft names, the learned word, metadata)."""
         with _adapter_errors():
             target = studio.output_dir / "adapters" / f"{engine.adapters.get(adapter).name}-{int(time.time())}.safetensors"
-            engine.adapters.save(adapter, target)
+            _on_app_model(engine, studio, engine.adapters.save, adapter, target)
         return str(target), f"Saved `{adapter}` ({target.stat().st_size / 1e6:.1f} MB)."
 
     save.click(save_adapter, chosen, [download, adapters_status], api_name="adapter_save",
@@ -181,7 +203,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         if not adapter_file:
             raise gr.Error("choose a .safetensors file first", title="Invalid input")
         with _adapter_errors():
-            loaded = engine.adapters.load_file(adapter_file, name=_upload_name(adapter_file, engine), token=(word or "").strip() or None)
+            loaded = _on_app_model(engine, studio, engine.adapters.load_file, adapter_file,
+                                   name=_upload_name(adapter_file, engine), token=(word or "").strip() or None)
         where = f"prompts with `{loaded.token}`" if loaded.token else "every prompt"
         return (adapter_rows(engine), gr.Dropdown(choices=adapter_names(engine), value=loaded.name),
                 f"Loaded `{loaded.name}` ({loaded.kind}); it applies to {where}.")
@@ -217,26 +240,57 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
     step = total = 0
     with common.BackgroundRun(studio, common.session_key(request, TAB), work) as run:
         if run.cancelled_before_start:
-            yield "Cancelled before it started.", gr.skip(), gr.skip(), gr.skip()
+            yield "Cancelled before it started.", gr.skip(), gr.skip(), gr.skip(), None
             return
-        yield "Preparing: encoding the images…", gr.skip(), gr.skip(), gr.skip()
+        yield "Preparing: encoding the images…", gr.skip(), gr.skip(), gr.skip(), None
         for reports in run.batches(UPDATE_EVERY_S):
             if not reports:
-                yield (gr.skip(),) * 4
+                yield (gr.skip(),) * 4 + (None,)
                 continue
             losses += [(step, loss) for step, _, loss in reports]
             step, total, loss = reports[-1]
             yield (f"Step {step}/{total} · loss {loss:.4f} · {time.perf_counter() - started:.0f} s", _loss_frame(losses),
-                   list(comparison) or gr.skip(), gr.skip())
+                   list(comparison) or gr.skip(), gr.skip(), None)
     if isinstance(run.error, common.Cancelled):
-        yield f"Cancelled at step {step} of {total}; nothing was kept.", _loss_frame(losses), gr.skip(), adapter_rows(engine)
+        yield (f"Cancelled at step {step} of {total}; nothing was kept.", _loss_frame(losses), gr.skip(),
+               adapter_rows(engine), None)
         return
     if run.error is not None:
         raise common.user_error(run.error)
     result = run.result
+    trained = None
+    if studio.in_gpu_worker():  # this process ends with the call: hand the adapter to the app's process as a file
+        adapter = engine.adapters.get(result.adapter)
+        path = studio.output_dir / "adapters" / f"{adapter.name}-trained-{int(time.time())}.safetensors"
+        engine.adapters.save(adapter.name, path)
+        trained = {"file": str(path), "name": adapter.name, "token": adapter.token}
     yield (f"Done: adapter `{result.adapter}` trained {result.steps_done} steps in {result.seconds:.0f} s "
            f"(final loss {result.info.get('final_loss') or 0:.4f}). Prompts with **{result.token}** now use it in every tab.",
-           _loss_frame(losses), list(comparison), adapter_rows(engine))
+           _loss_frame(losses), list(comparison), adapter_rows(engine), trained)
+
+
+def _on_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, an adapter change, applied to the model the app's own process holds.
+
+    On ZeroGPU that process is where adapters must live: a GPU worker's changes end with its call, and every
+    later worker is forked from the app's process. They run on its model thread, the one thread where
+    `spaces` emulates CUDA (pipelines.compute.adopt_current_thread). Elsewhere they run where they are called."""
+    if studio.zero_gpu:
+        return engine.compute.run(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _keep_trained_adapter(engine, studio: common.Studio, trained: dict) -> None:
+    """Register in this process an adapter a ZeroGPU worker trained and saved (its file, name and word)."""
+    if trained["name"] in engine.adapters:
+        return
+    with _adapter_errors():
+        _on_app_model(engine, studio, engine.adapters.load_file, trained["file"], name=trained["name"],
+                      token=trained["token"])
+
+
+def _is_skip(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
 
 
 def _test_image(engine, prompt: str, seed: int):

@@ -14,6 +14,12 @@ from PIL.PngImagePlugin import PngInfo
 
 PNG_KEY = "parameters"  # JSON, read back by params_from_png
 A1111_KEY = "a1111_parameters"  # the same values as an AUTOMATIC1111-style text block, for humans and other tools
+WITHHELD_KEY = "lds_withheld"  # image info key of a notice that replaced an image the safety checker flagged
+
+
+def withheld(images: list) -> int:
+    """How many of `images` are notices standing in for images the safety checker flagged (pipelines/safety.py)."""
+    return sum(1 for image in images if (getattr(image, "info", None) or {}).get(WITHHELD_KEY))
 
 
 class InputError(ValueError):

@@ -14,7 +14,9 @@ two figures and libgomp's source; the 2-core run after this change has yet to co
 on another long-lived thread (a trainer, a benchmark's own calls) adds its pool again: run it here too.
 
 The thread is shared by every engine of the process (a second pool would cost the same as before) and
-created on first use. `run` called from the model thread itself runs inline, so nested calls cannot
+created on first use, once per process: a forked child (ZeroGPU runs every `spaces.GPU` call in a process
+forked from the app's) inherits only the thread that forked, so the parent's model thread does not exist
+there and a job queued for it would wait forever. The first call in the child starts the child's own. `run` called from the model thread itself runs inline, so nested calls cannot
 deadlock; a job must never wait for a lock its caller holds (callers hold engine.lock; jobs do not take
 it). Thread-local torch state does not cross: a job enters inference_mode itself, and the caller's
 torch thread count is applied on the model thread before each job.
@@ -34,10 +36,22 @@ T = TypeVar("T")
 class ModelThread:
     """A daemon thread that runs submitted calls one at a time and hands back their result or exception."""
 
-    def __init__(self, name: str = "lds-model"):
+    def __init__(self, name: str = "lds-model", *, adopt: bool = False):
+        """adopt=True: the calling thread becomes the model thread; it runs its own calls inline and serves
+        other threads' once it calls `serve_forever()` (see `adopt_current_thread`)."""
+        self.pid = os.getpid()  # the process whose thread this is (a forked child has none running)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        if adopt:
+            self._thread = threading.current_thread()
+        else:
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+            self._thread.start()
+
+    def serve_forever(self) -> None:
+        """Run other threads' jobs on this adopted thread, for as long as the process lives."""
+        if not self.on_thread():
+            raise RuntimeError("serve_forever() must be called on the model thread itself")
+        self._loop()
 
     @property
     def ident(self) -> int | None:
@@ -81,10 +95,19 @@ class ModelThread:
 
 
 class EngineCompute:
-    """An engine's handle on the model thread: every job runs with the engine's thread count."""
+    """An engine's handle on the model thread: every job runs with the engine's thread count.
+
+    `thread` is the current process's model thread, looked up per call: an engine built in a parent
+    process and used in a forked child runs its jobs on the child's thread."""
 
     def __init__(self, thread: ModelThread, threads: int):
-        self.thread, self.threads = thread, threads
+        self._thread, self.threads = thread, threads
+
+    @property
+    def thread(self) -> ModelThread:
+        if self._thread.pid != os.getpid():
+            self._thread = model_thread()
+        return self._thread
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return self.thread.run_threads(self.threads, fn, *args, **kwargs)
@@ -124,13 +147,31 @@ class _Job:
         self.done = threading.Event()
 
 
+def adopt_current_thread() -> ModelThread:
+    """Make the calling thread this process's model thread (before any engine is built).
+
+    For ZeroGPU: `spaces` emulates CUDA in the app's process with torch modes that exist only on the thread
+    that imported it, so the model must be loaded, and adapters added, on that thread. The app builds its
+    engine there and, once the server runs, hands the thread over with `model_thread().serve_forever()`."""
+    global _shared
+    with _shared_lock:
+        if _shared is not None and _shared.pid == os.getpid() and not _shared.on_thread():
+            raise RuntimeError("this process already has a model thread")
+        _shared = ModelThread(adopt=True)
+        return _shared
+
+
 _shared: ModelThread | None = None
 _shared_lock = threading.Lock()
 
 
 def model_thread() -> ModelThread:
-    """The process's model thread (started on first use)."""
-    global _shared
+    """The process's model thread (started on first use in each process)."""
+    global _shared, _shared_lock
+    if _shared is not None and _shared.pid != os.getpid():
+        # A forked child: the parent's thread is not here, and the lock may have been copied while another
+        # parent thread held it. A child starts with one thread, which gets here before it starts any other.
+        _shared, _shared_lock = None, threading.Lock()
     with _shared_lock:
         if _shared is None:
             _shared = ModelThread()

@@ -497,10 +497,10 @@ def download(preset: ModelPreset) -> list[str]:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     # Only the diffusers-format safetensors and configs: SD1.5 repos also hold multi-GB .ckpt, non-EMA
-    # and fp16-variant files that this app never reads.
+    # and fp16-variant files that this app never reads. The safety checker comes along: public deployments
+    # use it (pipelines/safety.py).
     patterns = dict(allow_patterns=["*.json", "*.txt", "*.safetensors"],
-                    ignore_patterns=["*.fp16.*", "*non_ema*", "*/safety_checker/*", "safety_checker/*",
-                                     "v1-5-*", "*.ckpt", "*emaonly*"])
+                    ignore_patterns=["*.fp16.*", "*non_ema*", "v1-5-*", "*.ckpt", "*emaonly*"])
     fetched = []
     for model_id in [preset.base, preset.inpaint_model, preset.lora, *preset.controlnets.values()]:
         if model_id and not _is_local(model_id):

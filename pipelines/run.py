@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
+from pipelines.safety import screen
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image
         # On the engine's model thread (pipelines/compute.py); inference_mode is per thread, so it is entered there
         output = engine.compute.run(_inference, view, callback_on_step_end=on_step_end, output_type="pil",
                                     **call_kwargs)
+        # A public deployment's safety checker (pipelines/safety.py): flagged images become notices, never vanish
+        images = screen(engine, list(output.images))
     except (InputError, Cancelled):
         raise
     except ValueError as error:
@@ -151,7 +154,7 @@ def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image
         raise ModelError(f"the model failed: {type(error).__name__}: {error}") from error
     finally:
         engine.after_run()
-    return list(output.images)
+    return images
 
 
 def _inference(fn, /, **kwargs: Any):
