@@ -155,3 +155,30 @@ def build_lora(folder: Path, unet_folder: Path, *, rank: int = 4, seed: int = 0)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
                                               safe_serialization=True)
     return folder
+
+
+def tiny_safety_checker(seed: int = 0):
+    """(StableDiffusionSafetyChecker, CLIPImageProcessor): the real classes SD1.5 ships, with a tiny random CLIP
+    vision tower. Every concept starts unreachable (threshold 2 is above any cosine): set the ones a test needs."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(projection_dim=16, text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                                            num_attention_heads=4),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=32, patch_size=8))
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        checker.concept_embeds_weights.fill_(2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def save_safety_checker(checker, processor, model_folder: Path) -> None:
+    """Into `model_folder` as diffusers' SD1.5 repositories lay it out (safety_checker/, feature_extractor/)."""
+    checker.save_pretrained(Path(model_folder) / "safety_checker", safe_serialization=True)
+    processor.save_pretrained(Path(model_folder) / "feature_extractor")
