@@ -6,10 +6,12 @@ through `task()`, and everything else this file needs from pipelines/ is torch-f
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
 import math
+import multiprocessing
 import os
 import queue
 import random
@@ -443,7 +445,8 @@ class CancelFlag:
         return self.registry._table[self.index * CancelRegistry._FIELDS + 3] == self.serial
 
     def is_set(self) -> bool:
-        return self.current() and self.registry._table[self.index * CancelRegistry._FIELDS + 2] == 1
+        # A run whose entry is finished (and perhaps reused) was abandoned: nobody waits for it, so it stops.
+        return not self.current() or self.registry._table[self.index * CancelRegistry._FIELDS + 2] == 1
 
     def set(self) -> None:
         with self.registry._lock:
@@ -496,6 +499,11 @@ class Studio:
     # On ZeroGPU each call of a wrapped function runs in a worker process forked from this one (see gpu_event).
     gpu: Callable[..., Callable] | None = None
     pid: int = field(default_factory=os.getpid)  # the app's own process (ZeroGPU workers have other ids)
+    # How many times the app's process changed the model's state (adapters), in memory every ZeroGPU worker
+    # shares, and the count this process last saw: ZeroGPU may reuse an idle worker forked before a change.
+    revision: Any = field(default_factory=lambda: multiprocessing.RawValue("q", 0))
+    revision_seen: int = 0
+    _revision_lock: threading.Lock = field(default_factory=threading.Lock)
     # Model events admitted at once. The engine still runs one model call at a time (engine.lock); more than
     # one admitted lets queued txt2img requests with the same settings meet in the engine's batcher and run
     # as one call. app.py sets it from the engine's batch_requests and the queue size.
@@ -509,12 +517,26 @@ class Studio:
         """True inside a ZeroGPU worker: what changes here (a new adapter) is gone when the call returns."""
         return os.getpid() != self.pid
 
+    def state_changed(self) -> None:
+        """Call in the app's process after changing the model's state: workers forked before now are stale."""
+        with self._revision_lock:
+            self.revision.value += 1
+            self.revision_seen = self.revision.value
+
+    def check_worker(self) -> None:
+        """In a ZeroGPU worker: refuse to run on a copy of the app's state that has changed since the fork."""
+        if self.in_gpu_worker() and self.revision.value != self.revision_seen:
+            raise StaleWorker("This GPU worker started before the last adapter change; running it again in a new one.")
+
     def gpu_event(self, fn: Callable, seconds: Callable[[dict[str, Any]], float] | None = None) -> Callable:
         """`fn` as a ZeroGPU call on a ZeroGPU Space, `fn` itself elsewhere: the one place events get the GPU.
 
         `seconds(arguments)` estimates the GPU time of one call from its arguments by name (e.g.
         generation_seconds); ZeroGPU receives it clamped to [ZERO_GPU_MIN_S, ZERO_GPU_MAX_S], as
-        `spaces.GPU(duration=...)` with a callable that takes the same arguments as `fn`."""
+        `spaces.GPU(duration=...)` with a callable that takes the same arguments as `fn`.
+
+        A reused worker that missed an adapter change refuses the call (StaleWorker) before doing anything;
+        spaces drops a worker whose call failed, so the one retry here runs in a freshly forked worker."""
         if self.gpu is None:
             return fn
         signature = inspect.signature(fn)
@@ -523,7 +545,35 @@ class Studio:
             arguments = signature.bind_partial(*args, **kwargs).arguments
             return gpu_duration(seconds(arguments) if seconds is not None else 0.0)
 
-        return self.gpu(fn, duration=duration)
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def in_worker(*args, **kwargs):
+                self.check_worker()
+                yield from fn(*args, **kwargs)
+
+            on_gpu = self.gpu(in_worker, duration=duration)
+
+            @functools.wraps(fn)
+            def event(*args, **kwargs):
+                try:
+                    yield from on_gpu(*args, **kwargs)
+                except StaleWorker:
+                    yield from on_gpu(*args, **kwargs)
+        else:
+            @functools.wraps(fn)
+            def in_worker(*args, **kwargs):
+                self.check_worker()
+                return fn(*args, **kwargs)
+
+            on_gpu = self.gpu(in_worker, duration=duration)
+
+            @functools.wraps(fn)
+            def event(*args, **kwargs):
+                try:
+                    return on_gpu(*args, **kwargs)
+                except StaleWorker:
+                    return on_gpu(*args, **kwargs)
+        return event
 
     def model_event(self) -> dict[str, Any]:
         """The queue settings of every model event (one id, so gradio applies one limit to them all)."""
@@ -543,6 +593,13 @@ class Studio:
                 component, kind = self.targets[tab]
                 outputs = [component] + ([tabs] if tabs is not None else [])
                 button.click(_sender(kind, tab, tabs is not None), [gallery, selected], outputs, **UI_EVENT)
+
+
+class StaleWorker(gr.Error):
+    """A ZeroGPU worker forked before the app's last adapter change (it crosses back pickled, as a gr.Error)."""
+
+    def __init__(self, message: str = "stale GPU worker", *args, **kwargs):
+        super().__init__(message, *args, **kwargs)
 
 
 def gpu_duration(estimate_s: float) -> int:

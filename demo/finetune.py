@@ -172,8 +172,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     def update_adapter(adapter: str, on: bool, scale: float):
         """Switch an adapter on or off and set its LoRA strength (0-2)."""
         with _adapter_errors():
-            _on_app_model(engine, studio, engine.adapters.set_enabled, adapter, bool(on))
-            _on_app_model(engine, studio, engine.adapters.set_scale, adapter, scale)
+            _change_app_model(engine, studio, engine.adapters.set_enabled, adapter, bool(on))
+            _change_app_model(engine, studio, engine.adapters.set_scale, adapter, scale)
         return adapter_rows(engine), f"`{adapter}` is {'on' if on else 'off'}, strength {float(scale):g}."
 
     apply.click(update_adapter, [chosen, enabled, strength], [table, adapters_status], api_name="adapter_update",
@@ -182,7 +182,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     def remove_adapter(adapter: str):
         """Remove an adapter from the server (its word means nothing again)."""
         with _adapter_errors():
-            _on_app_model(engine, studio, engine.adapters.remove, adapter)
+            _change_app_model(engine, studio, engine.adapters.remove, adapter)
         return adapter_rows(engine), gr.Dropdown(choices=adapter_names(engine), value=None), f"`{adapter}` removed."
 
     remove.click(remove_adapter, chosen, [table, chosen, adapters_status], api_name="adapter_remove",
@@ -203,7 +203,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         if not adapter_file:
             raise gr.Error("choose a .safetensors file first", title="Invalid input")
         with _adapter_errors():
-            loaded = _on_app_model(engine, studio, engine.adapters.load_file, adapter_file,
+            loaded = _change_app_model(engine, studio, engine.adapters.load_file, adapter_file,
                                    name=_upload_name(adapter_file, engine), token=(word or "").strip() or None)
         where = f"prompts with `{loaded.token}`" if loaded.token else "every prompt"
         return (adapter_rows(engine), gr.Dropdown(choices=adapter_names(engine), value=loaded.name),
@@ -270,7 +270,7 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
 
 
 def _on_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)`, an adapter change, applied to the model the app's own process holds.
+    """`fn(*args, **kwargs)` (an adapter action) on the model the app's own process holds.
 
     On ZeroGPU that process is where adapters must live: a GPU worker's changes end with its call, and every
     later worker is forked from the app's process. They run on its model thread, the one thread where
@@ -280,12 +280,20 @@ def _on_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def _change_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
+    """`_on_app_model` for an action that changes adapters: ZeroGPU workers forked before it are then stale."""
+    try:
+        return _on_app_model(engine, studio, fn, *args, **kwargs)
+    finally:
+        studio.state_changed()
+
+
 def _keep_trained_adapter(engine, studio: common.Studio, trained: dict) -> None:
     """Register in this process an adapter a ZeroGPU worker trained and saved (its file, name and word)."""
     if trained["name"] in engine.adapters:
         return
     with _adapter_errors():
-        _on_app_model(engine, studio, engine.adapters.load_file, trained["file"], name=trained["name"],
+        _change_app_model(engine, studio, engine.adapters.load_file, trained["file"], name=trained["name"],
                       token=trained["token"])
 
 

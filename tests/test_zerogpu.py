@@ -182,10 +182,11 @@ def test_cancel_flags_cross_process_boundaries(tmp_path):
 
 # --- the real app under the double -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def zero_gpu_app(tmp_path_factory):
+@pytest.fixture(scope="module", params=["fork-per-call", "reuse-idle-workers"])
+def zero_gpu_app(request, tmp_path_factory):
     """`python app.py` as a ZeroGPU Space runs it (SPACES_ZERO_GPU, Gradio's server variables), with the double
-    as its `spaces` package; the model on the CPU (no CUDA here), one thread."""
+    as its `spaces` package; the model on the CPU (no CUDA here), one thread. Twice: a fresh worker per call (all
+    state stays behind), and idle workers reused as ZeroGPU reuses them (a worker may predate a change)."""
     from tests.conftest import BUILTIN_MODEL
 
     if not (BUILTIN_MODEL / "model_index.json").is_file():
@@ -195,7 +196,8 @@ def zero_gpu_app(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPACES_ZERO_GPU": "true", "SPACE_ID": "lds/test-space",
            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "LDS_DEVICE": "cpu",
            "LDS_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(DOUBLE), str(REPO)]),
-           "ZEROGPU_DOUBLE_LOG": str(log), "ZEROGPU_DOUBLE_TIME_SCALE": str(TIME_SCALE)}
+           "ZEROGPU_DOUBLE_LOG": str(log), "ZEROGPU_DOUBLE_TIME_SCALE": str(TIME_SCALE),
+           "ZEROGPU_DOUBLE_REUSE": "1" if request.param == "reuse-idle-workers" else "0"}
     for name in ("LDS_HOST", "LDS_PORT", "LDS_AUTH", "LDS_MODEL", "LDS_SAFETY_CHECKER"):
         env.pop(name, None)
     process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -213,7 +215,7 @@ def zero_gpu_app(tmp_path_factory):
     if client is None:
         os.killpg(process.pid, signal.SIGTERM)
         pytest.fail("the app did not come up within 180 s")
-    yield {"client": client, "url": url, "log": log, "process": process}
+    yield {"client": client, "url": url, "log": log, "process": process, "reuse": request.param == "reuse-idle-workers"}
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=30)
 
@@ -305,8 +307,14 @@ def test_finetune_save_load_and_switch_carry_over_to_later_workers(zero_gpu_app)
     assert finetune_call["duration"] == expected  # from the fine-tune's own steps and batch
     assert [row[0] for row in table["data"]] == ["zqgpu"]
     assert [a["name"] for a in client.predict(api_name="/adapters")] == ["zqgpu"]
-    after_image = draw(word_prompt)  # a new worker, forked after the fine-tune: it has the adapter
+    calls_before = len(gpu_calls(app))
+    after_image = draw(word_prompt)  # a worker forked after the fine-tune: it has the adapter
     assert after_image != before_image
+    drawn = new_calls(app, calls_before)
+    if app["reuse"]:  # the idle txt2img worker predates the adapter: it refused, a new one drew
+        assert [c["task"] for c in drawn] == ["txt2img", "txt2img"] and drawn[0]["pid"] != drawn[1]["pid"], drawn
+    else:
+        assert len(drawn) == 1, drawn
 
     saved, note = client.predict(adapter="zqgpu", api_name="/adapter_save")
     assert saved.endswith(".safetensors") and "Saved" in note

@@ -1,9 +1,10 @@
 """A test double of the `spaces` package on a ZeroGPU Space: `spaces.GPU` with ZeroGPU's process model.
 
 What it shares with `spaces` 0.51 (spaces/zero/wrappers.py), the part an app can get wrong:
-- every call runs in a child process made with multiprocessing's "fork" (here a fresh one per call; ZeroGPU
-  forks a worker and may reuse it while it stays idle), so only the calling thread exists in the child and
-  nothing the child changes comes back;
+- every call runs in a child process made with multiprocessing's "fork", so only the calling thread exists in
+  the child and nothing the child changes comes back. By default a fresh child per call; with
+  ZEROGPU_DOUBLE_REUSE=1 an idle child of the same function runs the next call, as ZeroGPU reuses an idle
+  worker (a child whose call raised is dropped, as spaces drops it);
 - the arguments go to the child pickled, and each result, yielded value or exception comes back pickled;
   a gr.Error arrives as itself, any other exception as gr.Error("ZeroGPU worker error"-titled) naming its class;
 - generator functions stream: each yielded value crosses as it comes; when the caller stops iterating (a
@@ -17,6 +18,7 @@ What it does not do: CUDA (there is none here), quotas, scheduling.
 Test knobs (environment, read at each call):
   ZEROGPU_DOUBLE_TIME_SCALE  multiplies every duration (the double runs models on CPU, not on an H200)
   ZEROGPU_DOUBLE_LOG         a file that gets one JSON line per call: task name, child pid, duration asked
+  ZEROGPU_DOUBLE_REUSE       1: reuse idle children (see above)
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -70,29 +73,63 @@ def _gradio_error(message: str, title: str = "ZeroGPU worker error"):
     return gr.Error(message, title=title, print_exception=False)
 
 
+class _Worker:
+    """A forked child that runs calls of one task until its pipe closes."""
+
+    def __init__(self, task, generator: bool):
+        fork = multiprocessing.get_context("fork")
+        self.conn, there = fork.Pipe()
+        self.stop = fork.Event()
+        self.process = fork.Process(target=_child, args=(task, there, self.stop, generator), daemon=True)
+        self.process.start()
+        there.close()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+_idle: dict[int, list[_Worker]] = {}  # id(task) -> idle workers kept for reuse (ZEROGPU_DOUBLE_REUSE=1)
+_idle_lock = threading.Lock()
+
+
+def _worker_for(task, generator: bool, reuse: bool) -> _Worker:
+    """An idle worker of this task when reuse is on and one is alive (as spaces reuses an idle worker), else a
+    fresh fork."""
+    if reuse:
+        with _idle_lock:
+            pool = _idle.setdefault(id(task), [])
+            while pool:
+                worker = pool.pop()
+                if worker.process.is_alive():
+                    return worker
+                worker.close()
+    return _Worker(task, generator)
+
+
 def _call(task, duration, args, kwargs, *, generator: bool):
     """Run `task` in a forked child; yield what it yields (or its one result); raise what it raised."""
     from gradio.context import LocalContext
 
     seconds = _seconds(duration, args, kwargs)
     limit = seconds * float(os.environ.get("ZEROGPU_DOUBLE_TIME_SCALE", "1"))
+    reuse = os.environ.get("ZEROGPU_DOUBLE_REUSE") == "1"
     blocks = LocalContext.blocks.get(None)
     context = (LocalContext.event_id.get(None), LocalContext.in_event_listener.get(False),
                LocalContext.progress.get(None))
-    fork = multiprocessing.get_context("fork")
-    here, there = fork.Pipe()
-    stop = fork.Event()
-    child = fork.Process(target=_child, args=(task, there, stop, generator), daemon=True)
-    child.start()
-    there.close()
-    _log(task, child.pid, seconds)
+    worker = _worker_for(task, generator, reuse)
+    worker.stop.clear()
+    _log(task, worker.process.pid, seconds)
+    here, child = worker.conn, worker.process
     try:
         _send(here, ((args, kwargs), _portable(context)), pickling_what="the arguments")
     except BaseException:
-        child.kill()
+        worker.close()
         raise
     deadline = time.monotonic() + limit
-    finished = False
+    finished = succeeded = False
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -104,7 +141,7 @@ def _call(task, duration, args, kwargs, *, generator: bool):
                     raise _gradio_error(ABORTED)
                 continue
             try:
-                kind, value = here.recv()
+                kind, value = pickle.loads(here.recv_bytes())
             except EOFError:
                 raise _gradio_error(ABORTED) from None
             if kind == "rpc":  # a progress update made in the child, for this process's queue
@@ -112,56 +149,61 @@ def _call(task, duration, args, kwargs, *, generator: bool):
                 if blocks is not None and getattr(blocks, "_queue", None) is not None:
                     getattr(blocks._queue, method)(*rpc_args, **rpc_kwargs)
                 continue
-            if kind == "error":
+            if kind == "error":  # spaces drops a worker whose call failed: the next call forks a new one
                 finished = True
                 raise value
             if kind in ("ok", "end"):
-                finished = True
+                finished = succeeded = True
                 if kind == "ok":
                     yield value
                 return
             try:
                 yield value  # kind == "yield"
             except GeneratorExit:  # the caller stopped listening: the child stops at its next yield
-                stop.set()
+                worker.stop.set()
                 raise
     finally:
         if not finished:
-            stop.set()
+            worker.stop.set()
             child.join(max(0.0, min(deadline - time.monotonic(), 30)))
-        if child.is_alive():
-            child.kill()
-        child.join(5)
-        here.close()
+        if succeeded and reuse:
+            with _idle_lock:
+                _idle.setdefault(id(task), []).append(worker)
+        else:
+            worker.close()
 
 
 def _child(task, conn, stop, generator: bool) -> None:
-    """The forked worker: receive the pickled arguments, run the task, send everything back pickled."""
+    """The forked worker: for each call, receive the pickled arguments, run the task, send everything back
+    pickled; until the parent closes the pipe."""
     from gradio.context import LocalContext
 
     _forward_queue_updates(conn)
-    try:
-        (args, kwargs), (event_id, in_listener, progress) = conn.recv()
-        LocalContext.event_id.set(event_id)
-        LocalContext.in_event_listener.set(in_listener)
-        LocalContext.progress.set(progress)
-        if generator:
-            values = task(*args, **kwargs)
-            for value in values:
-                if stop.is_set():
-                    values.close()
-                    break
-                _send(conn, ("yield", value), pickling_what="a yielded value")
-            _send(conn, ("end", None))
-        else:
-            _send(conn, ("ok", task(*args, **kwargs)), pickling_what="the result")
-    except BaseException as error:  # whatever it is, the parent hears of it
+    while True:
         try:
-            _send(conn, ("error", _portable_error(error)))
-        except Exception:
-            pass
-    finally:
-        conn.close()
+            (args, kwargs), (event_id, in_listener, progress) = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break
+        try:
+            LocalContext.event_id.set(event_id)
+            LocalContext.in_event_listener.set(in_listener)
+            LocalContext.progress.set(progress)
+            if generator:
+                values = task(*args, **kwargs)
+                for value in values:
+                    if stop.is_set():
+                        values.close()
+                        break
+                    _send(conn, ("yield", value), pickling_what="a yielded value")
+                _send(conn, ("end", None))
+            else:
+                _send(conn, ("ok", task(*args, **kwargs)), pickling_what="the result")
+        except BaseException as error:  # whatever it is, the parent hears of it
+            try:
+                _send(conn, ("error", _portable_error(error)))
+            except Exception:
+                break
+    conn.close()
 
 
 def _portable_error(error: BaseException):
