@@ -26,7 +26,8 @@ def test_help_lists_every_flag():
     result = run("app.py", "--help")
     assert result.returncode == 0
     for flag in ("--model", "--device", "--dtype", "--host", "--port", "--share", "--auth", "--max-batch",
-                 "--queue-size", "--threads", "--attention-slicing", "--vae-tiling", "--cpu-offload", "--adapter", "--download"):
+                 "--queue-size", "--threads", "--attention-slicing", "--vae-tiling", "--cpu-offload", "--adapter", "--download",
+                 "--share-without-auth", "--safety-checker", "--no-safety-checker"):
         assert flag in result.stdout
 
 

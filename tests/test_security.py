@@ -32,7 +32,7 @@ def raw_get(url: str, path: str) -> tuple[int, bytes]:
 
 
 def test_default_bind_is_localhost(monkeypatch):
-    for name in ("LDS_HOST", "LDS_AUTH", "LDS_PORT"):
+    for name in ("LDS_HOST", "LDS_AUTH", "LDS_PORT", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         monkeypatch.delenv(name, raising=False)
     args = studio_app.parse_args([])
     assert args.host == "127.0.0.1" and args.port == 7860 and not args.share and args.auth is None
