@@ -351,6 +351,105 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def sweep(split: str, count: int, name: str, values: list[float], **kwargs) -> dict[str, dict[str, float]]:
+    """The inpainting U-Net's scores at each value of one setting (guidance, mask_blur or steps)."""
+    out = {}
+    for value in values:
+        scores = evaluate(split, count, methods=["inpainting U-Net"], **{**kwargs, name: value})
+        out[f"{name} {value:g}"] = scores["inpainting U-Net"]
+    return out
+
+
+def curve(log: Path) -> str:
+    """The training loss, every 500 steps, from a run's log.csv."""
+    import csv
+
+    rows = list(csv.DictReader(log.open()))
+    picked = [r for r in rows if int(r["step"]) % 500 == 0 or r is rows[-1]]
+    lines = ["| step | loss (v-prediction, min-SNR weighted) | learning rate | s/step |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {float(r['loss']):.4f} | {float(r['lr']):.2e} | {r['s_per_step']} |" for r in picked]
+    return "\n".join(lines)
+
+
+def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation: dict | None, run: Path | None) -> Path:
+    """README.md of the shipped inpainting model: what it is, how it was made, its held-out scores."""
+    folder = Path(folder)
+    record = json.loads((folder / "training.json").read_text())
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    base = record["base"]
+    sections = [
+        "# Shapes inpainting U-Net (built-in)",
+        "",
+        "The Inpaint and Outpaint tabs (and Explain's inpainting) of the built-in `shapes` preset run this U-Net. It is "
+        f"the base model's U-Net ({base}, step {record['base_step']}) with 9 input channels, as in Stable Diffusion's "
+        "inpainting model: the noisy latents (4), the mask at latent size (1) and the latents of the picture with the "
+        "masked area greyed out (4). The VAE, text encoder, tokenizer and scheduler are the base model's, shared in "
+        "memory by the engine. It is loaded with `UNet2DConditionModel.from_pretrained(<this folder>, subfolder=\"unet\")`.",
+        "",
+        "## Training",
+        f"- Initialised from the base U-Net; the 5 added input channels start at zero, so at step 0 it computes "
+        f"exactly what the base does. {record['step']} steps of batch {record['batch_size']}, AdamW at "
+        f"{record['learning_rate']:g} (warm-up {record['warmup_steps']} steps, cosine to 0), EMA {record['ema_decay']}, "
+        f"v-prediction with the base's min-SNR weights (gamma {record['min_snr_gamma']:g}); the text encoder frozen.",
+        f"- Data (`training/inpaint_data.py`): {record['pool_size']} examples from training scenes (seeds below "
+        f"{HELD_OUT_SEED}), each encoded once: masks like people paint (boxes around an object, its shape grown, "
+        "a scribble across it, boxes and brush strokes anywhere, border bands for outpainting, sometimes the whole "
+        "image) and captions that name the whole scene, only what the mask hides, what remains after removing the "
+        "hidden objects, or nothing. An object the mask hides whole and the caption does not name is removed from the "
+        "target, so an empty prompt or one naming only the background removes it; a tenth of captions name a wrong "
+        "background and the picture still wins, so an outpainted border continues the scene.",
+        f"- U-Net: {unet['block_out_channels']} channels, cross-attention dim {unet['cross_attention_dim']}, "
+        f"{unet['in_channels']} input channels.",
+    ]
+    if run is not None and (Path(run) / "log.csv").is_file():
+        sections += ["", "Loss curve:", "", curve(Path(run) / "log.csv")]
+    sections += [
+        "",
+        "## Held-out evaluation (`python -m training.evaluate_inpaint`)",
+        f"Test split, {count} cases per task, the tabs' defaults (20 DPM-Solver++ steps, guidance 2.5, mask blur 1 px, "
+        "outpaint overlap 8 px). Scenes and masks come from seeds the trainer never used (the script checks it), and "
+        "prompts never say where: the mask does. Baseline: the same app path with latent blending on the base U-Net.",
+        "",
+        table(test),
+        "",
+        "The measures (`training/evaluate_inpaint.py`): add and replace = the requested colour and shape found by the "
+        "checker with its centre inside the mask; remove = nothing found inside the mask and 90% of its pixels within "
+        f"{REMOVE_TOLERANCE} levels of the scene rendered without the object; keep = pixels outside the mask "
+        "byte-identical; seam_ratio = mean gradient on the mask's edge over the same on the ground-truth render of the "
+        "finished scene; outpaint = 90% of the new area's background pixels within "
+        f"{CONTINUITY_TOLERANCE} levels of the ground truth (outpaint_other_background: the cases whose prompt names "
+        "another background); outpaint_objects = objects cut by the old border come back with colour and shape.",
+        "",
+        "The same measures on the ground truth itself (how far the checker can be trusted):",
+        "",
+        table({"ground truth": truth}),
+    ]
+    if validation:
+        sections += ["", "## Settings chosen on the validation split", "",
+                     "Only the inpainting U-Net, validation split (disjoint from test):", "", table(validation)]
+    sections += [
+        "",
+        "## Limits",
+        "- Trained at 64x64. Larger canvases (an outpainted 64 px picture, uploads above 64 px, which run at up to "
+        "128 px) go beyond what it saw; the surrounding picture keeps them coherent more often than text-to-image "
+        "at that size, but not always.",
+        "- The Shapes world only: on photos use `--model sd15` (its own inpainting model).",
+        "- Retraining the base U-Net invalidates this model: re-derive it with the command below.",
+        "",
+        "## Reproduce",
+        "```bash",
+        f"python -m training.train_inpaint --base {base} --out runs/inpaint --max-steps {record['step']} "
+        f"--pool-size {record['pool_size']} --threads 1",
+        "python -m training.train_inpaint --out runs/inpaint --export assets/models/shapes-inpaint",
+        "python -m training.evaluate_inpaint --split validation --sweep guidance=1.5,2.5,4 --json runs/inpaint/validation.json",
+        "python -m training.evaluate_inpaint --write-card assets/models/shapes-inpaint --validation runs/inpaint/validation.json --run runs/inpaint",
+        "```",
+    ]
+    path = folder / "README.md"
+    path.write_text("\n".join(sections) + "\n")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=list(SPLITS), default="test")
@@ -364,7 +463,33 @@ def main(argv=None):
     parser.add_argument("--grid", type=Path, default=None, help="save (input, result) pairs of the first cases")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores as JSON")
     parser.add_argument("--check-truth", action="store_true", help="score the ground truth instead, list the misreads, exit")
+    parser.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+                        help="score the inpainting U-Net at each value of guidance, mask_blur or steps")
+    parser.add_argument("--write-card", type=Path, default=None, metavar="FOLDER",
+                        help="evaluate the test split and write FOLDER/README.md (the model card)")
+    parser.add_argument("--validation", type=Path, default=None, help="a --sweep --json file to show in the card")
+    parser.add_argument("--run", type=Path, default=None, help="the training run folder whose log.csv the card plots")
     args = parser.parse_args(argv)
+    if args.sweep:
+        name, _, values = args.sweep.partition("=")
+        if name not in ("guidance", "mask_blur", "steps"):
+            parser.error(f"--sweep {args.sweep!r}: sweep guidance, mask_blur or steps")
+        results = sweep(args.split, args.count, name, [float(v) for v in values.split(",")],
+                        inpaint_model=args.inpaint_model, threads=args.threads)
+        print(f"split {args.split}, {args.count} cases per task")
+        print(table(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
+    if args.write_card:
+        if args.split != "test":
+            parser.error("--write-card reports the test split")
+        results = evaluate("test", args.count, inpaint_model=args.inpaint_model, threads=args.threads)
+        truth, _ = truth_scores(build_cases("test", args.count))
+        validation = json.loads(args.validation.read_text()) if args.validation else None
+        print(table(results))
+        print(f"wrote {write_card(args.write_card, results, truth, args.count, validation=validation, run=args.run)}")
+        return
     if args.check_truth:
         cases = build_cases(args.split, args.count)
         scores, verdicts = truth_scores(cases)
