@@ -209,25 +209,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=env.get("LDS_MODEL", "shapes"),
-                        help="preset (shapes, sd15, sd15-lcm, sd15-inpainting) or a local diffusers folder [LDS_MODEL]")
-    parser.add_argument("--device", default=env.get("LDS_DEVICE"), help="cuda, cuda:1, mps or cpu (auto if unset) [LDS_DEVICE]")
+    parser.add_argument(
+        "--model",
+        default=env.get("LDS_MODEL", "shapes"),
+        help="preset (shapes, sd15, sd15-lcm, sd15-inpainting) or a local diffusers folder [LDS_MODEL]",
+    )
+    parser.add_argument(
+        "--device", default=env.get("LDS_DEVICE"), help="cuda, cuda:1, mps or cpu (auto if unset) [LDS_DEVICE]"
+    )
     parser.add_argument("--dtype", default=env.get("LDS_DTYPE"), help="fp16, bf16 or fp32 (auto if unset) [LDS_DTYPE]")
     host, port = server_address(env)
     parser.add_argument("--host", default=host, help="address to bind [LDS_HOST, else GRADIO_SERVER_NAME]")
     parser.add_argument("--port", type=int, default=port, help="port [LDS_PORT, else GRADIO_SERVER_PORT]")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live share link (needs --auth)")
+    parser.add_argument(
+        "--share", action="store_true", help="also open a public gradio.live share link (needs --auth)"
+    )
     parser.add_argument(SHARE_WITHOUT_AUTH_FLAG, action="store_true",
                         help="allow --share without --auth: anyone with the link can use the app")
-    parser.add_argument("--auth", default=env.get("LDS_AUTH"), help="user:password (comma-separate several) [LDS_AUTH]")
+    parser.add_argument(
+        "--auth", default=env.get("LDS_AUTH"), help="user:password (comma-separate several) [LDS_AUTH]"
+    )
     parser.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
                         help="screen SD1.5-class outputs with diffusers' safety checker (default: on when public: "
                              "a Space, --share or a non-loopback --host) [LDS_SAFETY_CHECKER=1/0]")
     parser.add_argument("--max-batch", type=int, default=None, help="images per request (overrides LDS_MAX_BATCH)")
     parser.add_argument("--queue-size", type=int, default=int(env.get("LDS_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)),
                         help="requests that may wait for the model [LDS_QUEUE_SIZE]")
-    parser.add_argument("--threads", type=int, default=int(env["LDS_THREADS"]) if env.get("LDS_THREADS") else None,
-                        help="CPU threads for model work (default: all usable cores but one, left to the web server) [LDS_THREADS]")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(env["LDS_THREADS"]) if env.get("LDS_THREADS") else None,
+        help="CPU threads for model work (default: all usable cores but one, left to the web server) [LDS_THREADS]",
+    )
     parser.add_argument("--attention-slicing", action="store_true", help="lower peak memory, a little slower")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     parser.add_argument("--cpu-offload", action="store_true", help="keep idle modules in CPU memory (CUDA)")
@@ -268,10 +281,18 @@ def main(argv=None) -> int:
     if gpu is not None:  # ZeroGPU's CUDA emulation lives on this thread only: the model is loaded and changed here
         compute.adopt_current_thread()
     try:
-        engine = build_engine(args.model, device=model_device(args.device, zero_gpu=gpu is not None),
-                              dtype=args.dtype, attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                              cpu_offload=args.cpu_offload, max_batch=args.max_batch, adapters=args.adapter,
-                              threads=args.threads, safety_checker=safety_checker_wanted(args.safety_checker, settings))
+        engine = build_engine(
+            args.model,
+            device=model_device(args.device, zero_gpu=gpu is not None),
+            dtype=args.dtype,
+            attention_slicing=args.attention_slicing,
+            vae_tiling=args.vae_tiling,
+            cpu_offload=args.cpu_offload,
+            max_batch=args.max_batch,
+            adapters=args.adapter,
+            threads=args.threads,
+            safety_checker=safety_checker_wanted(args.safety_checker, settings),
+        )
     except (ModelNotAvailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,8 +17,7 @@ import time
 import traceback
 
 from benchmarks import app_overhead, latency, ldm_flops, memory, throughput
-from benchmarks.common import (Row, add_arguments, machine_line, options_from, print_table, quiet_libraries,
-                               set_threads)
+from benchmarks.common import Row, add_arguments, machine_line, options_from, print_table, quiet_libraries, set_threads
 
 PARTS = {
     "1": ("app overhead", app_overhead.run),

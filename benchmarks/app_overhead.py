@@ -21,7 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Options, Row, build_engine, cores, interleaved_medians, model_folder, standalone, start_app, txt2img_args
+from benchmarks.common import (
+    Options,
+    Row,
+    build_engine,
+    cores,
+    interleaved_medians,
+    model_folder,
+    standalone,
+    start_app,
+    txt2img_args,
+)
 
 PART = "1 app overhead"
 GOAL = "<= 1.03"

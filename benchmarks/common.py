@@ -152,7 +152,9 @@ def preset_for(folder_or_name: str):
             shapes = resolve_preset("shapes")
             # the built-in inpainting U-Net belongs to the built-in base only (it was derived from its U-Net)
             same_base = path.resolve() == Path(shapes.base).resolve()
-            return dataclasses.replace(shapes, base=str(path), inpaint_model=shapes.inpaint_model if same_base else None)
+            return dataclasses.replace(
+                shapes, base=str(path), inpaint_model=shapes.inpaint_model if same_base else None
+            )
     return resolve_preset(folder_or_name)
 
 

@@ -18,8 +18,19 @@ import time
 
 import numpy as np
 
-from benchmarks.common import (REPO, Options, Row, build_engine, cores, matmul_gflops, median_time, model_folder,
-                               standalone, start_app, txt2img_args)
+from benchmarks.common import (
+    REPO,
+    Options,
+    Row,
+    build_engine,
+    cores,
+    matmul_gflops,
+    median_time,
+    model_folder,
+    standalone,
+    start_app,
+    txt2img_args,
+)
 
 PART = "4 latency"
 API_GOAL = "<= 0.25"
@@ -132,9 +143,15 @@ def settings_rows(engine, opts: Options, compile_too: bool) -> list[Row]:
     del unet_bf16
     reference = image_of(engine, torch.float32, steps=opts.steps)
     halved = image_of(engine, torch.bfloat16, steps=opts.steps)
-    rows.append(Row(PART, "U-Net step: bf16 vs fp32 (time ratio)", bf16 / base,
-                    detail=f"{bf16 * 1e3:.1f} ms vs {base * 1e3:.1f} ms; whole image in bf16: PSNR "
-                           f"{psnr(reference, halved):.1f} dB, max diff {np.abs(reference - halved).max() * 255:.0f}/255"))
+    rows.append(
+        Row(
+            PART,
+            "U-Net step: bf16 vs fp32 (time ratio)",
+            bf16 / base,
+            detail=f"{bf16 * 1e3:.1f} ms vs {base * 1e3:.1f} ms; whole image in bf16: PSNR "
+            f"{psnr(reference, halved):.1f} dB, max diff {np.abs(reference - halved).max() * 255:.0f}/255",
+        )
+    )
 
     # torch.compile
     if compile_too:
@@ -205,13 +222,22 @@ def run(opts: Options) -> list[Row]:
         api = median_time(lambda: client.predict(**args, api_name="/txt2img"), repeats=opts.repeats, warmup=2)
     finally:
         server.close()
-    rows.append(Row(PART, f"API /txt2img {args['width']}x{args['height']}, {args['steps']} steps, CFG {args['guidance']}",
-                    api, unit="s", goal=API_GOAL,
-                    detail=f"median of {opts.repeats}, the app's {engine.threads} model thread(s); goal set for 2 idle cores"))
+    rows.append(
+        Row(
+            PART,
+            f"API /txt2img {args['width']}x{args['height']}, {args['steps']} steps, CFG {args['guidance']}",
+            api,
+            unit="s",
+            goal=API_GOAL,
+            detail=f"median of {opts.repeats}, the app's {engine.threads} model thread(s); goal set for 2 idle cores",
+        )
+    )
 
     # one step against the floor, and the settings; on the model thread, as the app runs the model (a second
     # thread's OpenMP pool would slow every op: pipelines/compute.py)
-    rows += engine.compute.thread.run_threads(opts.threads or cores(), step_rows, engine, opts)  # this run's --threads, not the app's
+    rows += engine.compute.thread.run_threads(
+        opts.threads or cores(), step_rows, engine, opts
+    )  # this run's --threads, not the app's
 
     # cold start
     cold, inner = cold_start(folder, opts.steps, torch.get_num_threads())

@@ -99,11 +99,11 @@ def _use(pipes: list[tuple[str, object]], size: int) -> None:
 
 
 def child(config: str, folder: str, controls: dict[str, str], dtype: str, run_size: int) -> dict:
-    import torch
     import diffusers  # noqa: F401  (imports belong to the baseline)
+    import torch
     import transformers  # noqa: F401
 
-    from benchmarks.common import quiet_libraries, preset_for
+    from benchmarks.common import preset_for, quiet_libraries
     from pipelines.engine import DTYPES, Engine, _dtype_kwarg, _task_classes
 
     quiet_libraries()
@@ -135,7 +135,7 @@ def child(config: str, folder: str, controls: dict[str, str], dtype: str, run_si
         for task, ctrl in TAB_PIPELINES:
             pipes.append((task, engine.pipeline(task, controls=ctrl)))
     else:
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+        from diffusers import ControlNetModel, StableDiffusionPipeline
 
         extra = dict(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
         if config == "separate":

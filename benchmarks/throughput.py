@@ -55,7 +55,9 @@ def _measure(engine, rounds: list[list[dict]], clients: int) -> tuple[float, flo
                 sequential += time.perf_counter() - started
                 started = time.perf_counter()
                 per_client = list(pool.map(
-                    lambda k: [sessions[k].predict(**r, api_name="/txt2img") for r in requests[k::clients]],
+                    lambda k, requests=requests: [
+                        sessions[k].predict(**r, api_name="/txt2img") for r in requests[k::clients]
+                    ],
                     range(clients)))
                 concurrent += time.perf_counter() - started
                 ordered: list = [None] * len(requests)

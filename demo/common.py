@@ -27,8 +27,15 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.common import (Cancelled, InputError, ModelError, ModelNotAvailable, params_from_png, params_to_png_info,
-                              withheld)
+from pipelines.common import (
+    Cancelled,
+    InputError,
+    ModelError,
+    ModelNotAvailable,
+    params_from_png,
+    params_to_png_info,
+    withheld,
+)
 
 CONCURRENCY_ID = "model"  # every event that touches the model shares this id and one concurrency limit
 MODEL_EVENT = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)  # Studio.model_event() when batching
@@ -96,9 +103,13 @@ def _check_image_file(path: str | None, max_pixels: int, what: str) -> None:
     except Image.DecompressionBombError as e:
         raise gr.Error(f"The {what} is too large to open safely ({e}); the limit is {max_pixels:,} pixels.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise gr.Error(f"The {what} is not a readable image (PNG, JPEG or WebP); the file is damaged or of another type.") from None
+        raise gr.Error(
+            f"The {what} is not a readable image (PNG, JPEG or WebP); the file is damaged or of another type."
+        ) from None
     if width * height > max_pixels:
-        raise gr.Error(f"The {what} is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} pixels.")
+        raise gr.Error(
+            f"The {what} is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} pixels."
+        )
 
 
 def _decode_error(what: str, e: Exception) -> gr.Error:
@@ -232,7 +243,9 @@ def size_choices(engine) -> tuple[int, int, int]:
     return minimum, maximum, multiple
 
 
-def common_settings(engine, *, tab: str, size: bool = True, label: str = "Settings", open: bool = False) -> CommonSettings:
+def common_settings(
+    engine, *, tab: str, size: bool = True, label: str = "Settings", open: bool = False
+) -> CommonSettings:
     """Build the settings accordion (negative prompt, seed + random, steps, guidance, scheduler, size, batch).
 
     Every tab calls this one function, so the settings look and behave the same everywhere.
@@ -251,9 +264,15 @@ def common_settings(engine, *, tab: str, size: bool = True, label: str = "Settin
             guidance = Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
                                  value=preset.default_guidance, elem_id=f"{tab}-guidance")
         with gr.Row():
-            scheduler = Dropdown(label="Scheduler", choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
-                                    value=preset.default_scheduler, elem_id=f"{tab}-scheduler")
-            batch = Slider(label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1, elem_id=f"{tab}-batch")
+            scheduler = Dropdown(
+                label="Scheduler",
+                choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
+                value=preset.default_scheduler,
+                elem_id=f"{tab}-scheduler",
+            )
+            batch = Slider(
+                label="Batch size", minimum=1, maximum=limits.max_batch, step=1, value=1, elem_id=f"{tab}-batch"
+            )
         width = height = None
         if size:
             low, high, step = size_choices(engine)
@@ -855,7 +874,12 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
                 progress((step, total), desc=f"Denoising step {step}/{total}")
             # The step count goes out even between previews (they are rationed by their cost), so the
             # status always shows the run moving.
-            yield (gr.skip() if latest_preview is None else latest_preview, gr.skip(), gr.skip(), f"Step {step}/{total}")
+            yield (
+                gr.skip() if latest_preview is None else latest_preview,
+                gr.skip(),
+                gr.skip(),
+                f"Step {step}/{total}",
+            )
 
     if isinstance(run.error, Cancelled):
         yield (gr.skip(), gr.skip(), gr.skip(), f"Cancelled at step {step} of {total}." if total else "Cancelled.")

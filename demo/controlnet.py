@@ -62,23 +62,40 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        elem_id=f"{TAB}-map", elem_classes=["lds-pixelated"])
             control_type, preprocessor = _control_picker(engine)
             with gr.Row():
-                low = common.Slider(elem_id=f"{TAB}-low", label="Canny low threshold", minimum=1, maximum=255, step=1, value=CANNY_LOW)
-                high = common.Slider(elem_id=f"{TAB}-high", label="Canny high threshold", minimum=1, maximum=255, step=1, value=CANNY_HIGH)
+                low = common.Slider(
+                    elem_id=f"{TAB}-low", label="Canny low threshold", minimum=1, maximum=255, step=1, value=CANNY_LOW
+                )
+                high = common.Slider(
+                    elem_id=f"{TAB}-high",
+                    label="Canny high threshold",
+                    minimum=1,
+                    maximum=255,
+                    step=1,
+                    value=CANNY_HIGH,
+                )
             preview = gr.Button("Preview control map", elem_id=f"{TAB}-preview-map")
             prompt = gr.Textbox(value="", label="Prompt", lines=2, max_length=engine.limits.max_prompt_chars,
                                 elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
-                scale = common.Slider(elem_id=f"{TAB}-scale", label="Conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0)
-                start = common.Slider(elem_id=f"{TAB}-start", label="Guidance start", minimum=0.0, maximum=1.0, step=0.05, value=0.0)
-                end = common.Slider(elem_id=f"{TAB}-end", label="Guidance end", minimum=0.0, maximum=1.0, step=0.05, value=1.0)
+                scale = common.Slider(
+                    elem_id=f"{TAB}-scale", label="Conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0
+                )
+                start = common.Slider(
+                    elem_id=f"{TAB}-start", label="Guidance start", minimum=0.0, maximum=1.0, step=0.05, value=0.0
+                )
+                end = common.Slider(
+                    elem_id=f"{TAB}-end", label="Guidance end", minimum=0.0, maximum=1.0, step=0.05, value=1.0
+                )
             with gr.Accordion("Second ControlNet (optional)", open=False):
                 use_second = gr.Checkbox(label="Use a second ControlNet", value=False, elem_id=f"{TAB}-use-second")
                 image_2 = common.safe_image(label="Second input (empty = use the first image)", type="pil",
                                            image_mode=None, format="png", sources=("upload", "clipboard"), height=200,
                                            elem_classes=["lds-pixelated"], max_pixels=max_pixels)
                 control_type_2, preprocessor_2 = _control_picker(engine, "-2", label="Second control type")
-                scale_2 = common.Slider(label="Second conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=0.5)
+                scale_2 = common.Slider(
+                    label="Second conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=0.5
+                )
             settings = common.common_settings(engine, tab=TAB, size=False)
             examples = common.example_files("scene_a.png", "person.png", "control_pose.png", "control_canny.png")
             if len(examples) == 4:

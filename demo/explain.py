@@ -266,7 +266,8 @@ def cost_markdown(data: dict) -> str:
         "|---|---|---|",
         f"| U-Net input | 4 × {h} × {w} = {4 * h * w:,} numbers | 3 × {H} × {W} = {3 * H * W:,} numbers |",
         f"| one U-Net evaluation | {_flops(f['unet_latent'])} | {_flops(f['unet_pixel'])} |",
-        f"| one denoising step{' (×2)' if n == 2 else ''} | {_flops(n * f['unet_latent'])} | {_flops(n * f['unet_pixel'])} |",
+        f"| one denoising step{' (×2)' if n == 2 else ''} | {_flops(n * f['unet_latent'])} "
+        f"| {_flops(n * f['unet_pixel'])} |",
         f"| whole run ({f['steps']} steps{', + one VAE decode' if f.get('vae_decode') else ''}) | "
         f"{_flops(f['latent_run'])} | {_flops(f['pixel_run'])} |",
         "",
@@ -309,16 +310,20 @@ def inpaint_step_view(data: dict | None, step) -> tuple:
     a = float(e.alpha_bars[i])
     head = f"**Step {i + 1} of {e.steps}** · t = {e.timesteps[i]:.0f} · ᾱ = {a:.4f}. "
     if data.get("params", {}).get("inpaint_unet") == "9-channel":
-        text = head + ("Left: the latent being denoised (dimmed = outside the mask), the first 4 of the 9 channels the "
-                       "inpainting U-Net sees; the other 5 are the mask at latent size and the latents of the input with "
-                       "the masked area greyed out, the same at every step, so the U-Net sees the picture around the hole. "
-                       "Nothing is put back between steps; the input's pixels return only outside the mask after decoding. "
-                       "Right: x̂0, the clean image predicted at this step.")
+        text = head + (
+            "Left: the latent being denoised (dimmed = outside the mask), the first 4 of the 9 channels the "
+            "inpainting U-Net sees; the other 5 are the mask at latent size and the latents of the input with "
+            "the masked area greyed out, the same at every step, so the U-Net sees the picture around the hole. "
+            "Nothing is put back between steps; the input's pixels return only outside the mask after decoding. "
+            "Right: x̂0, the clean image predicted at this step."
+        )
     else:
-        text = head + (f"Left: the latent the U-Net sees (dimmed = outside the mask). Outside the mask it is the input's "
-                       f"own latent noised to this step's level ({math.sqrt(a):.2f}·z_input + {math.sqrt(1 - a):.2f}·ε), "
-                       f"put back after every step (latent blending); inside it is the image being denoised. Right: x̂0, "
-                       f"the clean image predicted at this step.")
+        text = head + (
+            f"Left: the latent the U-Net sees (dimmed = outside the mask). Outside the mask it is the input's "
+            f"own latent noised to this step's level ({math.sqrt(a):.2f}·z_input + {math.sqrt(1 - a):.2f}·ε), "
+            f"put back after every step (latent blending); inside it is the image being denoised. Right: x̂0, "
+            f"the clean image predicted at this step."
+        )
     return latent_channels(e.latents[i], mask=e.latent_mask), enlarge(e.x0_images[i]), text
 
 
@@ -328,7 +333,8 @@ def _model_event(studio: common.Studio) -> dict:
     return model_event() if callable(model_event) else dict(common.MODEL_EVENT)
 
 
-# --- the tab -----------------------------------------------------------------------------------------------------------
+# --- the tab ---------------------------------------------------------------------------------------------------------
+
 
 def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     studio = studio or common.Studio()
@@ -376,9 +382,17 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        value=1, elem_id=f"{TAB}-attention-from")
         attention_to = common.Slider(label="To step", minimum=1, maximum=max(1, preset.default_steps), step=1,
                                      value=max(1, preset.default_steps), elem_id=f"{TAB}-attention-to")
-    attention = gr.Gallery(label="Attention per word (word · share · max/min)", columns=8, height=240,
-                           fit_columns=False, format="png", object_fit="contain",
-                           interactive=False, elem_id=f"{TAB}-attention", elem_classes=["lds-gallery", "lds-pixelated"])
+    attention = gr.Gallery(
+        label="Attention per word (word · share · max/min)",
+        columns=8,
+        height=240,
+        fit_columns=False,
+        format="png",
+        object_fit="contain",
+        interactive=False,
+        elem_id=f"{TAB}-attention",
+        elem_classes=["lds-gallery", "lds-pixelated"],
+    )
 
     # 3. classifier-free guidance
     gr.Markdown("## 3 · Classifier-free guidance\nAt every step the U-Net predicts the noise twice, with the "
@@ -432,12 +446,21 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             editor = common.safe_image_editor(
-                label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
-                sources=("upload", "clipboard"), transforms=(), height=320,
+                label="Image: paint over the area to repaint",
+                type="pil",
+                image_mode="RGBA",
+                format="png",
+                sources=("upload", "clipboard"),
+                transforms=(),
+                height=320,
                 canvas_size=(preset.default_size, preset.default_size),
-                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=6), eraser=gr.Eraser(default_size=6),
-                layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]), elem_id=f"{TAB}-inpaint-editor",
-                elem_classes=["lds-pixelated"], max_pixels=engine.limits.max_image_pixels)
+                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=6),
+                eraser=gr.Eraser(default_size=6),
+                layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
+                elem_id=f"{TAB}-inpaint-editor",
+                elem_classes=["lds-pixelated"],
+                max_pixels=engine.limits.max_image_pixels,
+            )
             with gr.Accordion("Upload a mask instead of painting", open=False):
                 mask_upload = common.safe_image(label="Mask: white = repaint", type="pil", image_mode=None,
                                                 format="png", height=160, sources=("upload",),
@@ -528,8 +551,16 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         return schedule_frame(schedule, None if e is None else e.timesteps, None if e is None else e.alpha_bars, value)
 
     strength.change(replot, [state, strength], [schedule_plot, cutoff], **common.UI_EVENT)
-    show_code.click(lambda data: gr.update(visible=True, value=data["explanation"].code) if data else gr.update(
-        visible=True, value="# Run Explain first: the code reproduces the last result."), state, code, **common.UI_EVENT)
+    show_code.click(
+        lambda data: (
+            gr.update(visible=True, value=data["explanation"].code)
+            if data
+            else gr.update(visible=True, value="# Run Explain first: the code reproduces the last result.")
+        ),
+        state,
+        code,
+        **common.UI_EVENT,
+    )
 
     # inpainting in latent space
     def explain_inpainting(image: dict | None, mask: object, inpaint_prompt: str, prompt: str, strength: float,
@@ -550,7 +581,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                       prompt=inpaint_prompt or prompt, strength=strength, negative_prompt=negative_prompt,
                       seed=common.resolve_seed(seed), steps=steps, guidance=guidance, scheduler=scheduler,
                       mask_blur=DEFAULT_MASK_BLUR)
-        for preview, gallery, params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
+        for _preview, gallery, _params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
                                                                  request=request, progress=progress):
             if isinstance(gallery, list) and "result" in holder:
                 result = holder["result"]
@@ -559,7 +590,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 yield (status, *inpaint_masks(data), enlarge(result.images[0]),
                        gr.update(value=1, minimum=1, maximum=steps_done, step=1), *inpaint_step_view(data, 1), data)
             else:
-                yield (status, gr.skip(), gr.skip(), preview if preview is not None else gr.skip(),
+                yield (status, gr.skip(), gr.skip(), _preview if _preview is not None else gr.skip(),
                        *([gr.skip()] * 4), gr.skip())
 
     common.wire_cancellable(

@@ -12,7 +12,9 @@ from demo import common
 from pipelines.settings import FINETUNE_METHODS, finetune_defaults
 
 TAB = "finetune"
-EXAMPLE_SET = common.EXAMPLES_DIR / "finetune-checkered"  # written by `python -m training.evaluate_finetune --write-examples`
+EXAMPLE_SET = (
+    common.EXAMPLES_DIR / "finetune-checkered"
+)  # written by `python -m training.evaluate_finetune --write-examples`
 UPDATE_EVERY_S = 0.5  # loss plot and status refresh while training
 ADAPTER_COLUMNS = ["name", "kind", "word", "enabled", "strength", "made from"]
 INTRO = (
@@ -36,7 +38,11 @@ def example_set() -> tuple[list[str], str]:
 def adapter_rows(engine) -> list[list[Any]]:
     rows = []
     for a in engine.adapters.describe():
-        made = f"{a.get('method', a['kind'])}, {a['steps']} steps on {a['images']} images" if a.get("steps") else a.get("source", "")
+        made = (
+            f"{a.get('method', a['kind'])}, {a['steps']} steps on {a['images']} images"
+            if a.get("steps")
+            else a.get("source", "")
+        )
         rows.append([a["name"], a["kind"], a["token"] or "(every prompt)", a["enabled"], a["scale"], made])
     return rows
 
@@ -53,19 +59,37 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             gr.Markdown(INTRO)
-            images = gr.File(label=f"Training images (1-{limits.max_finetune_images}; 3-10 work well)", file_count="multiple",
-                             file_types=["image"], type="filepath", elem_id=f"{TAB}-images")
+            images = gr.File(
+                label=f"Training images (1-{limits.max_finetune_images}; 3-10 work well)",
+                file_count="multiple",
+                file_types=["image"],
+                type="filepath",
+                elem_id=f"{TAB}-images",
+            )
             if example_images:
-                use_example = gr.Button(f"Use the example set: {len(example_images)} shapes in a checkered style the model "
-                                        f"has never been told about", size="sm", elem_id=f"{TAB}-example")
+                use_example = gr.Button(
+                    f"Use the example set: {len(example_images)} shapes in a checkered style the model "
+                    f"has never been told about",
+                    size="sm",
+                    elem_id=f"{TAB}-example",
+                )
             thumbnails = gr.Gallery(label="Training images", columns=6, height=120, interactive=False,
                                     elem_classes=["lds-gallery", "lds-pixelated"], elem_id=f"{TAB}-thumbnails")
             token = gr.Textbox(value="zqx", label="Trigger word (a new word; prompts containing it use the result)",
                                max_lines=1, elem_id=f"{TAB}-token")
-            captions = gr.Textbox(value="", lines=4, label="Captions, one per image (optional; write {token} where the word goes)",
-                                  placeholder="a big red circle in {token} style", elem_id=f"{TAB}-captions")
-            instance_prompt = gr.Textbox(value=defaults.instance_prompt, max_lines=1,
-                                         label="Caption for every image when the captions are empty", elem_id=f"{TAB}-instance")
+            captions = gr.Textbox(
+                value="",
+                lines=4,
+                label="Captions, one per image (optional; write {token} where the word goes)",
+                placeholder="a big red circle in {token} style",
+                elem_id=f"{TAB}-captions",
+            )
+            instance_prompt = gr.Textbox(
+                value=defaults.instance_prompt,
+                max_lines=1,
+                label="Caption for every image when the captions are empty",
+                elem_id=f"{TAB}-instance",
+            )
             method = gr.Radio(list(FINETUNE_METHODS), value="lora", label="Method", elem_id=f"{TAB}-method",
                               info="lora: small, combinable adapters · full: every U-Net weight (more memory, slower)")
             with gr.Accordion("Training settings", open=False):
@@ -96,7 +120,9 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             table = gr.Dataframe(value=adapter_rows(engine), headers=ADAPTER_COLUMNS, interactive=False,
                                  elem_id=f"{TAB}-adapters")
             with gr.Row():
-                chosen = gr.Dropdown(adapter_names(engine), label="Adapter", allow_custom_value=True, elem_id=f"{TAB}-chosen")
+                chosen = gr.Dropdown(
+                    adapter_names(engine), label="Adapter", allow_custom_value=True, elem_id=f"{TAB}-chosen"
+                )
                 enabled = gr.Checkbox(value=True, label="On", elem_id=f"{TAB}-enabled")
                 strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength")
             with gr.Row():
@@ -104,9 +130,15 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 remove = gr.Button("Remove", size="sm", variant="stop", elem_id=f"{TAB}-remove")
                 save = gr.Button("Save as .safetensors", size="sm", elem_id=f"{TAB}-save")
             download = gr.File(label="Adapter file", interactive=False, elem_id=f"{TAB}-download")
-            with gr.Accordion("Load an adapter file (this app's, or a LoRA from diffusers / kohya / A1111)", open=False):
-                upload = gr.File(label=".safetensors", file_types=[".safetensors"], type="filepath", elem_id=f"{TAB}-upload")
-                upload_word = gr.Textbox(value="", label="Trigger word (empty: the file's own; none: every prompt)", max_lines=1)
+            with gr.Accordion(
+                "Load an adapter file (this app's, or a LoRA from diffusers / kohya / A1111)", open=False
+            ):
+                upload = gr.File(
+                    label=".safetensors", file_types=[".safetensors"], type="filepath", elem_id=f"{TAB}-upload"
+                )
+                upload_word = gr.Textbox(
+                    value="", label="Trigger word (empty: the file's own; none: every prompt)", max_lines=1
+                )
                 load = gr.Button("Load", size="sm", elem_id=f"{TAB}-load")
             adapters_status = gr.Markdown("", elem_id=f"{TAB}-adapters-status")
 
@@ -124,11 +156,19 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             common._check_image_file(path, limits.max_image_pixels, f"training image {i + 1} ({Path(path).name})")
         pictures = [common.open_image(p) for p in (images or [])]
         caption_lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
-        settings = ft.FineTuneSettings(token=(token or "").strip(), method=method, name=(name or "").strip(),
-                                       steps=_number(steps), learning_rate=_number(learning_rate, float),
-                                       rank=_number(rank), batch_size=_number(batch_size),
-                                       prior_preservation=bool(prior_preservation), prior_weight=_number(prior_weight, float),
-                                       seed=_number(seed), instance_prompt=instance_prompt or "")
+        settings = ft.FineTuneSettings(
+            token=(token or "").strip(),
+            method=method,
+            name=(name or "").strip(),
+            steps=_number(steps),
+            learning_rate=_number(learning_rate, float),
+            rank=_number(rank),
+            batch_size=_number(batch_size),
+            prior_preservation=bool(prior_preservation),
+            prior_weight=_number(prior_weight, float),
+            seed=_number(seed),
+            instance_prompt=instance_prompt or "",
+        )
         yield from _run_finetune(engine, studio, ft, pictures, settings, caption_lines, test_prompt, request)
 
     def seconds(arguments: dict) -> float:
@@ -144,9 +184,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         arguments = dict(steps=steps, batch_size=batch_size)
         if studio.zero_gpu and seconds(arguments) > common.ZERO_GPU_MAX_S:  # ZeroGPU would refuse it, or cut it off
             fits = common.finetune_steps_within(common.ZERO_GPU_MAX_S, _number(batch_size) or defaults.batch_size)
-            raise gr.Error(f"steps={_number(steps) or defaults.steps} would need about {seconds(arguments):.0f} s of GPU "
-                           f"time; a ZeroGPU call may hold the GPU at most {common.ZERO_GPU_MAX_S} s: use at most "
-                           f"{fits} steps at this batch size", title="Invalid input")
+            raise gr.Error(
+                f"steps={_number(steps) or defaults.steps} would need about {seconds(arguments):.0f} s of GPU "
+                f"time; a ZeroGPU call may hold the GPU at most {common.ZERO_GPU_MAX_S} s: use at most "
+                f"{fits} steps at this batch size",
+                title="Invalid input",
+            )
         for status, loss, comparison, table, trained in train_gpu(
                 images, token, captions, instance_prompt, method, steps, learning_rate, rank, batch_size,
                 prior_preservation, prior_weight, seed, name, test_prompt, request):
@@ -191,7 +234,9 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     def save_adapter(adapter: str):
         """The adapter as a .safetensors file (LoRA weights in diffusers/peft names, the learned word, metadata)."""
         with _adapter_errors():
-            target = studio.output_dir / "adapters" / f"{engine.adapters.get(adapter).name}-{int(time.time())}.safetensors"
+            target = (
+                studio.output_dir / "adapters" / f"{engine.adapters.get(adapter).name}-{int(time.time())}.safetensors"
+            )
             _on_app_model(engine, studio, engine.adapters.save, adapter, target)
         return str(target), f"Saved `{adapter}` ({target.stat().st_size / 1e6:.1f} MB)."
 
@@ -249,8 +294,13 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
                 continue
             losses += [(step, loss) for step, _, loss in reports]
             step, total, loss = reports[-1]
-            yield (f"Step {step}/{total} · loss {loss:.4f} · {time.perf_counter() - started:.0f} s", _loss_frame(losses),
-                   list(comparison) or gr.skip(), gr.skip(), None)
+            yield (
+                f"Step {step}/{total} · loss {loss:.4f} · {time.perf_counter() - started:.0f} s",
+                _loss_frame(losses),
+                list(comparison) or gr.skip(),
+                gr.skip(),
+                None,
+            )
     if isinstance(run.error, common.Cancelled):
         yield (f"Cancelled at step {step} of {total}; nothing was kept.", _loss_frame(losses), gr.skip(),
                adapter_rows(engine), None)
@@ -264,9 +314,15 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
         path = studio.output_dir / "adapters" / f"{adapter.name}-trained-{int(time.time())}.safetensors"
         engine.adapters.save(adapter.name, path)
         trained = {"file": str(path), "name": adapter.name, "token": adapter.token}
-    yield (f"Done: adapter `{result.adapter}` trained {result.steps_done} steps in {result.seconds:.0f} s "
-           f"(final loss {result.info.get('final_loss') or 0:.4f}). Prompts with **{result.token}** now use it in every tab.",
-           _loss_frame(losses), list(comparison), adapter_rows(engine), trained)
+    yield (
+        f"Done: adapter `{result.adapter}` trained {result.steps_done} steps in {result.seconds:.0f} s "
+        f"(final loss {result.info.get('final_loss') or 0:.4f}). "
+        f"Prompts with **{result.token}** now use it in every tab.",
+        _loss_frame(losses),
+        list(comparison),
+        adapter_rows(engine),
+        trained,
+    )
 
 
 def _on_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
@@ -304,7 +360,9 @@ def _is_skip(value) -> bool:
 def _test_image(engine, prompt: str, seed: int):
     txt2img = common.task("txt2img")
     preset = engine.preset
-    return txt2img.generate(engine, prompt=prompt, seed=seed, steps=preset.default_steps, guidance=preset.default_guidance).images[0]
+    return txt2img.generate(
+        engine, prompt=prompt, seed=seed, steps=preset.default_steps, guidance=preset.default_guidance
+    ).images[0]
 
 
 def _loss_frame(losses: list[tuple[int, float]]):

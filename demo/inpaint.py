@@ -18,22 +18,50 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             editor = common.safe_image_editor(
-                label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
-                sources=("upload", "clipboard"), transforms=(), height=420,
+                label="Image: paint over the area to repaint",
+                type="pil",
+                image_mode="RGBA",
+                format="png",
+                sources=("upload", "clipboard"),
+                transforms=(),
+                height=420,
                 # The editor sometimes scales a fresh upload to the canvas size; at the model's own size that
                 # is harmless (the pipeline works at that size anyway).
                 canvas_size=(engine.preset.default_size, engine.preset.default_size),
                 brush=gr.Brush(colors=[MASK_COLOUR], color_mode="fixed", default_size=6),
-                eraser=gr.Eraser(default_size=6), layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
-                elem_id=f"{TAB}-editor", elem_classes=["lds-pixelated"], max_pixels=max_pixels)
-            prompt = gr.Textbox(value="", label="Prompt (what to paint in the masked area: the mask says where)", lines=2,
-                                max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
+                eraser=gr.Eraser(default_size=6),
+                layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
+                elem_id=f"{TAB}-editor",
+                elem_classes=["lds-pixelated"],
+                max_pixels=max_pixels,
+            )
+            prompt = gr.Textbox(
+                value="",
+                label="Prompt (what to paint in the masked area: the mask says where)",
+                lines=2,
+                max_length=engine.limits.max_prompt_chars,
+                elem_id=f"{TAB}-prompt",
+            )
             common.unknown_words_warning(engine, prompt)
             with gr.Row():
-                strength = common.Slider(elem_id=f"{TAB}-strength", label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
-                                     info="how much of the masked area is re-noised (1 = all)")
-                mask_blur = common.Slider(elem_id=f"{TAB}-mask-blur", label="Mask blur (px)", minimum=0, maximum=MASK_BLUR_MAX, step=1, value=DEFAULT_MASK_BLUR,
-                                          info="pixels inside the mask's edge where the result fades into the picture")
+                strength = common.Slider(
+                    elem_id=f"{TAB}-strength",
+                    label="Strength",
+                    minimum=0.05,
+                    maximum=1.0,
+                    step=0.05,
+                    value=STRENGTH_DEFAULT,
+                    info="how much of the masked area is re-noised (1 = all)",
+                )
+                mask_blur = common.Slider(
+                    elem_id=f"{TAB}-mask-blur",
+                    label="Mask blur (px)",
+                    minimum=0,
+                    maximum=MASK_BLUR_MAX,
+                    step=1,
+                    value=DEFAULT_MASK_BLUR,
+                    info="pixels inside the mask's edge where the result fades into the picture",
+                )
             gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
             with gr.Accordion("Upload a mask instead of painting", open=False):
                 mask_upload = common.safe_image(label="Mask: white = repaint, black = keep", type="pil",

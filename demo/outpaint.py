@@ -30,24 +30,42 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             image = common.safe_image(label="Image to extend", type="pil", image_mode=None, format="png",
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=max_pixels)
-            prompt = gr.Textbox(value="", label="Prompt (the whole enlarged scene, or what to add in the new area)", lines=2,
-                                max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt",
-                                info="The new area continues the picture (its background, horizon and cut objects); "
-                                     "background words in the prompt do not override what the picture shows.")
+            prompt = gr.Textbox(
+                value="",
+                label="Prompt (the whole enlarged scene, or what to add in the new area)",
+                lines=2,
+                max_length=engine.limits.max_prompt_chars,
+                elem_id=f"{TAB}-prompt",
+                info="The new area continues the picture (its background, horizon and cut objects); "
+                "background words in the prompt do not override what the picture shows.",
+            )
             common.unknown_words_warning(engine, prompt)
             directions = common.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
                                           elem_id=f"{TAB}-directions")
             with gr.Row():
-                pixels = common.Slider(elem_id=f"{TAB}-pixels", label="Pixels to add per chosen side", minimum=step, maximum=max_side, step=step,
-                                   value=default_px)
-                fill = common.Dropdown(list(fills), elem_id=f"{TAB}-fill", value=fills[0], label="Fill of the new area before denoising")
+                pixels = common.Slider(
+                    elem_id=f"{TAB}-pixels",
+                    label="Pixels to add per chosen side",
+                    minimum=step,
+                    maximum=max_side,
+                    step=step,
+                    value=default_px,
+                )
+                fill = common.Dropdown(
+                    list(fills), elem_id=f"{TAB}-fill", value=fills[0], label="Fill of the new area before denoising"
+                )
             gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
             settings = common.common_settings(engine, tab=TAB, size=False)
             examples = common.example_files("scene_c.png", "person.png")
             if examples:
-                gr.Examples([[examples[0], "a small orange circle in the top left", ["right", "bottom"]],
-                             *([[examples[1], "a pink person sitting at night", ["left"]]] if len(examples) > 1 else [])],
-                            inputs=[image, prompt, directions], label="Examples")
+                gr.Examples(
+                    [
+                        [examples[0], "a small orange circle in the top left", ["right", "bottom"]],
+                        *([[examples[1], "a pink person sitting at night", ["left"]]] if len(examples) > 1 else []),
+                    ],
+                    inputs=[image, prompt, directions],
+                    label="Examples",
+                )
         with gr.Column(scale=3):
             panel = common.output_panel(TAB, studio, generate_label="Outpaint")
 

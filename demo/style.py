@@ -24,8 +24,15 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             with gr.Row():
                 style = common.Dropdown(styles, value=styles[0] if styles else None, label="Style",
                                     allow_custom_value=False, elem_id=f"{TAB}-style")
-                strength = common.Slider(elem_id=f"{TAB}-strength", label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
-                                     info="0 keeps the image, 1 ignores it")
+                strength = common.Slider(
+                    elem_id=f"{TAB}-strength",
+                    label="Strength",
+                    minimum=0.05,
+                    maximum=1.0,
+                    step=0.05,
+                    value=STRENGTH_DEFAULT,
+                    info="0 keeps the image, 1 ignores it",
+                )
             prompt = gr.Textbox(value="", label="Prompt (describe the content; the style is appended)", lines=2,
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
             common.unknown_words_warning(engine, prompt)
@@ -33,8 +40,15 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 mode = common.Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
                 control = common.Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
                                    label="Structure from", visible=False, elem_id=f"{TAB}-control")
-            scale = common.Slider(elem_id=f"{TAB}-scale", label="ControlNet conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
-                              visible=False)
+            scale = common.Slider(
+                elem_id=f"{TAB}-scale",
+                label="ControlNet conditioning scale",
+                minimum=0.0,
+                maximum=2.0,
+                step=0.05,
+                value=1.0,
+                visible=False,
+            )
             if not controls_available:
                 gr.Markdown("Structure-preserving mode needs a canny or depth ControlNet, which this model lacks.")
             settings = common.common_settings(engine, tab=TAB, size=False)
@@ -48,16 +62,42 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     mode.change(lambda m: (gr.Radio(visible=m == "structure"), gr.Slider(visible=m == "structure")), mode,
                 [control, scale], **common.UI_EVENT)
 
-    def stylize(image: object, style: str, prompt: str, strength: float, mode: str, control: str,
-                conditioning_scale: float, negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
-                batch_size: float, request: gr.Request, progress=gr.Progress()):
+    def stylize(
+        image: object,
+        style: str,
+        prompt: str,
+        strength: float,
+        mode: str,
+        control: str,
+        conditioning_scale: float,
+        negative_prompt: str,
+        seed: float,
+        steps: float,
+        guidance: float,
+        scheduler: str,
+        batch_size: float,
+        request: gr.Request,
+        progress=gr.Progress(),
+    ):
         """Re-render `image` in `style` (one of the model's style presets). mode: "img2img" or "structure"
         (ControlNet `control` = "canny" or "depth" keeps the layout)."""
         if image is None:
             raise gr.Error("Upload an image to restyle first.")
-        kwargs = dict(image=common.open_image(image), style=style, prompt=prompt, strength=strength, mode=mode,
-                      control=control, conditioning_scale=conditioning_scale, negative_prompt=negative_prompt, seed=common.resolve_seed(seed),
-                      steps=steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+        kwargs = dict(
+            image=common.open_image(image),
+            style=style,
+            prompt=prompt,
+            strength=strength,
+            mode=mode,
+            control=control,
+            conditioning_scale=conditioning_scale,
+            negative_prompt=negative_prompt,
+            seed=common.resolve_seed(seed),
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            batch_size=batch_size,
+        )
         yield from common.run_task(engine, studio, TAB, common.task("style").stylize, kwargs,
                                    request=request, progress=progress)
 

@@ -7,8 +7,9 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
 
     registry.ModelPreset, registry.PRESETS, registry.resolve_preset(name_or_local_folder) -> ModelPreset
     registry.preset_from_folder(path, **overrides) -> ModelPreset
-    settings.Limits.from_env()                      LDS_MAX_SIZE/STEPS/BATCH/PROMPT_CHARS/GUIDANCE/IMAGE_PIXELS/UPLOAD_MB/OUTPAINT,
-                                                    LDS_BATCH_REQUESTS (images of queued txt2img requests merged per call)
+    settings.Limits.from_env()                      LDS_MAX_SIZE/STEPS/BATCH/PROMPT_CHARS/GUIDANCE/IMAGE_PIXELS/
+                                                    UPLOAD_MB/OUTPAINT, LDS_BATCH_REQUESTS (images of queued
+                                                    txt2img requests merged per call)
     engine.Engine(preset, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False, cpu_offload=False)
         .pipeline(task, *, scheduler=None, controls=()) -> request-scoped diffusers pipeline view
         .controlnet(type | (type, type)), .annotator(type) -> callable(PIL, **options) -> PIL

@@ -92,7 +92,9 @@ class AdapterSet:
 
     def disabled_words(self) -> set[str]:
         """Words the tokenizer learned from adapters that are switched off (they mean nothing now)."""
-        return {a.token for a in self._adapters.values() if a.token and not a.enabled and a.token_embedding is not None}
+        return {
+            a.token for a in self._adapters.values() if a.token and not a.enabled and a.token_embedding is not None
+        }
 
     def active_for(self, prompts: Any) -> tuple[str, ...]:
         """Names of the enabled adapters this request uses (sorted: it is also part of the batching key)."""
@@ -104,7 +106,9 @@ class AdapterSet:
         """A valid name no loaded adapter has."""
         name = str(name or "").strip()
         if not NAME_PATTERN.match(name):
-            raise InputError(f"adapter name {name!r} must be 1-48 letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise InputError(
+                f"adapter name {name!r} must be 1-48 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
         if name in self._adapters:
             raise InputError(f"adapter name {name!r} is taken; remove that adapter first or choose another name")
         return name
@@ -127,7 +131,9 @@ class AdapterSet:
         """Refuse a new adapter when LDS_MAX_ADAPTERS are held (the trainer asks before training, not after)."""
         limit = self.engine.limits.max_adapters
         if len(self._adapters) >= limit:
-            raise InputError(f"{len(self._adapters)} adapters are loaded, the limit is {limit} (LDS_MAX_ADAPTERS): remove one first")
+            raise InputError(
+                f"{len(self._adapters)} adapters are loaded, the limit is {limit} (LDS_MAX_ADAPTERS): remove one first"
+            )
 
     # --- per request ------------------------------------------------------------------------------------
 
@@ -171,7 +177,8 @@ class AdapterSet:
         self._lora_state = state
 
     def invalidate(self) -> None:
-        """The U-Net's LoRA state changed behind our back (a fine-tune added or dropped layers): set it afresh next time."""
+        """The U-Net's LoRA state changed behind our back (a fine-tune added or dropped layers): set it afresh
+        next time."""
         self._lora_state = None
 
     def forget_word(self, word: str) -> None:
@@ -267,7 +274,9 @@ class AdapterSet:
             return
         if adapter.token not in self.engine.base.tokenizer.get_vocab():
             self.add_word(adapter.token)
-        self._write_row(adapter.token, adapter.token_embedding if adapter.enabled else self._unk_vectors[adapter.token])
+        self._write_row(
+            adapter.token, adapter.token_embedding if adapter.enabled else self._unk_vectors[adapter.token]
+        )
 
     # --- files --------------------------------------------------------------------------------------------
 
@@ -364,7 +373,9 @@ class AdapterSet:
                 self.engine.compute.run(self.engine.base.load_lora_weights, source, adapter_name=name)
             except _load_errors() as error:
                 raise _not_available("LoRA", source, self.engine.preset.name, error) from error
-            return self.register(Adapter(name=name, kind="lora", token=self.check_token(token), info={"source": source}))
+            return self.register(
+                Adapter(name=name, kind="lora", token=self.check_token(token), info={"source": source})
+            )
 
     def _load_lora(self, tensors: dict[str, torch.Tensor], name: str) -> None:
         if not all("lora" in k for k in tensors):
@@ -380,7 +391,9 @@ class AdapterSet:
     def _load_full_unet(self, state: dict[str, torch.Tensor]):
         unet = self.engine.compute.run(plain_unet_copy, self.engine.base.unet)
         try:
-            self.engine.compute.run(unet.load_state_dict, {k: v.to(self.engine.torch_dtype) for k, v in state.items()}, strict=True)
+            self.engine.compute.run(
+                unet.load_state_dict, {k: v.to(self.engine.torch_dtype) for k, v in state.items()}, strict=True
+            )
         except RuntimeError as error:
             raise InputError(f"this U-Net does not fit model {self.engine.preset.name}: {str(error)[:300]}") from error
         return unet.eval().requires_grad_(False)

@@ -9,7 +9,8 @@ before (same call, same bytes).
 
 Equality: the initial noise, prompts and scheduler maths are per image, so a merged image is its solo image
 up to float rounding of batched kernels (a few 1e-6 in [0, 1] on CPU: a pixel now and then one level
-off out of 255); tests/test_batching.py checks it. Off by default (LDS_BATCH_REQUESTS=1); LDS_BATCH_REQUESTS=8 turns it on.
+off out of 255); tests/test_batching.py checks it. Off by default (LDS_BATCH_REQUESTS=1);
+LDS_BATCH_REQUESTS=8 turns it on.
 """
 from __future__ import annotations
 

@@ -42,7 +42,9 @@ class ModelNotAvailable(ModelError):
 class GenerationResult:
     images: list[Image.Image]  # one per batch item, each reproducible alone with params["seed"] + i
     params: dict[str, Any]  # everything needed to redo the run; written into each PNG
-    previews: list[Image.Image] = field(default_factory=list)  # side images: control maps, the mask, the outpaint canvas
+    previews: list[Image.Image] = field(
+        default_factory=list
+    )  # side images: control maps, the mask, the outpaint canvas
 
     def image_params(self, i: int) -> dict[str, Any]:
         """The params that reproduce image i alone (batch item i used seed + i)."""

@@ -16,10 +16,11 @@ on another long-lived thread (a trainer, a benchmark's own calls) adds its pool 
 The thread is shared by every engine of the process (a second pool would cost the same as before) and
 created on first use, once per process: a forked child (ZeroGPU runs every `spaces.GPU` call in a process
 forked from the app's) inherits only the thread that forked, so the parent's model thread does not exist
-there and a job queued for it would wait forever. The first call in the child starts the child's own. `run` called from the model thread itself runs inline, so nested calls cannot
-deadlock; a job must never wait for a lock its caller holds (callers hold engine.lock; jobs do not take
-it). Thread-local torch state does not cross: a job enters inference_mode itself, and the caller's
-torch thread count is applied on the model thread before each job.
+there and a job queued for it would wait forever. The first call in the child starts the child's own.
+`run` called from the model thread itself runs inline, so nested calls cannot deadlock; a job must never
+wait for a lock its caller holds (callers hold engine.lock; jobs do not take it). Thread-local torch state
+does not cross: a job enters inference_mode itself, and the caller's torch thread count is applied on the
+model thread before each job.
 """
 from __future__ import annotations
 

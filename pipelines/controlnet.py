@@ -41,10 +41,26 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
-def generate(engine, *, control_images, control_types, prompt: str, negative_prompt: str = "", seed: int,
-             steps: int, guidance: float, scheduler: str | None = None, conditioning_scales: float | Sequence[float] = 1.0,
-             guidance_start: float = 0.0, guidance_end: float = 1.0, width: int | None = None, height: int | None = None,
-             batch_size: int = 1, on_step=None, cancel=None) -> GenerationResult:
+def generate(
+    engine,
+    *,
+    control_images,
+    control_types,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int,
+    steps: int,
+    guidance: float,
+    scheduler: str | None = None,
+    conditioning_scales: float | Sequence[float] = 1.0,
+    guidance_start: float = 0.0,
+    guidance_end: float = 1.0,
+    width: int | None = None,
+    height: int | None = None,
+    batch_size: int = 1,
+    on_step=None,
+    cancel=None,
+) -> GenerationResult:
     # 1. Check inputs: one or two (control type, control map, scale) triples
     common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                           guidance=guidance, scheduler=scheduler, batch_size=batch_size)
@@ -60,7 +76,10 @@ def generate(engine, *, control_images, control_types, prompt: str, negative_pro
             raise InputError(f"control_type={t!r} has no ControlNet for model {engine.preset.name}; "
                              f"available: {', '.join(engine.control_types) or 'none'}")
     if len(images) != len(types) or any(im is None for im in images):
-        raise InputError(f"{len(types)} control type(s) need {len(types)} control image(s), got {sum(im is not None for im in images)}")
+        raise InputError(
+            f"{len(types)} control type(s) need {len(types)} control image(s), "
+            f"got {sum(im is not None for im in images)}"
+        )
     if len(scales) == 1:
         scales = scales * len(types)
     if len(scales) != len(types):

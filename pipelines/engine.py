@@ -134,7 +134,8 @@ class Engine:
         self.lock = threading.RLock()  # serialises all model work: API, CLI and UI callers alike
         # Loads and runs the model on one OS thread, whatever thread a request arrives on: one OpenMP pool per
         # process, or every CPU op waits for a wake-up (2.65x slower on 2 cores; pipelines/compute.py)
-        # threads: intra-op threads of every model call (None: all usable cores but one on CPU; compute.default_threads)
+        # threads: intra-op threads of every model call (None: all usable cores but one on CPU;
+        # compute.default_threads)
         self.threads = int(threads) if threads else default_threads(self.device)
         self.compute = EngineCompute(model_thread(), self.threads)
         env_limits = Limits.from_env()
@@ -146,7 +147,9 @@ class Engine:
         self._annotators: dict[str, Callable] = {}
         self._inpaint_unet: Any = None
         self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.preview_every_s = PREVIEW_EVERY_S  # live previews at most this often (0: every step); see pipelines/run.py
+        self.preview_every_s = (
+            PREVIEW_EVERY_S  # live previews at most this often (0: every step); see pipelines/run.py
+        )
         self.preview_cost_s = 0.0  # what the last live preview took (PreviewClock spaces previews by it)
         self.batcher = RequestBatcher(self)  # merges queued compatible txt2img requests (limits.batch_requests)
         self.adapters = AdapterSet(self)  # fine-tuned / loaded LoRAs and U-Nets, each used by prompts with its word
@@ -289,7 +292,9 @@ class Engine:
                              + (" (LCM needs an LCM model or LCM-LoRA)" if scheduler in LCM_ONLY else ""))
         controls = tuple(controls)
         if task.startswith("controlnet") != bool(controls):
-            raise InputError(f"task={task!r} with controls={controls!r}: ControlNet tasks need 1 or 2 control types, others none")
+            raise InputError(
+                f"task={task!r} with controls={controls!r}: ControlNet tasks need 1 or 2 control types, others none"
+            )
         with self.lock:
             cached = self._task_pipeline(task, controls)
             fresh = make_scheduler(scheduler, self.base.scheduler.config)

@@ -114,7 +114,9 @@ class Probe:
 
     def __init__(self, engine, *, cfg: bool, attention: bool = True, keep_tokens: int | None = None, unet=None):
         self.engine = engine
-        self.unet = unet if unet is not None else engine.base.unet  # the U-Net the run calls (an inpainting one may differ)
+        self.unet = (
+            unet if unet is not None else engine.base.unet
+        )  # the U-Net the run calls (an inpainting one may differ)
         self.keep_tokens = keep_tokens  # attention maps kept for token positions [0, keep_tokens): the prompt
         self.cfg = cfg  # the U-Net batch is [negative..., positive...]: the conditional item is the second half
         self.attention_enabled = attention
@@ -405,7 +407,8 @@ def code_snippet(engine, params: dict[str, Any]) -> str:
     pipeline_cls = "StableDiffusionInpaintPipeline" if nine else "StableDiffusionPipeline"
     args = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     lines = [
-        f"# Reproduces: {params['prompt']!r}, seed {params['seed']} (Latent Diffusion Studio, model {engine.preset.name})",
+        f"# Reproduces: {params['prompt']!r}, seed {params['seed']} "
+        f"(Latent Diffusion Studio, model {engine.preset.name})",
         "import torch",
         f"from diffusers import {cls.__name__}, {pipeline_cls}",
         *(["from PIL import Image"] if nine else []),
@@ -422,16 +425,23 @@ def code_snippet(engine, params: dict[str, Any]) -> str:
         f"  # {params['scheduler']}",
         f"pipe = pipe.to({str(engine.device)!r})",
         "",
-        f"generator = torch.Generator('cpu').manual_seed({int(params['seed'])})  # CPU noise: the same on every device",
+        f"generator = torch.Generator('cpu').manual_seed({int(params['seed'])})"
+        "  # CPU noise: the same on every device",
         "image = pipe(",
         f"    prompt={params['prompt']!r},",
         f"    negative_prompt={params.get('negative_prompt') or None!r},",
         f"    num_inference_steps={int(params['steps'])},",
         f"    guidance_scale={float(params['guidance'])!r},",
         f"    width={int(params['width'])}, height={int(params['height'])},",
-        *([f"    image=Image.new('RGB', ({int(params['width'])}, {int(params['height'])}), 'white'),",
-           f"    mask_image=Image.new('L', ({int(params['width'])}, {int(params['height'])}), 255), strength=1.0,"]
-          if nine else []),
+        *(
+            [
+                f"    image=Image.new('RGB', ({int(params['width'])}, {int(params['height'])}), 'white'),",
+                f"    mask_image=Image.new('L', ({int(params['width'])}, {int(params['height'])}), 255), "
+                "strength=1.0,",
+            ]
+            if nine
+            else []
+        ),
         "    generator=[generator],",
         ").images[0]",
         "image.save('result.png')",

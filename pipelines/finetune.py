@@ -74,7 +74,9 @@ class FineTuneResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_settings(engine, settings: FineTuneSettings, images: list, captions: list[str] | None) -> tuple[FineTuneSettings, list[str]]:
+def check_settings(
+    engine, settings: FineTuneSettings, images: list, captions: list[str] | None
+) -> tuple[FineTuneSettings, list[str]]:
     """Validated settings and one caption per image (each containing the trigger word)."""
     limits = engine.limits
     adapters = engine.adapters
@@ -86,7 +88,9 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
     defaults = finetune_defaults(engine.preset.is_builtin)
     method = check_choice("method", settings.method, FINETUNE_METHODS)
     if not 1 <= len(images) <= limits.max_finetune_images:
-        raise InputError(f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)")
+        raise InputError(
+            f"{len(images)} training images given; use 1 to {limits.max_finetune_images} (3-10 work well)"
+        )
     steps = check_int("steps", settings.steps or defaults.steps, 1, limits.max_finetune_steps)
     rank = check_int("rank", settings.rank, 1, 128)
     batch_size = check_int("batch_size", settings.batch_size or defaults.batch_size, 1, 16)
@@ -110,10 +114,23 @@ def check_settings(engine, settings: FineTuneSettings, images: list, captions: l
         if token not in prompt_words(caption):
             raise InputError(f"caption {i + 1} ({caption!r}) does not contain the trigger word {token!r}")
         cleaned.append(caption)
-    return FineTuneSettings(**{**asdict(settings), "token": token, "name": name, "method": method, "steps": steps,
-                               "rank": rank, "batch_size": batch_size, "learning_rate": learning_rate,
-                               "prior_weight": prior_weight, "prior_images": prior_images, "seed": seed, "lr_schedule": lr_schedule,
-                               "instance_prompt": template}), cleaned
+    return FineTuneSettings(
+        **{
+            **asdict(settings),
+            "token": token,
+            "name": name,
+            "method": method,
+            "steps": steps,
+            "rank": rank,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "prior_weight": prior_weight,
+            "prior_images": prior_images,
+            "seed": seed,
+            "lr_schedule": lr_schedule,
+            "instance_prompt": template,
+        }
+    ), cleaned
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -145,7 +162,14 @@ def finetune(engine, images: list, settings: FineTuneSettings, *, captions: list
         raise InputError("a fine-tune is already running on this server; try again when it has finished")
     adapters.training.set()
     try:
-        return _finetune(engine, prepare_images(images, engine.preset.default_size, engine.limits.max_image_pixels), settings, captions, on_step, cancel)
+        return _finetune(
+            engine,
+            prepare_images(images, engine.preset.default_size, engine.limits.max_image_pixels),
+            settings,
+            captions,
+            on_step,
+            cancel,
+        )
     finally:
         adapters.training.clear()
 
@@ -216,16 +240,31 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
 
     # 7. Register the result: from now on prompts with the word use it, in every tab
     seconds = time.perf_counter() - started
-    info = {"method": settings.method, "steps": steps_done, "images": len(images), "rank": settings.rank if settings.method == "lora" else None,
-            "learning_rate": settings.resolved_learning_rate(engine.preset.is_builtin), "lr_schedule": settings.lr_schedule,
-            "batch_size": settings.batch_size,
-            "prior_preservation": settings.prior_preservation, "seconds": round(seconds, 1), "base": engine.preset.name,
-            "final_loss": float(np.mean(losses[-20:])) if losses else None, "captions": sorted(set(captions))[:20]}
+    info = {
+        "method": settings.method,
+        "steps": steps_done,
+        "images": len(images),
+        "rank": settings.rank if settings.method == "lora" else None,
+        "learning_rate": settings.resolved_learning_rate(engine.preset.is_builtin),
+        "lr_schedule": settings.lr_schedule,
+        "batch_size": settings.batch_size,
+        "prior_preservation": settings.prior_preservation,
+        "seconds": round(seconds, 1),
+        "base": engine.preset.name,
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "captions": sorted(set(captions))[:20],
+    }
     token_embedding = embeddings.weight[word_id].detach().clone().float() if word_id is not None else None
     if settings.method == "full":
         unet = unet.to(engine.torch_dtype).eval().requires_grad_(False)
-    adapter = Adapter(name=settings.name, kind=settings.method, token=settings.token, unet=unet if settings.method == "full" else None,
-                      token_embedding=token_embedding, info=info)
+    adapter = Adapter(
+        name=settings.name,
+        kind=settings.method,
+        token=settings.token,
+        unet=unet if settings.method == "full" else None,
+        token_embedding=token_embedding,
+        info=info,
+    )
     try:
         adapters.register(adapter)
     except BaseException:
@@ -239,7 +278,9 @@ def _finetune(engine, images, settings, captions, on_step, cancel) -> FineTuneRe
 def encode(engine, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior (mean, std) of images: (N, 4, H/f, W/f) each, on the CPU in float32."""
     vae = engine.base.vae
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) for im in images])
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) for im in images]
+    )
     x = x / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
     means, stds = [], []
     with engine.lock:
@@ -267,9 +308,17 @@ def class_images(engine, prompts: list[str], *, seed: int, cancel: CancelEvent |
     for i, prompt in enumerate(prompts):
         with engine.lock:
             view = engine.pipeline("txt2img")
-            images += run_pipeline(engine, view, cancel=cancel, prompt=prompt, num_inference_steps=preset.default_steps,
-                                   guidance_scale=preset.default_guidance, width=preset.default_size,
-                                   height=preset.default_size, generator=generators(seed + i, 1))
+            images += run_pipeline(
+                engine,
+                view,
+                cancel=cancel,
+                prompt=prompt,
+                num_inference_steps=preset.default_steps,
+                guidance_scale=preset.default_guidance,
+                width=preset.default_size,
+                height=preset.default_size,
+                generator=generators(seed + i, 1),
+            )
     return images
 
 
@@ -315,7 +364,9 @@ def _train_step(engine, unet, optimizer, noise_scheduler, generator, settings, m
     weights = torch.ones(len(pick))
     if prior_mean is not None:
         prior_pick = torch.randint(0, len(prior_mean), (settings.batch_size,), generator=generator)
-        latents = torch.cat([latents, sample_latents(prior_mean[prior_pick], prior_std[prior_pick], generator, engine)])
+        latents = torch.cat(
+            [latents, sample_latents(prior_mean[prior_pick], prior_std[prior_pick], generator, engine)]
+        )
         batch_ids = torch.cat([batch_ids, prior_ids[prior_pick]])
         weights = torch.cat([weights, torch.full((len(prior_pick),), settings.prior_weight)])
     noise = torch.randn(latents.shape, generator=generator)
@@ -338,7 +389,11 @@ def _step(engine, unet, optimizer, noisy, timesteps, ids, target, weights, devic
         if word_id is not None:
             embeddings.weight.requires_grad_(True)
         hidden = text_encoder(ids.to(device)).last_hidden_state  # (B, L, D)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and dtype == torch.float16 else contextlib.nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16)
+            if device.type == "cuda" and dtype == torch.float16
+            else contextlib.nullcontext()
+        )
         with autocast:
             prediction = unet(noisy.to(device, dtype), timesteps.to(device), hidden.to(dtype)).sample
         per_sample = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none").mean(dim=(1, 2, 3))

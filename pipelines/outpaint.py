@@ -17,9 +17,26 @@ OVERLAP = 8
 NOISE_LEVEL = 24  # std of the "noise" fill in 0..255 levels: texture for latent blending to grow from
 
 
-def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, prompt: str,
-             negative_prompt: str = "", seed: int, steps: int, guidance: float, scheduler: str | None = None,
-             fill: str = "edge", strength: float = 1.0, batch_size: int = 1, on_step=None, cancel=None) -> GenerationResult:
+def outpaint(
+    engine,
+    *,
+    image,
+    left: int = 0,
+    right: int = 0,
+    top: int = 0,
+    bottom: int = 0,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int,
+    steps: int,
+    guidance: float,
+    scheduler: str | None = None,
+    fill: str = "edge",
+    strength: float = 1.0,
+    batch_size: int = 1,
+    on_step=None,
+    cancel=None,
+) -> GenerationResult:
     # 1. Check inputs; borders round up to multiples of 8
     common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                           guidance=guidance, scheduler=scheduler, batch_size=batch_size)

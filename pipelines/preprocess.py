@@ -44,14 +44,18 @@ def load_image(value: Any, *, max_pixels: int | None = None) -> Image.Image:
         raise InputError(f"an image of type {type(value).__name__} cannot be read; upload a PNG, JPEG or WebP file")
     image = _to_rgb(ImageOps.exif_transpose(image) if image.getexif() else image)
     if min(image.size) < MIN_SIDE:
-        raise InputError(f"the image is {image.width}x{image.height} pixels, below the minimum of {MIN_SIDE}x{MIN_SIDE}")
+        raise InputError(
+            f"the image is {image.width}x{image.height} pixels, below the minimum of {MIN_SIDE}x{MIN_SIDE}"
+        )
     return image
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
     pixels = size[0] * size[1]
     if pixels > max_pixels:
-        raise InputError(f"the image is {size[0]}x{size[1]} = {pixels:,} pixels, above the limit of {max_pixels:,} pixels")
+        raise InputError(
+            f"the image is {size[0]}x{size[1]} = {pixels:,} pixels, above the limit of {max_pixels:,} pixels"
+        )
 
 
 def _open(value, max_pixels: int) -> Image.Image:
@@ -242,7 +246,9 @@ def control_map(value: Any, size: tuple[int, int], *, max_pixels: int | None = N
     return image if image.size == tuple(size) else image.resize(tuple(size), Image.BILINEAR)
 
 
-def working_size(size: tuple[int, int], max_size: int, *, min_size: int | None = None, multiple: int = 8) -> tuple[int, int]:
+def working_size(
+    size: tuple[int, int], max_size: int, *, min_size: int | None = None, multiple: int = 8
+) -> tuple[int, int]:
     """The size the model runs at for an input of `size`: long side within [min_size, max_size], both
     sides multiples of `multiple`, aspect kept to within one multiple. Results are mapped back to `size`."""
     w, h = size

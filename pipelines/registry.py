@@ -65,40 +65,63 @@ SD15_BASE = dict(
     controlnets=SD15_CONTROLNETS,
     style_presets=SD15_STYLES,
     annotators="lllyasviel/Annotators",
-    example_prompts=("a photo of an astronaut riding a horse on the moon", "a cozy cabin in a snowy forest, golden hour"),
+    example_prompts=(
+        "a photo of an astronaut riding a horse on the moon",
+        "a cozy cabin in a snowy forest, golden hour",
+    ),
 )
 
-PRESETS = MappingProxyType({
-    "shapes": ModelPreset(
-        name="shapes",
-        base=str(MODELS_DIR / "shapes-ldm"),
-        is_builtin=True,
-        default_size=64,
-        max_size=128,  # a convolutional U-Net extends to 2x its training size before scenes fall apart
-        default_steps=20,
-        # Tuned on a second held-out prompt set (600 prompts, training.evaluate --prompt-seed 1000000007,
-        # detection-mask checker): two-object binding 52% at 2.5 against 48% at 3 and 50% at 2; from 5 up this
-        # small model oversaturates and loses colours (binding 24% at 7.5 on 200 prompts).
-        default_guidance=2.5,
-        default_scheduler="DPM++ 2M",
-        controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
-        inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base U-Net
-        style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
-        annotators=str(MODELS_DIR / "shapes-annotators"),
-        example_prompts=("a red circle left of a blue square", "a big yellow star on grass", "a green person waving on sand"),
-    ),
-    "sd15": ModelPreset(name="sd15", base="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        inpaint_model="stable-diffusion-v1-5/stable-diffusion-inpainting", **SD15_BASE),
-    "sd15-lcm": ModelPreset(
-        name="sd15-lcm",
-        base="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        lora="latent-consistency/lcm-lora-sdv1-5",
-        **{**SD15_BASE, "default_steps": 4, "default_guidance": 1.0, "default_scheduler": "LCM",
-           "scheduler_names": ("LCM",) + COMMON_SCHEDULERS},
-    ),
-    "sd15-inpainting": ModelPreset(name="sd15-inpainting", base="stable-diffusion-v1-5/stable-diffusion-inpainting",
-                                   **{**SD15_BASE, "controlnets": {}}),
-})
+PRESETS = MappingProxyType(
+    {
+        "shapes": ModelPreset(
+            name="shapes",
+            base=str(MODELS_DIR / "shapes-ldm"),
+            is_builtin=True,
+            default_size=64,
+            max_size=128,  # a convolutional U-Net extends to 2x its training size before scenes fall apart
+            default_steps=20,
+            # Tuned on a second held-out prompt set (600 prompts, training.evaluate --prompt-seed 1000000007,
+            # detection-mask checker): two-object binding 52% at 2.5 against 48% at 3 and 50% at 2; from 5 up this
+            # small model oversaturates and loses colours (binding 24% at 7.5 on 200 prompts).
+            default_guidance=2.5,
+            default_scheduler="DPM++ 2M",
+            controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
+            inpaint_model=str(
+                MODELS_DIR / "shapes-inpaint"
+            ),  # training/train_inpaint.py derives it from the base U-Net
+            style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
+            annotators=str(MODELS_DIR / "shapes-annotators"),
+            example_prompts=(
+                "a red circle left of a blue square",
+                "a big yellow star on grass",
+                "a green person waving on sand",
+            ),
+        ),
+        "sd15": ModelPreset(
+            name="sd15",
+            base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            inpaint_model="stable-diffusion-v1-5/stable-diffusion-inpainting",
+            **SD15_BASE,
+        ),
+        "sd15-lcm": ModelPreset(
+            name="sd15-lcm",
+            base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            lora="latent-consistency/lcm-lora-sdv1-5",
+            **{
+                **SD15_BASE,
+                "default_steps": 4,
+                "default_guidance": 1.0,
+                "default_scheduler": "LCM",
+                "scheduler_names": ("LCM",) + COMMON_SCHEDULERS,
+            },
+        ),
+        "sd15-inpainting": ModelPreset(
+            name="sd15-inpainting",
+            base="stable-diffusion-v1-5/stable-diffusion-inpainting",
+            **{**SD15_BASE, "controlnets": {}},
+        ),
+    }
+)
 
 
 def _is_pipeline_folder(path: Path) -> bool:

@@ -18,7 +18,10 @@ from PIL import Image, ImageDraw
 from pipelines.common import WITHHELD_KEY, ModelNotAvailable
 
 NOTICE_TEXT = "withheld by the safety checker"
-CHECKER_FOLDER, PROCESSOR_FOLDER = "safety_checker", "feature_extractor"  # as diffusers' SD1.5 repositories lay them out
+CHECKER_FOLDER, PROCESSOR_FOLDER = (
+    "safety_checker",
+    "feature_extractor",
+)  # as diffusers' SD1.5 repositories lay them out
 
 
 def notice_image(size: tuple[int, int]) -> Image.Image:

@@ -18,8 +18,14 @@ from diffusers import (
 # name -> (class, overrides of the base config). Overrides name the variant explicitly so a base config
 # with e.g. use_karras_sigmas=True does not leak Karras spacing into "DPM++ 2M" or "UniPC".
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
-    "DPM++ 2M": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
+    "DPM++ 2M Karras": (
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
+    "DPM++ 2M": (
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False),
+    ),
     "Euler a": (EulerAncestralDiscreteScheduler, {}),
     # DDIM defaults to clip_sample=True (pixel-space DDPM habit); clipping latents to [-1, 1] is wrong for an LDM.
     "DDIM": (DDIMScheduler, dict(clip_sample=False)),

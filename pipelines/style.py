@@ -52,7 +52,9 @@ def stylize(engine, *, image, style: str = "", prompt: str = "", negative_prompt
         extra: dict = {}
         if mode == "structure":
             control_image = engine.annotator(control)(work)
-            control_image = control_image.resize((width, height)) if control_image.size != (width, height) else control_image
+            control_image = (
+                control_image.resize((width, height)) if control_image.size != (width, height) else control_image
+            )
             previews.append(control_image)
             view = engine.pipeline("controlnet_img2img", scheduler=common["scheduler"], controls=(control,))
             extra = dict(control_image=control_image, controlnet_conditioning_scale=conditioning_scale)

@@ -73,7 +73,9 @@ def export_files(target: Path, *, worktree: bool) -> list[str]:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, target / name)
         return sorted(files)
-    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True, capture_output=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
         return sorted(m.name for m in tar.getmembers() if m.isfile())
@@ -151,7 +153,8 @@ def check_config(root: Path, files: list[str], report: Report) -> dict[str, str]
     return config
 
 
-# --- 4. the environment ------------------------------------------------------------------------------------------------
+# --- 4. the environment ----------------------------------------------------------------------------------------------
+
 
 def build_venv(venv: Path, root: Path, sdk_version: str, report: Report) -> Path | None:
     """A fresh venv with what a Space installs: gradio at the front matter's version, then requirements.txt."""
@@ -293,7 +296,9 @@ def main(argv=None) -> int:
             print(f"file set left in {args.export}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'PASS' if report.passed else 'FAIL'}: {sum(ok for ok, _ in report.lines)}/{len(report.lines)} checks passed")
+    print(
+        f"{'PASS' if report.passed else 'FAIL'}: {sum(ok for ok, _ in report.lines)}/{len(report.lines)} checks passed"
+    )
     return 0 if report.passed else 1
 
 

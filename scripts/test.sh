@@ -18,6 +18,8 @@ if [ ! -x /usr/bin/chromium ]; then
     $SUDO apt-get install -y chromium
 fi
 
+.venv/bin/python -m ruff check .   # lint first: a lint error fails CI like a failing test (settings: ruff.toml)
+
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # tests never reach the Hub; hub tests are deselected below
 status=0
 .venv/bin/python -m pytest -m "not hub" -p no:cacheprovider "$@" || status=$?

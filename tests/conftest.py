@@ -40,11 +40,22 @@ def tiny_presets(tiny_paths) -> dict:
 
     shapes_styles = {s: f"in {s} style" for s in ("flat", "outline", "striped", "dotted", "glow")}
     return {
-        "shapes": preset_from_folder(tiny_paths["shapes"], name="tiny-shapes", controlnets=controls("shapes"),
-                                     style_presets=shapes_styles, default_scheduler="DPM++ 2M"),
-        "sd": preset_from_folder(tiny_paths["sd"], name="tiny-sd", controlnets=controls("sd"),
-                                 style_presets={"watercolor": "watercolor painting"}),
-        "sd_inpaint_unet": preset_from_folder(tiny_paths["sd"], name="tiny-sd-9ch", inpaint_model=str(tiny_paths["sd_inpaint"])),
+        "shapes": preset_from_folder(
+            tiny_paths["shapes"],
+            name="tiny-shapes",
+            controlnets=controls("shapes"),
+            style_presets=shapes_styles,
+            default_scheduler="DPM++ 2M",
+        ),
+        "sd": preset_from_folder(
+            tiny_paths["sd"],
+            name="tiny-sd",
+            controlnets=controls("sd"),
+            style_presets={"watercolor": "watercolor painting"},
+        ),
+        "sd_inpaint_unet": preset_from_folder(
+            tiny_paths["sd"], name="tiny-sd-9ch", inpaint_model=str(tiny_paths["sd_inpaint"])
+        ),
         "sd_inpaint": preset_from_folder(tiny_paths["sd_inpaint"], name="tiny-sd-inpainting"),
     }
 
@@ -159,7 +170,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def scene_image(seed: int = 3, size: int = 64):

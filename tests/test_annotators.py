@@ -28,11 +28,15 @@ def photo_like(width: int = 300, height: int = 200, seed: int = 0) -> Image.Imag
     """A natural-looking picture without any Shapes-world content: smooth colour fields, texture, blur, noise."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:height, 0:width] / max(width, height)
-    fields = [np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xs + rng.uniform(0.5, 3) * ys + rng.uniform())) for _ in range(3)]
+    fields = [
+        np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xs + rng.uniform(0.5, 3) * ys + rng.uniform())) for _ in range(3)
+    ]
     image = np.stack([(f * 0.5 + 0.5) * rng.uniform(80, 200) + rng.uniform(0, 50) for f in fields], -1)
     image += rng.normal(0, 12, image.shape)
     picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
-    return Image.fromarray(np.clip(np.asarray(picture) + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8))
+    return Image.fromarray(
+        np.clip(np.asarray(picture) + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
+    )
 
 
 # ----------------------------------------------------------------------------- training smoke runs
@@ -146,7 +150,9 @@ def test_engine_annotator_hook_uses_the_shipped_annotators(kind, request):
 
     picture = Image.open(EXAMPLES / "person_256.png")
     out = _preprocess_with(engine, kind, picture)
-    assert out.mode == "RGB" and out.size == working_size(picture.size, engine.limits.max_size, min_size=engine.preset.default_size)
+    assert out.mode == "RGB" and out.size == working_size(
+        picture.size, engine.limits.max_size, min_size=engine.preset.default_size
+    )
     assert np.asarray(out).max() > 0
 
 

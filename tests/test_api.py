@@ -129,8 +129,14 @@ def test_preprocess_canny_and_ready_map(client, images, live_app):
     assert edge_pixels.shape == (64, 64, 3) and set(np.unique(edge_pixels)) <= {0, 255} and edge_pixels.max() == 255
     # A ready map passes through unchanged, whichever control type it is declared as.
     control_type = "pose" if "pose" in live_app.engine.control_types else live_app.engine.control_types[0]
-    ready = client.predict(image=handle_file(str(images["control_pose.png"])), control_type=control_type, preprocessor="none",
-                           low_threshold=100, high_threshold=200, api_name="/preprocess")
+    ready = client.predict(
+        image=handle_file(str(images["control_pose.png"])),
+        control_type=control_type,
+        preprocessor="none",
+        low_threshold=100,
+        high_threshold=200,
+        api_name="/preprocess",
+    )
     assert np.array_equal(pixels(ready), pixels(images["control_pose.png"]))
 
 
@@ -149,8 +155,14 @@ def test_controlnet_one_and_two_controls(client, images, live_app):
     _, gallery, params, _ = client.predict(**controlnet_args(images["scene.png"]), api_name="/controlnet")
     one = pixels(gallery_paths(gallery)[0])
     assert one.shape == (64, 64, 3)
-    _, gallery, params2, _ = client.predict(**controlnet_args(images["scene.png"], use_second=True, control_type_2="pose",
-                                                              image_2=handle_file(str(images["control_pose.png"]))),
-                                            api_name="/controlnet")
+    _, gallery, params2, _ = client.predict(
+        **controlnet_args(
+            images["scene.png"],
+            use_second=True,
+            control_type_2="pose",
+            image_2=handle_file(str(images["control_pose.png"])),
+        ),
+        api_name="/controlnet",
+    )
     two = pixels(gallery_paths(gallery)[0])
     assert two.shape == (64, 64, 3) and not np.array_equal(one, two)

@@ -19,15 +19,34 @@ PYTHON = sys.executable
 
 def run(*args, timeout=120, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([PYTHON, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    return subprocess.run(
+        [PYTHON, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
 
 
 def test_help_lists_every_flag():
     result = run("app.py", "--help")
     assert result.returncode == 0
-    for flag in ("--model", "--device", "--dtype", "--host", "--port", "--share", "--auth", "--max-batch",
-                 "--queue-size", "--threads", "--attention-slicing", "--vae-tiling", "--cpu-offload", "--adapter", "--download",
-                 "--share-without-auth", "--safety-checker", "--no-safety-checker"):
+    for flag in (
+        "--model",
+        "--device",
+        "--dtype",
+        "--host",
+        "--port",
+        "--share",
+        "--auth",
+        "--max-batch",
+        "--queue-size",
+        "--threads",
+        "--attention-slicing",
+        "--vae-tiling",
+        "--cpu-offload",
+        "--adapter",
+        "--download",
+        "--share-without-auth",
+        "--safety-checker",
+        "--no-safety-checker",
+    ):
         assert flag in result.stdout
 
 
@@ -43,9 +62,12 @@ def test_bad_flag_values_are_refused():
 
 
 def test_ui_package_never_imports_torch():
-    code = ("import sys, demo, demo.common, demo.header, demo.txt2img, demo.inpaint, demo.outpaint, demo.style, "
-            "demo.controlnet, demo.explain, demo.finetune, app; bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, demo, demo.common, demo.header, demo.txt2img, demo.inpaint, demo.outpaint, demo.style, "
+        "demo.controlnet, demo.explain, demo.finetune, app; "
+        "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     result = run("-c", code)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -94,7 +116,9 @@ def test_adapter_flag_loads_a_lora_through_the_fine_tune_tabs_loader(tiny_paths)
     assert app.parse_adapter("loras/style.safetensors=zqx") == ("loras/style.safetensors", "zqx")
     assert app.parse_adapter("latent-consistency/lcm-lora-sdv1-5") == ("latent-consistency/lcm-lora-sdv1-5", None)
     lora_file = tiny_paths["sd_lcm_lora"] / "pytorch_lora_weights.safetensors"
-    engine = app.build_engine(str(tiny_paths["sd"]), device="cpu", adapters=[f"{lora_file}=sks", str(tiny_paths["sd_lcm_lora"])])
+    engine = app.build_engine(
+        str(tiny_paths["sd"]), device="cpu", adapters=[f"{lora_file}=sks", str(tiny_paths["sd_lcm_lora"])]
+    )
     described = {a["name"]: a for a in engine.adapters.describe()}
     assert described["pytorch_lora_weights"]["token"] == "sks"
     assert described["tiny-lcm-lora"]["token"] is None  # a folder (as hub LoRAs come): every prompt while on

@@ -188,8 +188,19 @@ def test_outpaint_unknown_fill(client, images):
 
 
 def test_style_unknown_style(client, images):
-    refused(client, ["style", "cubism"], api_name="/style", image=handle_file(str(images["scene.png"])), style="cubism",
-            prompt="", strength=0.5, mode="img2img", control="canny", conditioning_scale=1.0, **common_args(steps=2))
+    refused(
+        client,
+        ["style", "cubism"],
+        api_name="/style",
+        image=handle_file(str(images["scene.png"])),
+        style="cubism",
+        prompt="",
+        strength=0.5,
+        mode="img2img",
+        control="canny",
+        conditioning_scale=1.0,
+        **common_args(steps=2),
+    )
 
 
 def test_controlnet_guidance_window(client, images, live_app):
@@ -210,4 +221,6 @@ def test_preprocess_bad_choices(client, images):
 
 
 def test_restore_from_png_without_parameters(client, images):
-    refused(client, ["no generation parameters"], api_name="/restore_params", png=handle_file(str(images["scene.png"])))
+    refused(
+        client, ["no generation parameters"], api_name="/restore_params", png=handle_file(str(images["scene.png"]))
+    )

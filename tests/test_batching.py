@@ -154,7 +154,7 @@ def test_each_merged_request_gets_its_own_progress_and_previews(engine, monkeypa
     on_steps = [lambda i, n, p, k=k: seen[k].append((i, n, p)) for k in range(len(REQUESTS))]
     results = run_together(engine, REQUESTS, on_steps=on_steps)
     assert all(not isinstance(r, BaseException) for r in results)
-    for k, steps in enumerate(seen):
+    for steps in seen:
         assert [(i, n) for i, n, _ in steps] == [(s, SETTINGS["steps"]) for s in range(1, SETTINGS["steps"] + 1)]
         assert all(p is not None and p.size == (64, 64) for _, _, p in steps)
     # request k's preview is its own image: the last previews differ between different prompts/seeds

@@ -17,15 +17,42 @@ def requests(images, engine) -> list[tuple[str, dict]]:
     calls = [
         ("/txt2img", dict(prompt="a red circle", width=64, height=64, **common_args(seed=1))),
         ("/txt2img", dict(prompt="a blue square on grass", width=64, height=48, **common_args(seed=2, batch_size=2))),
-        ("/inpaint", dict(image=editor(images["scene.png"]), prompt="a star", strength=1.0, mask_blur=1,
-                          mask=handle_file(str(images["mask_right_half.png"])), **common_args(seed=3))),
-        ("/outpaint", dict(image=scene(), prompt="grass", directions=["right"], pixels=16, fill="edge",
-                           **common_args(seed=4))),
-        ("/style", dict(image=scene(), style=style, prompt="a circle", strength=0.6, mode="img2img", control="canny",
-                        conditioning_scale=1.0, **common_args(seed=5))),
-        ("/preprocess", dict(image=scene(), control_type="canny", preprocessor="canny", low_threshold=50,
-                             high_threshold=150)),
-        ("/txt2img", dict(prompt="a pink heart at night", width=64, height=64, **common_args(seed=6, scheduler="DDIM"))),
+        (
+            "/inpaint",
+            dict(
+                image=editor(images["scene.png"]),
+                prompt="a star",
+                strength=1.0,
+                mask_blur=1,
+                mask=handle_file(str(images["mask_right_half.png"])),
+                **common_args(seed=3),
+            ),
+        ),
+        (
+            "/outpaint",
+            dict(image=scene(), prompt="grass", directions=["right"], pixels=16, fill="edge", **common_args(seed=4)),
+        ),
+        (
+            "/style",
+            dict(
+                image=scene(),
+                style=style,
+                prompt="a circle",
+                strength=0.6,
+                mode="img2img",
+                control="canny",
+                conditioning_scale=1.0,
+                **common_args(seed=5),
+            ),
+        ),
+        (
+            "/preprocess",
+            dict(image=scene(), control_type="canny", preprocessor="canny", low_threshold=50, high_threshold=150),
+        ),
+        (
+            "/txt2img",
+            dict(prompt="a pink heart at night", width=64, height=64, **common_args(seed=6, scheduler="DDIM")),
+        ),
     ]
     if "canny" in engine.control_types:
         calls.append(("/controlnet", controlnet_args(images["scene.png"], seed=8)))

@@ -40,10 +40,14 @@ def test_controlnet_from_unet_fits_the_f4_vae_and_keeps_the_text_heads():
     latents, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     text = torch.randn(1, 24, unet.config.cross_attention_dim)
     with torch.no_grad():
-        down, mid = controlnet(latents, t, encoder_hidden_states=text, controlnet_cond=torch.rand(1, 3, 64, 64), return_dict=False)
+        down, mid = controlnet(
+            latents, t, encoder_hidden_states=text, controlnet_cond=torch.rand(1, 3, 64, 64), return_dict=False
+        )
         # Zero convs: a fresh ControlNet leaves the U-Net's prediction unchanged.
         plain = unet(latents, t, text).sample
-        steered = unet(latents, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        steered = unet(
+            latents, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
     assert down[0].shape[-2:] == (16, 16) and torch.equal(plain, steered)
 
 
@@ -77,13 +81,22 @@ def test_trained_controlnet_runs_in_the_controlnet_pipeline_with_the_shared_unet
     assert base.vae_scale_factor == 4
     pipe.set_progress_bar_config(disable=True)
     edges = shapes.sample(3).canny
-    out = pipe("a red circle", image=torch.from_numpy(edges).permute(2, 0, 1)[None].float() / 255, num_inference_steps=2,
-               guidance_scale=4.0, height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a red circle",
+        image=torch.from_numpy(edges).permute(2, 0, 1)[None].float() / 255,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
 
 
 def test_control_following_scores_a_controlnet(smoke_run, tiny_ldm):
     from diffusers import ControlNetModel, StableDiffusionPipeline
+
     from training import evaluate
 
     base = StableDiffusionPipeline.from_pretrained(tiny_ldm)

@@ -67,7 +67,9 @@ def test_views_are_cheap_copies_over_the_same_modules(shapes_engine):
     b = shapes_engine.pipeline("txt2img", scheduler="DDIM")
     assert a is not b and base not in (a, b)
     assert a.unet is b.unet is base.unet and a.vae is base.vae and a.text_encoder is base.text_encoder
-    assert a.config["scheduler"][1] == "EulerAncestralDiscreteScheduler" and b.config["scheduler"][1] == "DDIMScheduler"
+    assert (
+        a.config["scheduler"][1] == "EulerAncestralDiscreteScheduler" and b.config["scheduler"][1] == "DDIMScheduler"
+    )
     assert base.config["scheduler"][1] == type(base.scheduler).__name__  # the shared pipeline's config is untouched
     a._interrupt = True  # what Cancel does to a running view
     assert not getattr(b, "_interrupt", False) and not getattr(base, "_interrupt", False)
@@ -105,7 +107,7 @@ def test_progress_calls_every_step_with_preview(shapes_engine, sd_engine, monkey
         monkeypatch.setattr(engine, "preview_every_s", 0)  # a preview at every step (default: at most every 0.15 s)
         seen = []
         txt2img.generate(engine, **{**SETTINGS, "steps": 4}, scheduler="DDIM",
-                         on_step=lambda i, n, preview: seen.append((i, n, preview)))
+                         on_step=lambda i, n, preview, seen=seen: seen.append((i, n, preview)))
         assert [(i, n) for i, n, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
         assert all(p is not None and p.mode == "RGB" for _, _, p in seen)
 
@@ -137,7 +139,9 @@ def test_cancel_stops_within_two_steps(shapes_engine):
                 cancel.set()
 
         with pytest.raises(Cancelled):
-            txt2img.generate(shapes_engine, **{**SETTINGS, "steps": 20}, scheduler="DDIM", on_step=on_step, cancel=cancel)
+            txt2img.generate(
+                shapes_engine, **{**SETTINGS, "steps": 20}, scheduler="DDIM", on_step=on_step, cancel=cancel
+            )
     finally:
         handle.remove()
     assert len(unet_calls) <= 3  # cancelled after step 2: at most one more U-Net call

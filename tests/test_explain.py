@@ -170,7 +170,9 @@ def test_code_snippet_compiles_names_the_scheduler_and_reproduces_the_image(shap
     assert repr(shapes_engine.preset.base) in code
     for name, (cls, _) in explain.SCHEDULERS.items():
         if name != "LCM":
-            assert f"{cls.__name__}.from_config" in explain.code_snippet(shapes_engine, {**result.params, "scheduler": name})
+            assert f"{cls.__name__}.from_config" in explain.code_snippet(
+                shapes_engine, {**result.params, "scheduler": name}
+            )
     # run it as a user would, in a fresh interpreter: the same image
     (tmp_path / "snippet.py").write_text("import torch\ntorch.set_num_threads(1)\n" + code)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -113,20 +113,33 @@ def test_prior_preservation_and_default_captions(engine, examples):
     assert without_token("a red circle in zqx style on grass", "zqx") == "a red circle on grass"
 
 
-@pytest.mark.parametrize("settings, captions, count, message", [
-    (dict(token="red"), None, 3, "'red' is a word model shapes already knows"),
-    (dict(token="Two Words"), None, 3, "must be one lower-case word"),
-    (dict(token=""), None, 3, "the trigger word is empty"),
-    (dict(token="zqbad"), None, 0, "0 training images given; use 1 to 20"),
-    (dict(token="zqbad"), None, 21, "21 training images given; use 1 to 20"),
-    (dict(token="zqbad", steps=10**6), None, 3, "steps=1000000 is above the limit of 2000"),
-    (dict(token="zqbad", method="textual"), None, 3, "method='textual'"),
-    (dict(token="zqbad"), ["a red circle in zqbad style"], 3, "1 captions for 3 images"),
-    (dict(token="zqbad"), ["a red circle", "b", "c"], 3, "caption 1 ('a red circle') does not contain the trigger word 'zqbad'"),
-    (dict(token="zqbad", instance_prompt="a red circle"), None, 3, "must contain {token}"),
-    (dict(token="zqbad", learning_rate=5.0), None, 3, "learning_rate=5 is above the limit of 0.1"),
-    (dict(token="zqbad", lr_schedule="linear"), None, 3, "lr_schedule='linear' is not one of 'constant', 'cosine'"),
-])
+@pytest.mark.parametrize(
+    "settings, captions, count, message",
+    [
+        (dict(token="red"), None, 3, "'red' is a word model shapes already knows"),
+        (dict(token="Two Words"), None, 3, "must be one lower-case word"),
+        (dict(token=""), None, 3, "the trigger word is empty"),
+        (dict(token="zqbad"), None, 0, "0 training images given; use 1 to 20"),
+        (dict(token="zqbad"), None, 21, "21 training images given; use 1 to 20"),
+        (dict(token="zqbad", steps=10**6), None, 3, "steps=1000000 is above the limit of 2000"),
+        (dict(token="zqbad", method="textual"), None, 3, "method='textual'"),
+        (dict(token="zqbad"), ["a red circle in zqbad style"], 3, "1 captions for 3 images"),
+        (
+            dict(token="zqbad"),
+            ["a red circle", "b", "c"],
+            3,
+            "caption 1 ('a red circle') does not contain the trigger word 'zqbad'",
+        ),
+        (dict(token="zqbad", instance_prompt="a red circle"), None, 3, "must contain {token}"),
+        (dict(token="zqbad", learning_rate=5.0), None, 3, "learning_rate=5 is above the limit of 0.1"),
+        (
+            dict(token="zqbad", lr_schedule="linear"),
+            None,
+            3,
+            "lr_schedule='linear' is not one of 'constant', 'cosine'",
+        ),
+    ],
+)
 def test_bad_settings_are_refused_with_the_value_and_the_limit(engine, settings, captions, count, message):
     image = Image.new("RGB", (64, 64), "white")
     with pytest.raises(InputError, match=_escape(message)):
@@ -178,14 +191,22 @@ def test_hub_style_lora_file_loads_switches_and_fuses(tiny_presets, tiny_paths):
     with_lora = txt2img.generate(engine, **settings).images[0].tobytes()
     assert with_lora != base
     engine.adapters.set_scale("hub-lora", 0.0)
-    assert np.abs(_pixels(txt2img.generate(engine, **settings)) - np.frombuffer(base, np.uint8).reshape(64, 64, 3)).max() <= 1
+    assert (
+        np.abs(_pixels(txt2img.generate(engine, **settings)) - np.frombuffer(base, np.uint8).reshape(64, 64, 3)).max()
+        <= 1
+    )
     engine.adapters.set_enabled("hub-lora", False)
     assert txt2img.generate(engine, **settings).images[0].tobytes() == base
     engine.adapters.set_enabled("hub-lora", True)
     engine.adapters.set_scale("hub-lora", 1.0)
     engine.adapters.fuse("hub-lora")  # what a preset's LoRA (sd15-lcm) gets: folded in, layers gone
     assert engine.adapters.describe() == [] and not getattr(engine.base.unet, "_hf_peft_config_loaded", False)
-    assert np.abs(_pixels(txt2img.generate(engine, **settings)) - np.frombuffer(with_lora, np.uint8).reshape(64, 64, 3)).max() <= 2
+    assert (
+        np.abs(
+            _pixels(txt2img.generate(engine, **settings)) - np.frombuffer(with_lora, np.uint8).reshape(64, 64, 3)
+        ).max()
+        <= 2
+    )
 
 
 def test_finetune_on_a_clip_tokenizer_model_adds_no_word(tiny_presets):
@@ -195,7 +216,9 @@ def test_finetune_on_a_clip_tokenizer_model_adds_no_word(tiny_presets):
     engine = Engine(tiny_presets["sd"], device="cpu")
     vocabulary = len(engine.base.tokenizer)
     image = Image.fromarray(render_styled("red", "circle", "plain", seed=0)).resize((64, 64))
-    result = finetune(engine, [image, image], FineTuneSettings(token="sks", steps=2, instance_prompt="a photo of {token} dog"))
+    result = finetune(
+        engine, [image, image], FineTuneSettings(token="sks", steps=2, instance_prompt="a photo of {token} dog")
+    )
     assert len(engine.base.tokenizer) == vocabulary
     assert engine.adapters.get(result.adapter).token_embedding is None
     assert engine.adapters.active_for("a sks dog") == ("sks",)
@@ -205,7 +228,10 @@ def test_checkered_statistic_on_ground_truth_renders():
     """The evaluation's texture statistic: every checkered render passes, no other style does."""
     objects = EXAMPLE_OBJECTS + tuple((c, s, b, "center") for c, s, b in EVAL_OBJECTS)
     for style in shapes.STYLES + shapes.UNSEEN_STYLES:
-        hits = [is_checkered(render_styled(c, s, b, style, position=p, seed=i), b) for i, (c, s, b, p) in enumerate(objects)]
+        hits = [
+            is_checkered(render_styled(c, s, b, style, position=p, seed=i), b)
+            for i, (c, s, b, p) in enumerate(objects)
+        ]
         assert all(hits) if style == "checkered" else not any(hits), (style, hits)
 
 
@@ -257,8 +283,12 @@ def test_cosine_schedule_ends_near_zero_and_changes_the_result(engine, examples)
     drawn = {}
     word = "zqsched"
     for schedule in ("constant", "constant", "cosine"):
-        result = finetune(engine, images[:2], FineTuneSettings(token=word, steps=3, learning_rate=1e-2, lr_schedule=schedule),
-                          captions=[c.replace("{token}", word) for c in captions[:2]])
+        result = finetune(
+            engine,
+            images[:2],
+            FineTuneSettings(token=word, steps=3, learning_rate=1e-2, lr_schedule=schedule),
+            captions=[c.replace("{token}", word) for c in captions[:2]],
+        )
         assert result.info["lr_schedule"] == schedule
         drawn.setdefault(schedule, set()).add(draw(engine, WITH_WORD.format(word=word)))
         engine.adapters.remove(result.adapter)

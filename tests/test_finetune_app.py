@@ -11,13 +11,28 @@ from tests.test_browser import browser, open_tab, page, set_number  # noqa: F401
 
 EXAMPLES = sorted(EXAMPLE_SET.glob("*.png"))
 CAPTIONS = (EXAMPLE_SET / "captions.txt").read_text()
-TXT2IMG = dict(negative_prompt="", seed=11, steps=3, guidance=5.0, scheduler="DPM++ 2M", width=64, height=64, batch_size=1)
+TXT2IMG = dict(
+    negative_prompt="", seed=11, steps=3, guidance=5.0, scheduler="DPM++ 2M", width=64, height=64, batch_size=1
+)
 
 
 def finetune_args(**overrides):
-    args = dict(images=[handle_file(str(p)) for p in EXAMPLES], token="zqapi", captions=CAPTIONS,
-                instance_prompt="in {token} style", method="lora", steps=4, learning_rate=0.01, rank=4, batch_size=2,
-                prior_preservation=False, prior_weight=1.0, seed=0, name="", test_prompt="a big red circle in {token} style")
+    args = dict(
+        images=[handle_file(str(p)) for p in EXAMPLES],
+        token="zqapi",
+        captions=CAPTIONS,
+        instance_prompt="in {token} style",
+        method="lora",
+        steps=4,
+        learning_rate=0.01,
+        rank=4,
+        batch_size=2,
+        prior_preservation=False,
+        prior_weight=1.0,
+        seed=0,
+        name="",
+        test_prompt="a big red circle in {token} style",
+    )
     args.update(overrides)
     return args
 
@@ -82,7 +97,9 @@ def test_a_training_file_that_is_not_an_image_is_explained(client, tmp_path, liv
     bad = tmp_path / "notes.png"
     bad.write_text("not an image at all")
     with pytest.raises(AppError, match=r"training image 2 \(notes.png\) is not a readable image"):
-        client.predict(**finetune_args(images=[handle_file(str(EXAMPLES[0])), handle_file(str(bad))]), api_name="/finetune")
+        client.predict(
+            **finetune_args(images=[handle_file(str(EXAMPLES[0])), handle_file(str(bad))]), api_name="/finetune"
+        )
     assert live_app.engine.adapters.describe() == []
 
 
@@ -97,17 +114,20 @@ def test_loading_a_file_that_is_not_an_adapter_is_explained(client, tmp_path, li
 
 
 @pytest.mark.browser
-def test_finetune_tab_in_the_browser(page, live_app, test_output):
+def test_finetune_tab_in_the_browser(page, live_app, test_output):  # noqa: F811  (page: the imported fixture)
     try:
         open_tab(page, "Fine-tune")
         page.locator("#finetune-example").click()
-        page.wait_for_function(f"() => document.querySelectorAll('#finetune-thumbnails img').length === {len(EXAMPLES)}")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#finetune-thumbnails img').length === {len(EXAMPLES)}"
+        )
         page.locator("#finetune-token textarea, #finetune-token input").first.fill("zqweb")
         page.get_by_text("Training settings").click()
         set_number(page, "finetune-steps", 10)  # waits until the slider holds 10: training must not take the default
         page.locator("#finetune-train").click()
-        page.wait_for_function("() => (document.querySelector('#finetune-status')?.innerText || '').startsWith('Done')",
-                               timeout=180_000)
+        page.wait_for_function(
+            "() => (document.querySelector('#finetune-status')?.innerText || '').startsWith('Done')", timeout=180_000
+        )
         assert "trained 10 steps" in page.locator("#finetune-status").inner_text()
         page.wait_for_function("() => document.querySelectorAll('#finetune-comparison img').length === 2")
         assert "zqweb" in page.locator("#finetune-adapters").inner_text()

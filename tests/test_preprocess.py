@@ -23,7 +23,9 @@ def header_only_png(width, height) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def gradient(size=(48, 32)):
@@ -134,7 +136,13 @@ def test_masks_of_every_form_become_binary_at_image_size():
     strokes.paste((255, 255, 255, 255), (0, 0, 32, 48))
     opaque_rgb = Image.new("RGB", size, "black")
     opaque_rgb.paste((255, 255, 255), (0, 0, 32, 48))
-    for value in (grey, strokes, opaque_rgb, np.asarray(opaque_rgb.convert("L")), grey.convert("1", dither=Image.Dither.NONE)):
+    for value in (
+        grey,
+        strokes,
+        opaque_rgb,
+        np.asarray(opaque_rgb.convert("L")),
+        grey.convert("1", dither=Image.Dither.NONE),
+    ):
         mask = preprocess.load_mask(value, size)
         array = np.asarray(mask)
         assert mask.mode == "L" and mask.size == size and set(np.unique(array)) <= {0, 255}
@@ -145,7 +153,9 @@ def test_editor_dict_masks():
     background = gradient((64, 48))
     layer = Image.new("RGBA", background.size, (0, 0, 0, 0))
     layer.paste((255, 0, 0, 128), (10, 10, 20, 20))  # half-transparent brush still counts
-    mask = preprocess.load_mask({"background": background, "layers": [layer], "composite": background}, background.size)
+    mask = preprocess.load_mask(
+        {"background": background, "layers": [layer], "composite": background}, background.size
+    )
     assert np.asarray(mask)[15, 15] == 255 and np.asarray(mask)[30, 30] == 0
     # no layers: the painted difference between composite and background is the mask
     composite = background.copy()

@@ -142,7 +142,9 @@ def test_hub_sd15_txt2img_and_controlnet():
     from pipelines import controlnet, txt2img
 
     engine = _hub_engine("sd15")
-    result = txt2img.generate(engine, prompt="a red apple on a table", seed=0, steps=4, guidance=7.0, width=512, height=512)
+    result = txt2img.generate(
+        engine, prompt="a red apple on a table", seed=0, steps=4, guidance=7.0, width=512, height=512
+    )
     assert result.images[0].size == (512, 512)
     edges = controlnet.preprocess(engine, image=result.images[0], control_type="canny")
     out = controlnet.generate(engine, control_images=edges, control_types="canny", prompt="a green apple",

@@ -1,5 +1,7 @@
 """The safety checker of public deployments (pipelines/safety.py) with the tiny models: diffusers' own
-StableDiffusionSafetyChecker class with a tiny random CLIP tower, set to flag one known image. Nothing is downloaded."""
+StableDiffusionSafetyChecker class with a tiny random CLIP tower, set to flag one known image.
+Nothing is downloaded."""
+
 from __future__ import annotations
 
 import shutil

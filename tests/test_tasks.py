@@ -36,8 +36,13 @@ def test_params_roundtrip_through_png(shapes_engine):
     result.images[0].save(buffer, format="PNG", pnginfo=params_to_png_info(result.params))
     restored = params_from_png(Image.open(io.BytesIO(buffer.getvalue())))
     assert restored == result.params
-    again = txt2img.generate(shapes_engine, **{k: restored[k] for k in
-                             ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "width", "height")})
+    again = txt2img.generate(
+        shapes_engine,
+        **{
+            k: restored[k]
+            for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "width", "height")
+        },
+    )
     assert again.images[0].tobytes() == result.images[0].tobytes()
 
 
@@ -57,8 +62,13 @@ def test_a1111_text_block_is_written_and_read():
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     parsed = params_from_png(Image.open(io.BytesIO(buffer.getvalue())))
-    assert {k: parsed[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "width", "height")} == \
-        {k: params[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "width", "height")}
+    assert {
+        k: parsed[k]
+        for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "width", "height")
+    } == {
+        k: params[k]
+        for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "width", "height")
+    }
     assert params_from_png(Image.new("RGB", (8, 8))) is None
 
 
@@ -237,7 +247,11 @@ def test_cancel_in_other_tasks(shapes_engine):
         cancel.set()
 
     with pytest.raises(Cancelled):
-        inpaint.inpaint(shapes_engine, image=scene(), mask=centre_mask(), **{**RUN, "steps": 10}, on_step=stop, cancel=cancel)
+        inpaint.inpaint(
+            shapes_engine, image=scene(), mask=centre_mask(), **{**RUN, "steps": 10}, on_step=stop, cancel=cancel
+        )
     cancel.clear()
     with pytest.raises(Cancelled):
-        style.stylize(shapes_engine, image=scene(), style="flat", seed=1, steps=10, guidance=4.0, on_step=stop, cancel=cancel)
+        style.stylize(
+            shapes_engine, image=scene(), style="flat", seed=1, steps=10, guidance=4.0, on_step=stop, cancel=cancel
+        )

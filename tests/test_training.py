@@ -59,7 +59,9 @@ def test_held_out_pairs_and_unseen_styles_never_appear_in_training():
             assert (obj["colour"], obj["kind"]) not in shapes.HELD_OUT_PAIRS
             assert obj["style"] not in shapes.UNSEEN_STYLES
     assert "checkered" not in shapes.vocabulary()
-    assert any(o["style"] == "checkered" for s in range(400) for o in shapes.sample(s, allow_unseen_styles=True).objects)
+    assert any(
+        o["style"] == "checkered" for s in range(400) for o in shapes.sample(s, allow_unseen_styles=True).objects
+    )
 
 
 def test_unknown_words_are_reported_once_each_in_order():
@@ -78,7 +80,9 @@ def test_checker_is_right_on_ground_truth_renders():
             centre = shapes.POSITIONS[position][1]
             objects = [shapes.SceneObject(expectation.objects[0][1], expectation.objects[0][0], "small", centre)]
         else:
-            centres = {"left of": [(17, 30), (47, 30)], "above": [(30, 17), (30, 47)]}.get(expectation.relation, [(15, 15), (49, 49)])
+            centres = {"left of": [(17, 30), (47, 30)], "above": [(30, 17), (30, 47)]}.get(
+                expectation.relation, [(15, 15), (49, 49)]
+            )
             objects = [shapes.SceneObject(s, c, "small", xy) for (c, s), xy in zip(expectation.objects, centres)]
         image = shapes.render(shapes.Scene(expectation.prompt, expectation.background, objects)).image
         verdicts.append(evaluate.judge(image, expectation))
@@ -95,10 +99,18 @@ def test_half_contrast_shape_masks_survive_blur():
 
 
 def test_checker_rejects_wrong_images():
-    expectation = evaluate.Expectation("a red circle in the top left", "plain", [("red", "circle")], position="top left")
-    wrong_colour = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("circle", "blue", "small", (15, 15))])).image
-    wrong_shape = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("star", "red", "small", (15, 15))])).image
-    wrong_place = shapes.render(shapes.Scene("", "plain", [shapes.SceneObject("circle", "red", "small", (49, 49))])).image
+    expectation = evaluate.Expectation(
+        "a red circle in the top left", "plain", [("red", "circle")], position="top left"
+    )
+    wrong_colour = shapes.render(
+        shapes.Scene("", "plain", [shapes.SceneObject("circle", "blue", "small", (15, 15))])
+    ).image
+    wrong_shape = shapes.render(
+        shapes.Scene("", "plain", [shapes.SceneObject("star", "red", "small", (15, 15))])
+    ).image
+    wrong_place = shapes.render(
+        shapes.Scene("", "plain", [shapes.SceneObject("circle", "red", "small", (49, 49))])
+    ).image
     empty = shapes.background_image("plain")[0].astype(np.uint8)
     assert evaluate.judge(wrong_colour, expectation)["colour"] is False
     assert evaluate.judge(wrong_shape, expectation)["shape"] is False
@@ -107,14 +119,44 @@ def test_checker_rejects_wrong_images():
 
 
 def test_train_vae_and_ldm_smoke_runs_resume_and_export(tmp_path):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
     import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from training import train_ldm, train_vae
 
     vae_dir = tmp_path / "vae"
-    train_vae.main(["--out", str(vae_dir), "--max-steps", "2", "--batch-size", "4", "--disc-start", "1", "--log-every", "1", "--save-every", "2"])
-    train_vae.main(["--out", str(vae_dir), "--max-steps", "3", "--batch-size", "4", "--disc-start", "1", "--log-every", "1", "--save-every", "1"])
+    train_vae.main(
+        [
+            "--out",
+            str(vae_dir),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--disc-start",
+            "1",
+            "--log-every",
+            "1",
+            "--save-every",
+            "2",
+        ]
+    )
+    train_vae.main(
+        [
+            "--out",
+            str(vae_dir),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--disc-start",
+            "1",
+            "--log-every",
+            "1",
+            "--save-every",
+            "1",
+        ]
+    )
     assert torch.load(vae_dir / "checkpoint.pt", weights_only=False)["step"] == 3  # resumed, not restarted
     vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
     assert vae.config.scaling_factor > 0
@@ -126,7 +168,9 @@ def test_train_vae_and_ldm_smoke_runs_resume_and_export(tmp_path):
     train_ldm.main(args + ["--max-steps", "2"])
     pipe = StableDiffusionPipeline.from_pretrained(ldm_dir / "pipeline")
     assert pipe.unet.config.addition_embed_type == "text" and pipe.unet.config.sample_size == 16
-    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipe(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images[0]
     assert image.shape == (64, 64, 3)
 
 
@@ -156,7 +200,9 @@ def test_train_ldm_stop_at_branches_mid_schedule(tmp_path):
 
     # the branch's steps 3 and 4 follow the trunk's schedule to --max-steps, not a new warm-up and cosine
     assert learning_rates("branch") == learning_rates("straight")
-    assert sorted(learning_rates("branch")) == [1, 2, 3, 4] and learning_rates("branch")[4] < learning_rates("branch")[3]
+    assert (
+        sorted(learning_rates("branch")) == [1, 2, 3, 4] and learning_rates("branch")[4] < learning_rates("branch")[3]
+    )
     assert torch.load(tmp_path / "branch" / "checkpoint.pt", weights_only=False)["step"] == 4
 
 
@@ -167,8 +213,15 @@ def test_shipped_model_loads_with_plain_diffusers_and_is_deterministic():
 
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_MODEL)
     pipe.set_progress_bar_config(disable=True)
-    runs = [pipe("a red circle on the left", num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="np").images[0]
-            for _ in range(2)]
+    runs = [
+        pipe(
+            "a red circle on the left",
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(7),
+            output_type="np",
+        ).images[0]
+        for _ in range(2)
+    ]
     assert runs[0].shape == (64, 64, 3)
     np.testing.assert_array_equal(runs[0], runs[1])
     assert (SHIPPED_MODEL / "README.md").exists()
@@ -231,7 +284,18 @@ def test_train_decoder_smoke_run_keeps_the_encoder_and_resumes(tmp_path):
     vae_dir = tmp_path / "vae"
     train_vae.main(["--out", str(vae_dir), "--max-steps", "1", "--batch-size", "2", "--log-every", "1"])
     out = tmp_path / "decoder"
-    args = ["--vae", str(vae_dir / "vae"), "--out", str(out), "--layers-per-block", "2", "--batch-size", "2", "--log-every", "1"]
+    args = [
+        "--vae",
+        str(vae_dir / "vae"),
+        "--out",
+        str(out),
+        "--layers-per-block",
+        "2",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+    ]
     train_decoder.main(args + ["--max-steps", "2"])
     train_decoder.main(args + ["--max-steps", "3"])
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3  # resumed, not restarted
@@ -265,10 +329,15 @@ def test_attention_added_at_16x16_starts_as_an_identity():
     latents, timesteps, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 24, 128)
     with torch.no_grad():
         assert not torch.equal(grown(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
-        assert start_added_attention_as_identity(grown, fresh) == ["up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+        assert start_added_attention_as_identity(grown, fresh) == [
+            "up_blocks.2.attentions.0",
+            "up_blocks.2.attentions.1",
+        ]
         assert torch.equal(grown(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
     wider = build_unet(LDMConfig(block_out_channels=(64, 64, 64)))
-    assert start_added_attention_as_identity(wider, load_matching(wider, source.state_dict())) == []  # not only attention
+    assert (
+        start_added_attention_as_identity(wider, load_matching(wider, source.state_dict())) == []
+    )  # not only attention
 
 
 def test_curve_shows_a_branch_copied_from_its_trunk_once(tmp_path):
@@ -279,6 +348,8 @@ def test_curve_shows_a_branch_copied_from_its_trunk_once(tmp_path):
     (tmp_path / "trunk.csv").write_text(trunk)
     (tmp_path / "branch.csv").write_text(trunk + "1000,1,0.01,1e-5,0.95,0.9,1,0.3\n")
     (tmp_path / "other.csv").write_text(header + "500,1,0.05,1e-4,0.5,0.5,0.5,0\n")  # another run at the same step
-    table = curve_markdown([f"trunk={tmp_path / 'trunk.csv'}", f"branch={tmp_path / 'branch.csv'}", f"other={tmp_path / 'other.csv'}"])
+    table = curve_markdown(
+        [f"trunk={tmp_path / 'trunk.csv'}", f"branch={tmp_path / 'branch.csv'}", f"other={tmp_path / 'other.csv'}"]
+    )
     assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ") and "step" not in line] == [
         ["| trunk", "500"], ["| branch", "1000"], ["| other", "500"]]

@@ -125,7 +125,9 @@ def test_durations_fit_the_work():
     assert common.gpu_duration(10_000) == common.ZERO_GPU_MAX_S  # never more than ZeroGPU allows
     strip = common.generation_seconds({"steps": 20, "guidance_strip": [1, 4, 7.5]})
     assert strip > common.generation_seconds({"steps": 20})  # Explain's guidance strip is more images
-    assert common.finetune_seconds({"steps": 400, "batch_size": 4}) > common.finetune_seconds({"steps": 100, "batch_size": 4})
+    assert common.finetune_seconds({"steps": 400, "batch_size": 4}) > common.finetune_seconds(
+        {"steps": 100, "batch_size": 4}
+    )
     assert common.finetune_seconds({"steps": 0}, default_steps=1200, default_batch=8) == \
         common.finetune_seconds({"steps": 1200, "batch_size": 8})
 
@@ -215,7 +217,13 @@ def zero_gpu_app(request, tmp_path_factory):
     if client is None:
         os.killpg(process.pid, signal.SIGTERM)
         pytest.fail("the app did not come up within 180 s")
-    yield {"client": client, "url": url, "log": log, "process": process, "reuse": request.param == "reuse-idle-workers"}
+    yield {
+        "client": client,
+        "url": url,
+        "log": log,
+        "process": process,
+        "reuse": request.param == "reuse-idle-workers",
+    }
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=30)
 
@@ -274,9 +282,15 @@ def test_explain_and_explain_inpaint_in_a_gpu_worker(zero_gpu_app, images):
     out = client.predict(prompt="a red circle", width=64, height=64, guidance_strip=[1, 4], strength=0.6,
                          **{k: v for k, v in common_args().items() if k != "batch_size"}, api_name="/explain")
     assert out[3].startswith("Done") and "StableDiffusionPipeline" in out[-1]  # the status, then the code
-    result = client.predict(image=editor(images["scene.png"]), mask=handle_file(str(images["mask_right_half.png"])),
-                            inpaint_prompt="a yellow star", prompt="", strength=1.0,
-                            **{k: v for k, v in common_args().items() if k != "batch_size"}, api_name="/explain_inpaint")
+    result = client.predict(
+        image=editor(images["scene.png"]),
+        mask=handle_file(str(images["mask_right_half.png"])),
+        inpaint_prompt="a yellow star",
+        prompt="",
+        strength=1.0,
+        **{k: v for k, v in common_args().items() if k != "batch_size"},
+        api_name="/explain_inpaint",
+    )
     assert result[0].startswith("Done"), result[0]
     assert [c["task"] for c in new_calls(app, before)] == ["explain", "explain_inpainting"]
 

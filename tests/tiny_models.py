@@ -110,7 +110,9 @@ def controlnet_from_unet(unet: UNet2DConditionModel, vae_factor: int) -> Control
 
 
 def _save_pipeline(components: dict, folder: Path) -> Path:
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

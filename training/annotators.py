@@ -54,8 +54,11 @@ class ConvBlock(nn.Sequential):
 class ResBlock(nn.Module):
     def __init__(self, channels: int, dilation: int = 1):
         super().__init__()
-        self.body = nn.Sequential(ConvBlock(channels, channels, dilation=dilation),
-                                  nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation), _norm(channels))
+        self.body = nn.Sequential(
+            ConvBlock(channels, channels, dilation=dilation),
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation),
+            _norm(channels),
+        )
 
     def forward(self, x):
         return F.silu(x + self.body(x))
@@ -82,10 +85,13 @@ class DepthNet(nn.Module):
         c = list(config.channels)
         self.stem = nn.Sequential(ConvBlock(5, c[0]), ConvBlock(c[0], c[0]))
         self.down = nn.ModuleList(
-            nn.Sequential(ConvBlock(c[i], c[i + 1], stride=2), ConvBlock(c[i + 1], c[i + 1])) for i in range(len(c) - 1))
+            nn.Sequential(ConvBlock(c[i], c[i + 1], stride=2), ConvBlock(c[i + 1], c[i + 1]))
+            for i in range(len(c) - 1)
+        )
         self.middle = ResBlock(c[-1], dilation=2)
         self.up = nn.ModuleList(
-            nn.Sequential(ConvBlock(c[i + 1] + c[i], c[i]), ConvBlock(c[i], c[i])) for i in reversed(range(len(c) - 1)))
+            nn.Sequential(ConvBlock(c[i + 1] + c[i], c[i]), ConvBlock(c[i], c[i])) for i in reversed(range(len(c) - 1))
+        )
         self.head = nn.Conv2d(c[0], 1, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -97,7 +103,9 @@ class DepthNet(nn.Module):
         x = self.middle(skips.pop())  # (B, c3, 8, 8)
         for block in self.up:
             skip = skips.pop()
-            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False), skip], 1))
+            x = block(
+                torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False), skip], 1)
+            )
         return torch.sigmoid(self.head(x))  # (B, 1, 64, 64)
 
 

@@ -21,8 +21,12 @@ def _curve(history: list[dict]) -> str:
         return ""
     keys = [k for k in history[0] if k not in ("step", "seconds")]
     rows = ["| step | minutes | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    rows += [f"| {h['step']} | {h['seconds'] / 60:.1f} | " + " | ".join(f"{h.get(k, float('nan')):.4g}" for k in keys) + " |"
-             for h in history]
+    rows += [
+        f"| {h['step']} | {h['seconds'] / 60:.1f} | "
+        + " | ".join(f"{h.get(k, float('nan')):.4g}" for k in keys)
+        + " |"
+        for h in history
+    ]
     return "\n".join(rows)
 
 
@@ -93,10 +97,12 @@ how well the {kind} ControlNet's outputs follow their control maps.
 ## Training
 - Data: {data}
 - Loss: {loss}
-- AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')} with warm-up and cosine decay.
+- AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')} \
+with warm-up and cosine decay.
 - Steps: {info.get('steps', '?')}; training time {minutes:.0f} min on 1 CPU thread at low priority (nice 10,
   sharing 2 cores with the LDM's training run).
-- Code: `training/train_annotators.py` at commit {info.get('code_commit') or '?'}{_options(train)}.{chr(10) + "- Note: " + info["note"] + "." if info.get("note") else ""}
+- Code: `training/train_annotators.py` at commit {info.get('code_commit') or '?'}{_options(train)}.\
+{chr(10) + "- Note: " + info["note"] + "." if info.get("note") else ""}
 
 ## Held-out scores
 Scenes from seed `training.common.HELD_OUT_SEED` up (never used in training). {metric}
@@ -113,7 +119,8 @@ Training curve ({info.get('train', {}).get('eval_count', '?')} held-out scenes p
 {limits}
 ## Reproduce
 ```
-python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} --max-steps {info.get('steps', 1200)} --threads 1{reproduce_vae}
+python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} \
+--max-steps {info.get('steps', 1200)} --threads 1{reproduce_vae}
 cp runs/annotator-{kind}/annotator/* assets/models/shapes-annotators/{kind}/
 python -m training.evaluate --controls --write-cards
 ```
@@ -134,11 +141,18 @@ def write_controlnet_card(folder: Path, control: str, scores: dict) -> Path:
         "pose": "OpenPose-colour skeleton on black (controlnet-aux's drawing)",
     }[control]
     metric = {
-        "canny": (f"edge F1 between OpenCV Canny (100/200) of the output and the control edges; an edge pixel "
-                  f"matches an edge of the other map within {EDGE_TOLERANCE_PX} px (Chebyshev distance)."),
-        "depth": "Pearson correlation between the depth annotator's map of the output and the control depth, per image, averaged.",
-        "pose": (f"PCK@{PCK_ALPHA} of the pose annotator's keypoints of the output against the control keypoints "
-                 "(threshold 0.1 x max side of the control person's box)."),
+        "canny": (
+            f"edge F1 between OpenCV Canny (100/200) of the output and the control edges; an edge pixel "
+            f"matches an edge of the other map within {EDGE_TOLERANCE_PX} px (Chebyshev distance)."
+        ),
+        "depth": (
+            "Pearson correlation between the depth annotator's map of the output and the control depth, "
+            "per image, averaged."
+        ),
+        "pose": (
+            f"PCK@{PCK_ALPHA} of the pose annotator's keypoints of the output against the control keypoints "
+            "(threshold 0.1 x max side of the control person's box)."
+        ),
     }[control]
     data = ("Shapes-world scenes with a person (seeds from 0 up whose scene holds a person)"
             if control == "pose" else "Shapes-world scenes (seeds 0..)")
@@ -150,15 +164,18 @@ A ControlNet (Zhang et al. 2023) for the built-in Shapes LDM (`assets/models/sha
 
 ## Model
 - A trainable copy of the Shapes U-Net's encoder (conv_in, time and text embeddings, down blocks, mid block)
-  with zero-initialised output convs; conditioning embedding channels {tuple(config.get('conditioning_embedding_out_channels', ()))}
+  with zero-initialised output convs; conditioning embedding channels \
+{tuple(config.get('conditioning_embedding_out_channels', ()))}
   (three entries: two stride-2 stages, 64x64 map -> 16x16, because the VAE is f=4);
   `addition_embed_type_num_heads={config.get('addition_embed_type_num_heads')}` as the U-Net's.
 - Parameters: {info.get('parameters', '?'):,} (the U-Net, VAE and text encoder stay frozen).
 
 ## Training
 - Data: {info.get('train_scenes', '?')} {data}: (control map, caption, image); latents and caption embeddings cached.
-- The U-Net's own target ({train.get('prediction_type', 'v_prediction')}; x0 error weighted by min(SNR, {train.get('min_snr_gamma', 5.0)}) + 1 for v), caption dropout {train.get('caption_dropout', 0.1)},
-  AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')}; Stable Diffusion's noise schedule.
+- The U-Net's own target ({train.get('prediction_type', 'v_prediction')}; x0 error weighted by \
+min(SNR, {train.get('min_snr_gamma', 5.0)}) + 1 for v), caption dropout {train.get('caption_dropout', 0.1)},
+  AdamW, batch {train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')}; \
+Stable Diffusion's noise schedule.
 - Steps: {info.get('steps', '?')}; training time {info.get('train_seconds', 0) / 60:.0f} min on CPU.
 
 ## Held-out control following
@@ -177,7 +194,8 @@ the LDM alone on the same captions and seeds (what the text alone gives).
 
 ## Reproduce
 ```
-python -m training.train_controlnet --control {control} --ldm assets/models/shapes-ldm --out runs/controlnet-{control} --max-steps {info.get('steps', 2000)} --threads 1
+python -m training.train_controlnet --control {control} --ldm assets/models/shapes-ldm \
+--out runs/controlnet-{control} --max-steps {info.get('steps', 2000)} --threads 1
 cp -r runs/controlnet-{control}/controlnet/. assets/models/shapes-controlnet-{control}/
 python -m training.evaluate --controls --write-cards
 ```

@@ -68,7 +68,11 @@ class LossLog:
 
     def write(self, step: int, **values: float) -> None:
         now = time.time()
-        per_step = (now - self.last_time) / (step - self.last_step) if self.last_step is not None and step > self.last_step else float("nan")
+        per_step = (
+            (now - self.last_time) / (step - self.last_step)
+            if self.last_step is not None and step > self.last_step
+            else float("nan")
+        )
         self.last_time, self.last_step = now, step
         row = [step, f"{per_step:.3f}"] + [f"{values.get(k, float('nan')):.5g}" for k in self.fields[2:]]
         with open(self.path, "a", newline="") as f:

@@ -75,7 +75,8 @@ def held_out_prompts(count: int, seed: int = HELD_OUT_SEED) -> list[Expectation]
             while second[0] == first[0] or second[1] == first[1]:
                 second = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
             relation = str(rng.choice(["and", "left of", "above"]))
-            prompt = f"{shapes.article(first[0])} {first[0]} {first[1]} {relation} {shapes.article(second[0])} {second[0]} {second[1]}{suffix}"
+            prompt = (f"{shapes.article(first[0])} {first[0]} {first[1]} {relation} "
+                      f"{shapes.article(second[0])} {second[0]} {second[1]}{suffix}")
             prompts.append(Expectation(prompt, background, [first, second], relation=relation))
     return prompts
 
@@ -256,7 +257,9 @@ def held_out_renders(count: int) -> tuple[list[Expectation], np.ndarray]:
     while len(expectations) < count:
         seed += 1
         scene = shapes.random_scene(np.random.default_rng(seed))
-        if scene.background not in EVAL_BACKGROUNDS or any(o.kind == "person" or o.style != "flat" for o in scene.objects):
+        if scene.background not in EVAL_BACKGROUNDS or any(
+            o.kind == "person" or o.style != "flat" for o in scene.objects
+        ):
             continue
         relation = None
         if len(scene.objects) == 2:
@@ -293,7 +296,9 @@ def checker_accuracy(count: int = 600, blurs=(0.7, 1.0), vae=None) -> dict[str, 
     scene's own object list (each object found by its colour), so this measures the checker, not a model."""
     expectations, images = held_out_renders(count)
     variants = {"sharp": images}
-    variants.update({f"blur {sigma:g} px": np.stack([cv2.GaussianBlur(im, (0, 0), sigma) for im in images]) for sigma in blurs})
+    variants.update(
+        {f"blur {sigma:g} px": np.stack([cv2.GaussianBlur(im, (0, 0), sigma) for im in images]) for sigma in blurs}
+    )
     if vae is not None:
         variants["VAE round trip"] = vae_round_trip(vae, images)
     result = {}
@@ -318,14 +323,22 @@ def ms_per_image(pipe, steps: int = 20, repeats: int = 5) -> float:
     timings = []
     for i in range(repeats + 1):
         started = time.perf_counter()
-        pipe("a red circle", num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(i), output_type="np")
+        pipe(
+            "a red circle",
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(i),
+            output_type="np",
+        )
         timings.append(time.perf_counter() - started)
     return float(np.median(timings[1:]) * 1000)  # the first call warms up
 
 
 # ----------------------------------------------------------------------------- control maps: metrics
 
-DEPTH_VALID_MIN = 0.0  # abs-rel is averaged over pixels whose true depth is above this: the sky (0 = infinitely far) is left out
+DEPTH_VALID_MIN = (
+    0.0  # abs-rel is averaged over pixels whose true depth is above this: the sky (0 = infinitely far) is left out
+)
 PCK_ALPHA = 0.1  # a keypoint is correct within PCK_ALPHA * max(width, height) of the person's box
 EDGE_TOLERANCE_PX = 2  # an edge pixel matches if the other map has an edge within this Chebyshev distance
 
@@ -394,7 +407,7 @@ def held_out_pose_set(count: int, start: int = HELD_OUT_SEED):
             np.array([person_size(s) for s in samples], np.float32))
 
 
-# ----------------------------------------------------------------------------- control maps: annotators and ControlNets
+# ------------------------------------------------------------------------- control maps: annotators and ControlNets
 
 ANNOTATOR_ROOT = Path("assets/models/shapes-annotators")
 MODELS_ROOT = Path("assets/models")
@@ -414,27 +427,52 @@ def annotator_accuracy(folder: Path = ANNOTATOR_ROOT, *, count: int = 500, vae=N
         model = annotators.load_model("depth", Path(folder) / "depth")
         images, depth = held_out_depth_set(count)
         pred = annotators.predict_depth(model, images)
-        result["depth"] = {"abs_rel": depth_abs_rel(pred, depth), "mae": float(np.abs(pred - depth).mean()), "scenes": count}
+        result["depth"] = {
+            "abs_rel": depth_abs_rel(pred, depth),
+            "mae": float(np.abs(pred - depth).mean()),
+            "scenes": count,
+        }
         if vae is not None:
-            result["depth"]["abs_rel_vae_round_trip"] = depth_abs_rel(annotators.predict_depth(model, vae_round_trip(vae, images)), depth)
+            result["depth"]["abs_rel_vae_round_trip"] = depth_abs_rel(
+                annotators.predict_depth(model, vae_round_trip(vae, images)), depth
+            )
     if (Path(folder) / "pose" / annotators.WEIGHTS_NAME).exists():
         model = annotators.load_model("pose", Path(folder) / "pose")
         images, keypoints, sizes = held_out_pose_set(count)
         pred = annotators.predict_keypoints(model, images)
-        result["pose"] = {"pck": pck(pred, keypoints, sizes), "pck_0.05": pck(pred, keypoints, sizes, alpha=0.05),
-                          "mean_error_px": float(np.hypot(*(pred[..., :2] - keypoints[..., :2]).transpose(2, 0, 1)).mean()),
-                          "person_scenes": count, "mean_person_size_px": float(sizes.mean())}
+        result["pose"] = {
+            "pck": pck(pred, keypoints, sizes),
+            "pck_0.05": pck(pred, keypoints, sizes, alpha=0.05),
+            "mean_error_px": float(np.hypot(*(pred[..., :2] - keypoints[..., :2]).transpose(2, 0, 1)).mean()),
+            "person_scenes": count,
+            "mean_person_size_px": float(sizes.mean()),
+        }
         if vae is not None:
-            result["pose"]["pck_vae_round_trip"] = pck(annotators.predict_keypoints(model, vae_round_trip(vae, images)), keypoints, sizes)
+            result["pose"]["pck_vae_round_trip"] = pck(
+                annotators.predict_keypoints(model, vae_round_trip(vae, images)), keypoints, sizes
+            )
         # Scenes without a person must give an empty map (every keypoint invisible).
-        empty = [s for s in (shapes.sample(HELD_OUT_SEED + i) for i in range(count)) if not s.keypoints[:, 2].any()][:200]
+        empty = [s for s in (shapes.sample(HELD_OUT_SEED + i) for i in range(count)) if not s.keypoints[:, 2].any()][
+            :200
+        ]
         found = annotators.predict_keypoints(model, np.stack([s.image for s in empty]))
         result["pose"]["empty_map_rate_without_person"] = float((found[..., 2].sum(-1) == 0).mean())
     return result
 
 
-def control_following(base, controlnet, control: str, *, annotator_folder: Path = ANNOTATOR_ROOT, count: int = 100,
-                      steps: int = 20, guidance: float = 4.0, batch: int = 25, seed: int = 0, baseline: bool = True) -> dict:
+def control_following(
+    base,
+    controlnet,
+    control: str,
+    *,
+    annotator_folder: Path = ANNOTATOR_ROOT,
+    count: int = 100,
+    steps: int = 20,
+    guidance: float = 4.0,
+    batch: int = 25,
+    seed: int = 0,
+    baseline: bool = True,
+) -> dict:
     """How closely images generated from held-out control maps follow them.
 
     canny: edge F1 between canny(output) and the control edges, an edge pixel matching within
@@ -445,6 +483,7 @@ def control_following(base, controlnet, control: str, *, annotator_folder: Path 
     the LDM alone on the same captions and seeds (the floor: what the text alone gives).
     """
     import torch
+
     from training import annotators
     from training.train_controlnet import control_pipeline, control_tensor, training_seeds
 
@@ -471,10 +510,19 @@ def control_following(base, controlnet, control: str, *, annotator_folder: Path 
         out = []
         for first in range(0, count, batch):
             kwargs = {"image": list(control_tensor(maps[first:first + batch]))} if with_control else {}
-            result = pipe(captions[first:first + batch], num_inference_steps=steps, guidance_scale=guidance,
-                          height=shapes.IMAGE_SIZE, width=shapes.IMAGE_SIZE, output_type="np",
-                          generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(captions[first:first + batch]))],
-                          **kwargs)
+            result = pipe(
+                captions[first : first + batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=shapes.IMAGE_SIZE,
+                width=shapes.IMAGE_SIZE,
+                output_type="np",
+                generator=[
+                    torch.Generator().manual_seed(seed + first + i)
+                    for i in range(len(captions[first : first + batch]))
+                ],
+                **kwargs,
+            )
             out.append(np.round(result.images * 255).astype(np.uint8))
         return np.concatenate(out)
 
@@ -482,20 +530,38 @@ def control_following(base, controlnet, control: str, *, annotator_folder: Path 
     images = generate(control_pipeline(base, controlnet), True)
     seconds = time.time() - started
     key = {"canny": "edge_f1", "depth": "depth_pearson", "pose": "pose_pck"}[control]
-    scores = {key: float(np.mean(measure(images))), f"{key}_reference": float(np.mean(measure(np.stack([s.image for s in samples])))),
-              "maps": count, "steps": steps, "guidance": guidance, "seconds": round(seconds, 1)}
+    scores = {
+        key: float(np.mean(measure(images))),
+        f"{key}_reference": float(np.mean(measure(np.stack([s.image for s in samples])))),
+        "maps": count,
+        "steps": steps,
+        "guidance": guidance,
+        "seconds": round(seconds, 1),
+    }
     if baseline:
         from diffusers import DPMSolverMultistepScheduler
 
-        view = type(base).from_pipe(base, scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++"))
+        view = type(base).from_pipe(
+            base,
+            scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++"),
+        )
         view.set_progress_bar_config(disable=True)
         scores[f"{key}_without_controlnet"] = float(np.mean(measure(generate(view, False))))
     return {"scores": scores, "images": images, "maps": maps, "references": np.stack([s.image for s in samples])}
 
 
-def evaluate_controls(*, ldm: Path = MODELS_ROOT / "shapes-ldm", annotator_folder: Path = ANNOTATOR_ROOT,
-                      models_root: Path = MODELS_ROOT, annotator_count: int = 500, control_count: int = 100,
-                      steps: int = 20, guidance: float = 4.0, write_cards: bool = False, grid_dir: Path | None = None) -> dict:
+def evaluate_controls(
+    *,
+    ldm: Path = MODELS_ROOT / "shapes-ldm",
+    annotator_folder: Path = ANNOTATOR_ROOT,
+    models_root: Path = MODELS_ROOT,
+    annotator_count: int = 500,
+    control_count: int = 100,
+    steps: int = 20,
+    guidance: float = 4.0,
+    write_cards: bool = False,
+    grid_dir: Path | None = None,
+) -> dict:
     """Annotator accuracy, then control following of every ControlNet folder that exists (needs the LDM)."""
     from training import cards
 
@@ -505,8 +571,10 @@ def evaluate_controls(*, ldm: Path = MODELS_ROOT / "shapes-ldm", annotator_folde
 
         base = StableDiffusionPipeline.from_pretrained(ldm, safety_checker=None, requires_safety_checker=False)
         base.set_progress_bar_config(disable=True)
-    report: dict = {"annotators": annotator_accuracy(annotator_folder, count=annotator_count, vae=base.vae if base else None),
-                    "controlnets": {}}
+    report: dict = {
+        "annotators": annotator_accuracy(annotator_folder, count=annotator_count, vae=base.vae if base else None),
+        "controlnets": {},
+    }
     if write_cards:
         for kind, scores in report["annotators"].items():
             cards.write_annotator_card(Path(annotator_folder) / kind, kind, scores)
@@ -540,26 +608,47 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=Path("assets/models/shapes-ldm"))
     parser.add_argument("--count", type=int, default=200, help="held-out prompts")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the built-in model's, as the app uses it)")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale (default: the built-in model's, as the app uses it)"
+    )
     parser.add_argument("--karras", action="store_true", help="DPM-Solver++ on Karras sigmas")
     parser.add_argument("--prompt-seed", type=int, default=HELD_OUT_SEED,
                         help="another held-out prompt set of the same mix, to tune sampler settings on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 beside a training run)")
-    parser.add_argument("--prompts-only", action="store_true", help="prompt following only: skip VAE and speed measures")
-    parser.add_argument("--checker", action="store_true",
-                        help="measure the checker itself (shape masks on sharp, blurred and VAE round-trip renders) and stop")
+    parser.add_argument(
+        "--prompts-only", action="store_true", help="prompt following only: skip VAE and speed measures"
+    )
+    parser.add_argument(
+        "--checker",
+        action="store_true",
+        help="measure the checker itself (shape masks on sharp, blurred and VAE round-trip renders) and stop",
+    )
     parser.add_argument("--grid", type=Path, default=None, help="write a grid of the first 40 results here")
     parser.add_argument("--json", type=Path, default=None, help="write the scores as JSON here")
     parser.add_argument("--card", type=Path, default=None, help="write the scores into this model card (README.md)")
-    parser.add_argument("--curve", nargs="+", default=None, metavar="[LABEL=]LOG_CSV",
-                        help="train_ldm log.csv files (optionally labelled, e.g. eps=runs/ldm/log.csv): their in-training scores go into the card")
-    controls = parser.add_argument_group("control maps (--controls): annotator accuracy and ControlNet control following")
-    controls.add_argument("--controls", action="store_true", help="evaluate the annotators and ControlNets instead of prompt following")
+    parser.add_argument(
+        "--curve",
+        nargs="+",
+        default=None,
+        metavar="[LABEL=]LOG_CSV",
+        help="train_ldm log.csv files (optionally labelled, e.g. eps=runs/ldm/log.csv): "
+        "their in-training scores go into the card",
+    )
+    controls = parser.add_argument_group(
+        "control maps (--controls): annotator accuracy and ControlNet control following"
+    )
+    controls.add_argument(
+        "--controls", action="store_true", help="evaluate the annotators and ControlNets instead of prompt following"
+    )
     controls.add_argument("--annotators", type=Path, default=ANNOTATOR_ROOT, help="folder holding depth/ and pose/")
-    controls.add_argument("--models-root", type=Path, default=MODELS_ROOT, help="folder holding shapes-controlnet-{canny,depth,pose}")
+    controls.add_argument(
+        "--models-root", type=Path, default=MODELS_ROOT, help="folder holding shapes-controlnet-{canny,depth,pose}"
+    )
     controls.add_argument("--annotator-count", type=int, default=500, help="held-out scenes per annotator")
     controls.add_argument("--control-count", type=int, default=100, help="held-out control maps per ControlNet")
-    controls.add_argument("--control-guidance", type=float, default=None, help="CFG scale of the ControlNet runs (default: the app's)")
+    controls.add_argument(
+        "--control-guidance", type=float, default=None, help="CFG scale of the ControlNet runs (default: the app's)"
+    )
     controls.add_argument("--write-cards", action="store_true", help="write the scores into each folder's README.md")
     args = parser.parse_args(argv)
     from training.common import set_threads
@@ -579,10 +668,17 @@ def main(argv=None):
             print(f"{name:<40} {value:.1%} of objects' shapes right")
         return
     if args.controls:
-        report = evaluate_controls(ldm=args.model, annotator_folder=args.annotators, models_root=args.models_root,
-                                   annotator_count=args.annotator_count, control_count=args.control_count, steps=args.steps,
-                                   guidance=args.control_guidance, write_cards=args.write_cards,
-                                   grid_dir=args.grid)
+        report = evaluate_controls(
+            ldm=args.model,
+            annotator_folder=args.annotators,
+            models_root=args.models_root,
+            annotator_count=args.annotator_count,
+            control_count=args.control_count,
+            steps=args.steps,
+            guidance=args.control_guidance,
+            write_cards=args.write_cards,
+            grid_dir=args.grid,
+        )
         print(json.dumps(report, indent=2))
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -617,16 +713,22 @@ GOALS = {"colour": 0.90, "shape": 0.85, "position": 0.85, "binding": 0.60, "vae_
 
 def scores_markdown(scores: dict, args) -> str:
     rows = ["| measure | score | goal |", "|---|---|---|"]
-    names = {"colour": "colour (single object)", "shape": "shape (single object)", "position": "position (3x3 cell)",
-             "count": "object count", "binding": "two-object binding (+ relation)",
-             "colour_binding": "two-object colour binding (+ relation), shapes not judged",
-             "held_out_pair": "colour-shape pairs never seen in training", "vae_psnr_db": "VAE PSNR, held-out scenes (dB)",
-             "ms_per_image_20_steps": "ms per image, 20 steps, CFG, batch 1 (this CPU)",
-             "ceiling_vae_shape": "ceiling: shape on held-out renders after a VAE round trip",
-             "ceiling_vae_binding": "ceiling: binding on held-out renders after a VAE round trip",
-             "shape_detection_mask": "shape, previous checker (detection-threshold masks)",
-             "binding_detection_mask": "binding, previous checker (detection-threshold masks)",
-             "held_out_pair_detection_mask": "unseen pairs, previous checker (detection-threshold masks)"}
+    names = {
+        "colour": "colour (single object)",
+        "shape": "shape (single object)",
+        "position": "position (3x3 cell)",
+        "count": "object count",
+        "binding": "two-object binding (+ relation)",
+        "colour_binding": "two-object colour binding (+ relation), shapes not judged",
+        "held_out_pair": "colour-shape pairs never seen in training",
+        "vae_psnr_db": "VAE PSNR, held-out scenes (dB)",
+        "ms_per_image_20_steps": "ms per image, 20 steps, CFG, batch 1 (this CPU)",
+        "ceiling_vae_shape": "ceiling: shape on held-out renders after a VAE round trip",
+        "ceiling_vae_binding": "ceiling: binding on held-out renders after a VAE round trip",
+        "shape_detection_mask": "shape, previous checker (detection-threshold masks)",
+        "binding_detection_mask": "binding, previous checker (detection-threshold masks)",
+        "held_out_pair_detection_mask": "unseen pairs, previous checker (detection-threshold masks)",
+    }
     for key, name in names.items():
         value = scores.get(key)
         if value is None:
@@ -657,7 +759,10 @@ def curve_markdown(logs: list[str]) -> str:
                         shown.add(cells)
                         rows.append(f"| {label or Path(path).parent.name} | {cells} |")
     rows.append("")
-    rows.append("In-training scores: 48 held-out prompts per point (EMA weights, 20 steps; about 19 single-object and 19\ntwo-object prompts), so a point moves by 5-10% from noise alone.")
+    rows.append(
+        "In-training scores: 48 held-out prompts per point (EMA weights, 20 steps; about 19 single-object and 19\n"
+        "two-object prompts), so a point moves by 5-10% from noise alone."
+    )
     return "\n".join(rows)
 
 

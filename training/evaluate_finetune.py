@@ -167,8 +167,14 @@ def evaluate(engine, adapter_token: str, *, seeds: int = 4, steps: int = 20, gui
         for p in prompts:
             images = []
             for first in range(0, seeds, engine.limits.max_batch):  # seeds 1000, 1001, ... in batches the app allows
-                images += txt2img.generate(engine, prompt=p.caption(words), seed=1000 + first, steps=steps,
-                                           guidance=guidance, batch_size=min(engine.limits.max_batch, seeds - first)).images
+                images += txt2img.generate(
+                    engine,
+                    prompt=p.caption(words),
+                    seed=1000 + first,
+                    steps=steps,
+                    guidance=guidance,
+                    batch_size=min(engine.limits.max_batch, seeds - first),
+                ).images
             for image in images:
                 hits += is_checkered(np.asarray(image.convert("RGB")), p.background)
                 total += 1
@@ -189,13 +195,19 @@ def main(argv=None):
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="", help="default: the tab's")
     parser.add_argument("--token", default="zqx")
     parser.add_argument("--seeds", type=int, default=4, help="images per evaluation prompt (10 prompts)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale of the evaluation images (default: the model's)")
-    parser.add_argument("--runs", type=int, default=3, help="fine-tunes with seeds 0, 1, ...; the figures are their mean")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale of the evaluation images (default: the model's)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="fine-tunes with seeds 0, 1, ...; the figures are their mean"
+    )
     parser.add_argument("--prior-preservation", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write-examples", type=Path, default=None, help="write the example set here and stop")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    parser.add_argument("--grid", type=Path, default=None, help="write the fine-tuned model's images here (with / without the word)")
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="write the fine-tuned model's images here (with / without the word)"
+    )
     args = parser.parse_args(argv)
     if args.write_examples:
         for path in write_examples(args.write_examples):

@@ -36,7 +36,9 @@ def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
     if vae is not None:
         newer = AutoencoderKL.from_pretrained(vae)
         if not same_encoder(pipe.vae, newer):
-            raise SystemExit(f"{vae} has a different encoder than the VAE {ldm} was trained on; its latents would not match")
+            raise SystemExit(
+                f"{vae} has a different encoder than the VAE {ldm} was trained on; its latents would not match"
+            )
         # The U-Net learned latents scaled by the factor measured when it was trained; keep exactly that.
         newer.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
         pipe.register_modules(vae=newer)
@@ -56,7 +58,9 @@ def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ldm", type=Path, default=Path("runs/ldm/pipeline"), help="train_ldm's exported pipeline")
-    parser.add_argument("--vae", type=Path, default=None, help="a VAE folder with the same encoder and a newer decoder")
+    parser.add_argument(
+        "--vae", type=Path, default=None, help="a VAE folder with the same encoder and a newer decoder"
+    )
     parser.add_argument("--out", type=Path, default=Path("assets/models/shapes-ldm"))
     args = parser.parse_args(argv)
     package(args.ldm, args.vae, args.out)

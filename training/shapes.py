@@ -353,7 +353,9 @@ def background_image(name: str, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.
     return image.copy(), depth.copy()
 
 
-def _style_fill(style: str, colour: np.ndarray, coverage: np.ndarray, box_centre, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _style_fill(
+    style: str, colour: np.ndarray, coverage: np.ndarray, box_centre, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel colour and coverage of a filled shape in a rendering style."""
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     fill = np.broadcast_to(colour, (size, size, 3)).copy()
@@ -393,7 +395,12 @@ def render(scene: Scene) -> Sample:
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         # Depth: an object stands where its base is; lower in the frame = nearer. Shapes bulge a little.
         base_depth = 0.3 + 0.6 * (box[3] / size)
-        radial = 1 - np.clip(np.hypot(np.arange(size)[None, :] - obj.centre[0], np.arange(size)[:, None] - obj.centre[1]) / max(obj.half_extent, 1), 0, 1)
+        radial = 1 - np.clip(
+            np.hypot(np.arange(size)[None, :] - obj.centre[0], np.arange(size)[:, None] - obj.centre[1])
+            / max(obj.half_extent, 1),
+            0,
+            1,
+        )
         object_depth = base_depth + 0.08 * radial
         if obj.style == "glow":
             halo = cv2.GaussianBlur(coverage, (0, 0), 2.5)
@@ -402,7 +409,16 @@ def render(scene: Scene) -> Sample:
         image = image * (1 - alpha[:, :, None]) + fill * alpha[:, :, None]
         solid = coverage > 0.5
         depth = np.where(solid, np.maximum(depth, object_depth), depth).astype(np.float32)
-        records.append({"kind": obj.kind, "colour": obj.colour, "size": obj.size, "style": obj.style, "box": box, "pose": obj.pose})
+        records.append(
+            {
+                "kind": obj.kind,
+                "colour": obj.colour,
+                "size": obj.size,
+                "style": obj.style,
+                "box": box,
+                "pose": obj.pose,
+            }
+        )
     rgb = np.clip(np.round(image), 0, 255).astype(np.uint8)
     return Sample(
         image=rgb,

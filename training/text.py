@@ -24,7 +24,9 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate([BOS, EOS, UNK] + list(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Words are letters only: punctuation and digits become spaces, so "circle," still finds "circle".
-    core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex("[^a-z]+"), " ")])
+    core.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex("[^a-z]+"), " ")]
+    )
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
@@ -40,7 +42,9 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     )
 
 
-def build_text_encoder(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 128, layers: int = 2, heads: int = 4) -> CLIPTextModel:
+def build_text_encoder(
+    tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 128, layers: int = 2, heads: int = 4
+) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -8,7 +8,8 @@ Reads top to bottom: 1. render a fixed training set once and cache it (depth: an
 with a person plus a share without one, whose visibility targets are all zero), 2. train with
 augmentations that make the nets robust to generated pictures (blur, noise, colour jitter, a
 down-up resize; horizontal flips for depth) and, with `--vae`, on half of each batch pictures after
-the Shapes VAE's encode/decode (what every generated picture goes through; 2000 spread over the set), 3. every `--eval-every` steps score held-out renders
+the Shapes VAE's encode/decode (what every generated picture goes through; 2000 spread over the set),
+3. every `--eval-every` steps score held-out renders
 (seeds from HELD_OUT_SEED up: depth abs-rel, pose PCK@0.1 of the person's box) and export the model
 folder (model.safetensors + config.json) to OUT/annotator; resumes from OUT/checkpoint.pt.
 Losses: depth = L1 + 0.5 * relative error on pixels with depth > 0 (the sky is 0);
@@ -45,18 +46,23 @@ class AnnotatorTrainConfig:
     heatmap_weight: float = 0.1
     heatmap_sigma_cells: float = 0.75  # Gaussian target width in 4-px heatmap cells
     vae_share: float = 0.5  # with --vae: share of each batch taken from the VAE round trips of the pictures
-    low_contrast_share: float = 0.0  # share of samples washed out (contrast and saturation x 0.35-1), like a weak VAE decoder
-    vae_scenes: int = 2000  # with --vae: this many training pictures (spread over the set) are round-tripped (~0.25 s each on 1 thread)
+    low_contrast_share: float = 0.0
+    # with --vae: this many training pictures (spread over the set) are round-tripped
+    vae_scenes: int = 2000
 
 
 # ----------------------------------------------------------------------------- data
 
-def build_dataset(kind: str, config: AnnotatorTrainConfig, cache: Path, vae: Path | None = None) -> dict[str, np.ndarray]:
+def build_dataset(
+    kind: str, config: AnnotatorTrainConfig, cache: Path, vae: Path | None = None
+) -> dict[str, np.ndarray]:
     """Rendered training set (cached): images (N, 64, 64, 3) uint8 and depth (N, 64, 64) or keypoints (N, 18, 3);
     with a `vae`, also images_vae: the same pictures after the VAE's round trip."""
     if cache.exists():
         data = dict(np.load(cache))
-        if len(data["images"]) >= config.train_scenes and (vae is None or len(data.get("images_vae", ())) >= config.vae_scenes):
+        if len(data["images"]) >= config.train_scenes and (
+            vae is None or len(data.get("images_vae", ())) >= config.vae_scenes
+        ):
             return data
     started = time.time()
     if kind == "depth":
@@ -75,7 +81,9 @@ def build_dataset(kind: str, config: AnnotatorTrainConfig, cache: Path, vae: Pat
     print(f"rendered {len(samples)} training scenes in {time.time() - started:.0f} s", flush=True)
     if vae is not None:
         # Spread evenly over the set, so the round trips hold scenes with and without a person alike.
-        data["vae_index"] = np.linspace(0, len(samples) - 1, min(config.vae_scenes, len(samples))).round().astype(np.int64)
+        data["vae_index"] = (
+            np.linspace(0, len(samples) - 1, min(config.vae_scenes, len(samples))).round().astype(np.int64)
+        )
         data["images_vae"] = vae_round_trip(vae, data["images"][data["vae_index"]])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **data)
@@ -158,8 +166,12 @@ def pose_loss(points, visibility_logits, heatmap_logits, keypoints, config: Anno
     coordinate = ((points - keypoints[..., :2]).abs().sum(-1) / cell * visible).sum() / visible.sum()
     # Cross-entropy against a Gaussian around each true keypoint (in cells): early, sharp localisation.
     centres = (torch.arange(w, dtype=points.dtype) + 0.5)
-    gx = torch.exp(-((centres.view(1, 1, 1, w) - keypoints[..., 0, None, None] / cell) ** 2) / (2 * config.heatmap_sigma_cells ** 2))
-    gy = torch.exp(-((centres.view(1, 1, h, 1) - keypoints[..., 1, None, None] / cell) ** 2) / (2 * config.heatmap_sigma_cells ** 2))
+    gx = torch.exp(
+        -((centres.view(1, 1, 1, w) - keypoints[..., 0, None, None] / cell) ** 2) / (2 * config.heatmap_sigma_cells**2)
+    )
+    gy = torch.exp(
+        -((centres.view(1, 1, h, 1) - keypoints[..., 1, None, None] / cell) ** 2) / (2 * config.heatmap_sigma_cells**2)
+    )
     target = (gx * gy).flatten(2)
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
     heat = -(target * heatmap_logits.flatten(2).log_softmax(-1)).sum(-1)  # (B, K)
@@ -244,7 +256,9 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
     # 1. Training set (rendered once; with a VAE also round-tripped through it) and held-out set.
     data = build_dataset(kind, config, out_dir / "data.npz", vae)
     images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
-    images_vae = torch.from_numpy(data["images_vae"]).permute(0, 3, 1, 2) if vae is not None else None  # (V, 3, 64, 64)
+    images_vae = (
+        torch.from_numpy(data["images_vae"]).permute(0, 3, 1, 2) if vae is not None else None
+    )  # (V, 3, 64, 64)
     vae_index = torch.from_numpy(data["vae_index"]) if vae is not None else None  # (V,) their rows in `images`
     targets = torch.from_numpy(data["depth"].astype(np.float32) if kind == "depth" else data["keypoints"])
     held_out = HeldOut(kind, config.eval_count, vae)
@@ -256,11 +270,15 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
     step, seconds, checkpoint, scores, history = 0, 0.0, Checkpoint(out_dir), {}, []
     state = checkpoint.load()
     if state is not None:
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
         step, seconds, history = state["step"], state["seconds"], state.get("history", [])
         print(f"resumed from {checkpoint.path} at step {step}")
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"{kind} annotator: {type(model).__name__} {parameters / 1e3:.0f} k parameters, {len(images)} training scenes", flush=True)
+    print(
+        f"{kind} annotator: {type(model).__name__} {parameters / 1e3:.0f} k parameters, {len(images)} training scenes",
+        flush=True,
+    )
     log = LossLog(out_dir, ["loss", "lr", "coordinate_px", "visibility", TARGETS[kind][0]])
     generator = torch.Generator().manual_seed(seed + step)
     last = time.time()
@@ -296,7 +314,9 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        now = time.time(); seconds += now - last; last = now
+        now = time.time()
+        seconds += now - last
+        last = now
 
         # 5. Held-out score, sample grid, export and checkpoint.
         done = step == max_steps
@@ -317,7 +337,9 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
                 break
             last = time.time()  # evaluation time is not training time
         if step % log_every == 0 or done:
-            log.write(step, loss=loss.item(), lr=lr, **parts, **{k: v for k, v in scores.items() if k == TARGETS[kind][0]})
+            log.write(
+                step, loss=loss.item(), lr=lr, **parts, **{k: v for k, v in scores.items() if k == TARGETS[kind][0]}
+            )
             scores = {}
     return {"step": step, "seconds": seconds, "history": history}
 
@@ -325,24 +347,50 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=annotators.KINDS, required=True)
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/annotator-KIND): checkpoint, log, samples, annotator/")
-    parser.add_argument("--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default runs/annotator-KIND): checkpoint, log, samples, annotator/",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)"
+    )
     parser.add_argument("--train-scenes", type=int, default=AnnotatorTrainConfig.train_scenes)
     parser.add_argument("--batch-size", type=int, default=AnnotatorTrainConfig.batch_size)
-    parser.add_argument("--eval-count", type=int, default=AnnotatorTrainConfig.eval_count, help="held-out scenes per evaluation")
+    parser.add_argument(
+        "--eval-count", type=int, default=AnnotatorTrainConfig.eval_count, help="held-out scenes per evaluation"
+    )
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--stop-at-target", action="store_true", help=f"stop at the first evaluation that meets {TARGETS}")
-    parser.add_argument("--vae", type=Path, default=None,
-                        help="a Shapes VAE folder: also train (and score) on pictures after its encode/decode, as generated pictures look")
+    parser.add_argument(
+        "--stop-at-target", action="store_true", help=f"stop at the first evaluation that meets {TARGETS}"
+    )
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="a Shapes VAE folder: also train (and score) on pictures after its encode/decode, "
+        "as generated pictures look",
+    )
     parser.add_argument("--low-contrast-share", type=float, default=AnnotatorTrainConfig.low_contrast_share,
                         help="share of samples washed out (contrast/saturation reduced), for weak VAE decoders")
-    parser.add_argument("--vae-scenes", type=int, default=AnnotatorTrainConfig.vae_scenes, help="training pictures round-tripped through --vae")
+    parser.add_argument(
+        "--vae-scenes",
+        type=int,
+        default=AnnotatorTrainConfig.vae_scenes,
+        help="training pictures round-tripped through --vae",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    config = AnnotatorTrainConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, eval_count=args.eval_count,
-                                  vae_scenes=args.vae_scenes, low_contrast_share=args.low_contrast_share)
+    config = AnnotatorTrainConfig(
+        train_scenes=args.train_scenes,
+        batch_size=args.batch_size,
+        eval_count=args.eval_count,
+        vae_scenes=args.vae_scenes,
+        low_contrast_share=args.low_contrast_share,
+    )
     train(args.kind, args.out or Path(f"runs/annotator-{args.kind}"), args.max_steps, config,
           log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target, vae=args.vae)
 

@@ -1,6 +1,7 @@
 """Trains a ControlNet (canny, depth or pose) for the Shapes LDM on Shapes-world (control map, caption, image) triples.
 
-    python -m training.train_controlnet --control canny --ldm assets/models/shapes-ldm --out runs/controlnet-canny --max-steps 2000 --threads 1
+    python -m training.train_controlnet --control canny --ldm assets/models/shapes-ldm \
+        --out runs/controlnet-canny --max-steps 2000 --threads 1
 
 Reads top to bottom (Zhang et al. 2023, on the LDM of Rombach et al. 2022):
 1. load the LDM from its diffusers folder and freeze its U-Net, VAE and text encoder;
@@ -28,7 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 from training import shapes
 from training.annotators import person_seeds
@@ -56,7 +64,9 @@ class ControlNetConfig:
 
 # ----------------------------------------------------------------------------- the model
 
-def controlnet_from_unet(unet: UNet2DConditionModel, conditioning_channels=ControlNetConfig.conditioning_channels) -> ControlNetModel:
+def controlnet_from_unet(
+    unet: UNet2DConditionModel, conditioning_channels=ControlNetConfig.conditioning_channels
+) -> ControlNetModel:
     """A ControlNet that copies `unet`'s encoder, sized for the VAE's factor, with the U-Net's text-pooling heads.
 
     diffusers' `ControlNetModel.from_unet` does not pass `addition_embed_type_num_heads`; with the Shapes
@@ -96,7 +106,9 @@ def control_tensor(maps: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_dataset(control: str, seeds: list[int], vae, tokenizer, text_encoder, cache: Path, chunk: int = 256) -> dict:
+def encode_dataset(
+    control: str, seeds: list[int], vae, tokenizer, text_encoder, cache: Path, chunk: int = 256
+) -> dict:
     """Cached training set: VAE posterior mean/std (N, 4, 16, 16), control maps (N, 64, 64, 3) uint8,
     caption index (N,) into unique caption embeddings (U, T, D), and the empty caption's embedding (1, T, D)."""
     if cache.exists():
@@ -105,7 +117,12 @@ def encode_dataset(control: str, seeds: list[int], vae, tokenizer, text_encoder,
             n = len(seeds)
             # Caption embeddings are recomputed: they are cheap, and the cache then stays valid for a
             # later LDM whose text encoder trained on (the VAE encoder, and so the latents, is fixed).
-            embeddings = torch.cat([embed(tokenizer, text_encoder, saved["captions"][i:i + 256]) for i in range(0, len(saved["captions"]), 256)])
+            embeddings = torch.cat(
+                [
+                    embed(tokenizer, text_encoder, saved["captions"][i : i + 256])
+                    for i in range(0, len(saved["captions"]), 256)
+                ]
+            )
             return {**saved, "mean": saved["mean"][:n], "std": saved["std"][:n], "maps": saved["maps"][:n],
                     "caption_index": saved["caption_index"][:n], "seeds": saved["seeds"][:n],
                     "embeddings": embeddings, "empty": embed(tokenizer, text_encoder, [""])}
@@ -114,16 +131,24 @@ def encode_dataset(control: str, seeds: list[int], vae, tokenizer, text_encoder,
     for first in range(0, len(seeds), chunk):
         samples = [shapes.sample(seed) for seed in seeds[first:first + chunk]]
         posterior = vae.encode(images_to_tensor(np.stack([s.image for s in samples]))).latent_dist
-        means.append(posterior.mean); stds.append(posterior.std)
+        means.append(posterior.mean)
+        stds.append(posterior.std)
         maps.append(np.stack([getattr(s, CONTROL_MAP[control]) for s in samples]))
         captions += [s.caption for s in samples]
         print(f"encoded {first + len(samples)}/{len(seeds)} scenes ({time.time() - started:.0f} s)", flush=True)
     unique = sorted(set(captions))
     position = {c: i for i, c in enumerate(unique)}
     embeddings = torch.cat([embed(tokenizer, text_encoder, unique[i:i + 256]) for i in range(0, len(unique), 256)])
-    data = {"seeds": list(seeds), "mean": torch.cat(means), "std": torch.cat(stds), "maps": torch.from_numpy(np.concatenate(maps)),
-            "caption_index": torch.tensor([position[c] for c in captions]), "embeddings": embeddings,
-            "empty": embed(tokenizer, text_encoder, [""]), "captions": unique}
+    data = {
+        "seeds": list(seeds),
+        "mean": torch.cat(means),
+        "std": torch.cat(stds),
+        "maps": torch.from_numpy(np.concatenate(maps)),
+        "caption_index": torch.tensor([position[c] for c in captions]),
+        "embeddings": embeddings,
+        "empty": embed(tokenizer, text_encoder, [""]),
+        "captions": unique,
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, cache)
     print(f"{len(unique)} distinct captions embedded ({time.time() - started:.0f} s)", flush=True)
@@ -132,14 +157,20 @@ def encode_dataset(control: str, seeds: list[int], vae, tokenizer, text_encoder,
 
 @torch.no_grad()
 def embed(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids).last_hidden_state  # (N, T, D)
 
 
 def held_out_controls(control: str, count: int) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(control maps, captions, reference images) of held-out scenes (seeds from HELD_OUT_SEED up)."""
     samples = [shapes.sample(seed) for seed in training_seeds(control, count, start=HELD_OUT_SEED)]
-    return np.stack([getattr(s, CONTROL_MAP[control]) for s in samples]), [s.caption for s in samples], np.stack([s.image for s in samples])
+    return (
+        np.stack([getattr(s, CONTROL_MAP[control]) for s in samples]),
+        [s.caption for s in samples],
+        np.stack([s.image for s in samples]),
+    )
 
 
 def control_pipeline(base: StableDiffusionPipeline, controlnet: ControlNetModel) -> StableDiffusionControlNetPipeline:
@@ -167,8 +198,18 @@ def sample_grid(base, controlnet, control: str, path: Path, config: ControlNetCo
 
 # ----------------------------------------------------------------------------- training
 
-def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: ControlNetConfig, *, log_every: int = 25,
-          save_every: int = 250, eval_every: int = 500, seed: int = 0) -> ControlNetModel:
+def train(
+    control: str,
+    ldm_path: Path,
+    out_dir: Path,
+    max_steps: int,
+    config: ControlNetConfig,
+    *,
+    log_every: int = 25,
+    save_every: int = 250,
+    eval_every: int = 500,
+    seed: int = 0,
+) -> ControlNetModel:
     if control not in CONTROLS:
         raise ValueError(f"control={control!r}; choose one of {CONTROLS}")
     out_dir = Path(out_dir)
@@ -185,7 +226,8 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
     step, seconds, checkpoint = 0, 0.0, Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
-        controlnet.load_state_dict(state["controlnet"]); opt.load_state_dict(state["opt"])
+        controlnet.load_state_dict(state["controlnet"])
+        opt.load_state_dict(state["opt"])
         step, seconds = state["step"], state["seconds"]
         print(f"resumed from {checkpoint.path} at step {step}")
 
@@ -194,8 +236,12 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
                           base.text_encoder, out_dir / "dataset.pt")
     n = len(data["seeds"])
     parameters = sum(p.numel() for p in controlnet.parameters())
-    print(f"{control} ControlNet {parameters / 1e6:.2f} M parameters (U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, "
-          f"frozen), {n} training scenes", flush=True)
+    print(
+        f"{control} ControlNet {parameters / 1e6:.2f} M parameters "
+        f"(U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, "
+        f"frozen), {n} training scenes",
+        flush=True,
+    )
     # The ControlNet learns the U-Net's own target (eps or v), read from the LDM's scheduler config.
     prediction_type = base.scheduler.config.get("prediction_type", "epsilon")
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type)
@@ -206,7 +252,9 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
     while step < max_steps:
         # 4. A batch: latents from the posterior, control maps in [0, 1], 10% empty captions.
         index = torch.randint(0, n, (config.batch_size,), generator=generator)
-        latents = (data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
+        latents = (
+            data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=generator)
+        ) * scaling  # (B, 4, 16, 16)
         condition = data["maps"][index].permute(0, 3, 1, 2).float().div(255)  # (B, 3, 64, 64)
         hidden = data["embeddings"][data["caption_index"][index]].clone()  # (B, T, D)
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
@@ -214,9 +262,13 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
 
         # 5. Noise, ControlNet residuals into the frozen U-Net, min-SNR weighted eps loss.
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
+        )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=condition, return_dict=False)
+        down, mid = controlnet(
+            noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=condition, return_dict=False
+        )
         prediction = unet(noisy, timesteps, encoder_hidden_states=hidden, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -231,7 +283,9 @@ def train(control: str, ldm_path: Path, out_dir: Path, max_steps: int, config: C
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         opt.step()
         step += 1
-        now = time.time(); seconds += now - last; last = now
+        now = time.time()
+        seconds += now - last
+        last = now
 
         # 6. Log, sample grid, checkpoint and export.
         done = step == max_steps
@@ -253,8 +307,15 @@ def export(controlnet: ControlNetModel, target: Path, *, control: str, step: int
     """save_pretrained (safetensors) plus training.json: what the model card and evaluation read."""
     target = Path(target)
     controlnet.save_pretrained(target, safe_serialization=True)
-    info = {"control": control, "steps": step, "train_seconds": round(seconds), "ldm": str(ldm), "train_scenes": scenes,
-            "parameters": parameters, "config": asdict(config)}
+    info = {
+        "control": control,
+        "steps": step,
+        "train_seconds": round(seconds),
+        "ldm": str(ldm),
+        "train_scenes": scenes,
+        "parameters": parameters,
+        "config": asdict(config),
+    }
     (target / "training.json").write_text(json.dumps(info, indent=2, default=list) + "\n")
     (target / "TRAINING_STEP").write_text(f"{step}\n")
 
@@ -262,22 +323,40 @@ def export(controlnet: ControlNetModel, target: Path, *, control: str, step: int
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--control", choices=CONTROLS, required=True)
-    parser.add_argument("--ldm", type=Path, default=Path("assets/models/shapes-ldm"), help="the Shapes LDM's diffusers pipeline folder")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/controlnet-CONTROL): checkpoint, log, samples, controlnet/")
-    parser.add_argument("--max-steps", type=int, default=2000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument(
+        "--ldm", type=Path, default=Path("assets/models/shapes-ldm"), help="the Shapes LDM's diffusers pipeline folder"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default runs/controlnet-CONTROL): checkpoint, log, samples, controlnet/",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=2000, help="train until this step (resumes from the checkpoint)"
+    )
     parser.add_argument("--train-scenes", type=int, default=ControlNetConfig.train_scenes)
     parser.add_argument("--batch-size", type=int, default=ControlNetConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=ControlNetConfig.learning_rate)
     parser.add_argument("--caption-dropout", type=float, default=ControlNetConfig.caption_dropout)
-    parser.add_argument("--sample-steps", type=int, default=ControlNetConfig.sample_steps, help="denoising steps of the sample grids")
+    parser.add_argument(
+        "--sample-steps", type=int, default=ControlNetConfig.sample_steps, help="denoising steps of the sample grids"
+    )
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--eval-every", type=int, default=500, help="sample grid every N steps and at the end (0: no sample grids)")
+    parser.add_argument(
+        "--eval-every", type=int, default=500, help="sample grid every N steps and at the end (0: no sample grids)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    config = ControlNetConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                              caption_dropout=args.caption_dropout, sample_steps=args.sample_steps)
+    config = ControlNetConfig(
+        train_scenes=args.train_scenes,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        caption_dropout=args.caption_dropout,
+        sample_steps=args.sample_steps,
+    )
     train(args.control, args.ldm, args.out or Path(f"runs/controlnet-{args.control}"), args.max_steps, config,
           log_every=args.log_every, save_every=args.save_every, eval_every=args.eval_every)
 

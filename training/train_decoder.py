@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from training import shapes, train_vae
-from training.common import Checkpoint, LossLog, HELD_OUT_SEED, images_to_tensor, save_grid, set_threads
+from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
 from training.train_vae import psnr, reconstruct
 
 
@@ -75,7 +75,9 @@ def _named_in(model: torch.nn.Module, module: torch.nn.Module):
 
 
 def decoder_parameters(vae: AutoencoderKL) -> list[torch.nn.Parameter]:
-    return list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters()) if vae.post_quant_conv is not None else [])
+    return list(vae.decoder.parameters()) + (
+        list(vae.post_quant_conv.parameters()) if vae.post_quant_conv is not None else []
+    )
 
 
 def edge_weights(target: torch.Tensor, extra: float) -> torch.Tensor:
@@ -91,7 +93,7 @@ def latent_crops(latents, images, crop, generator):
     n, _, h, w = latents.shape
     ys = torch.randint(0, h - crop + 1, (n,), generator=generator)
     xs = torch.randint(0, w - crop + 1, (n,), generator=generator)
-    z = torch.stack([l[:, y:y + crop, x:x + crop] for l, y, x in zip(latents, ys, xs)])
+    z = torch.stack([lat[:, y:y + crop, x:x + crop] for lat, y, x in zip(latents, ys, xs)])
     f = images.shape[-1] // w
     x = torch.stack([im[:, y * f:(y + crop) * f, x_ * f:(x_ + crop) * f] for im, y, x_ in zip(images, ys, xs)])
     return z, x
@@ -110,7 +112,8 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     step, checkpoint = 0, Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
-        vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"])
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed from {checkpoint.path} at step {step}")
     log = LossLog(out_dir, ["l1", "mse", "psnr"])
@@ -140,7 +143,10 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
             log.write(step, l1=l1.item(), mse=mse.item(), psnr=held_psnr)
         if step % save_every == 0 or step == max_steps:
             checkpoint.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(config)})
-            save_grid(np.concatenate([held_out[:16], reconstruct(vae, held_out[:16])]), out_dir / "samples" / f"step-{step:06d}.png")
+            save_grid(
+                np.concatenate([held_out[:16], reconstruct(vae, held_out[:16])]),
+                out_dir / "samples" / f"step-{step:06d}.png",
+            )
     return vae.eval()
 
 
@@ -153,7 +159,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", type=Path, required=True, help="the source VAE folder: its encoder is kept")
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
-    parser.add_argument("--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument(
+        "--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)"
+    )
     parser.add_argument("--layers-per-block", type=int, default=DecoderConfig.layers_per_block)
     parser.add_argument("--batch-size", type=int, default=DecoderConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=DecoderConfig.learning_rate)

@@ -19,14 +19,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 from training import shapes, text
 from training.common import Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
 
 # The noise schedule of Stable Diffusion: every diffusers scheduler then behaves as it does on SD,
 # so the app's scheduler menu, img2img strength and ControlNet code need no special case.
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+)
 
 
 @dataclass
@@ -39,7 +47,9 @@ class LDMConfig:
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 200
-    cosine_decay: bool = False  # decay the learning rate to 0 at --max-steps (for a final run that settles the weights)
+    cosine_decay: bool = (
+        False  # decay the learning rate to 0 at --max-steps (for a final run that settles the weights)
+    )
     caption_dropout: float = 0.1  # share of empty captions: the unconditional model for CFG
     min_snr_gamma: float = 5.0  # Hang et al. 2023: caps the weight of easy, low-noise steps
     # "v_prediction" (Salimans & Ho 2022): at high noise the U-Net predicts the clean latent itself,
@@ -65,7 +75,8 @@ def build_unet(config: LDMConfig) -> UNet2DConditionModel:
         # Cross-attention only at 8x8 and 4x4 (and optionally the last up block): attention at 16x16 in
         # every block quadruples the step time.
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + (("CrossAttnUpBlock2D",) if config.attention_16x16_up else ("UpBlock2D",)),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1)
+        + (("CrossAttnUpBlock2D",) if config.attention_16x16_up else ("UpBlock2D",)),
         cross_attention_dim=config.text_hidden_size,
         attention_head_dim=config.attention_heads,  # diffusers' legacy name: this is the head count
         # Pooled text added to the time embedding: global conditioning makes colour and shape learn
@@ -77,7 +88,9 @@ def build_unet(config: LDMConfig) -> UNet2DConditionModel:
 
 
 @torch.no_grad()
-def encode_scenes(vae: AutoencoderKL, count: int, cache: Path, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def encode_scenes(
+    vae: AutoencoderKL, count: int, cache: Path, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Posterior (mean, std) of `count` training scenes, cached on disk; (N, 4, 16, 16) each."""
     if cache.exists():
         saved = torch.load(cache, weights_only=False)
@@ -88,7 +101,9 @@ def encode_scenes(vae: AutoencoderKL, count: int, cache: Path, chunk: int = 256)
     for first in range(0, count, chunk):
         images, batch_captions = shapes.batch(range(first, min(first + chunk, count)))
         posterior = vae.encode(images_to_tensor(images)).latent_dist
-        means.append(posterior.mean); stds.append(posterior.std); captions += batch_captions
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        captions += batch_captions
         print(f"encoded {first + len(images)}/{count} scenes ({time.time() - started:.0f} s)", flush=True)
     mean, std = torch.cat(means), torch.cat(stds)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +118,9 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return torch.clamp(snr, max=gamma) / snr
 
 
-def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+def loss_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Per-sample weights of the MSE on the prediction target.
 
     In clean-latent terms an eps MSE weights the x0 error by SNR, which is ~0.005 at the noisiest steps:
@@ -118,16 +135,31 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
     return (torch.clamp(snr, max=gamma) + 1) / (snr + 1)  # a v MSE weights the x0 error by SNR + 1
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "v_prediction") -> StableDiffusionPipeline:
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2)
+def assemble_pipeline(
+    vae, text_encoder, tokenizer, unet, prediction_type: str = "v_prediction"
+) -> StableDiffusionPipeline:
+    scheduler = DPMSolverMultistepScheduler(
+        **SCHEDULE, prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2
+    )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, log_every=50, save_every=250,
-          eval_every=500, seed=0, init_from: Path | None = None, stop_at: int | None = None) -> StableDiffusionPipeline:
+def train(
+    vae_path: Path,
+    out_dir: Path,
+    max_steps: int,
+    config: LDMConfig,
+    *,
+    log_every=50,
+    save_every=250,
+    eval_every=500,
+    seed=0,
+    init_from: Path | None = None,
+    stop_at: int | None = None,
+) -> StableDiffusionPipeline:
     """Trains to `max_steps`; `stop_at` ends the run earlier (saved and exported there) while the learning-rate
     schedule still runs to `max_steps`, so a copy of the run folder can go on with other settings from a
     point mid-schedule."""
@@ -141,8 +173,12 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
 
     # 2. Tokenizer and captions as ids, once.
     tokenizer = text.build_tokenizer()
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty_ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
 
     # 3. Models, optimiser, EMA; resume if a checkpoint exists.
     text_encoder = text.build_text_encoder(tokenizer, hidden_size=config.text_hidden_size, layers=config.text_layers)
@@ -155,9 +191,12 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
     checkpoint = Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
-        unet.load_state_dict(state["unet"]); text_encoder.load_state_dict(state["text_encoder"])
-        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
-        opt.load_state_dict(state["opt"]); step = state["step"]
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
         first_step = state.get("first_step", 0)
         print(f"resumed from {checkpoint.path} at step {step}")
     elif init_from is not None:
@@ -175,7 +214,10 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
             # Only attention blocks were added, each starting as an identity: the U-Net computes exactly
             # what the source did, so its curve goes on.
             step = first_step = source["step"]
-            print(f"initialised from {init_from} (step {step}); added attention blocks start as identities: {', '.join(added)}")
+            print(
+                f"initialised from {init_from} (step {step}); "
+                f"added attention blocks start as identities: {', '.join(added)}"
+            )
         elif fresh:
             # A wider U-Net: every tensor whose shape is unchanged (the text encoder, the cross-attention
             # levels) starts trained, the rest from scratch; its curve starts again at step 0.
@@ -184,7 +226,8 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
         else:
             step = first_step = source["step"]
             print(f"initialised from {init_from} (step {step}, {source['config'].get('prediction_type', 'epsilon')})")
-    n_unet = sum(p.numel() for p in unet.parameters()); n_text = sum(p.numel() for p in text_encoder.parameters())
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"U-Net {n_unet / 1e6:.2f} M parameters, text encoder {n_text / 1e6:.2f} M, {len(captions)} scenes")
     sampling_weights = scene_weights(captions, config.two_object_share)
     log = LossLog(out_dir, ["loss", "lr", "colour", "shape", "position", "binding"])
@@ -197,20 +240,28 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
             index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
         else:
             index = torch.multinomial(sampling_weights, config.batch_size, replacement=True, generator=generator)
-        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
+        latents = (
+            mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+        ) * scaling  # (B, 4, 16, 16)
         batch_ids = ids[index].clone()
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
         batch_ids[drop] = empty_ids
 
         # 5. Noise at random timesteps and predict it.
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
+        )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(batch_ids).last_hidden_state  # (B, 24, 128)
         prediction = unet(noisy, timesteps, hidden).sample
-        target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, config.prediction_type)).mean()
+        loss = (
+            per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, config.prediction_type)
+        ).mean()
 
         lr = config.learning_rate * min(1.0, (step + 1 - first_step) / config.warmup_steps)
         if config.cosine_decay:
@@ -231,15 +282,31 @@ def train(vae_path: Path, out_dir: Path, max_steps: int, config: LDMConfig, *, l
                     e.lerp_(p, 1 - decay)
 
         if eval_every and (step % eval_every == 0 or step == last_step):
-            scores = quick_scores(assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type), out_dir / "samples" / f"step-{step:06d}.png")
+            scores = quick_scores(
+                assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type),
+                out_dir / "samples" / f"step-{step:06d}.png",
+            )
         if step % log_every == 0 or step == last_step:
             log.write(step, loss=loss.item(), lr=lr, **scores)
             scores = {}
         if step % save_every == 0 or step == last_step:
-            checkpoint.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                             "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "first_step": first_step, "config": asdict(config)})
-            export(assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type), out_dir / "pipeline", step)
+            checkpoint.save(
+                {
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_text": ema_text.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "first_step": first_step,
+                    "config": asdict(config),
+                }
+            )
+            export(
+                assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type),
+                out_dir / "pipeline",
+                step,
+            )
     return assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type)
 
 
@@ -295,11 +362,22 @@ def export(pipe: StableDiffusionPipeline, target: Path, step: int) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", type=Path, default=Path("runs/vae/vae"), help="trained VAE folder (train_vae's export)")
-    parser.add_argument("--out", type=Path, default=Path("runs/ldm"), help="run folder: checkpoint, log, samples, pipeline/")
-    parser.add_argument("--max-steps", type=int, default=6000, help="train until this step (resumes from the checkpoint)")
-    parser.add_argument("--stop-at", type=int, default=None,
-                        help="stop at this step, the schedule still running to --max-steps (to branch a run: copy its folder, go on with other settings)")
+    parser.add_argument(
+        "--vae", type=Path, default=Path("runs/vae/vae"), help="trained VAE folder (train_vae's export)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/ldm"), help="run folder: checkpoint, log, samples, pipeline/"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=6000, help="train until this step (resumes from the checkpoint)"
+    )
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop at this step, the schedule still running to --max-steps "
+        "(to branch a run: copy its folder, go on with other settings)",
+    )
     parser.add_argument("--train-scenes", type=int, default=LDMConfig.train_scenes)
     parser.add_argument("--batch-size", type=int, default=LDMConfig.batch_size)
     parser.add_argument("--log-every", type=int, default=50)
@@ -308,20 +386,31 @@ def main(argv=None):
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=LDMConfig.prediction_type)
     parser.add_argument("--learning-rate", type=float, default=LDMConfig.learning_rate)
     parser.add_argument("--cosine-decay", action="store_true", help="decay the learning rate to 0 at --max-steps")
-    parser.add_argument("--init-from", type=Path, default=None, help="start a new run from another run's checkpoint.pt weights")
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="start a new run from another run's checkpoint.pt weights"
+    )
     parser.add_argument("--channels", default=",".join(map(str, LDMConfig.block_out_channels)),
                         help="U-Net block_out_channels of the 16x16, 8x8 and 4x4 latent levels, e.g. 64,64,64")
     parser.add_argument("--two-object-share", type=float, default=LDMConfig.two_object_share,
                         help="share of each batch from two-object scenes (0: as in the data)")
-    parser.add_argument("--attention-16x16-up", action="store_true",
-                        help="cross-attention in the last up block too (16x16); with --init-from the new blocks start as identities")
+    parser.add_argument(
+        "--attention-16x16-up",
+        action="store_true",
+        help="cross-attention in the last up block too (16x16); with --init-from the new blocks start as identities",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    config = LDMConfig(train_scenes=args.train_scenes, batch_size=args.batch_size, prediction_type=args.prediction_type,
-                       learning_rate=args.learning_rate, cosine_decay=args.cosine_decay,
-                       block_out_channels=tuple(int(c) for c in args.channels.split(",")),
-                       two_object_share=args.two_object_share, attention_16x16_up=args.attention_16x16_up)
+    config = LDMConfig(
+        train_scenes=args.train_scenes,
+        batch_size=args.batch_size,
+        prediction_type=args.prediction_type,
+        learning_rate=args.learning_rate,
+        cosine_decay=args.cosine_decay,
+        block_out_channels=tuple(int(c) for c in args.channels.split(",")),
+        two_object_share=args.two_object_share,
+        attention_16x16_up=args.attention_16x16_up,
+    )
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from, stop_at=args.stop_at)
 

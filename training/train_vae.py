@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from training import shapes
-from training.common import Checkpoint, LossLog, images_to_tensor, save_grid, set_threads, tensor_to_images, HELD_OUT_SEED
+from training.common import (
+    HELD_OUT_SEED,
+    Checkpoint,
+    LossLog,
+    images_to_tensor,
+    save_grid,
+    set_threads,
+    tensor_to_images,
+)
 
 
 @dataclass
@@ -113,7 +121,9 @@ def latent_scaling_factor(vae: AutoencoderKL, seeds) -> float:
     return float(1.0 / latents.std())
 
 
-def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 50, save_every: int = 250, seed: int = 0) -> AutoencoderKL:
+def train(
+    out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 50, save_every: int = 250, seed: int = 0
+) -> AutoencoderKL:
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     vae, disc = build_vae(config), PatchDiscriminator()
@@ -122,8 +132,10 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
     step, checkpoint = 0, Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
-        vae.load_state_dict(state["vae"]); disc.load_state_dict(state["disc"])
-        opt.load_state_dict(state["opt"]); opt_disc.load_state_dict(state["opt_disc"])
+        vae.load_state_dict(state["vae"])
+        disc.load_state_dict(state["disc"])
+        opt.load_state_dict(state["opt"])
+        opt_disc.load_state_dict(state["opt_disc"])
         step = state["step"]
         print(f"resumed from {checkpoint.path} at step {step}")
     log = LossLog(out_dir, ["rec", "kl", "gen", "disc", "psnr"])
@@ -173,12 +185,22 @@ def train(out_dir: Path, max_steps: int, config: VAEConfig, *, log_every: int = 
             vae.eval()
             held_psnr = psnr(held_out[:16], reconstruct(vae, held_out[:16]))
             vae.train()
-            log.write(step, rec=rec_loss.item(), kl=kl_loss.item(), gen=gen_loss.item(), disc=disc_loss.item(), psnr=held_psnr)
+            log.write(
+                step,
+                rec=rec_loss.item(),
+                kl=kl_loss.item(),
+                gen=gen_loss.item(),
+                disc=disc_loss.item(),
+                psnr=held_psnr,
+            )
         if step % save_every == 0 or step == max_steps:
             checkpoint.save({"vae": vae.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                              "opt_disc": opt_disc.state_dict(), "step": step, "config": asdict(config)})
             vae.eval()
-            save_grid(np.concatenate([held_out[:16], reconstruct(vae, held_out[:16])]), out_dir / "samples" / f"step-{step:06d}.png")
+            save_grid(
+                np.concatenate([held_out[:16], reconstruct(vae, held_out[:16])]),
+                out_dir / "samples" / f"step-{step:06d}.png",
+            )
             vae.train()
     vae.eval()
     return vae
@@ -201,13 +223,19 @@ def export(vae: AutoencoderKL, out_dir: Path, *, measure_scaling: bool = True) -
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/vae"), help="run folder: checkpoint, log, samples, vae/")
-    parser.add_argument("--max-steps", type=int, default=3000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/vae"), help="run folder: checkpoint, log, samples, vae/"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=3000, help="train until this step (resumes from the checkpoint)"
+    )
     parser.add_argument("--batch-size", type=int, default=VAEConfig.batch_size)
     parser.add_argument("--disc-start", type=int, default=VAEConfig.disc_start)
     parser.add_argument("--disc-weight", type=float, default=VAEConfig.disc_weight,
                         help="adversarial weight from --disc-start on; 0 trains the decoder on L1 alone")
-    parser.add_argument("--all-styles", action="store_true", help="train on every rendered style, also uncaptioned ones")
+    parser.add_argument(
+        "--all-styles", action="store_true", help="train on every rendered style, also uncaptioned ones"
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
