@@ -61,7 +61,7 @@ max_size], multiples of 8) and map back: inpaint/outpaint return the input's own
 original pixels byte-identical; style and ControlNet return the working size. params["width"/"height"]
 are the model's working size; params["image_size"] the input's.
 
-Built-in learned annotators (depth, pose): the engine calls `training.annotators.load_annotator(kind, folder)`
+Built-in learned annotators (depth, pose): the engine calls `pipelines.world.annotators.load_annotator(kind, folder)`
 with folder = assets/models/shapes-annotators/<kind>; it must return `callable(PIL.Image) -> PIL.Image`
 (an RGB control map the size of the input). Until that exists, asking for them raises ModelNotAvailable
 with a hint to upload a ready map and choose preprocessor "none".

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from pipelines.common import InputError, ModelError, check_float
+from pipelines.loading import load_errors, not_available
+from pipelines.world.text import is_word_level
 
 KINDS = ("lora", "full")
 TOKEN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,23}$")  # one lower-case word: what a word-level tokenizer can add
@@ -364,15 +366,13 @@ class AdapterSet:
 
     def load_source(self, source: str, *, name: str, token: str | None = None) -> Adapter:
         """A LoRA from a local file/folder or a hub id (server-side configuration only, never browser input)."""
-        from pipelines.engine import _load_errors, _not_available
-
         if Path(source).expanduser().is_file() and source.endswith(".safetensors"):
             return self.load_file(source, name=name, token=token)
         with self.engine.lock:
             try:
                 self.engine.compute.run(self.engine.base.load_lora_weights, source, adapter_name=name)
-            except _load_errors() as error:
-                raise _not_available("LoRA", source, self.engine.preset.name, error) from error
+            except load_errors() as error:
+                raise not_available("LoRA", source, self.engine.preset.name, error) from error
             return self.register(
                 Adapter(name=name, kind="lora", token=self.check_token(token), info={"source": source})
             )
@@ -409,9 +409,8 @@ def plain_unet_copy(unet):
 
 def needs_new_word(tokenizer, word: str) -> bool:
     """True where the tokenizer cannot spell `word` (a word-level vocabulary lacks it), or where an adapter
-    added it earlier (its vector is then the adapter's to set). A lookup, never an encode (see text.unknown_words)."""
-    from training.text import is_word_level
-
+    added it earlier (its vector is then the adapter's to set). A lookup, never an encode
+    (see pipelines.world.text.unknown_words)."""
     if tokenizer.unk_token_id is None or not is_word_level(tokenizer):
         return False  # byte-level BPE spells any word; DreamBooth then trains on the word's usual tokens
     return word in tokenizer.get_added_vocab() or word not in tokenizer.get_vocab()

@@ -21,19 +21,20 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from pipelines.adapters import AdapterSet
+from pipelines.adapters import AdapterSet, prompt_words
 from pipelines.batching import RequestBatcher
 from pipelines.common import InputError, ModelNotAvailable, check_choice
 from pipelines.compute import EngineCompute, default_threads, model_thread
+from pipelines.loading import is_local, load_errors, not_available
 from pipelines.registry import CONTROL_TYPES, ModelPreset
 from pipelines.run import PREVIEW_EVERY_S
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
 from pipelines.settings import Limits
+from pipelines.world import text as world_text
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("txt2img", "img2img", "inpaint", "controlnet", "controlnet_img2img", "controlnet_inpaint")
-DOWNLOAD_HINT = "python app.py --download {name}"
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 DECODE_PREVIEW_MAX_LATENT = 32 * 32  # latents up to this many positions get a real (cheap) VAE decode as preview
@@ -81,28 +82,6 @@ def _quiet_from_pipe_warnings() -> None:
     target = logging.getLogger("diffusers.models.modeling_utils")
     if not any(isinstance(f, _DropEmptyFp32Warning) for f in target.filters):
         target.addFilter(_DropEmptyFp32Warning())
-
-
-def _is_local(path_or_id: str) -> bool:
-    return Path(path_or_id).expanduser().exists()
-
-
-def _not_available(what: str, model_id: str, preset_name: str, error: BaseException) -> ModelNotAvailable:
-    if _is_local(model_id) or model_id.startswith(("/", ".")):
-        return ModelNotAvailable(f"{what} at {model_id} could not be loaded ({type(error).__name__}: {error})")
-    return ModelNotAvailable(
-        f"{what} '{model_id}' is not in the local Hugging Face cache and cannot be downloaded now "
-        f"({type(error).__name__}). Pre-download it on a machine with internet access: "
-        f"`{DOWNLOAD_HINT.format(name=preset_name)}` (or `hf download {model_id}`)."
-    )
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    # What "weights missing / hub unreachable" looks like: OSError covers diffusers' and transformers'
-    # "can't find ... in the cache" messages; huggingface_hub's own errors cover offline mode and 404s.
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    return (OSError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, EnvironmentError)
 
 
 def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tuple[str, torch.dtype]:
@@ -189,8 +168,8 @@ class Engine:
                 base, **_dtype_kwarg(self.torch_dtype), use_safetensors=True,
                 safety_checker=None, requires_safety_checker=False, feature_extractor=None,
             )
-        except _load_errors() as error:
-            raise _not_available("model", base, self.preset.name, error) from error
+        except load_errors() as error:
+            raise not_available("model", base, self.preset.name, error) from error
         if not self.cpu_offload:
             pipe = pipe.to(self.device)
         return pipe
@@ -199,8 +178,8 @@ class Engine:
         try:
             model = self.compute.run(cls.from_pretrained, model_id, **_dtype_kwarg(self.torch_dtype),
                                      use_safetensors=True, **kwargs)
-        except _load_errors() as error:
-            raise _not_available(what, model_id, self.preset.name, error) from error
+        except load_errors() as error:
+            raise not_available(what, model_id, self.preset.name, error) from error
         # Lazily loaded models live on the device even with cpu_offload: the offload hooks were attached to
         # the base modules at load time, and re-hooking shared modules per request would mutate them.
         return model.to(self.device)
@@ -264,21 +243,12 @@ class Engine:
         }
 
     def unknown_words(self, prompt: str) -> list[str]:
-        from pipelines.adapters import prompt_words
-        from training.text import unknown_words
-
         switched_off = self.adapters.disabled_words() & prompt_words(prompt)  # words of adapters that are off
-        return unknown_words(self.base.tokenizer, prompt or "") + sorted(switched_off)
+        return world_text.unknown_words(self.base.tokenizer, prompt or "") + sorted(switched_off)
 
     def vocabulary(self) -> list[str]:
         """The words a word-level tokenizer knows (the built-in model); [] for CLIP's open BPE vocabulary."""
-        from training.text import is_word_level
-
-        tokenizer = self.base.tokenizer
-        if tokenizer.unk_token_id is None or not is_word_level(tokenizer):
-            return []
-        special = set(tokenizer.all_special_tokens)
-        return sorted(w for w in tokenizer.get_vocab() if w not in special)
+        return world_text.vocabulary(self.base.tokenizer)
 
     # --- task pipelines ----------------------------------------------------------------------------------
 
@@ -378,7 +348,7 @@ class Engine:
         if source is None:
             raise ModelNotAvailable(f"model {self.preset.name} has no {control_type} annotator: "
                                     f"upload a ready {control_type} map and choose preprocessor 'none'")
-        if self.preset.is_builtin or _is_local(source):
+        if self.preset.is_builtin or is_local(source):
             return _local_annotator(Path(source), control_type)
         return _hub_annotator(source, control_type, self.preset.name, self.device)
 
@@ -461,17 +431,15 @@ def _view(pipe, scheduler):
 
 
 def _local_annotator(folder: Path, control_type: str) -> Callable[..., Image.Image]:
-    """Learned Shapes-world annotators from `training.annotators.load_annotator(kind, folder)`."""
+    """Learned Shapes-world annotators (`pipelines.world.annotators`) saved in `folder`/<control_type>."""
+    from pipelines.world.annotators import load_annotator
+
     sub = folder / control_type
     if not sub.exists():
         raise ModelNotAvailable(
             f"the built-in {control_type} annotator is not at {sub} yet (train it with "
             f"`python -m training.train_annotators`); meanwhile upload a ready {control_type} map "
             f"and choose preprocessor 'none'")
-    try:
-        from training.annotators import load_annotator
-    except ImportError as error:
-        raise ModelNotAvailable(f"cannot load the {control_type} annotator at {sub}: {error}") from error
     return load_annotator(control_type, sub)
 
 
@@ -485,8 +453,8 @@ def _hub_annotator(repo: str, control_type: str, preset_name: str, device: str) 
             from controlnet_aux.open_pose import OpenposeDetector
 
             detector = OpenposeDetector.from_pretrained(repo)
-    except _load_errors() as error:
-        raise _not_available(f"{control_type} annotator", repo, preset_name, error) from error
+    except load_errors() as error:
+        raise not_available(f"{control_type} annotator", repo, preset_name, error) from error
     detector = detector.to(device) if hasattr(detector, "to") else detector
 
     def annotate(image: Image.Image, **_: Any) -> Image.Image:
@@ -508,13 +476,13 @@ def download(preset: ModelPreset) -> list[str]:
                     ignore_patterns=["*.fp16.*", "*non_ema*", "v1-5-*", "*.ckpt", "*emaonly*"])
     fetched = []
     for model_id in [preset.base, preset.inpaint_model, preset.lora, *preset.controlnets.values()]:
-        if model_id and not _is_local(model_id):
+        if model_id and not is_local(model_id):
             if model_id == preset.lora:
                 snapshot_download(model_id, allow_patterns=["*.safetensors", "*.json"])
             else:
                 snapshot_download(model_id, **patterns)
             fetched.append(model_id)
-    if preset.annotators and not _is_local(preset.annotators):
+    if preset.annotators and not is_local(preset.annotators):
         for filename in ANNOTATOR_FILES:
             hf_hub_download(preset.annotators, filename)
         fetched.append(preset.annotators)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.common import WITHHELD_KEY, ModelNotAvailable
+from pipelines.loading import DOWNLOAD_HINT, load_errors
 
 NOTICE_TEXT = "withheld by the safety checker"
 CHECKER_FOLDER, PROCESSOR_FOLDER = (
@@ -67,16 +68,14 @@ def _load(source: str, preset_name: str, device: str, dtype: torch.dtype) -> Saf
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    from pipelines.engine import _load_errors
-
     try:
         checker = StableDiffusionSafetyChecker.from_pretrained(source, subfolder=CHECKER_FOLDER, dtype=dtype)
         processor = CLIPImageProcessor.from_pretrained(source, subfolder=PROCESSOR_FOLDER)
-    except _load_errors() as error:
+    except load_errors() as error:
         raise ModelNotAvailable(
             f"the safety checker of model {preset_name} ({source}/{CHECKER_FOLDER}) could not be loaded "
             f"({type(error).__name__}); the app is public, so it is on by default. Download it with "
-            f"`python app.py --download {preset_name}`, or start with --no-safety-checker (LDS_SAFETY_CHECKER=0) "
+            f"`{DOWNLOAD_HINT.format(name=preset_name)}`, or start with --no-safety-checker (LDS_SAFETY_CHECKER=0) "
             f"if you screen outputs another way") from error
     return SafetyChecker(checker.to(device).eval(), processor, device, dtype)
 

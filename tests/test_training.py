@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.world import text as world_text
 from training import evaluate, shapes, text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_captions_use_only_the_vocabulary():
     tokenizer = text.build_tokenizer()
     for caption in CAPTIONS:
         assert set(caption.split()) <= vocabulary, caption
-        assert text.unknown_words(tokenizer, caption) == []
+        assert world_text.unknown_words(tokenizer, caption) == []
         assert len(tokenizer(caption).input_ids) <= tokenizer.model_max_length
 
 
@@ -66,8 +67,8 @@ def test_held_out_pairs_and_unseen_styles_never_appear_in_training():
 
 def test_unknown_words_are_reported_once_each_in_order():
     tokenizer = text.build_tokenizer()
-    assert text.unknown_words(tokenizer, "A red DRAGON, a red dragon and a Unicorn!") == ["dragon", "unicorn"]
-    assert text.unknown_words(tokenizer, "a red circle, on the left.") == []
+    assert world_text.unknown_words(tokenizer, "A red DRAGON, a red dragon and a Unicorn!") == ["dragon", "unicorn"]
+    assert world_text.unknown_words(tokenizer, "a red circle, on the left.") == []
 
 
 def test_checker_is_right_on_ground_truth_renders():

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-IMAGE_SIZE = 64
+from pipelines.world import IMAGE_SIZE, NUM_KEYPOINTS
+
 SUPERSAMPLE = 4  # shapes are drawn at 4x and area-downsampled, so edges are anti-aliased
 HORIZON_Y = 36  # rows above are sky, rows below are the ground plane
 
@@ -73,8 +74,8 @@ RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": 
 HELD_OUT_PAIRS = frozenset({("purple", "heart"), ("orange", "star"), ("green", "triangle"), ("pink", "square")})
 
 # OpenPose body-18 order (the order controlnet-aux draws): nose, neck, r-shoulder, r-elbow, r-wrist,
-# l-shoulder, l-elbow, l-wrist, r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear.
-NUM_KEYPOINTS = 18
+# l-shoulder, l-elbow, l-wrist, r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear
+# (NUM_KEYPOINTS of them).
 LIMBS = ((1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13), (1, 0))
 
 

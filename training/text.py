@@ -2,12 +2,10 @@
 
 The tokenizer is a `PreTrainedTokenizerFast` (saved with the pipeline, loaded by `from_pretrained`)
 that frames every caption as CLIP does: <|startoftext|> words... <|endoftext|>, padded with
-<|endoftext|> to `model_max_length`. Words outside the vocabulary become <|unk|>; `unknown_words`
-lists them so the app can warn the user.
+<|endoftext|> to `model_max_length`. Words outside the vocabulary become <|unk|>;
+`pipelines.world.text.unknown_words` lists them so the app can warn the user.
 """
 from __future__ import annotations
-
-import re
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
@@ -16,7 +14,6 @@ from training import shapes
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 MAX_TOKENS = 24  # longest training caption is 16 words + 2 markers
-_WORD = re.compile(r"[a-z]+")
 
 
 def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
@@ -58,26 +55,3 @@ def build_text_encoder(
         projection_dim=hidden_size,
     )
     return CLIPTextModel(config)
-
-
-def is_word_level(tokenizer) -> bool:
-    """A fast tokenizer whose model is a plain word list (the built-in model's), as opposed to CLIP's BPE."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and type(backend.model).__name__ == "WordLevel"
-
-
-def unknown_words(tokenizer, prompt: str) -> list[str]:
-    """Words of `prompt` that the tokenizer maps to its unknown token, in order, without repeats.
-
-    Works for any tokenizer with an unknown token; a tokenizer without one (CLIP's BPE) knows every word.
-    A vocabulary lookup, not an encode: encoding resets the fast tokenizer's shared padding/truncation state,
-    and the UI asks this while a model run may be tokenizing on another thread.
-    """
-    if tokenizer.unk_token_id is None or not is_word_level(tokenizer):
-        return []  # BPE and friends spell any word from pieces
-    vocabulary = tokenizer.get_vocab()
-    found: list[str] = []
-    for word in _WORD.findall(prompt.lower()):
-        if word not in vocabulary and word not in found:
-            found.append(word)
-    return found
