@@ -19,6 +19,9 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
         .preview(latents) -> PIL, .previews(latents) -> [PIL], .preview_every_s, .batcher (pipelines.batching)
     engine.download(preset) -> list[str]            for `python app.py --download NAME`
     schedulers.SCHEDULERS, schedulers.make_scheduler(name, config)
+    request.Request(task, settings, width, height, model_prompt=None, controls=(), inputs={}): one model call,
+        decided once (request.check_settings, check_size, generators; .call_kwargs() -> diffusers arguments);
+        run.run_pipeline(engine, request, *, on_step=None, cancel=None, capture=None) -> [PIL] under engine.lock
     txt2img.generate(engine, *, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
                      width=None, height=None, batch_size=1, on_step=None, cancel=None)
     inpaint.inpaint(engine, *, image, mask, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
@@ -45,7 +48,7 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
         (inpaint.inpaint watched: the mask on the latent grid, z_t and x̂0 per step)
     explain.Probe(engine, *, cfg, attention=True, keep_tokens=None): context manager holding engine.lock that
         wraps the shared U-Net's cross-attention processors and hooks U-Net/text encoder/VAE decoder; all undone
-        on exit. run.run_pipeline(..., capture=fn(pipe, i, t, callback_kwargs)) sees every step's latents.
+        on exit. run.run_pipeline(engine, request, capture=fn(pipe, i, t, callback_kwargs)) sees every step's latents.
     preprocess.load_image(value, *, max_pixels=None), load_mask(value, size), fit_to_model(image, max_size,
         multiple=8, *, min_size=None), working_size(size, max_size, *, min_size=None), feather(mask, radius),
         canny(image, *, low_threshold, high_threshold)

@@ -139,12 +139,10 @@ class AdapterSet:
 
     # --- per request ------------------------------------------------------------------------------------
 
-    def prepare(self, view, prompts: Any):
-        """Set the shared U-Net's LoRAs for this request and return the view to call (caller holds engine.lock).
-
-        Returns `view` itself, or a copy whose U-Net is a full fine-tune's, when the request uses one.
+    def prepare(self, view, names: tuple[str, ...]):
+        """Set the shared U-Net's LoRAs to the adapters `names` (what `active_for` gave this request) and return
+        the view to call (caller holds engine.lock): `view` itself, or a copy whose U-Net is a full fine-tune's.
         """
-        names = self.active_for(prompts)
         adapters = [self._adapters[n] for n in names]
         full = [a for a in adapters if a.kind == "full"]
         if full and len(adapters) > 1:

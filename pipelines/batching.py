@@ -4,8 +4,8 @@ While the engine is busy, requests wait. One of them at a time is the *leader*: 
 takes every waiting request whose settings match its own (size, steps, guidance, scheduler; prompts,
 negative prompts, seeds and batch sizes may differ), up to `limits.batch_requests` images, and runs them as
 one call with one CPU generator per image (seed + i, exactly as a solo run). The requests it took are
-answered when it finishes; the rest elect the next leader. A request that waits alone runs exactly as
-before (same call, same bytes).
+answered when it finishes; the rest elect the next leader. A request that waits alone makes the same call
+as an unbatched run (same bytes).
 
 Equality: the initial noise, prompts and scheduler maths are per image, so a merged image is its solo image
 up to float rounding of batched kernels (a few 1e-6 in [0, 1] on CPU: a pixel now and then one level
@@ -17,25 +17,19 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image
 
 from pipelines.common import Cancelled
-from pipelines.run import CancelEvent, OnStep, PreviewClock, call_view, generators, run_pipeline
+from pipelines.request import Request, merged_kwargs
+from pipelines.run import CancelEvent, OnStep, PreviewClock, call_view, resolve_adapters, run_pipeline, view_for
 
 
 @dataclass(eq=False)
-class Request:
-    """One txt2img request waiting for the model."""
+class Waiting:
+    """One txt2img request waiting for the model, and what becomes of it."""
 
-    scheduler: str
-    shared: dict[str, Any]  # call arguments that must match to share a call: width, height, steps, guidance
-    prompt: str
-    negative_prompt: str
-    seed: int
-    count: int  # images (batch_size); image i uses seed + i
-    adapters: tuple[str, ...] = ()  # adapters the prompt switches on: requests share a call only with the same ones
+    request: Request
     on_step: OnStep | None = None
     cancel: CancelEvent | None = None
     images: list[Image.Image] | None = None
@@ -44,8 +38,8 @@ class Request:
     skipped: bool = False  # cancelled or its callback failed: no more callbacks, no images
 
     @property
-    def key(self) -> tuple:
-        return (self.scheduler, tuple(sorted(self.shared.items())), self.adapters)
+    def count(self) -> int:
+        return self.request.count
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
@@ -60,85 +54,91 @@ class RequestBatcher:
 
     def __init__(self, engine):
         self.engine = engine
-        self._pending: list[Request] = []
+        self._pending: list[Waiting] = []
         self._cond = threading.Condition()  # guards _pending and _leading; model work is under engine.lock
         self._leading = False
 
-    def run(self, request: Request) -> list[Image.Image]:
-        """Run `request` (alone or merged with others waiting); returns its images or raises its error."""
+    def run(self, waiting: Waiting) -> list[Image.Image]:
+        """Run a waiting request (alone or merged with others waiting); returns its images or raises its error."""
         lock_owned = getattr(self.engine.lock, "_is_owned", None)
         if lock_owned is not None and lock_owned():  # called from inside model work: run it, wait for nobody
             with self.engine.lock:
-                self._execute([request])
-            return self._answer(request)
+                self._execute([waiting])
+            return self._answer(waiting)
         with self._cond:
-            self._pending.append(request)
+            self._pending.append(waiting)
             try:
-                while self._leading and not request.done:
+                while self._leading and not waiting.done:
                     self._cond.wait()
             except BaseException:
-                self._pending.remove(request)
+                self._pending.remove(waiting)
                 raise
-            if request.done:  # a leader ran it
-                return self._answer(request)
+            if waiting.done:  # a leader ran it
+                return self._answer(waiting)
             self._leading = True
         try:
             with self.engine.lock:
-                self._execute(self._take(request))
+                self._execute(self._take(waiting))
         finally:
             with self._cond:
-                if request in self._pending:  # only if something failed before it was taken
-                    self._pending.remove(request)
+                if waiting in self._pending:  # only if something failed before it was taken
+                    self._pending.remove(waiting)
                 self._leading = False
                 self._cond.notify_all()
-        return self._answer(request)
+        return self._answer(waiting)
 
     @staticmethod
-    def _answer(request: Request) -> list[Image.Image]:
-        if request.error is not None:
-            raise request.error
-        return request.images
+    def _answer(waiting: Waiting) -> list[Image.Image]:
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.images
 
-    def _take(self, leader: Request) -> list[Request]:
+    def _take(self, leader: Waiting) -> list[Waiting]:
+        """The leader and the waiting requests that can share its call. The caller holds engine.lock: the
+        adapters of every request looked at are worked out now; the ones taken keep theirs (they run in this
+        same hold of the lock), the others drop them, since adapters may change before they run."""
         limit = max(1, int(getattr(self.engine.limits, "batch_requests", 1)))
         with self._cond:
+            key = self._key(leader)
             batch, images = [leader], leader.count
             for other in self._pending:
-                if other is leader or other.key != leader.key or images + other.count > limit:
+                if other is leader or images + other.count > limit or self._key(other) != key:
                     continue
                 if other.cancelled():  # cancelled while waiting: answer it now, run nothing for it
                     other.error, other.done = Cancelled("cancelled before the first step"), True
                     continue
                 batch.append(other)
                 images += other.count
-            for request in batch:
-                self._pending.remove(request)
-            self._pending = [r for r in self._pending if not r.done]
+            for waiting in batch:
+                self._pending.remove(waiting)
+            self._pending = [w for w in self._pending if not w.done]
+            for waiting in self._pending:
+                waiting.request.adapters = None
         return batch
 
-    def _execute(self, batch: list[Request]) -> None:
+    def _key(self, waiting: Waiting) -> tuple:
+        resolve_adapters(self.engine, waiting.request)
+        return waiting.request.batch_key
+
+    def _execute(self, batch: list[Waiting]) -> None:
         engine = self.engine
         try:
-            view = engine.pipeline("txt2img", scheduler=batch[0].scheduler)
             if len(batch) == 1:
-                request = batch[0]
-                request.images = run_pipeline(
-                    engine, view, on_step=request.on_step, cancel=request.cancel,
-                    prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-                    num_images_per_prompt=request.count, generator=generators(request.seed, request.count),
-                    **request.shared)
+                waiting = batch[0]
+                waiting.images = run_pipeline(engine, waiting.request, on_step=waiting.on_step, cancel=waiting.cancel)
             else:
-                self._execute_merged(view, batch)
+                self._execute_merged(batch)
         except BaseException as error:
-            for request in batch:
-                if request.error is None:
-                    request.error = error
+            for waiting in batch:
+                if waiting.error is None:
+                    waiting.error = error
         finally:
-            for request in batch:
-                request.done = True
+            for waiting in batch:
+                waiting.done = True
 
-    def _execute_merged(self, view, batch: list[Request]) -> None:
+    def _execute_merged(self, batch: list[Waiting]) -> None:
         engine = self.engine
+        requests = [w.request for w in batch]
         offsets, start = [], 0
         for request in batch:
             offsets.append(start)
@@ -166,13 +166,8 @@ class RequestBatcher:
                 pipe._interrupt = True
             return {}
 
-        images = call_view(
-            engine, view, on_step_end,
-            prompt=[r.prompt for r in batch for _ in range(r.count)],
-            negative_prompt=[r.negative_prompt for r in batch for _ in range(r.count)],  # "" is what None means
-            num_images_per_prompt=1,
-            generator=[g for r in batch for g in generators(r.seed, r.count)],
-            **batch[0].shared)
+        view = view_for(engine, requests[0])
+        images = call_view(engine, view, requests[0].adapters, on_step_end, **merged_kwargs(requests))
         for request, offset in zip(batch, offsets):
             if request.error is None:
                 request.images = images[offset:offset + request.count]

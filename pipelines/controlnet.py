@@ -9,7 +9,8 @@ from PIL import Image
 from pipelines import preprocess as prep
 from pipelines.common import GenerationResult, InputError, check_choice, check_float
 from pipelines.registry import CONTROL_TYPES
-from pipelines.run import base_params, check_common, check_size, generators, run_pipeline
+from pipelines.request import Request, base_params, check_settings, check_size
+from pipelines.run import run_pipeline
 
 PREPROCESSORS = ("canny", "depth", "pose", "none")  # "none": the image already is a control map
 MAX_CONTROLS = 2
@@ -41,29 +42,14 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
-def generate(
-    engine,
-    *,
-    control_images,
-    control_types,
-    prompt: str,
-    negative_prompt: str = "",
-    seed: int,
-    steps: int,
-    guidance: float,
-    scheduler: str | None = None,
-    conditioning_scales: float | Sequence[float] = 1.0,
-    guidance_start: float = 0.0,
-    guidance_end: float = 1.0,
-    width: int | None = None,
-    height: int | None = None,
-    batch_size: int = 1,
-    on_step=None,
-    cancel=None,
-) -> GenerationResult:
+def generate(engine, *, control_images, control_types, prompt: str, negative_prompt: str = "", seed: int,
+             steps: int, guidance: float, scheduler: str | None = None,
+             conditioning_scales: float | Sequence[float] = 1.0, guidance_start: float = 0.0,
+             guidance_end: float = 1.0, width: int | None = None, height: int | None = None, batch_size: int = 1,
+             on_step=None, cancel=None) -> GenerationResult:
     # 1. Check inputs: one or two (control type, control map, scale) triples
-    common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                          guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+    settings = check_settings(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                              guidance=guidance, scheduler=scheduler, batch_size=batch_size)
     types = tuple(_as_list(control_types))
     images = _as_list(control_images)
     scales = _as_list(conditioning_scales)
@@ -72,9 +58,7 @@ def generate(
     if len(set(types)) != len(types):
         raise InputError(f"control_types={types!r} repeats a type")
     for t in types:
-        if t not in engine.control_types:
-            raise InputError(f"control_type={t!r} has no ControlNet for model {engine.preset.name}; "
-                             f"available: {', '.join(engine.control_types) or 'none'}")
+        engine.check_control_type(t)
     if len(images) != len(types) or any(im is None for im in images):
         raise InputError(
             f"{len(types)} control type(s) need {len(types)} control image(s), "
@@ -99,18 +83,13 @@ def generate(
 
     # 3. Denoise with the ControlNet residuals added to the U-Net's skips between start and end
     single = len(types) == 1
+    request = Request("controlnet", settings, width, height, controls=types, inputs=dict(
+        image=maps[0] if single else maps,
+        controlnet_conditioning_scale=scales[0] if single else scales,
+        control_guidance_start=start if single else [start] * len(types),
+        control_guidance_end=end if single else [end] * len(types)))
     with engine.lock:
-        view = engine.pipeline("controlnet", scheduler=common["scheduler"], controls=types)
-        out = run_pipeline(
-            engine, view, on_step=on_step, cancel=cancel,
-            prompt=common["prompt"], negative_prompt=common["negative_prompt"] or None,
-            image=maps[0] if single else maps, width=width, height=height,
-            controlnet_conditioning_scale=scales[0] if single else scales,
-            control_guidance_start=start if single else [start] * len(types),
-            control_guidance_end=end if single else [end] * len(types),
-            num_inference_steps=common["steps"], guidance_scale=common["guidance"],
-            num_images_per_prompt=common["batch_size"], generator=generators(common["seed"], common["batch_size"]),
-        )
-    params = {**base_params(engine, "controlnet", common, width, height), "control_types": list(types),
+        out = run_pipeline(engine, request, on_step=on_step, cancel=cancel)
+    params = {**base_params(engine, "controlnet", request), "control_types": list(types),
               "conditioning_scales": scales, "guidance_start": start, "guidance_end": end}
     return GenerationResult(images=out, params=params, previews=maps)

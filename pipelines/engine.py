@@ -27,9 +27,8 @@ from pipelines.common import InputError, ModelNotAvailable, check_choice
 from pipelines.compute import EngineCompute, default_threads, model_thread
 from pipelines.loading import is_local, load_errors, not_available
 from pipelines.registry import CONTROL_TYPES, ModelPreset
-from pipelines.run import PREVIEW_EVERY_S
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
-from pipelines.settings import Limits
+from pipelines.settings import PREVIEW_EVERY_S, Limits
 from pipelines.world import text as world_text
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ class Engine:
         self._inpaint_unet: Any = None
         self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
         self.preview_every_s = (
-            PREVIEW_EVERY_S  # live previews at most this often (0: every step); see pipelines/run.py
+            PREVIEW_EVERY_S  # live previews at most this often (0: every step); see run.PreviewClock
         )
         self.preview_cost_s = 0.0  # what the last live preview took (PreviewClock spaces previews by it)
         self.batcher = RequestBatcher(self)  # merges queued compatible txt2img requests (limits.batch_requests)
@@ -205,6 +204,21 @@ class Engine:
             names = ("LCM",) + names
         return names
 
+    def check_scheduler(self, name: str | None) -> str:
+        """The scheduler a request runs with: `name`, or the preset's default when empty; refused when unknown."""
+        name = name or self.preset.default_scheduler
+        if name not in self.scheduler_names:
+            hint = " (LCM needs an LCM model or LCM-LoRA)" if name in LCM_ONLY else ""
+            raise InputError(f"scheduler={name!r} is not one of {', '.join(map(repr, self.scheduler_names))}{hint}")
+        return name
+
+    def check_control_type(self, control_type: str) -> str:
+        """A ControlNet type this model has; refused with the ones it has."""
+        if control_type not in self.control_types:
+            raise InputError(f"control_type={control_type!r} has no ControlNet for model {self.preset.name}; "
+                             f"available: {', '.join(self.control_types) or 'none'}")
+        return control_type
+
     @property
     def control_types(self) -> tuple[str, ...]:
         if self.unet_in_channels != 4:
@@ -255,11 +269,7 @@ class Engine:
     def pipeline(self, task: str, *, scheduler: str | None = None, controls: tuple[str, ...] = ()):
         """A request-scoped pipeline view for `task`: shared modules, its own fresh scheduler."""
         check_choice("task", task, TASKS)
-        scheduler = scheduler or self.preset.default_scheduler
-        if scheduler not in self.scheduler_names:
-            raise InputError(f"scheduler={scheduler!r} is not available for {self.preset.name}; "
-                             f"choose one of {', '.join(self.scheduler_names)}"
-                             + (" (LCM needs an LCM model or LCM-LoRA)" if scheduler in LCM_ONLY else ""))
+        scheduler = self.check_scheduler(scheduler)
         controls = tuple(controls)
         if task.startswith("controlnet") != bool(controls):
             raise InputError(
@@ -292,6 +302,11 @@ class Engine:
         self._task_pipes[key] = pipe
         return pipe
 
+    def task_unet(self, task: str, controls: tuple[str, ...] = ()):
+        """The U-Net that requests of `task` run through (for inpainting: a dedicated 9-channel one, if any)."""
+        with self.lock:
+            return self._task_pipeline(task, tuple(controls)).unet
+
     def inpaint_unet(self):
         """The preset's dedicated 9-channel U-Net (lazy, cached), or None: inpaint then blends latents."""
         if not self.preset.inpaint_model or self.unet_in_channels != 4:
@@ -320,9 +335,7 @@ class Engine:
             from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
             return MultiControlNetModel([self.controlnet(t) for t in types])
-        if control_type not in self.control_types:
-            raise InputError(f"control_type={control_type!r} has no ControlNet for model {self.preset.name}; "
-                             f"available: {', '.join(self.control_types) or 'none'}")
+        self.check_control_type(control_type)
         with self.lock:
             if control_type not in self._controlnets:
                 from diffusers import ControlNetModel

@@ -11,7 +11,7 @@ How it watches (all request-scoped, all undone in `finally` while holding engine
 - a `Probe` wraps each cross-attention processor of the shared U-Net in `_AttentionProbe`, which calls the
   original processor (so the output is bit-identical) and then recomputes softmax(QK^T/sqrt(d)) for the
   conditional batch item; U-Net / text-encoder / VAE-decoder forward hooks record inputs, outputs and times;
-- the run itself is txt2img's own request (`txt2img.check_inputs` + `txt2img.request_view` + `run_pipeline`),
+- the run itself is txt2img's own request (`txt2img.txt2img_request` + `run_pipeline`),
   whose step-end callback (`capture=`) records the latents after every step;
 - x̂0 = (z_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t), with ᾱ_t = 1 / (1 + σ_t²) from a reference copy of the request's
   scheduler (the σ it really used at that step; ᾱ from alphas_cumprod[t] for schedulers without σ).
@@ -35,7 +35,8 @@ from pipelines import inpaint as inpaint_task
 from pipelines import txt2img
 from pipelines.common import GenerationResult, InputError, check_float
 from pipelines.registry import REPO_ROOT
-from pipelines.run import base_params, run_pipeline
+from pipelines.request import base_params
+from pipelines.run import run_pipeline
 from pipelines.schedulers import SCHEDULERS, make_scheduler
 from pipelines.settings import DEFAULT_MASK_BLUR
 
@@ -403,7 +404,7 @@ def code_snippet(engine, params: dict[str, Any]) -> str:
     """A standalone diffusers script that makes the same image as this app did with `params`."""
     cls, overrides = SCHEDULERS[params["scheduler"]]
     dtype = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}.get(engine.torch_dtype, "torch.float32")
-    nine = engine.unet_in_channels == 9
+    nine = txt2img.runs_as_inpainting(engine)
     pipeline_cls = "StableDiffusionInpaintPipeline" if nine else "StableDiffusionPipeline"
     args = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     lines = [
@@ -528,23 +529,23 @@ def explain(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
     The image is bit-identical to `txt2img.generate` with the same settings (batch size 1).
     """
     # 1. Check inputs: txt2img's own validation, plus the strip's scales
-    common, width, height = txt2img.check_inputs(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                                                 steps=steps, guidance=guidance, scheduler=scheduler, width=width,
-                                                 height=height, batch_size=1)
+    request = txt2img.txt2img_request(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                                      guidance=guidance, scheduler=scheduler, width=width, height=height,
+                                      batch_size=1)
+    common = request.settings
     scales = _strip_scales(engine, guidance_strip)
     extra_runs = [s for s in scales if s != common["guidance"]]
     total = common["steps"] * (1 + len(extra_runs))
-    params = base_params(engine, "txt2img", common, width, height)
     cfg = _uses_cfg(engine, common["guidance"])
     tokens = _tokens(engine, common["prompt"])
 
     # 2. The run itself, with probes on the shared modules (all removed before the lock is released)
     started = time.perf_counter()
     with Probe(engine, cfg=cfg, attention=attention, keep_tokens=1 + len(tokens)) as probe:
-        view, call_kwargs = txt2img.request_view(engine, common, width, height)
-        images = run_pipeline(engine, view, on_step=_progress(on_step, 0, total), cancel=cancel,
-                              capture=probe.capture, **call_kwargs)
+        images = run_pipeline(engine, request, on_step=_progress(on_step, 0, total), cancel=cancel,
+                              capture=probe.capture)
     wall = time.perf_counter() - started
+    params = base_params(engine, "txt2img", request)
 
     # 3. What it saw
     explanation = _record(engine, probe, scheduler=common["scheduler"], steps=common["steps"],
@@ -561,13 +562,13 @@ def explain(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
     # 4. The same seed at other guidance scales (plain runs, no probes)
     strip = {common["guidance"]: images[0]} if common["guidance"] in scales else {}
     for k, scale in enumerate(extra_runs):
-        run = txt2img.generate(engine, **{**common, "guidance": scale}, width=width, height=height,
+        run = txt2img.generate(engine, **{**common, "guidance": scale}, width=request.width, height=request.height,
                                on_step=_progress(on_step, common["steps"] * (k + 1), total), cancel=cancel)
         strip[scale] = run.images[0]
     explanation.strip = sorted(strip.items())
 
     # 5. Cost, schedule and code (no model run)
-    explanation.flops = flop_counts(engine, width=width, height=height, steps=common["steps"], cfg=cfg)
+    explanation.flops = flop_counts(engine, width=request.width, height=request.height, steps=common["steps"], cfg=cfg)
     explanation.schedule = noise_schedule(engine)
     explanation.code = code_snippet(engine, params)
     return ExplainResult(images=images, params=params, explanation=explanation)
@@ -582,7 +583,7 @@ def explain_inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = 
     The run is `inpaint.inpaint` itself (batch size 1), so the image equals the Inpaint tab's.
     """
     cfg = _uses_cfg(engine, float(guidance) if isinstance(guidance, (int, float)) else 0.0)
-    unet = engine.inpaint_unet() or engine.base.unet  # a dedicated inpainting U-Net when the preset has one
+    unet = engine.task_unet("inpaint")  # a dedicated inpainting U-Net when the preset has one
     with Probe(engine, cfg=cfg, attention=False, unet=unet) as probe:
         result = inpaint_task.inpaint(engine, image=image, mask=mask, prompt=prompt, negative_prompt=negative_prompt,
                                       seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,

@@ -30,8 +30,9 @@ from PIL import Image, ImageOps
 
 from pipelines.adapters import Adapter, needs_new_word, plain_unet_copy, prompt_words
 from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
-from pipelines.run import CancelEvent, generators, run_pipeline
+from pipelines.run import CancelEvent, run_pipeline
 from pipelines.settings import FINETUNE_METHODS, LR_SCHEDULES, finetune_defaults
+from pipelines.txt2img import txt2img_request
 
 # LoRA on attention (what most SD LoRAs train) and on the ResNet convolutions: a texture lives in the
 # convolutions at full latent resolution, where the built-in U-Net has no attention at all.
@@ -306,19 +307,11 @@ def class_images(engine, prompts: list[str], *, seed: int, cancel: CancelEvent |
     preset = engine.preset
     images = []
     for i, prompt in enumerate(prompts):
+        request = txt2img_request(engine, prompt=prompt, seed=seed + i, steps=preset.default_steps,
+                                  guidance=preset.default_guidance, width=preset.default_size,
+                                  height=preset.default_size)
         with engine.lock:
-            view = engine.pipeline("txt2img")
-            images += run_pipeline(
-                engine,
-                view,
-                cancel=cancel,
-                prompt=prompt,
-                num_inference_steps=preset.default_steps,
-                guidance_scale=preset.default_guidance,
-                width=preset.default_size,
-                height=preset.default_size,
-                generator=generators(seed + i, 1),
-            )
+            images += run_pipeline(engine, request, cancel=cancel)
     return images
 
 

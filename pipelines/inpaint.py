@@ -10,7 +10,8 @@ from PIL import Image
 
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_float
-from pipelines.run import base_params, check_common, generators, run_pipeline
+from pipelines.request import Request, base_params, check_settings
+from pipelines.run import run_pipeline
 from pipelines.settings import DEFAULT_MASK_BLUR
 
 MAX_MASK_BLUR = 64  # pixels; more feathers away the whole edit on small images
@@ -25,24 +26,24 @@ def inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = "", seed
             guidance: float, scheduler: str | None = None, strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR,
             batch_size: int = 1, on_step=None, cancel=None) -> GenerationResult:
     # 1. Check inputs
-    common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                          guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+    settings = check_settings(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                              guidance=guidance, scheduler=scheduler, batch_size=batch_size)
     strength = check_float("strength", strength, 0.01, 1.0)
     mask_blur = check_float("mask_blur", mask_blur, 0.0, MAX_MASK_BLUR)
-    check_denoising_steps(common["steps"], strength)
+    check_denoising_steps(settings["steps"], strength)
     original = preprocess.load_image(image, max_pixels=engine.limits.max_image_pixels)
     binary = preprocess.load_mask(mask, original.size)  # (H, W) 0 keep / 255 repaint
     if binary.getextrema()[1] == 0:
         raise InputError("the mask is empty: paint over the area to change")
 
     # 2. Run the model at a size it supports; map back to the input size afterwards
-    images, width, height, kind = run_inpaint(engine, original, binary, common=common, strength=strength,
-                                              on_step=on_step, cancel=cancel)
+    images, request, kind = run_inpaint(engine, original, binary, settings=settings, strength=strength,
+                                        on_step=on_step, cancel=cancel)
 
     # 3. Composite: generated pixels only inside the (feathered) mask, the input everywhere else
     soft = preprocess.feather(binary, mask_blur)
     images = [preprocess.composite(original, generated, soft) for generated in images]
-    params = {**base_params(engine, "inpaint", common, width, height), "strength": strength, "mask_blur": mask_blur,
+    params = {**base_params(engine, "inpaint", request), "strength": strength, "mask_blur": mask_blur,
               "inpaint_unet": kind, "image_size": list(original.size), **method_notes(engine, kind)}
     return GenerationResult(images=images, params=params, previews=[binary])
 
@@ -54,25 +55,21 @@ def check_denoising_steps(steps: int, strength: float) -> None:
                          f"raise steps to at least {int(1 / strength) + 1} or strength")
 
 
-def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, common: dict, strength: float,
-                on_step=None, cancel=None) -> tuple[list[Image.Image], int, int, str]:
-    """Shared by inpaint and outpaint: (canvas, binary mask) at any size -> generated images at canvas size."""
+def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, settings: dict, strength: float,
+                on_step=None, cancel=None) -> tuple[list[Image.Image], Request, str]:
+    """Shared by inpaint and outpaint: (canvas, binary mask) at any size -> (generated images at canvas size,
+    the request that made them, how the mask was applied)."""
     width, height = preprocess.working_size(canvas.size, engine.limits.max_size, min_size=engine.preset.default_size)
     work_image = canvas.resize((width, height), Image.LANCZOS) if canvas.size != (width, height) else canvas
     # NEAREST then re-binarise: a resized mask must stay 0/255, the pipeline thresholds at 0.5 anyway.
     work_mask = binary.resize((width, height), Image.NEAREST) if binary.size != (width, height) else binary
+    request = Request("inpaint", settings, width, height,
+                      inputs=dict(image=work_image, mask_image=work_mask, strength=strength))
     with engine.lock:
-        view = engine.pipeline("inpaint", scheduler=common["scheduler"])
-        kind = NINE_CHANNEL if view.unet.config.in_channels == 9 else LATENT_BLENDING
-        images = run_pipeline(
-            engine, view, on_step=on_step, cancel=cancel,
-            prompt=common["prompt"], negative_prompt=common["negative_prompt"] or None,
-            image=work_image, mask_image=work_mask, width=width, height=height, strength=strength,
-            num_inference_steps=common["steps"], guidance_scale=common["guidance"],
-            num_images_per_prompt=common["batch_size"], generator=generators(common["seed"], common["batch_size"]),
-        )
+        kind = NINE_CHANNEL if engine.task_unet("inpaint").config.in_channels == 9 else LATENT_BLENDING
+        images = run_pipeline(engine, request, on_step=on_step, cancel=cancel)
     images = [im.resize(canvas.size, Image.LANCZOS) if im.size != canvas.size else im for im in images]
-    return images, width, height, kind
+    return images, request, kind
 
 
 def method_notes(engine, kind: str) -> dict:

@@ -7,7 +7,7 @@ from PIL import Image, ImageFilter
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_choice, check_float, check_int
 from pipelines.inpaint import check_denoising_steps, method_notes, run_inpaint
-from pipelines.run import base_params, check_common
+from pipelines.request import base_params, check_settings
 
 FILLS = ("edge", "blur", "noise")
 SIDE_MULTIPLE = 8  # new borders are whole latents at f = 8 (and f = 4)
@@ -17,29 +17,13 @@ OVERLAP = 8
 NOISE_LEVEL = 24  # std of the "noise" fill in 0..255 levels: texture for latent blending to grow from
 
 
-def outpaint(
-    engine,
-    *,
-    image,
-    left: int = 0,
-    right: int = 0,
-    top: int = 0,
-    bottom: int = 0,
-    prompt: str,
-    negative_prompt: str = "",
-    seed: int,
-    steps: int,
-    guidance: float,
-    scheduler: str | None = None,
-    fill: str = "edge",
-    strength: float = 1.0,
-    batch_size: int = 1,
-    on_step=None,
-    cancel=None,
-) -> GenerationResult:
+def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, prompt: str,
+             negative_prompt: str = "", seed: int, steps: int, guidance: float, scheduler: str | None = None,
+             fill: str = "edge", strength: float = 1.0, batch_size: int = 1, on_step=None,
+             cancel=None) -> GenerationResult:
     # 1. Check inputs; borders round up to multiples of 8
-    common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                          guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+    settings = check_settings(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                              guidance=guidance, scheduler=scheduler, batch_size=batch_size)
     limit = engine.limits.max_outpaint
     sides = {name: check_int(name, value, 0, limit) for name, value in
              (("left", left), ("right", right), ("top", top), ("bottom", bottom))}
@@ -48,11 +32,11 @@ def outpaint(
         raise InputError("left, right, top and bottom are all 0: set at least one border to extend")
     fill = check_choice("fill", fill, FILLS)
     strength = check_float("strength", strength, 0.01, 1.0)
-    check_denoising_steps(common["steps"], strength)
+    check_denoising_steps(settings["steps"], strength)
     original = preprocess.load_image(image, max_pixels=engine.limits.max_image_pixels)
 
     # 2. Enlarged canvas, pre-filled: (H + top + bottom, W + left + right, 3)
-    canvas = prefill(original, **sides, fill=fill, seed=common["seed"])
+    canvas = prefill(original, **sides, fill=fill, seed=settings["seed"])
     # 3. Mask: the new border plus OVERLAP pixels into the original on each extended side
     mask = np.full((canvas.height, canvas.width), 255, np.uint8)  # (H', W'): 255 = generate
     inner_left = sides["left"] + (OVERLAP if sides["left"] else 0)
@@ -63,11 +47,11 @@ def outpaint(
     binary = Image.fromarray(mask)
 
     # 4. Inpaint the canvas, then 5. fade from the original into the new area over the overlap band
-    images, width, height, kind = run_inpaint(engine, canvas, binary, common=common, strength=strength,
-                                              on_step=on_step, cancel=cancel)
+    images, request, kind = run_inpaint(engine, canvas, binary, settings=settings, strength=strength,
+                                        on_step=on_step, cancel=cancel)
     soft = preprocess.feather(binary, OVERLAP)  # (H', W'): 0 on the original, 255 from the old border out
     images = [preprocess.composite(canvas, generated, soft) for generated in images]
-    params = {**base_params(engine, "outpaint", common, width, height), **sides, "fill": fill, "strength": strength,
+    params = {**base_params(engine, "outpaint", request), **sides, "fill": fill, "strength": strength,
               "inpaint_unet": kind, "image_size": list(original.size), "canvas_size": list(canvas.size),
               **method_notes(engine, kind)}
     return GenerationResult(images=images, params=params, previews=[canvas, binary])

@@ -1,4 +1,4 @@
-"""What every task function shares: input validation, seeded generators, progress, cancel, error mapping."""
+"""Running a Request (pipelines/request.py) under engine.lock: adapters, progress, previews, cancel, error mapping."""
 from __future__ import annotations
 
 import logging
@@ -8,17 +8,18 @@ from typing import Any, Callable, Protocol
 import torch
 from PIL import Image
 
-from pipelines.common import Cancelled, InputError, ModelError, check_choice, check_float, check_int, check_text
+from pipelines.common import Cancelled, InputError, ModelError
+from pipelines.request import Request
 from pipelines.safety import screen
+from pipelines.settings import PREVIEW_EVERY_S
 
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int, "Image.Image | None"], None]
 
 # A live preview is made at most every PREVIEW_EVERY_S (the UI shows no more than that), and only while
-# previews take at most PREVIEW_COST_SHARE of the run: the built-in model's real VAE decode costs about two
-# U-Net steps, so a preview at every step made a 64x64 run ~3x slower. Steps without a new preview get None.
-PREVIEW_EVERY_S = 0.15
+# previews take at most PREVIEW_COST_SHARE of the run: a small model's real VAE decode costs about as much as
+# a U-Net step or two, so a preview at every step would slow a run several times. Steps without one get None.
 PREVIEW_COST_SHARE = 0.05
 
 
@@ -51,48 +52,14 @@ class CancelEvent(Protocol):
     def is_set(self) -> bool: ...
 
 
-def check_common(engine, *, prompt, negative_prompt, seed, steps, guidance, scheduler, batch_size) -> dict[str, Any]:
-    """Validate the settings every task shares; returns them cleaned (ints as ints, text as str)."""
-    limits = engine.limits
-    return dict(
-        prompt=check_text("prompt", prompt, limits.max_prompt_chars),
-        negative_prompt=check_text("negative_prompt", negative_prompt, limits.max_prompt_chars),
-        seed=check_int("seed", seed, 0, limits.max_seed),
-        steps=check_int("steps", steps, 1, limits.max_steps),
-        guidance=check_float("guidance", guidance, 0.0, limits.max_guidance),
-        scheduler=check_choice("scheduler", scheduler or engine.preset.default_scheduler, engine.scheduler_names),
-        batch_size=check_int("batch_size", batch_size, 1, limits.max_batch),
-    )
+def run_pipeline(engine, request: Request, *, on_step: OnStep | None = None, cancel: CancelEvent | None = None,
+                 capture: Capture | None = None) -> list[Image.Image]:
+    """Run one request with progress, cancel and error mapping; returns PIL images. Caller holds engine.lock.
 
-
-def check_size(engine, width, height) -> tuple[int, int]:
-    """Width and height within the model's limit and multiples of 8 (the VAE and U-Net need whole latents)."""
-    limit = engine.limits.max_size
-    width = check_int("width", width, 8, limit)
-    height = check_int("height", height, 8, limit)
-    for name, value in (("width", width), ("height", height)):
-        if value % 8:
-            raise InputError(f"{name}={value} is not a multiple of 8 (try {value - value % 8 or 8})")
-    return width, height
-
-
-def generators(seed: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per image, seeded seed + i, so image i can be regenerated alone with seed + i.
-
-    CPU generators give the same noise on every device, so a seed means the same image on CPU and GPU
-    (up to kernel differences).
-    """
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
-
-
-def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelEvent | None = None,
-                 capture: Capture | None = None, **call_kwargs: Any) -> list[Image.Image]:
-    """Call a request-scoped pipeline view with progress, cancel and error mapping; returns PIL images.
-
-    Caller holds engine.lock. Cancel: the step-end callback sets `_interrupt` on this view only, so the
-    denoising loop skips the remaining steps; then `Cancelled` is raised instead of returning images.
-    `capture(pipe, i, t, callback_kwargs)` is called first at every step end (the Explain tab records the
-    latents there; pass `callback_on_step_end_tensor_inputs=[...]` for more tensors); it must not modify them.
+    The request's adapters are resolved here (`resolve_adapters`), under the lock. Cancel: the step-end
+    callback sets `_interrupt` on this request's pipeline view only, so the denoising loop skips the remaining
+    steps; then `Cancelled` is raised instead of returning images. `capture(pipe, i, t, callback_kwargs)` is
+    called first at every step end (the Explain tab records the latents there); it must not modify them.
     `on_step(step, total, preview)` runs after every step; preview is a new picture of the first image
     when one is due (see PreviewClock, `engine.preview_every_s`), else None.
     """
@@ -121,7 +88,8 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
             pipe._interrupt = True
         return {}
 
-    images = call_view(engine, view, on_step_end, **call_kwargs)
+    resolve_adapters(engine, request)
+    images = call_view(engine, view_for(engine, request), request.adapters, on_step_end, **request.call_kwargs())
     if state["error"] is not None:
         raise state["error"]
     if state["cancelled"]:
@@ -129,11 +97,23 @@ def run_pipeline(engine, view, *, on_step: OnStep | None = None, cancel: CancelE
     return images
 
 
-def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image]:
-    """`view(**call_kwargs)` with a step-end callback; model failures become ModelError, bad values InputError."""
+def resolve_adapters(engine, request: Request) -> tuple[str, ...]:
+    """The adapters (fine-tunes, LoRAs) the request's prompt switches on, worked out once, under engine.lock."""
+    if request.adapters is None:
+        request.adapters = engine.adapters.active_for(request.prompt)
+    return request.adapters
+
+
+def view_for(engine, request: Request):
+    """A request-scoped pipeline view of the request's task, with its own scheduler."""
+    return engine.pipeline(request.task, scheduler=request.scheduler, controls=request.controls)
+
+
+def call_view(engine, view, adapters: tuple[str, ...], on_step_end, **call_kwargs: Any) -> list[Image.Image]:
+    """`view(**call_kwargs)` with these adapters on and a step-end callback; model failures become ModelError,
+    bad values InputError."""
     try:
-        # The adapters this prompt's words switch on (fine-tunes, LoRAs); none: the base model, untouched
-        view = engine.adapters.prepare(view, call_kwargs.get("prompt"))
+        view = engine.adapters.prepare(view, adapters)  # none: the base model, untouched
         # On the engine's model thread (pipelines/compute.py); inference_mode is per thread, so it is entered there
         output = engine.compute.run(_inference, view, callback_on_step_end=on_step_end, output_type="pil",
                                     **call_kwargs)
@@ -160,11 +140,3 @@ def call_view(engine, view, on_step_end, **call_kwargs: Any) -> list[Image.Image
 def _inference(fn, /, **kwargs: Any):
     with torch.inference_mode():
         return fn(**kwargs)
-
-
-def base_params(engine, task: str, common: dict[str, Any], width: int, height: int) -> dict[str, Any]:
-    params = {"task": task, "model": engine.preset.name, **common, "width": width, "height": height}
-    adapters = engine.adapters.active_for(common.get("prompt"))
-    if adapters:
-        params["adapters"] = list(adapters)  # which fine-tunes made the image: needed to make it again
-    return params

@@ -61,6 +61,9 @@ class FineTuneDefaults:
     lr_schedule: str = "constant"  # "constant" or "cosine"
 
 
+# Live previews of a running request: at most this often (seconds), in the engine and in the browser alike.
+PREVIEW_EVERY_S = 0.15
+
 # Inpainting: pixels over which the result fades into the input inside the mask's edge (pipelines.preprocess.feather);
 # outside the mask nothing changes whatever the blur.
 DEFAULT_MASK_BLUR = 1

@@ -7,7 +7,8 @@ from PIL import Image
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_choice, check_float
 from pipelines.inpaint import check_denoising_steps
-from pipelines.run import base_params, check_common, generators, run_pipeline
+from pipelines.request import Request, base_params, check_settings
+from pipelines.run import run_pipeline
 
 MODES = ("img2img", "structure")
 
@@ -27,16 +28,16 @@ def stylize(engine, *, image, style: str = "", prompt: str = "", negative_prompt
             control: str = "canny", conditioning_scale: float = 1.0, batch_size: int = 1,
             on_step=None, cancel=None) -> GenerationResult:
     # 1. Check inputs
-    common = check_common(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                          guidance=guidance, scheduler=scheduler, batch_size=batch_size)
+    settings = check_settings(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                              guidance=guidance, scheduler=scheduler, batch_size=batch_size)
     style = style or ""
     if style and style not in engine.preset.style_presets:
         raise InputError(f"style={style!r} is not one of {', '.join(map(repr, engine.preset.style_presets))}")
-    full_prompt = style_prompt(common["prompt"], engine.preset.style_presets.get(style, ""))
+    full_prompt = style_prompt(settings["prompt"], engine.preset.style_presets.get(style, ""))
     if not full_prompt:
         raise InputError("both style and prompt are empty: pick a style or describe one")
     strength = check_float("strength", strength, 0.01, 1.0)
-    check_denoising_steps(common["steps"], strength)
+    check_denoising_steps(settings["steps"], strength)
     mode = check_choice("mode", mode, MODES)
     conditioning_scale = check_float("conditioning_scale", conditioning_scale, 0.0, 2.0)
     if mode == "structure":
@@ -49,26 +50,21 @@ def stylize(engine, *, image, style: str = "", prompt: str = "", negative_prompt
     previews: list[Image.Image] = []
     with engine.lock:
         # 3. Structure mode: the content image's control map holds the layout
-        extra: dict = {}
         if mode == "structure":
             control_image = engine.annotator(control)(work)
-            control_image = (
-                control_image.resize((width, height)) if control_image.size != (width, height) else control_image
-            )
+            if control_image.size != (width, height):
+                control_image = control_image.resize((width, height))
             previews.append(control_image)
-            view = engine.pipeline("controlnet_img2img", scheduler=common["scheduler"], controls=(control,))
-            extra = dict(control_image=control_image, controlnet_conditioning_scale=conditioning_scale)
+            request = Request("controlnet_img2img", settings, width, height, model_prompt=full_prompt,
+                              controls=(control,), inputs=dict(image=work, strength=strength,
+                                                               control_image=control_image,
+                                                               controlnet_conditioning_scale=conditioning_scale))
         else:
-            view = engine.pipeline("img2img", scheduler=common["scheduler"])
+            request = Request("img2img", settings, width, height, model_prompt=full_prompt,
+                              inputs=dict(image=work, strength=strength))
         # 4. Noise the content latents to `strength`, denoise towards the style prompt
-        images = run_pipeline(
-            engine, view, on_step=on_step, cancel=cancel,
-            prompt=full_prompt, negative_prompt=common["negative_prompt"] or None, image=work, strength=strength,
-            num_inference_steps=common["steps"], guidance_scale=common["guidance"],
-            num_images_per_prompt=common["batch_size"], generator=generators(common["seed"], common["batch_size"]),
-            **extra,
-        )
-    params = {**base_params(engine, "style", common, width, height), "style": style, "full_prompt": full_prompt,
+        images = run_pipeline(engine, request, on_step=on_step, cancel=cancel)
+    params = {**base_params(engine, "style", request), "style": style, "full_prompt": full_prompt,
               "strength": strength, "mode": mode}
     if mode == "structure":
         params.update(control=control, conditioning_scale=conditioning_scale)

@@ -123,10 +123,9 @@ def test_attention_is_a_distribution_over_tokens_at_every_position(shapes_engine
     """With every token kept, the maps of one step sum to (heads x cross-attention layers) everywhere:
     softmax rows, placed on the right grid, upsampled without losing mass."""
     engine = shapes_engine
-    common, width, height = txt2img.check_inputs(engine, **RUN)
+    request = txt2img.txt2img_request(engine, **RUN)
     with explain.Probe(engine, cfg=True, keep_tokens=None) as probe:
-        view, call_kwargs = txt2img.request_view(engine, common, width, height)
-        explain.run_pipeline(engine, view, **call_kwargs)
+        explain.run_pipeline(engine, request)
     from diffusers.models.attention_processor import Attention
 
     heads = sum(m.heads for m in engine.base.unet.modules() if isinstance(m, Attention) and m.is_cross_attention)

@@ -86,11 +86,14 @@ def test_two_adapters_and_batching_keys(engine, examples):
         assert engine.adapters.active_for("zqtwo and zqone") == ("zqone", "zqtwo")
         assert engine.adapters.active_for(PLAIN) == ()
         # requests that use different adapters never share a batched call
-        from pipelines.batching import Request
+        from pipelines.run import resolve_adapters
+        from pipelines.txt2img import txt2img_request
 
-        a = Request("DPM++ 2M", {"steps": 4}, "zqone", "", 0, 1, adapters=engine.adapters.active_for("zqone"))
-        b = Request("DPM++ 2M", {"steps": 4}, "plain", "", 0, 1, adapters=engine.adapters.active_for("plain"))
-        assert a.key != b.key
+        a, b, c = (txt2img_request(engine, prompt=p, seed=0, steps=4, guidance=2.0)
+                   for p in ("zqone", "plain", "zqone"))
+        with engine.lock:
+            assert [resolve_adapters(engine, r) for r in (a, b, c)] == [("zqone",), (), ("zqone",)]
+        assert a.batch_key != b.batch_key and a.batch_key == c.batch_key
         # both at once work (LoRAs combine), and switching one off changes the image
         both = draw(engine, "a big red circle in zqone zqtwo style")
         engine.adapters.set_enabled("zqtwo", False)
