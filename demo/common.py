@@ -1,14 +1,13 @@
 """UI pieces every tab shares: the settings accordion, the output panel, running a task with live
 previews and a real Cancel, PNG files with parameters, restoring parameters, and "Send to" links.
 
-No torch or diffusers here (nor in any demo/ module): task functions are imported lazily by the tabs
-through `task()`, and everything else this file needs from pipelines/ is torch-free.
+No torch or diffusers here (nor in any demo/ module): the tabs import task functions inside their event
+handlers, and everything else this file needs from pipelines/ is torch-free.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import inspect
 import math
 import multiprocessing
@@ -36,6 +35,7 @@ from pipelines.common import (
     params_to_png_info,
     withheld,
 )
+from pipelines.settings import PREVIEW_EVERY_S
 
 CONCURRENCY_ID = "model"  # every event that touches the model shares this id and one concurrency limit
 MODEL_EVENT = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)  # Studio.model_event() when batching
@@ -52,10 +52,8 @@ TAB_LABELS = {
 }
 SEND_TARGETS = ("inpaint", "outpaint", "style", "controlnet")  # tabs with an input image
 HISTORY_LIMIT = 48  # images kept in a session's history gallery
-PREVIEW_EVERY_S = 0.15  # at most this often a live preview is sent to the browser
 HEARTBEAT_S = 0.5  # a running request's generator hands control back to gradio at least this often
 RANDOM_SEED = -1  # the seed box value meaning "pick one"; the seed actually used is shown with the result
-MAX_SEED = 2**32 - 1
 UPSCALED_VIEW_PX = 256  # small images are shown at least this big, with pixelated rendering
 CANCEL_SLOTS = 512  # cancel flags held at once (requests waiting or running); the oldest waiting one gives way
 
@@ -82,11 +80,6 @@ CSS = """
 .lds-warning p { margin: 0; }
 #lds-header h1 { margin-bottom: 0.2em; }
 """
-
-
-def task(name: str):
-    """The pipelines task module `name` (txt2img, inpaint, ...), imported on first use (it imports torch)."""
-    return importlib.import_module(f"pipelines.{name}")
 
 
 # --- uploads -------------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ def common_settings(
                               max_lines=2, max_length=limits.max_prompt_chars, elem_id=f"{tab}-negative")
         with gr.Row():
             seed = Number(label="Seed (-1 = random)", value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
-                             maximum=MAX_SEED, scale=4, elem_id=f"{tab}-seed")
+                             maximum=limits.max_seed, scale=4, elem_id=f"{tab}-seed")
             randomise = gr.Button("Random seed", scale=1, min_width=80, size="sm", elem_id=f"{tab}-random-seed")
         with gr.Row():
             steps = Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps,
@@ -285,7 +278,7 @@ def common_settings(
             restore = gr.File(label="Restore parameters from PNG (drop an image made here)", file_types=[".png"],
                               type="filepath", height=90, elem_id=f"{tab}-restore")
             restored = gr.JSON(label="Parameters found", elem_id=f"{tab}-restored")
-    randomise.click(lambda: random.randint(0, MAX_SEED), None, seed, **UI_EVENT)
+    randomise.click(lambda: random.randint(0, limits.max_seed), None, seed, **UI_EVENT)
     return CommonSettings(negative_prompt=negative, seed=seed, randomise=randomise, steps=steps, guidance=guidance,
                           scheduler=scheduler, batch_size=batch, width=width, height=height,
                           restore_file=restore, restored=restored)
@@ -759,10 +752,11 @@ def _add_history(gallery_value, history):
     return history, history
 
 
-def resolve_seed(seed) -> int:
-    """-1 (or empty) -> a fresh random seed; anything else is passed on for the pipeline to check."""
+def resolve_seed(engine, seed) -> int:
+    """-1 (or empty) -> a fresh random seed within the engine's limit; anything else is passed on for the
+    pipeline to check."""
     if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed == RANDOM_SEED):
-        return random.randint(0, MAX_SEED)
+        return random.randint(0, engine.limits.max_seed)
     return seed
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import gradio as gr
 
 from demo import common
+from pipelines.registry import NO_PREPROCESSOR as NONE
 
 TAB = "controlnet"
 CONTROL_LABELS = {"canny": "edge (canny)", "depth": "depth", "pose": "pose"}
-NONE = "none"  # the uploaded image already is the control map
 CANNY_LOW, CANNY_HIGH = 100, 200  # OpenCV thresholds, ControlNet v1.1's defaults
 
 
@@ -21,15 +21,7 @@ PREPROCESSOR_LABELS = {"canny": "canny edges (OpenCV)", "depth": "depth estimato
 
 def preprocessors(control_type: str) -> list[tuple[str, str]]:
     """(label, name) choices for a control type: its own detector, then "none" (upload a ready map)."""
-    try:
-        known = tuple(getattr(common.task("controlnet"), "PREPROCESSORS", ()))
-    except ImportError:  # pipelines/controlnet.py not there (yet)
-        known = ()
-    if isinstance(known, dict):
-        names = [n for n in known.get(control_type, (control_type,)) if n != NONE]
-    else:
-        names = [control_type] if not known or control_type in known else []
-    return [(PREPROCESSOR_LABELS.get(n, n), n) for n in [*names, NONE]]
+    return [(PREPROCESSOR_LABELS[n], n) for n in (control_type, NONE)]
 
 
 def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
@@ -113,8 +105,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         if image is None:
             raise gr.Error("Upload an image first (or a ready control map with preprocessor 'none').")
         image = common.open_image(image)
+        from pipelines.controlnet import preprocess  # imports torch: on first use, never with the UI
+
         try:
-            return common.task("controlnet").preprocess(
+            return preprocess(
                 engine, image=image, control_type=control_type, preprocessor=preprocessor,
                 low_threshold=low_threshold, high_threshold=high_threshold)
         except Exception as error:
@@ -146,12 +140,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 
         def run(engine, *, on_step=None, cancel=None, **kwargs):
             maps = [make_map(img, ctype, prep, low_threshold, high_threshold) for img, ctype, prep, _ in units]
-            return common.task("controlnet").generate(
+            from pipelines.controlnet import generate  # imports torch: on first use, never with the UI
+
+            return generate(
                 engine, control_images=maps, control_types=[u[1] for u in units],
                 conditioning_scales=[u[3] for u in units], on_step=on_step, cancel=cancel, **kwargs)
 
         kwargs = dict(guidance_start=guidance_start, guidance_end=guidance_end, prompt=prompt,
-                      negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
+                      negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed), steps=steps,
                       guidance=guidance, scheduler=scheduler, batch_size=batch_size)
         yield from common.run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress)
 

@@ -327,23 +327,46 @@ def inpaint_step_view(data: dict | None, step) -> tuple:
     return latent_channels(e.latents[i], mask=e.latent_mask), enlarge(e.x0_images[i]), text
 
 
-def _model_event(studio: common.Studio) -> dict:
-    """The shared model queue settings (one concurrency_id for every model event), as the other tabs use."""
-    model_event = getattr(studio, "model_event", None)
-    return model_event() if callable(model_event) else dict(common.MODEL_EVENT)
-
-
 # --- the tab ---------------------------------------------------------------------------------------------------------
+
+# The views /explain returns after the four values every generating endpoint returns, in this order.
+EXPLAIN_VIEWS = (
+    "step", "latent", "x0", "noise_level", "x0_per_step",  # 1. trajectory
+    "attention_from", "attention_to", "attention_per_word",  # 2. cross-attention
+    "cfg_step", "eps_uncond", "eps_cond", "eps_difference", "x0_uncond", "x0_cond", "x0_guided", "cfg_text",
+    "guidance_strip",  # 3. classifier-free guidance
+    "schedule_plot", "run_noise_plot", "img2img_cutoff",  # 4. noise schedule
+    "cost", "code",  # 5, 6
+)
+EXPLAIN_OUTPUTS = ("preview", "gallery", "params", "status", *EXPLAIN_VIEWS)  # what /explain returns
+EXPLAIN_INPAINT_OUTPUTS = ("status", "mask_image", "mask_latent", "result", "step", "latent", "x0", "step_text")
 
 
 def build_tab(engine, *, studio: common.Studio | None = None) -> None:
-    studio = studio or common.Studio()
-    preset = engine.preset
-    explain_task = common.task("explain")  # pipelines.explain (imports torch) when the tab is built
-    schedule = explain_task.noise_schedule(engine)
-    device = f"{engine.device} / {str(engine.torch_dtype).removeprefix('torch.')}"
+    from pipelines import explain as explain_task  # imports torch: when the tab is built, never with the UI
 
+    studio = studio or common.Studio()
+    schedule = explain_task.noise_schedule(engine)
     gr.Markdown(INTRO)
+    inputs, panel = _inputs_and_panel(engine, studio)
+    state = gr.State(None)  # the last run's recording: the sliders re-render it
+    views = {**_trajectory_section(engine), **_attention_section(engine), **_guidance_section(engine),
+             **_schedule_section(schedule), **_cost_and_code_section()}
+    inpaint = _inpaint_section(engine)
+    _wire_explain(engine, studio, explain_task, inputs, panel, views, state)
+    _wire_scrubbing(schedule, views, state)
+    _wire_explain_inpaint(engine, studio, explain_task, inputs, inpaint)
+
+
+def _steps_slider(engine, name: str, label: str, *, at_end: bool) -> gr.Slider:
+    """A step slider over the model's default steps (each run sets its own range)."""
+    steps = max(1, engine.preset.default_steps)
+    return common.Slider(label=label, minimum=1, maximum=steps, step=1, value=steps if at_end else 1,
+                         elem_id=f"{TAB}-{name}")
+
+
+def _inputs_and_panel(engine, studio: common.Studio) -> tuple[dict, common.OutputPanel]:
+    preset = engine.preset
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             prompt = gr.Textbox(value=preset.example_prompts[0] if preset.example_prompts else "", label="Prompt",
@@ -357,63 +380,58 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             settings.batch_size.visible = False  # Explain follows one image
         with gr.Column(scale=3):
             panel = common.output_panel(TAB, studio, generate_label="Explain")
-    state = gr.State(None)
+    return dict(prompt=prompt, strip_scales=strip_scales, settings=settings), panel
 
-    # 1. trajectory
+
+def _trajectory_section(engine) -> dict:
     gr.Markdown("## 1 · Denoising trajectory\nDrag the step: the noisy latent z_t (its 4 channels, each scaled "
                 "to its own range) and the clean image x̂0 the U-Net predicts from it at that step.")
-    step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
-                         value=max(1, preset.default_steps), elem_id=f"{TAB}-step")
+    step = _steps_slider(engine, "step", "Step", at_end=True)
     with gr.Row(equal_height=False):
         latent = view_image("z_t: the latent's 4 channels", "latent", scale=2)
         x0 = view_image("x̂0 decoded by the VAE", "x0", scale=1)
     noise = gr.Markdown("", label="Noise level at this step", elem_id=f"{TAB}-noise")
     film = gr.Gallery(label="x̂0 at every step (step · σ)", columns=10, height=300, format="png", object_fit="contain",
                       interactive=False, elem_id=f"{TAB}-filmstrip", elem_classes=["lds-gallery", "lds-pixelated"])
+    return dict(step=step, latent=latent, x0=x0, noise_level=noise, x0_per_step=film)
 
-    # 2. cross-attention
+
+def _attention_section(engine) -> dict:
     gr.Markdown("## 2 · Cross-attention per word\nWhere each prompt word's cross-attention lands (DAAM-style: "
                 "summed over heads, U-Net layers and the chosen steps, upsampled to the latent and laid over the "
                 "result). Each map is stretched to its own range (bright = where this word gets the most "
                 "attention); the caption gives the word's share of the attention given to the prompt's words and "
                 "how much stronger its brightest spot is than its darkest (max/min).")
     with gr.Row():
-        attention_from = common.Slider(label="From step", minimum=1, maximum=max(1, preset.default_steps), step=1,
-                                       value=1, elem_id=f"{TAB}-attention-from")
-        attention_to = common.Slider(label="To step", minimum=1, maximum=max(1, preset.default_steps), step=1,
-                                     value=max(1, preset.default_steps), elem_id=f"{TAB}-attention-to")
-    attention = gr.Gallery(
-        label="Attention per word (word · share · max/min)",
-        columns=8,
-        height=240,
-        fit_columns=False,
-        format="png",
-        object_fit="contain",
-        interactive=False,
-        elem_id=f"{TAB}-attention",
-        elem_classes=["lds-gallery", "lds-pixelated"],
-    )
+        attention_from = _steps_slider(engine, "attention-from", "From step", at_end=False)
+        attention_to = _steps_slider(engine, "attention-to", "To step", at_end=True)
+    attention = gr.Gallery(label="Attention per word (word · share · max/min)", columns=8, height=240,
+                           fit_columns=False, format="png", object_fit="contain", interactive=False,
+                           elem_id=f"{TAB}-attention", elem_classes=["lds-gallery", "lds-pixelated"])
+    return dict(attention_from=attention_from, attention_to=attention_to, attention_per_word=attention)
 
-    # 3. classifier-free guidance
+
+def _guidance_section(engine) -> dict:
     gr.Markdown("## 3 · Classifier-free guidance\nAt every step the U-Net predicts the noise twice, with the "
                 "prompt (conditional) and with the negative/empty prompt (unconditional); guidance pushes the "
                 "prediction along their difference.")
-    cfg_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1, value=1,
-                             elem_id=f"{TAB}-cfg-step")
+    views = dict(cfg_step=_steps_slider(engine, "cfg-step", "Step", at_end=False))
     with gr.Row(equal_height=False):
-        eps_uncond = view_image("ε̂ unconditional", "eps-uncond")
-        eps_cond = view_image("ε̂ conditional (prompt)", "eps-cond")
-        eps_diff = view_image("ε̂_cond − ε̂_uncond", "eps-diff")
+        views.update(eps_uncond=view_image("ε̂ unconditional", "eps-uncond"),
+                     eps_cond=view_image("ε̂ conditional (prompt)", "eps-cond"),
+                     eps_difference=view_image("ε̂_cond − ε̂_uncond", "eps-diff"))
     with gr.Row(equal_height=False):
-        x0_uncond = view_image("x̂0 from ε̂ unconditional", "x0-uncond")
-        x0_cond = view_image("x̂0 from ε̂ conditional", "x0-cond")
-        x0_guided = view_image("x̂0 from the guided ε̂", "x0-guided")
-    cfg_text = gr.Markdown("", label="Guidance at this step", elem_id=f"{TAB}-cfg-text")
-    strip = gr.Gallery(label="Same seed, different guidance", columns=6, height=260, fit_columns=False, format="png",
-                       object_fit="contain", interactive=False, elem_id=f"{TAB}-strip",
-                       elem_classes=["lds-gallery", "lds-pixelated"])
+        views.update(x0_uncond=view_image("x̂0 from ε̂ unconditional", "x0-uncond"),
+                     x0_cond=view_image("x̂0 from ε̂ conditional", "x0-cond"),
+                     x0_guided=view_image("x̂0 from the guided ε̂", "x0-guided"))
+    views["cfg_text"] = gr.Markdown("", label="Guidance at this step", elem_id=f"{TAB}-cfg-text")
+    views["guidance_strip"] = gr.Gallery(label="Same seed, different guidance", columns=6, height=260,
+                                         fit_columns=False, format="png", object_fit="contain", interactive=False,
+                                         elem_id=f"{TAB}-strip", elem_classes=["lds-gallery", "lds-pixelated"])
+    return views
 
-    # 4. noise schedule
+
+def _schedule_section(schedule: dict) -> dict:
     gr.Markdown("## 4 · Noise schedule\nHow much of the clean latent survives at each training timestep t "
                 "(z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), and where img2img (style transfer) starts for a given strength.")
     initial_frame, initial_text = schedule_frame(schedule)
@@ -427,147 +445,159 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                x_title="denoising step", y_title="", y_lim=[0, 1], height=300,
                                elem_id=f"{TAB}-run-noise")
     cutoff = gr.Markdown(initial_text, label="img2img cut-off", elem_id=f"{TAB}-cutoff")
+    return dict(strength=strength, schedule_plot=schedule_plot, run_noise_plot=run_plot, img2img_cutoff=cutoff)
 
-    # 5. cost
+
+def _cost_and_code_section() -> dict:
     gr.Markdown("## 5 · Cost: latent vs pixel space")
     cost = gr.Markdown("Run *Explain* to count and time it.", label="Cost", elem_id=f"{TAB}-cost")
-
-    # 6. code
     gr.Markdown("## 6 · Code")
     show_code = gr.Button("Code", elem_id=f"{TAB}-code-button", size="sm")
     code = gr.Code(value="", language="python", label="diffusers code that reproduces this result", lines=8,
                    interactive=False, visible=False, elem_id=f"{TAB}-code")
+    return dict(cost=cost, show_code=show_code, code=code)
 
-    # 7. inpainting in latent space
+
+def _inpaint_section(engine) -> dict:
+    preset, max_pixels = engine.preset, engine.limits.max_image_pixels
     gr.Markdown("## 7 · Inpainting in latent space\nThe model never sees your mask at full size: it is shrunk to "
                 f"the latent grid (f = {engine.vae_scale_factor}), and after every step the latents outside it "
                 "are replaced by the input's own latents, noised to that step's level. Uses the prompt and "
                 "settings above.")
+    ui: dict[str, Any] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            editor = common.safe_image_editor(
-                label="Image: paint over the area to repaint",
-                type="pil",
-                image_mode="RGBA",
-                format="png",
-                sources=("upload", "clipboard"),
-                transforms=(),
-                height=320,
+            ui["editor"] = common.safe_image_editor(
+                label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
+                sources=("upload", "clipboard"), transforms=(), height=320,
                 canvas_size=(preset.default_size, preset.default_size),
                 brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=6),
                 eraser=gr.Eraser(default_size=6),
                 layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
-                elem_id=f"{TAB}-inpaint-editor",
-                elem_classes=["lds-pixelated"],
-                max_pixels=engine.limits.max_image_pixels,
-            )
+                elem_id=f"{TAB}-inpaint-editor", elem_classes=["lds-pixelated"], max_pixels=max_pixels)
             with gr.Accordion("Upload a mask instead of painting", open=False):
-                mask_upload = common.safe_image(label="Mask: white = repaint", type="pil", image_mode=None,
-                                                format="png", height=160, sources=("upload",),
-                                                elem_id=f"{TAB}-inpaint-mask", elem_classes=["lds-pixelated"],
-                                                max_pixels=engine.limits.max_image_pixels)
-            inpaint_prompt = gr.Textbox(value="", label="Prompt for the masked area (empty: the prompt above)",
-                                        max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-inpaint-prompt")
-            inpaint_strength = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=1.0,
-                                             elem_id=f"{TAB}-inpaint-strength")
+                ui["mask"] = common.safe_image(label="Mask: white = repaint", type="pil", image_mode=None,
+                                               format="png", height=160, sources=("upload",),
+                                               elem_id=f"{TAB}-inpaint-mask", elem_classes=["lds-pixelated"],
+                                               max_pixels=max_pixels)
+            ui["prompt"] = gr.Textbox(value="", label="Prompt for the masked area (empty: the prompt above)",
+                                      max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-inpaint-prompt")
+            ui["strength"] = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=1.0,
+                                           elem_id=f"{TAB}-inpaint-strength")
             with gr.Row():
-                inpaint_run = gr.Button("Explain inpainting", variant="primary", elem_id=f"{TAB}-inpaint-run", scale=3)
-                inpaint_cancel = gr.Button("Cancel", variant="stop", elem_id=f"{TAB}-inpaint-cancel", scale=1)
-            inpaint_status = gr.Markdown("", label="Status", elem_id=f"{TAB}-inpaint-status")
+                ui["run"] = gr.Button("Explain inpainting", variant="primary", elem_id=f"{TAB}-inpaint-run", scale=3)
+                ui["cancel"] = gr.Button("Cancel", variant="stop", elem_id=f"{TAB}-inpaint-cancel", scale=1)
+            ui["status"] = gr.Markdown("", label="Status", elem_id=f"{TAB}-inpaint-status")
         with gr.Column(scale=3):
             with gr.Row(equal_height=False):
-                mask_shown = view_image("Your mask (magenta)", "mask-image")
-                mask_latent = view_image("The mask the U-Net uses (latent grid)", "mask-latent")
-                inpaint_result = view_image("Result", "inpaint-result")
-            inpaint_step = common.Slider(label="Step", minimum=1, maximum=max(1, preset.default_steps), step=1,
-                                         value=1, elem_id=f"{TAB}-inpaint-step")
+                ui["mask_image"] = view_image("Your mask (magenta)", "mask-image")
+                ui["mask_latent"] = view_image("The mask the U-Net uses (latent grid)", "mask-latent")
+                ui["result"] = view_image("Result", "inpaint-result")
+            ui["step"] = _steps_slider(engine, "inpaint-step", "Step", at_end=False)
             with gr.Row(equal_height=False):
-                inpaint_latent = view_image("What the U-Net sees: z_t, 4 channels", "inpaint-latent", scale=2)
-                inpaint_x0 = view_image("x̂0 decoded", "inpaint-x0", scale=1)
-            inpaint_text = gr.Markdown("", label="Inpainting at this step", elem_id=f"{TAB}-inpaint-text")
-    inpaint_state = gr.State(None)
+                ui["latent"] = view_image("What the U-Net sees: z_t, 4 channels", "inpaint-latent", scale=2)
+                ui["x0"] = view_image("x̂0 decoded", "inpaint-x0", scale=1)
+            ui["step_text"] = gr.Markdown("", label="Inpainting at this step", elem_id=f"{TAB}-inpaint-text")
+    ui["state"] = gr.State(None)
+    examples = common.example_files("scene_a.png", "scene_d.png")
+    if examples:
+        gr.Examples([[path] for path in examples], inputs=[ui["editor"]], label="Example images (then paint a mask)")
+    return ui
 
-    # --- events ---------------------------------------------------------------------------------------------------
-    views = [step, latent, x0, noise, film, attention_from, attention_to, attention, cfg_step, eps_uncond, eps_cond,
-             eps_diff, x0_uncond, x0_cond, x0_guided, cfg_text, strip, schedule_plot, run_plot, cutoff, cost, code]
 
-    def render(data: dict, strength_value: float) -> list:
-        e = data["explanation"]
-        steps = e.steps
-        first_cfg = max(1, round(steps * 0.25))
-        frame, text = schedule_frame(e.schedule, e.timesteps, e.alpha_bars, strength_value)
-        slider = dict(minimum=1, maximum=steps, step=1)
-        return [gr.update(value=steps, **slider), *trajectory_view(data, steps), filmstrip(data),
-                gr.update(value=1, **slider), gr.update(value=steps, **slider), attention_maps(data, 1, steps),
-                gr.update(value=first_cfg, **slider), *guidance_view(data, first_cfg), strip_gallery(data),
-                frame, run_noise_frame(data), text, cost_markdown(data), e.code]
+def render(data: dict, strength: float) -> dict:
+    """Every view of a finished run, by name (EXPLAIN_VIEWS)."""
+    e = data["explanation"]
+    steps = e.steps
+    first_cfg = max(1, round(steps * 0.25))
+    schedule_plot, cutoff = schedule_frame(e.schedule, e.timesteps, e.alpha_bars, strength)
+    slider = dict(minimum=1, maximum=steps, step=1)
+    latent, x0, noise = trajectory_view(data, steps)
+    eps_uncond, eps_cond, eps_difference, x0_uncond, x0_cond, x0_guided, cfg_text = guidance_view(data, first_cfg)
+    return dict(step=gr.update(value=steps, **slider), latent=latent, x0=x0, noise_level=noise,
+                x0_per_step=filmstrip(data), attention_from=gr.update(value=1, **slider),
+                attention_to=gr.update(value=steps, **slider), attention_per_word=attention_maps(data, 1, steps),
+                cfg_step=gr.update(value=first_cfg, **slider), eps_uncond=eps_uncond, eps_cond=eps_cond,
+                eps_difference=eps_difference, x0_uncond=x0_uncond, x0_cond=x0_cond, x0_guided=x0_guided,
+                cfg_text=cfg_text, guidance_strip=strip_gallery(data), schedule_plot=schedule_plot,
+                run_noise_plot=run_noise_frame(data), img2img_cutoff=cutoff, cost=cost_markdown(data), code=e.code)
+
+
+def _wire_explain(engine, studio: common.Studio, explain_task, inputs: dict, panel: common.OutputPanel,
+                  views: dict, state: gr.State) -> None:
+    device = f"{engine.device} / {str(engine.torch_dtype).removeprefix('torch.')}"
+    settings = inputs["settings"]
 
     def explain(prompt: str, negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
                 width: float, height: float, guidance_strip: list[float], strength: float, request: gr.Request,
                 progress=gr.Progress()):
-        """Generate one image and record how it was made. Returns (preview, gallery, params, status, then the
-        views: step, latent channels, x̂0, noise level, x̂0 film strip, attention from/to, attention per word,
-        CFG step, ε̂ uncond, ε̂ cond, difference, x̂0 uncond, x̂0 cond, x̂0 guided, CFG text, guidance strip,
-        schedule plot, run noise plot, img2img cut-off text, cost, code)."""
+        """Generate one image and record how it was made. Returns, in this order, what every generating endpoint
+        returns (preview, gallery, params, status), then the views named in demo/explain.py EXPLAIN_VIEWS
+        (trajectory, attention, guidance, schedule, cost, code; see the README)."""
         holder: dict[str, Any] = {}
 
         def run(engine_, **kwargs):
             holder["result"] = explain_task.explain(engine_, **kwargs)
             return holder["result"]
 
-        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
-                      guidance=guidance, scheduler=scheduler, width=width, height=height,
+        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed),
+                      steps=steps, guidance=guidance, scheduler=scheduler, width=width, height=height,
                       guidance_strip=list(guidance_strip or []))
-        skips = [gr.skip()] * (len(views) + 1)
+        skips = [gr.skip()] * (len(EXPLAIN_VIEWS) + 1)
         for update in common.run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress):
             if isinstance(update[1], list) and "result" in holder:  # the final update: the run is done
                 result = holder["result"]
                 data = {"explanation": result.explanation, "image": result.images[0], "params": result.params,
                         "device": device}
-                yield (*update, data, *render(data, strength))
+                rendered = render(data, strength)
+                yield (*update, data, *(rendered[name] for name in EXPLAIN_VIEWS))
             else:
                 yield (*update, *skips)
 
     common.wire_model_event(
-        TAB, studio, panel, explain, api_name="explain", extra_outputs=[state, *views],
+        TAB, studio, panel, explain, api_name="explain",
+        extra_outputs=[state, *(views[name] for name in EXPLAIN_VIEWS)],
         api_description="Generate one image and record how it was made (trajectory, attention, guidance, cost, code).",
-        inputs_kwargs=dict(prompt=prompt, **{k: v for k, v in settings.kwargs().items() if k != "batch_size"},
-                           guidance_strip=strip_scales, strength=strength))
-    common.wire_restore(engine, settings, {"prompt": prompt})
-    prompt.submit(lambda: None, None, None, js=f"() => document.getElementById('{TAB}-generate').click()",
-                  api_visibility="private", queue=False)
+        inputs_kwargs=dict(prompt=inputs["prompt"],
+                           **{k: v for k, v in settings.kwargs().items() if k != "batch_size"},
+                           guidance_strip=inputs["strip_scales"], strength=views["strength"]))
+    common.wire_restore(engine, settings, {"prompt": inputs["prompt"]})
+    inputs["prompt"].submit(lambda: None, None, None, js=f"() => document.getElementById('{TAB}-generate').click()",
+                            api_visibility="private", queue=False)
 
-    # scrubbing re-renders what was recorded (no model work)
-    step.change(trajectory_view, [state, step], [latent, x0, noise], **common.UI_EVENT)
-    cfg_step.change(guidance_view, [state, cfg_step], [eps_uncond, eps_cond, eps_diff, x0_uncond, x0_cond, x0_guided,
-                                                     cfg_text], **common.UI_EVENT)
-    attention_from.change(lambda d, a, b: attention_maps(d, a, b) if d else gr.skip(),
-                          [state, attention_from, attention_to], attention, **common.UI_EVENT)
-    attention_to.change(lambda d, a, b: attention_maps(d, a, b) if d else gr.skip(),
-                        [state, attention_from, attention_to], attention, **common.UI_EVENT)
+
+def _wire_scrubbing(schedule: dict, views: dict, state: gr.State) -> None:
+    """The sliders re-render what the last run recorded (no model work)."""
+    v = views
+    v["step"].change(trajectory_view, [state, v["step"]], [v["latent"], v["x0"], v["noise_level"]], **common.UI_EVENT)
+    v["cfg_step"].change(guidance_view, [state, v["cfg_step"]],
+                         [v[name] for name in ("eps_uncond", "eps_cond", "eps_difference", "x0_uncond", "x0_cond",
+                                               "x0_guided", "cfg_text")], **common.UI_EVENT)
+    for slider in (v["attention_from"], v["attention_to"]):
+        slider.change(lambda d, a, b: attention_maps(d, a, b) if d else gr.skip(),
+                      [state, v["attention_from"], v["attention_to"]], v["attention_per_word"], **common.UI_EVENT)
 
     def replot(data, value):
         e = data["explanation"] if data else None
         return schedule_frame(schedule, None if e is None else e.timesteps, None if e is None else e.alpha_bars, value)
 
-    strength.change(replot, [state, strength], [schedule_plot, cutoff], **common.UI_EVENT)
-    show_code.click(
-        lambda data: (
-            gr.update(visible=True, value=data["explanation"].code)
-            if data
-            else gr.update(visible=True, value="# Run Explain first: the code reproduces the last result.")
-        ),
-        state,
-        code,
-        **common.UI_EVENT,
-    )
+    v["strength"].change(replot, [state, v["strength"]], [v["schedule_plot"], v["img2img_cutoff"]], **common.UI_EVENT)
 
-    # inpainting in latent space
+    def show_code(data):
+        if not data:
+            return gr.update(visible=True, value="# Run Explain first: the code reproduces the last result.")
+        return gr.update(visible=True, value=data["explanation"].code)
+
+    v["show_code"].click(show_code, state, v["code"], **common.UI_EVENT)
+
+
+def _wire_explain_inpaint(engine, studio: common.Studio, explain_task, inputs: dict, ui: dict) -> None:
     def explain_inpainting(image: dict | None, mask: object, inpaint_prompt: str, prompt: str, strength: float,
                            negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
                            request: gr.Request, progress=gr.Progress()):
-        """Inpaint and record it in latent space. Returns (status, mask on the image, mask at latent size, result,
-        step, latent the U-Net sees, x̂0, step text)."""
+        """Inpaint and record it in latent space. Returns the values named in demo/explain.py
+        EXPLAIN_INPAINT_OUTPUTS: status, mask on the image, mask at latent size, result, step, latent the U-Net
+        sees, x̂0, step text."""
         background = (image or {}).get("background") if isinstance(image, dict) else image
         if background is None:
             raise gr.Error("Upload an image to inpaint first (and paint a mask over it).")
@@ -579,10 +609,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 
         kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
                       prompt=inpaint_prompt or prompt, strength=strength, negative_prompt=negative_prompt,
-                      seed=common.resolve_seed(seed), steps=steps, guidance=guidance, scheduler=scheduler,
+                      seed=common.resolve_seed(engine, seed), steps=steps, guidance=guidance, scheduler=scheduler,
                       mask_blur=DEFAULT_MASK_BLUR)
-        for _preview, gallery, _params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
-                                                                 request=request, progress=progress):
+        for preview, gallery, _params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
+                                                                request=request, progress=progress):
             if isinstance(gallery, list) and "result" in holder:
                 result = holder["result"]
                 data = {"explanation": result.explanation, "image": result.images[0], "params": result.params}
@@ -590,21 +620,18 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 yield (status, *inpaint_masks(data), enlarge(result.images[0]),
                        gr.update(value=1, minimum=1, maximum=steps_done, step=1), *inpaint_step_view(data, 1), data)
             else:
-                yield (status, gr.skip(), gr.skip(), _preview if _preview is not None else gr.skip(),
+                yield (status, gr.skip(), gr.skip(), preview if preview is not None else gr.skip(),
                        *([gr.skip()] * 4), gr.skip())
 
+    settings = inputs["settings"]
     common.wire_cancellable(
-        studio, INPAINT_TAB, inpaint_run, inpaint_cancel, inpaint_status,
+        studio, INPAINT_TAB, ui["run"], ui["cancel"], ui["status"],
         studio.gpu_event(explain_inpainting, common.generation_seconds),
-        inputs_kwargs=dict(image=editor, mask=mask_upload, inpaint_prompt=inpaint_prompt, prompt=prompt,
-                           strength=inpaint_strength, **{k: v for k, v in settings.kwargs().items()
-                                                          if k not in ("batch_size", "width", "height")}),
-        outputs=[inpaint_status, mask_shown, mask_latent, inpaint_result, inpaint_step, inpaint_latent, inpaint_x0,
-                 inpaint_text, inpaint_state],
-        api_name="explain_inpaint", show_progress="minimal", show_progress_on=[inpaint_result],
-        **_model_event(studio))
-    inpaint_step.change(inpaint_step_view, [inpaint_state, inpaint_step], [inpaint_latent, inpaint_x0, inpaint_text],
-                        **common.UI_EVENT)
-    examples = common.example_files("scene_a.png", "scene_d.png")
-    if examples:
-        gr.Examples([[path] for path in examples], inputs=[editor], label="Example images (then paint a mask)")
+        inputs_kwargs=dict(image=ui["editor"], mask=ui["mask"], inpaint_prompt=ui["prompt"], prompt=inputs["prompt"],
+                           strength=ui["strength"], **{k: v for k, v in settings.kwargs().items()
+                                                       if k not in ("batch_size", "width", "height")}),
+        outputs=[*(ui[name] for name in EXPLAIN_INPAINT_OUTPUTS), ui["state"]],
+        api_name="explain_inpaint", show_progress="minimal", show_progress_on=[ui["result"]],
+        **studio.model_event())
+    ui["step"].change(inpaint_step_view, [ui["state"], ui["step"]], [ui["latent"], ui["x0"], ui["step_text"]],
+                      **common.UI_EVENT)

@@ -151,7 +151,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                       steps: float, learning_rate: float, rank: float, batch_size: float, prior_preservation: bool,
                       prior_weight: float, seed: float, name: str, test_prompt: str, request: gr.Request):
         """The fine-tune itself: a GPU call on ZeroGPU (a worker process), in this process elsewhere."""
-        ft = common.task("finetune")
+        from pipelines import finetune as ft  # imports torch: on first use, never with the UI
+
         for i, path in enumerate(images or []):  # unreadable files and decompression bombs, before any decoding
             common._check_image_file(path, limits.max_image_pixels, f"training image {i + 1} ({Path(path).name})")
         pictures = [common.open_image(p) for p in (images or [])]
@@ -358,7 +359,8 @@ def _is_skip(value) -> bool:
 
 
 def _test_image(engine, prompt: str, seed: int):
-    txt2img = common.task("txt2img")
+    from pipelines import txt2img  # imports torch: on first use, never with the UI
+
     preset = engine.preset
     return txt2img.generate(
         engine, prompt=prompt, seed=seed, steps=preset.default_steps, guidance=preset.default_guidance

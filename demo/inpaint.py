@@ -86,9 +86,11 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             raise gr.Error("Upload an image to inpaint first.")
         kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
                       prompt=prompt, strength=strength, mask_blur=mask_blur, negative_prompt=negative_prompt,
-                      seed=common.resolve_seed(seed), steps=steps, guidance=guidance, scheduler=scheduler,
+                      seed=common.resolve_seed(engine, seed), steps=steps, guidance=guidance, scheduler=scheduler,
                       batch_size=batch_size)
-        yield from common.run_task(engine, studio, TAB, common.task("inpaint").inpaint, kwargs,
+        from pipelines.inpaint import inpaint as task  # imports torch: on first use, never with the UI
+
+        yield from common.run_task(engine, studio, TAB, task, kwargs,
                                    request=request, progress=progress)
 
     common.wire_model_event(TAB, studio, panel, inpaint, api_name="inpaint", inputs_kwargs=dict(

@@ -5,17 +5,10 @@ import gradio as gr
 
 from demo import common
 from demo.inpaint import method_note
+from pipelines.settings import OUTPAINT_FILLS
 
 TAB = "outpaint"
 SIDES = ("left", "right", "top", "bottom")
-DEFAULT_FILLS = ("edge", "blur", "noise")  # used if pipelines.outpaint does not name its own
-
-
-def fill_modes() -> tuple[str, ...]:
-    try:
-        return tuple(getattr(common.task("outpaint"), "FILLS", DEFAULT_FILLS))
-    except ImportError:  # pipelines/outpaint.py not there (yet)
-        return DEFAULT_FILLS
 
 
 def build_tab(engine, *, studio: common.Studio | None = None) -> None:
@@ -24,7 +17,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     step = 8
     max_side = max(step, min(engine.limits.max_outpaint, engine.limits.max_size) // step * step)
     default_px = max(step, engine.preset.default_size // 4 // step * step)
-    fills = fill_modes()
+    fills = OUTPAINT_FILLS
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             image = common.safe_image(label="Image to extend", type="pil", image_mode=None, format="png",
@@ -83,9 +76,11 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             raise gr.Error("Choose at least one side to extend (left, right, top or bottom).")
         amounts = {side: (pixels if side in chosen else 0) for side in SIDES}
         kwargs = dict(image=common.open_image(image), prompt=prompt, fill=fill, **amounts,
-                      negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
+                      negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed), steps=steps,
                       guidance=guidance, scheduler=scheduler, batch_size=batch_size)
-        yield from common.run_task(engine, studio, TAB, common.task("outpaint").outpaint, kwargs,
+        from pipelines.outpaint import outpaint as task  # imports torch: on first use, never with the UI
+
+        yield from common.run_task(engine, studio, TAB, task, kwargs,
                                    request=request, progress=progress)
 
     common.wire_model_event(TAB, studio, panel, outpaint, api_name="outpaint", inputs_kwargs=dict(

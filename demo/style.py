@@ -92,13 +92,15 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             control=control,
             conditioning_scale=conditioning_scale,
             negative_prompt=negative_prompt,
-            seed=common.resolve_seed(seed),
+            seed=common.resolve_seed(engine, seed),
             steps=steps,
             guidance=guidance,
             scheduler=scheduler,
             batch_size=batch_size,
         )
-        yield from common.run_task(engine, studio, TAB, common.task("style").stylize, kwargs,
+        from pipelines.style import stylize  # imports torch: on first use, never with the UI
+
+        yield from common.run_task(engine, studio, TAB, stylize, kwargs,
                                    request=request, progress=progress)
 
     common.wire_model_event(TAB, studio, panel, stylize, api_name="style", inputs_kwargs=dict(

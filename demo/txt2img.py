@@ -26,9 +26,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     def txt2img(prompt: str, negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
                 width: float, height: float, batch_size: float, request: gr.Request, progress=gr.Progress()):
         """Generate images from a prompt. Returns (preview, gallery of PNG files with parameters, params, status)."""
-        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(seed), steps=steps,
-                      guidance=guidance, scheduler=scheduler, width=width, height=height, batch_size=batch_size)
-        yield from common.run_task(engine, studio, TAB, common.task("txt2img").generate, kwargs,
+        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed),
+                      steps=steps, guidance=guidance, scheduler=scheduler, width=width, height=height,
+                      batch_size=batch_size)
+        from pipelines.txt2img import generate  # imports torch: on first use, never with the UI
+
+        yield from common.run_task(engine, studio, TAB, generate, kwargs,
                                    request=request, progress=progress)
 
     common.wire_model_event(TAB, studio, panel, txt2img, inputs_kwargs=dict(prompt=prompt, **settings.kwargs()),

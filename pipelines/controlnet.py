@@ -8,11 +8,10 @@ from PIL import Image
 
 from pipelines import preprocess as prep
 from pipelines.common import GenerationResult, InputError, check_choice, check_float
-from pipelines.registry import CONTROL_TYPES
+from pipelines.registry import CONTROL_TYPES, NO_PREPROCESSOR, PREPROCESSORS
 from pipelines.request import Request, base_params, check_settings, check_size
 from pipelines.run import run_pipeline
 
-PREPROCESSORS = ("canny", "depth", "pose", "none")  # "none": the image already is a control map
 MAX_CONTROLS = 2
 MAX_CONDITIONING_SCALE = 2.0
 
@@ -25,7 +24,7 @@ def preprocess(engine, *, image, control_type: str, preprocessor: str | None = N
     original = prep.load_image(image, max_pixels=engine.limits.max_image_pixels)
     width, height = prep.working_size(original.size, engine.limits.max_size, min_size=engine.preset.default_size)
     work = original.resize((width, height), Image.LANCZOS) if original.size != (width, height) else original
-    if preprocessor == "none":
+    if preprocessor == NO_PREPROCESSOR:
         return work
     if preprocessor == "canny":
         return prep.canny(work, low_threshold=low_threshold, high_threshold=high_threshold)

@@ -8,8 +8,9 @@ from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_choice, check_float, check_int
 from pipelines.inpaint import check_denoising_steps, method_notes, run_inpaint
 from pipelines.request import base_params, check_settings
+from pipelines.settings import OUTPAINT_FILLS
 
-FILLS = ("edge", "blur", "noise")
+FILLS = OUTPAINT_FILLS
 SIDE_MULTIPLE = 8  # new borders are whole latents at f = 8 (and f = 4)
 # Pixels of the original inside the mask: the model draws across the old border, and the result fades from the
 # original into the new area over this band (the original stays byte-identical further in).

@@ -13,6 +13,8 @@ from types import MappingProxyType
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "assets" / "models"
 CONTROL_TYPES = ("canny", "depth", "pose")
+NO_PREPROCESSOR = "none"  # the image already is a control map
+PREPROCESSORS = (*CONTROL_TYPES, NO_PREPROCESSOR)
 
 # Scheduler display names (the factories live in pipelines/schedulers.py, which needs diffusers).
 COMMON_SCHEDULERS = ("DPM++ 2M Karras", "DPM++ 2M", "Euler a", "DDIM", "UniPC")

@@ -69,6 +69,7 @@ PREVIEW_EVERY_S = 0.15
 DEFAULT_MASK_BLUR = 1
 
 FINETUNE_METHODS = ("lora", "full")
+OUTPAINT_FILLS = ("edge", "blur", "noise")  # what fills the new border before denoising (pipelines.outpaint.prefill)
 LR_SCHEDULES = ("constant", "cosine")
 
 

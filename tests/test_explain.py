@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,6 +237,7 @@ def test_ui_renders_every_view(shapes_engine, shapes_run):
     assert len(ui.run_noise_frame(data)) == 2 * 3
     cost = ui.cost_markdown(data)
     assert "FLOP" in cost and f"{e.flops['ratio']:.1f}×" in cost
+    assert set(ui.render(data, 0.6)) == set(ui.EXPLAIN_VIEWS)  # every view the endpoint returns has a value
 
 
 # --- through the live app --------------------------------------------------------------------------------------
@@ -243,23 +245,35 @@ def test_ui_renders_every_view(shapes_engine, shapes_run):
 def test_explain_endpoint(client, live_app):
     args = dict(prompt="a red circle", negative_prompt="", seed=5, steps=3, guidance=4.0, scheduler="DDIM",
                 width=64, height=64)
+    from demo.explain import EXPLAIN_OUTPUTS
+
     out = client.predict(**args, guidance_strip=[1.0, 4.0], strength=0.5, api_name="/explain")
-    preview, gallery, params, status = out[:4]
-    assert status.startswith("Done") and params["seed"] == 5 and params["scheduler"] == "DDIM"
+    assert len(out) == len(EXPLAIN_OUTPUTS)
+    out = dict(zip(EXPLAIN_OUTPUTS, out))
+    assert out["status"].startswith("Done") and out["params"]["seed"] == 5 and out["params"]["scheduler"] == "DDIM"
     plain = client.predict(**args, batch_size=1, api_name="/txt2img")
-    with open(gallery[0]["image"], "rb") as a, open(plain[1][0]["image"], "rb") as b:
+    with open(out["gallery"][0]["image"], "rb") as a, open(plain[1][0]["image"], "rb") as b:
         assert a.read() == b.read()  # the same PNG as Text to image, metadata included
-    step, latent, x0, noise, film = out[4:9]
-    assert step["maximum"] == 3 and "Step 3 of 3" in noise and len(film) == 3
-    with Image.open(latent) as im:
+    assert out["step"]["maximum"] == 3 and "Step 3 of 3" in out["noise_level"] and len(out["x0_per_step"]) == 3
+    with Image.open(out["latent"]) as im:
         assert im.width > 3 * im.height  # four channels side by side
-    attention = out[11]
-    assert [item["caption"].split(" · ")[0] for item in attention] == ["a", "red", "circle"]
-    strip = out[20]
-    assert [item["caption"].split(" · ")[0] for item in strip] == ["guidance 1", "guidance 4"]
-    cost, code = out[-2], out[-1]
-    assert "FLOP" in cost and "DDIMScheduler" in code
-    compile(code, "snippet.py", "exec")
+    assert [item["caption"].split(" · ")[0] for item in out["attention_per_word"]] == ["a", "red", "circle"]
+    assert [item["caption"].split(" · ")[0] for item in out["guidance_strip"]] == ["guidance 1", "guidance 4"]
+    assert "FLOP" in out["cost"] and "DDIMScheduler" in out["code"]
+    compile(out["code"], "snippet.py", "exec")
+
+
+def test_the_readme_names_the_explain_outputs_in_order():
+    import ast
+    import re
+
+    from demo.explain import EXPLAIN_INPAINT_OUTPUTS, EXPLAIN_OUTPUTS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, names in (("EXPLAIN_OUTPUTS", EXPLAIN_OUTPUTS), ("EXPLAIN_INPAINT_OUTPUTS", EXPLAIN_INPAINT_OUTPUTS)):
+        found = re.search(rf"^{name} = (\(.*?\))$", readme, re.MULTILINE | re.DOTALL)
+        assert found, f"README.md has no '{name} = (...)' line"
+        assert ast.literal_eval(found.group(1)) == names
 
 
 def test_explain_inpaint_endpoint(client, images):
@@ -268,9 +282,12 @@ def test_explain_inpaint_endpoint(client, images):
                          mask=handle_file(str(images["mask_right_half.png"])), inpaint_prompt="a yellow star",
                          prompt="", strength=1.0, negative_prompt="", seed=2, steps=3, guidance=4.0,
                          scheduler="DPM++ 2M", api_name="/explain_inpaint")
-    status, mask_image, mask_latent, result, step, latent, x0, text = out
-    assert status.startswith("Done") and "Step 1 of 3" in text
-    with Image.open(mask_latent) as im:
+    from demo.explain import EXPLAIN_INPAINT_OUTPUTS
+
+    assert len(out) == len(EXPLAIN_INPAINT_OUTPUTS)
+    out = dict(zip(EXPLAIN_INPAINT_OUTPUTS, out))
+    assert out["status"].startswith("Done") and "Step 1 of 3" in out["step_text"]
+    with Image.open(out["mask_latent"]) as im:
         grid = np.asarray(im.convert("L"))
     assert grid[:, : grid.shape[1] // 2 - 8].max() == 0 and grid[:, grid.shape[1] // 2 + 8:].min() == 255
 
