@@ -1,8 +1,8 @@
 """What every benchmark shares: the model to measure, threads, timing, the result table, random SD1.5-shaped
 weights, and the app served in-process.
 
-Every number the benchmarks print is a ratio or is printed next to what it is compared with (DESIGN §8);
-absolute times depend on the machine and its load, so a benchmark never asserts one.
+Every number the benchmarks print is a ratio or is printed next to what it is compared with
+(docs/ARCHITECTURE.md, Measuring); absolute times depend on the machine and its load, so a benchmark never asserts one.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Bad input through the real API: each case is normalised or refused with a message naming the value and
-the limit, and the next request still works. (DESIGN §7)"""
+the limit, and the next request still works. (docs/ARCHITECTURE.md, Robustness)"""
 from __future__ import annotations
 
 import numpy as np

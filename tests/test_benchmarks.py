@@ -1,4 +1,5 @@
-"""The benchmark script runs end to end and prints every row (a smoke test: no timing is asserted, DESIGN §8)."""
+"""The benchmark script runs end to end and prints every row (a smoke test: no timing is asserted;
+docs/ARCHITECTURE.md, Measuring)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
-"""A model failure mid-run reaches that client as a clear error, and the next request works (DESIGN §7)."""
+"""A model failure mid-run reaches that client as a clear error, and the next request works
+(docs/ARCHITECTURE.md, Robustness)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
-"""Input normalisation (DESIGN §7): every awkward upload becomes 8-bit upright RGB, or a clear InputError."""
+"""Input normalisation (docs/ARCHITECTURE.md, Robustness): every awkward upload becomes 8-bit upright RGB, or a
+clear InputError."""
 import io
 import struct
 import zlib

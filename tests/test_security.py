@@ -1,5 +1,6 @@
-"""Safety of the served app (DESIGN §7): local bind by default, file routes that serve only what they
-should, upload size limit, a polite answer when the queue is full, no endpoint that opens a model path."""
+"""Safety of the served app (docs/ARCHITECTURE.md, Robustness): local bind by default, file routes that serve
+only what they should, upload size limit, a polite answer when the queue is full, no endpoint that opens a
+model path."""
 from __future__ import annotations
 
 import http.client
