@@ -127,7 +127,7 @@ def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) 
 
     With merging off, admitting several changes nothing about the order of model work (engine.lock takes one
     call at a time) and lets waiting requests show "Waiting for the model…"; Cancel reaches a request either
-    way (demo/common.CancelRegistry). The README's throughput figures were measured with this setting."""
+    way (demo/cancelling.CancelRegistry). The README's throughput figures were measured with this setting."""
     if zero_gpu:
         return 1
     batch = int(getattr(getattr(engine, "limits", None), "batch_requests", 1) or 1)
@@ -139,17 +139,19 @@ def build_app(engine, settings: AppSettings | None = None, *, gpu=None):
     `gpu`: `spaces.GPU` on ZeroGPU (from gpu_decorator), else None."""
     import gradio as gr
 
-    from demo import common, controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
+    from demo import controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
+    from demo.outputs import TAB_LABELS
+    from demo.studio import Studio
 
     settings = settings or AppSettings()
-    studio = common.Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=gpu is not None))
+    studio = Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=gpu is not None))
     modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
                "controlnet": controlnet, "explain": explain, "finetune": finetune}
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         header.build_header(engine)
         with gr.Tabs() as tabs:
             for tab_id, module in modules.items():
-                with gr.Tab(common.TAB_LABELS[tab_id], id=tab_id, elem_id=f"tab-{tab_id}"):
+                with gr.Tab(TAB_LABELS[tab_id], id=tab_id, elem_id=f"tab-{tab_id}"):
                     module.build_tab(engine, studio=studio)
         studio.wire_send_buttons(tabs)
     app.queue(max_size=settings.queue_size, default_concurrency_limit=1)
@@ -160,7 +162,7 @@ def launch(app, engine, settings: AppSettings, **kwargs):
     """Serve `app` with the safety settings every deployment needs; kwargs go to `Blocks.launch`."""
     import gradio as gr
 
-    from demo import common
+    from demo.common import CSS
 
     max_mb = settings.max_file_size_mb or engine.limits.max_upload_mb
     return app.launch(
@@ -171,7 +173,7 @@ def launch(app, engine, settings: AppSettings, **kwargs):
         auth_message="Latent Diffusion Studio: please log in." if settings.auth else None,
         max_file_size=f"{max_mb}mb",
         allowed_paths=[str(EXAMPLES_DIR)],  # example inputs only; never the models or anything else
-        css=common.CSS,
+        css=CSS,
         theme=gr.themes.Soft(),
         ssr_mode=False,
         footer_links=["api", "gradio"],

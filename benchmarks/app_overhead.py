@@ -4,7 +4,7 @@ steps, guidance and seed. All sides run in turns; the ratio is median(app) / med
 
 More rows split the difference: the same API called over plain HTTP (gradio's REST route: POST, then the
 SSE stream, then the PNG download; gradio_client itself polls its message queue every 50 ms), the app's own
-task path without HTTP (demo.common.run_task: engine view, worker thread, previews, PNG files with
+task path without HTTP (demo.running.run_task: engine view, worker thread, previews, PNG files with
 parameters), and gradio's floor: a gradio_client round trip of an event with the same outputs (preview,
 gallery, params, status) that runs no model.
 
@@ -111,7 +111,8 @@ def run(opts: Options) -> list[Row]:
     import torch
     from PIL import Image
 
-    from demo import common as ui
+    from demo.running import run_task
+    from demo.studio import Studio
     from pipelines import txt2img
 
     folder, note = model_folder(opts)
@@ -142,10 +143,10 @@ def run(opts: Options) -> list[Row]:
         def raw_call():
             plain.run_threads(plain_threads, raw_on_model_thread)
 
-        studio = ui.Studio()
+        studio = Studio()
 
         def task_call():  # what the txt2img event runs, minus gradio
-            for _ in ui.run_task(engine, studio, "txt2img", txt2img.generate, dict(args), request=None, progress=None):
+            for _ in run_task(engine, studio, "txt2img", txt2img.generate, dict(args), request=None, progress=None):
                 pass
 
         medians = interleaved_medians({"app": app_call, "raw": raw_call, "task": task_call,

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from demo import common
+from demo.common import UI_EVENT
+from demo.fields import Dropdown, Slider, example_files, open_image, safe_image
+from demo.outputs import output_panel, wire_model_event
+from demo.running import run_task, user_error
+from demo.settings_box import common_settings, resolve_seed, unknown_words_warning, wire_restore
+from demo.studio import Studio
 from pipelines.registry import NO_PREPROCESSOR as NONE
 
 TAB = "controlnet"
@@ -28,25 +33,25 @@ def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
     types = list(getattr(engine, "control_types", ())) or list(CONTROL_LABELS)
     first = types[0]
     with gr.Row():
-        control_type = common.Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
+        control_type = Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
                                    elem_id=f"{TAB}-type{suffix}")
-        preprocessor = common.Dropdown(preprocessors(first), value=preprocessors(first)[0][1], label="Preprocessor",
+        preprocessor = Dropdown(preprocessors(first), value=preprocessors(first)[0][1], label="Preprocessor",
                                    allow_custom_value=True,  # choices follow the control type; the pipeline validates
                                    elem_id=f"{TAB}-preprocessor{suffix}")
     control_type.change(lambda t: gr.Dropdown(choices=preprocessors(t), value=preprocessors(t)[0][1]),
-                        control_type, preprocessor, **common.UI_EVENT)
+                        control_type, preprocessor, **UI_EVENT)
     return control_type, preprocessor
 
 
-def build_tab(engine, *, studio: common.Studio | None = None) -> None:
-    studio = studio or common.Studio()
+def build_tab(engine, *, studio: Studio | None = None) -> None:
+    studio = studio or Studio()
     max_pixels = engine.limits.max_image_pixels
     if not getattr(engine, "control_types", ()):
         gr.Markdown("⚠ This model has no ControlNets loaded yet; Preview still works for edges.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
-                image = common.safe_image(label="Input image (or a ready control map with preprocessor 'none')",
+                image = safe_image(label="Input image (or a ready control map with preprocessor 'none')",
                                          type="pil", image_mode=None, format="png", sources=("upload", "clipboard"),
                                          height=260, elem_id=f"{TAB}-image", elem_classes=["lds-pixelated"],
                                          max_pixels=max_pixels)
@@ -54,10 +59,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                                        elem_id=f"{TAB}-map", elem_classes=["lds-pixelated"])
             control_type, preprocessor = _control_picker(engine)
             with gr.Row():
-                low = common.Slider(
+                low = Slider(
                     elem_id=f"{TAB}-low", label="Canny low threshold", minimum=1, maximum=255, step=1, value=CANNY_LOW
                 )
-                high = common.Slider(
+                high = Slider(
                     elem_id=f"{TAB}-high",
                     label="Canny high threshold",
                     minimum=1,
@@ -68,28 +73,28 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             preview = gr.Button("Preview control map", elem_id=f"{TAB}-preview-map")
             prompt = gr.Textbox(value="", label="Prompt", lines=2, max_length=engine.limits.max_prompt_chars,
                                 elem_id=f"{TAB}-prompt")
-            common.unknown_words_warning(engine, prompt)
+            unknown_words_warning(engine, prompt)
             with gr.Row():
-                scale = common.Slider(
+                scale = Slider(
                     elem_id=f"{TAB}-scale", label="Conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=1.0
                 )
-                start = common.Slider(
+                start = Slider(
                     elem_id=f"{TAB}-start", label="Guidance start", minimum=0.0, maximum=1.0, step=0.05, value=0.0
                 )
-                end = common.Slider(
+                end = Slider(
                     elem_id=f"{TAB}-end", label="Guidance end", minimum=0.0, maximum=1.0, step=0.05, value=1.0
                 )
             with gr.Accordion("Second ControlNet (optional)", open=False):
                 use_second = gr.Checkbox(label="Use a second ControlNet", value=False, elem_id=f"{TAB}-use-second")
-                image_2 = common.safe_image(label="Second input (empty = use the first image)", type="pil",
+                image_2 = safe_image(label="Second input (empty = use the first image)", type="pil",
                                            image_mode=None, format="png", sources=("upload", "clipboard"), height=200,
                                            elem_classes=["lds-pixelated"], max_pixels=max_pixels)
                 control_type_2, preprocessor_2 = _control_picker(engine, "-2", label="Second control type")
-                scale_2 = common.Slider(
+                scale_2 = Slider(
                     label="Second conditioning scale", minimum=0.0, maximum=2.0, step=0.05, value=0.5
                 )
-            settings = common.common_settings(engine, tab=TAB, size=False)
-            examples = common.example_files("scene_a.png", "person.png", "control_pose.png", "control_canny.png")
+            settings = common_settings(engine, tab=TAB, size=False)
+            examples = example_files("scene_a.png", "person.png", "control_pose.png", "control_canny.png")
             if len(examples) == 4:
                 gr.Examples([[examples[0], "canny", "canny", "a red circle at the top"],
                              [examples[1], "pose", "pose", "a pink person sitting on the right at night"],
@@ -97,14 +102,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                              [examples[3], "canny", NONE, "a yellow circle at the top"]],
                             inputs=[image, control_type, preprocessor, prompt], label="Examples")
         with gr.Column(scale=3):
-            panel = common.output_panel(TAB, studio)
+            panel = output_panel(TAB, studio)
 
-    control_type.change(lambda t: [gr.Slider(visible=t == "canny")] * 2, control_type, [low, high], **common.UI_EVENT)
+    control_type.change(lambda t: [gr.Slider(visible=t == "canny")] * 2, control_type, [low, high], **UI_EVENT)
 
     def make_map(image, control_type, preprocessor, low_threshold, high_threshold):
         if image is None:
             raise gr.Error("Upload an image first (or a ready control map with preprocessor 'none').")
-        image = common.open_image(image)
+        image = open_image(image)
         from pipelines.controlnet import preprocess  # imports torch: on first use, never with the UI
 
         try:
@@ -112,7 +117,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 engine, image=image, control_type=control_type, preprocessor=preprocessor,
                 low_threshold=low_threshold, high_threshold=high_threshold)
         except Exception as error:
-            raise common.user_error(error) from None
+            raise user_error(error) from None
 
     def preprocess(image: object, control_type: str, preprocessor: str, low_threshold: float,
                    high_threshold: float):
@@ -147,14 +152,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 conditioning_scales=[u[3] for u in units], on_step=on_step, cancel=cancel, **kwargs)
 
         kwargs = dict(guidance_start=guidance_start, guidance_end=guidance_end, prompt=prompt,
-                      negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed), steps=steps,
+                      negative_prompt=negative_prompt, seed=resolve_seed(engine, seed), steps=steps,
                       guidance=guidance, scheduler=scheduler, batch_size=batch_size)
-        yield from common.run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress)
+        yield from run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress)
 
-    common.wire_model_event(TAB, studio, panel, controlnet, api_name="controlnet", inputs_kwargs=dict(
+    wire_model_event(TAB, studio, panel, controlnet, api_name="controlnet", inputs_kwargs=dict(
         image=image, control_type=control_type, preprocessor=preprocessor, low_threshold=low, high_threshold=high,
         conditioning_scale=scale, guidance_start=start, guidance_end=end, use_second=use_second, image_2=image_2,
         control_type_2=control_type_2, preprocessor_2=preprocessor_2, conditioning_scale_2=scale_2, prompt=prompt,
         **settings.kwargs()))
-    common.wire_restore(engine, settings, {"prompt": prompt, "guidance_start": start, "guidance_end": end})
+    wire_restore(engine, settings, {"prompt": prompt, "guidance_start": start, "guidance_end": end})
     studio.register_target(TAB, image)

@@ -14,7 +14,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from demo import common
+from demo.common import UI_EVENT
+from demo.fields import CheckboxGroup, Slider, example_files, open_image, safe_image, safe_image_editor
+from demo.outputs import OutputPanel, output_panel, wire_cancellable, wire_model_event
+from demo.running import run_task
+from demo.settings_box import common_settings, resolve_seed, unknown_words_warning, wire_restore
+from demo.studio import Studio
+from demo.zerogpu import generation_seconds
 from pipelines.settings import DEFAULT_MASK_BLUR
 
 TAB = "explain"
@@ -342,10 +348,10 @@ EXPLAIN_OUTPUTS = ("preview", "gallery", "params", "status", *EXPLAIN_VIEWS)  # 
 EXPLAIN_INPAINT_OUTPUTS = ("status", "mask_image", "mask_latent", "result", "step", "latent", "x0", "step_text")
 
 
-def build_tab(engine, *, studio: common.Studio | None = None) -> None:
+def build_tab(engine, *, studio: Studio | None = None) -> None:
     from pipelines import explain as explain_task  # imports torch: when the tab is built, never with the UI
 
-    studio = studio or common.Studio()
+    studio = studio or Studio()
     schedule = explain_task.noise_schedule(engine)
     gr.Markdown(INTRO)
     inputs, panel = _inputs_and_panel(engine, studio)
@@ -361,25 +367,25 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 def _steps_slider(engine, name: str, label: str, *, at_end: bool) -> gr.Slider:
     """A step slider over the model's default steps (each run sets its own range)."""
     steps = max(1, engine.preset.default_steps)
-    return common.Slider(label=label, minimum=1, maximum=steps, step=1, value=steps if at_end else 1,
+    return Slider(label=label, minimum=1, maximum=steps, step=1, value=steps if at_end else 1,
                          elem_id=f"{TAB}-{name}")
 
 
-def _inputs_and_panel(engine, studio: common.Studio) -> tuple[dict, common.OutputPanel]:
+def _inputs_and_panel(engine, studio: Studio) -> tuple[dict, OutputPanel]:
     preset = engine.preset
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             prompt = gr.Textbox(value=preset.example_prompts[0] if preset.example_prompts else "", label="Prompt",
                                 lines=2, max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
-            common.unknown_words_warning(engine, prompt)
-            strip_scales = common.CheckboxGroup(
+            unknown_words_warning(engine, prompt)
+            strip_scales = CheckboxGroup(
                 label="Guidance strip: the same seed at these guidance scales (each is one more run)",
                 choices=[c for c in GUIDANCE_CHOICES if c <= engine.limits.max_guidance],
                 value=[c for c in GUIDANCE_DEFAULT if c <= engine.limits.max_guidance], elem_id=f"{TAB}-strip-scales")
-            settings = common.common_settings(engine, tab=TAB, size=True)
+            settings = common_settings(engine, tab=TAB, size=True)
             settings.batch_size.visible = False  # Explain follows one image
         with gr.Column(scale=3):
-            panel = common.output_panel(TAB, studio, generate_label="Explain")
+            panel = output_panel(TAB, studio, generate_label="Explain")
     return dict(prompt=prompt, strip_scales=strip_scales, settings=settings), panel
 
 
@@ -435,7 +441,7 @@ def _schedule_section(schedule: dict) -> dict:
     gr.Markdown("## 4 · Noise schedule\nHow much of the clean latent survives at each training timestep t "
                 "(z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), and where img2img (style transfer) starts for a given strength.")
     initial_frame, initial_text = schedule_frame(schedule)
-    strength = common.Slider(label="img2img strength", minimum=0.0, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
+    strength = Slider(label="img2img strength", minimum=0.0, maximum=1.0, step=0.05, value=STRENGTH_DEFAULT,
                              elem_id=f"{TAB}-strength")
     with gr.Row(equal_height=False):
         schedule_plot = gr.LinePlot(initial_frame, x="t", y="value", color="curve", title="Training noise schedule",
@@ -467,7 +473,7 @@ def _inpaint_section(engine) -> dict:
     ui: dict[str, Any] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            ui["editor"] = common.safe_image_editor(
+            ui["editor"] = safe_image_editor(
                 label="Image: paint over the area to repaint", type="pil", image_mode="RGBA", format="png",
                 sources=("upload", "clipboard"), transforms=(), height=320,
                 canvas_size=(preset.default_size, preset.default_size),
@@ -476,13 +482,13 @@ def _inpaint_section(engine) -> dict:
                 layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
                 elem_id=f"{TAB}-inpaint-editor", elem_classes=["lds-pixelated"], max_pixels=max_pixels)
             with gr.Accordion("Upload a mask instead of painting", open=False):
-                ui["mask"] = common.safe_image(label="Mask: white = repaint", type="pil", image_mode=None,
+                ui["mask"] = safe_image(label="Mask: white = repaint", type="pil", image_mode=None,
                                                format="png", height=160, sources=("upload",),
                                                elem_id=f"{TAB}-inpaint-mask", elem_classes=["lds-pixelated"],
                                                max_pixels=max_pixels)
             ui["prompt"] = gr.Textbox(value="", label="Prompt for the masked area (empty: the prompt above)",
                                       max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-inpaint-prompt")
-            ui["strength"] = common.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=1.0,
+            ui["strength"] = Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05, value=1.0,
                                            elem_id=f"{TAB}-inpaint-strength")
             with gr.Row():
                 ui["run"] = gr.Button("Explain inpainting", variant="primary", elem_id=f"{TAB}-inpaint-run", scale=3)
@@ -499,7 +505,7 @@ def _inpaint_section(engine) -> dict:
                 ui["x0"] = view_image("x̂0 decoded", "inpaint-x0", scale=1)
             ui["step_text"] = gr.Markdown("", label="Inpainting at this step", elem_id=f"{TAB}-inpaint-text")
     ui["state"] = gr.State(None)
-    examples = common.example_files("scene_a.png", "scene_d.png")
+    examples = example_files("scene_a.png", "scene_d.png")
     if examples:
         gr.Examples([[path] for path in examples], inputs=[ui["editor"]], label="Example images (then paint a mask)")
     return ui
@@ -523,7 +529,7 @@ def render(data: dict, strength: float) -> dict:
                 run_noise_plot=run_noise_frame(data), img2img_cutoff=cutoff, cost=cost_markdown(data), code=e.code)
 
 
-def _wire_explain(engine, studio: common.Studio, explain_task, inputs: dict, panel: common.OutputPanel,
+def _wire_explain(engine, studio: Studio, explain_task, inputs: dict, panel: OutputPanel,
                   views: dict, state: gr.State) -> None:
     device = f"{engine.device} / {str(engine.torch_dtype).removeprefix('torch.')}"
     settings = inputs["settings"]
@@ -540,11 +546,11 @@ def _wire_explain(engine, studio: common.Studio, explain_task, inputs: dict, pan
             holder["result"] = explain_task.explain(engine_, **kwargs)
             return holder["result"]
 
-        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed),
+        kwargs = dict(prompt=prompt, negative_prompt=negative_prompt, seed=resolve_seed(engine, seed),
                       steps=steps, guidance=guidance, scheduler=scheduler, width=width, height=height,
                       guidance_strip=list(guidance_strip or []))
         skips = [gr.skip()] * (len(EXPLAIN_VIEWS) + 1)
-        for update in common.run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress):
+        for update in run_task(engine, studio, TAB, run, kwargs, request=request, progress=progress):
             if isinstance(update[1], list) and "result" in holder:  # the final update: the run is done
                 result = holder["result"]
                 data = {"explanation": result.explanation, "image": result.images[0], "params": result.params,
@@ -554,14 +560,14 @@ def _wire_explain(engine, studio: common.Studio, explain_task, inputs: dict, pan
             else:
                 yield (*update, *skips)
 
-    common.wire_model_event(
+    wire_model_event(
         TAB, studio, panel, explain, api_name="explain",
         extra_outputs=[state, *(views[name] for name in EXPLAIN_VIEWS)],
         api_description="Generate one image and record how it was made (trajectory, attention, guidance, cost, code).",
         inputs_kwargs=dict(prompt=inputs["prompt"],
                            **{k: v for k, v in settings.kwargs().items() if k != "batch_size"},
                            guidance_strip=inputs["strip_scales"], strength=views["strength"]))
-    common.wire_restore(engine, settings, {"prompt": inputs["prompt"]})
+    wire_restore(engine, settings, {"prompt": inputs["prompt"]})
     inputs["prompt"].submit(lambda: None, None, None, js=f"() => document.getElementById('{TAB}-generate').click()",
                             api_visibility="private", queue=False)
 
@@ -569,29 +575,29 @@ def _wire_explain(engine, studio: common.Studio, explain_task, inputs: dict, pan
 def _wire_scrubbing(schedule: dict, views: dict, state: gr.State) -> None:
     """The sliders re-render what the last run recorded (no model work)."""
     v = views
-    v["step"].change(trajectory_view, [state, v["step"]], [v["latent"], v["x0"], v["noise_level"]], **common.UI_EVENT)
+    v["step"].change(trajectory_view, [state, v["step"]], [v["latent"], v["x0"], v["noise_level"]], **UI_EVENT)
     v["cfg_step"].change(guidance_view, [state, v["cfg_step"]],
                          [v[name] for name in ("eps_uncond", "eps_cond", "eps_difference", "x0_uncond", "x0_cond",
-                                               "x0_guided", "cfg_text")], **common.UI_EVENT)
+                                               "x0_guided", "cfg_text")], **UI_EVENT)
     for slider in (v["attention_from"], v["attention_to"]):
         slider.change(lambda d, a, b: attention_maps(d, a, b) if d else gr.skip(),
-                      [state, v["attention_from"], v["attention_to"]], v["attention_per_word"], **common.UI_EVENT)
+                      [state, v["attention_from"], v["attention_to"]], v["attention_per_word"], **UI_EVENT)
 
     def replot(data, value):
         e = data["explanation"] if data else None
         return schedule_frame(schedule, None if e is None else e.timesteps, None if e is None else e.alpha_bars, value)
 
-    v["strength"].change(replot, [state, v["strength"]], [v["schedule_plot"], v["img2img_cutoff"]], **common.UI_EVENT)
+    v["strength"].change(replot, [state, v["strength"]], [v["schedule_plot"], v["img2img_cutoff"]], **UI_EVENT)
 
     def show_code(data):
         if not data:
             return gr.update(visible=True, value="# Run Explain first: the code reproduces the last result.")
         return gr.update(visible=True, value=data["explanation"].code)
 
-    v["show_code"].click(show_code, state, v["code"], **common.UI_EVENT)
+    v["show_code"].click(show_code, state, v["code"], **UI_EVENT)
 
 
-def _wire_explain_inpaint(engine, studio: common.Studio, explain_task, inputs: dict, ui: dict) -> None:
+def _wire_explain_inpaint(engine, studio: Studio, explain_task, inputs: dict, ui: dict) -> None:
     def explain_inpainting(image: dict | None, mask: object, inpaint_prompt: str, prompt: str, strength: float,
                            negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
                            request: gr.Request, progress=gr.Progress()):
@@ -607,11 +613,11 @@ def _wire_explain_inpaint(engine, studio: common.Studio, explain_task, inputs: d
             holder["result"] = explain_task.explain_inpaint(engine_, **kwargs)
             return holder["result"]
 
-        kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
+        kwargs = dict(image=open_image(background), mask=mask if mask is not None else image,
                       prompt=inpaint_prompt or prompt, strength=strength, negative_prompt=negative_prompt,
-                      seed=common.resolve_seed(engine, seed), steps=steps, guidance=guidance, scheduler=scheduler,
+                      seed=resolve_seed(engine, seed), steps=steps, guidance=guidance, scheduler=scheduler,
                       mask_blur=DEFAULT_MASK_BLUR)
-        for preview, gallery, _params, status in common.run_task(engine, studio, INPAINT_TAB, run, kwargs,
+        for preview, gallery, _params, status in run_task(engine, studio, INPAINT_TAB, run, kwargs,
                                                                 request=request, progress=progress):
             if isinstance(gallery, list) and "result" in holder:
                 result = holder["result"]
@@ -624,9 +630,9 @@ def _wire_explain_inpaint(engine, studio: common.Studio, explain_task, inputs: d
                        *([gr.skip()] * 4), gr.skip())
 
     settings = inputs["settings"]
-    common.wire_cancellable(
+    wire_cancellable(
         studio, INPAINT_TAB, ui["run"], ui["cancel"], ui["status"],
-        studio.gpu_event(explain_inpainting, common.generation_seconds),
+        studio.gpu_event(explain_inpainting, generation_seconds),
         inputs_kwargs=dict(image=ui["editor"], mask=ui["mask"], inpaint_prompt=ui["prompt"], prompt=inputs["prompt"],
                            strength=ui["strength"], **{k: v for k, v in settings.kwargs().items()
                                                        if k not in ("batch_size", "width", "height")}),
@@ -634,4 +640,4 @@ def _wire_explain_inpaint(engine, studio: common.Studio, explain_task, inputs: d
         api_name="explain_inpaint", show_progress="minimal", show_progress_on=[ui["result"]],
         **studio.model_event())
     ui["step"].change(inpaint_step_view, [ui["state"], ui["step"]], [ui["latent"], ui["x0"], ui["step_text"]],
-                      **common.UI_EVENT)
+                      **UI_EVENT)

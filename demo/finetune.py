@@ -8,12 +8,19 @@ from typing import Any
 
 import gradio as gr
 
-from demo import common
+from demo.cancelling import session_key
+from demo.common import UI_EVENT
+from demo.fields import EXAMPLES_DIR, check_image_file, open_image
+from demo.outputs import wire_cancellable
+from demo.running import BackgroundRun, user_error
+from demo.studio import CONCURRENCY_ID, Studio
+from demo.zerogpu import ZERO_GPU_MAX_S, finetune_seconds, finetune_steps_within
+from pipelines.common import Cancelled
 from pipelines.settings import FINETUNE_METHODS, finetune_defaults
 
 TAB = "finetune"
 EXAMPLE_SET = (
-    common.EXAMPLES_DIR / "finetune-checkered"
+    EXAMPLES_DIR / "finetune-checkered"
 )  # written by `python -m training.evaluate_finetune --write-examples`
 UPDATE_EVERY_S = 0.5  # loss plot and status refresh while training
 ADAPTER_COLUMNS = ["name", "kind", "word", "enabled", "strength", "made from"]
@@ -51,8 +58,8 @@ def adapter_names(engine) -> list[str]:
     return [a["name"] for a in engine.adapters.describe()]
 
 
-def build_tab(engine, *, studio: common.Studio | None = None) -> None:
-    studio = studio or common.Studio()
+def build_tab(engine, *, studio: Studio | None = None) -> None:
+    studio = studio or Studio()
     limits = engine.limits
     example_images, example_captions = example_set()
     defaults = finetune_defaults(engine.preset.is_builtin)
@@ -144,8 +151,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
 
     if example_images:
         use_example.click(lambda: (example_images, example_images, example_captions.strip()), None,
-                          [images, thumbnails, captions], **common.UI_EVENT)
-    images.change(lambda files: list(files or []), images, thumbnails, **common.UI_EVENT)
+                          [images, thumbnails, captions], **UI_EVENT)
+    images.change(lambda files: list(files or []), images, thumbnails, **UI_EVENT)
 
     def train_adapter(images: list[str] | None, token: str, captions: str, instance_prompt: str, method: str,
                       steps: float, learning_rate: float, rank: float, batch_size: float, prior_preservation: bool,
@@ -154,8 +161,8 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         from pipelines import finetune as ft  # imports torch: on first use, never with the UI
 
         for i, path in enumerate(images or []):  # unreadable files and decompression bombs, before any decoding
-            common._check_image_file(path, limits.max_image_pixels, f"training image {i + 1} ({Path(path).name})")
-        pictures = [common.open_image(p) for p in (images or [])]
+            check_image_file(path, limits.max_image_pixels, f"training image {i + 1} ({Path(path).name})")
+        pictures = [open_image(p) for p in (images or [])]
         caption_lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
         settings = ft.FineTuneSettings(
             token=(token or "").strip(),
@@ -173,7 +180,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         yield from _run_finetune(engine, studio, ft, pictures, settings, caption_lines, test_prompt, request)
 
     def seconds(arguments: dict) -> float:
-        return common.finetune_seconds(arguments, default_steps=defaults.steps, default_batch=defaults.batch_size)
+        return finetune_seconds(arguments, default_steps=defaults.steps, default_batch=defaults.batch_size)
 
     train_gpu = studio.gpu_event(train_adapter, seconds)
 
@@ -183,11 +190,11 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         """Fine-tune on the images; prompts with the trigger word then use the result in every tab and endpoint.
         Yields (status, loss curve, before/after images, adapter table)."""
         arguments = dict(steps=steps, batch_size=batch_size)
-        if studio.zero_gpu and seconds(arguments) > common.ZERO_GPU_MAX_S:  # ZeroGPU would refuse it, or cut it off
-            fits = common.finetune_steps_within(common.ZERO_GPU_MAX_S, _number(batch_size) or defaults.batch_size)
+        if studio.zero_gpu and seconds(arguments) > ZERO_GPU_MAX_S:  # ZeroGPU would refuse it, or cut it off
+            fits = finetune_steps_within(ZERO_GPU_MAX_S, _number(batch_size) or defaults.batch_size)
             raise gr.Error(
                 f"steps={_number(steps) or defaults.steps} would need about {seconds(arguments):.0f} s of GPU "
-                f"time; a ZeroGPU call may hold the GPU at most {common.ZERO_GPU_MAX_S} s: use at most "
+                f"time; a ZeroGPU call may hold the GPU at most {ZERO_GPU_MAX_S} s: use at most "
                 f"{fits} steps at this batch size",
                 title="Invalid input",
             )
@@ -198,14 +205,14 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 _keep_trained_adapter(engine, studio, trained)
             yield status, loss, comparison, table if _is_skip(table) else adapter_rows(engine)
 
-    event = common.wire_cancellable(
+    event = wire_cancellable(
         studio, TAB, train, cancel, status, finetune, cancel_api_name="cancel_finetune",
         inputs=[images, token, captions, instance_prompt, method, steps, learning_rate, rank, batch_size, prior,
                 prior_weight, seed, name, test_prompt],
         outputs=[status, loss_plot, comparison, table], api_name="finetune",
         concurrency_id="finetune", concurrency_limit=1, show_progress="minimal")
     event.then(lambda: gr.Dropdown(choices=adapter_names(engine), value=(adapter_names(engine) or [None])[-1]),
-               None, chosen, **common.UI_EVENT)
+               None, chosen, **UI_EVENT)
 
     def list_adapters() -> list[dict]:
         """Every adapter on the server: name, kind, trigger word, on/off, strength and how it was made."""
@@ -221,7 +228,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         return adapter_rows(engine), f"`{adapter}` is {'on' if on else 'off'}, strength {float(scale):g}."
 
     apply.click(update_adapter, [chosen, enabled, strength], [table, adapters_status], api_name="adapter_update",
-                concurrency_id=common.CONCURRENCY_ID)
+                concurrency_id=CONCURRENCY_ID)
 
     def remove_adapter(adapter: str):
         """Remove an adapter from the server (its word means nothing again)."""
@@ -230,7 +237,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         return adapter_rows(engine), gr.Dropdown(choices=adapter_names(engine), value=None), f"`{adapter}` removed."
 
     remove.click(remove_adapter, chosen, [table, chosen, adapters_status], api_name="adapter_remove",
-                 concurrency_id=common.CONCURRENCY_ID)
+                 concurrency_id=CONCURRENCY_ID)
 
     def save_adapter(adapter: str):
         """The adapter as a .safetensors file (LoRA weights in diffusers/peft names, the learned word, metadata)."""
@@ -242,7 +249,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         return str(target), f"Saved `{adapter}` ({target.stat().st_size / 1e6:.1f} MB)."
 
     save.click(save_adapter, chosen, [download, adapters_status], api_name="adapter_save",
-               concurrency_id=common.CONCURRENCY_ID)
+               concurrency_id=CONCURRENCY_ID)
 
     def load_adapter(adapter_file: str | None, word: str):
         """Load a .safetensors adapter: this app's files, or a LoRA for this model from diffusers, kohya or A1111."""
@@ -256,7 +263,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 f"Loaded `{loaded.name}` ({loaded.kind}); it applies to {where}.")
 
     load.click(load_adapter, [upload, upload_word], [table, chosen, adapters_status], api_name="adapter_load",
-               concurrency_id=common.CONCURRENCY_ID)
+               concurrency_id=CONCURRENCY_ID)
 
     def show(adapter: str | None):
         for a in engine.adapters.describe():
@@ -264,10 +271,10 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 return a["enabled"], a["scale"]
         return gr.skip(), gr.skip()
 
-    chosen.change(show, chosen, [enabled, strength], **common.UI_EVENT)
+    chosen.change(show, chosen, [enabled, strength], **UI_EVENT)
 
 
-def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption_lines, test_prompt, request):
+def _run_finetune(engine, studio: Studio, ft, pictures, settings, caption_lines, test_prompt, request):
     """Train in a worker thread; yield status, loss curve, before/after and the adapter table while it runs."""
     losses: list[tuple[int, float]] = []
     comparison: list[tuple[Any, str]] = []
@@ -284,7 +291,7 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
 
     started = time.perf_counter()
     step = total = 0
-    with common.BackgroundRun(studio, common.session_key(request, TAB), work) as run:
+    with BackgroundRun(studio, session_key(request, TAB), work) as run:
         if run.cancelled_before_start:
             yield "Cancelled before it started.", gr.skip(), gr.skip(), gr.skip(), None
             return
@@ -302,12 +309,12 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
                 gr.skip(),
                 None,
             )
-    if isinstance(run.error, common.Cancelled):
+    if isinstance(run.error, Cancelled):
         yield (f"Cancelled at step {step} of {total}; nothing was kept.", _loss_frame(losses), gr.skip(),
                adapter_rows(engine), None)
         return
     if run.error is not None:
-        raise common.user_error(run.error)
+        raise user_error(run.error)
     result = run.result
     trained = None
     if studio.in_gpu_worker():  # this process ends with the call: hand the adapter to the app's process as a file
@@ -326,7 +333,7 @@ def _run_finetune(engine, studio: common.Studio, ft, pictures, settings, caption
     )
 
 
-def _on_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
+def _on_app_model(engine, studio: Studio, fn, *args, **kwargs):
     """`fn(*args, **kwargs)` (an adapter action) on the model the app's own process holds.
 
     On ZeroGPU that process is where adapters must live: a GPU worker's changes end with its call, and every
@@ -337,7 +344,7 @@ def _on_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _change_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
+def _change_app_model(engine, studio: Studio, fn, *args, **kwargs):
     """`_on_app_model` for an action that changes adapters: ZeroGPU workers forked before it are then stale."""
     try:
         return _on_app_model(engine, studio, fn, *args, **kwargs)
@@ -345,7 +352,7 @@ def _change_app_model(engine, studio: common.Studio, fn, *args, **kwargs):
         studio.state_changed()
 
 
-def _keep_trained_adapter(engine, studio: common.Studio, trained: dict) -> None:
+def _keep_trained_adapter(engine, studio: Studio, trained: dict) -> None:
     """Register in this process an adapter a ZeroGPU worker trained and saved (its file, name and word)."""
     if trained["name"] in engine.adapters:
         return
@@ -400,5 +407,5 @@ class _adapter_errors:
 
     def __exit__(self, kind, error, tb):
         if error is not None and not isinstance(error, gr.Error):
-            raise common.user_error(error) from error
+            raise user_error(error) from error
         return False

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from demo import common
+from demo.fields import Slider, example_files, open_image, safe_image, safe_image_editor
+from demo.outputs import output_panel, wire_model_event
+from demo.running import run_task
+from demo.settings_box import common_settings, resolve_seed, unknown_words_warning, wire_restore
+from demo.studio import Studio
 from pipelines.settings import DEFAULT_MASK_BLUR
 
 TAB = "inpaint"
@@ -12,12 +16,12 @@ STRENGTH_DEFAULT = 1.0  # 1 = repaint the masked area from pure noise
 MASK_BLUR_MAX = 16  # pixels
 
 
-def build_tab(engine, *, studio: common.Studio | None = None) -> None:
-    studio = studio or common.Studio()
+def build_tab(engine, *, studio: Studio | None = None) -> None:
+    studio = studio or Studio()
     max_pixels = engine.limits.max_image_pixels
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            editor = common.safe_image_editor(
+            editor = safe_image_editor(
                 label="Image: paint over the area to repaint",
                 type="pil",
                 image_mode="RGBA",
@@ -42,9 +46,9 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 max_length=engine.limits.max_prompt_chars,
                 elem_id=f"{TAB}-prompt",
             )
-            common.unknown_words_warning(engine, prompt)
+            unknown_words_warning(engine, prompt)
             with gr.Row():
-                strength = common.Slider(
+                strength = Slider(
                     elem_id=f"{TAB}-strength",
                     label="Strength",
                     minimum=0.05,
@@ -53,7 +57,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                     value=STRENGTH_DEFAULT,
                     info="how much of the masked area is re-noised (1 = all)",
                 )
-                mask_blur = common.Slider(
+                mask_blur = Slider(
                     elem_id=f"{TAB}-mask-blur",
                     label="Mask blur (px)",
                     minimum=0,
@@ -64,17 +68,17 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 )
             gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
             with gr.Accordion("Upload a mask instead of painting", open=False):
-                mask_upload = common.safe_image(label="Mask: white = repaint, black = keep", type="pil",
+                mask_upload = safe_image(label="Mask: white = repaint, black = keep", type="pil",
                                                image_mode=None, format="png", height=200, sources=("upload",),
                                                elem_classes=["lds-pixelated"], max_pixels=max_pixels)
-            settings = common.common_settings(engine, tab=TAB, size=False)
-            examples = common.example_files("scene_a_256.png", "scene_d_256.png", "person_256.png")
+            settings = common_settings(engine, tab=TAB, size=False)
+            examples = example_files("scene_a_256.png", "scene_d_256.png", "person_256.png")
             if examples:
                 prompts = ["a blue square", "a yellow star", "a green person waving"]
                 gr.Examples([[path, p] for path, p in zip(examples, prompts)], inputs=[editor, prompt],
                             label="Examples (then paint a mask)")
         with gr.Column(scale=3):
-            panel = common.output_panel(TAB, studio, generate_label="Inpaint")
+            panel = output_panel(TAB, studio, generate_label="Inpaint")
 
     def inpaint(image: dict | None, prompt: str, strength: float, mask_blur: float, mask: object,
                 negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
@@ -84,18 +88,18 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         background = (image or {}).get("background") if isinstance(image, dict) else image
         if background is None:
             raise gr.Error("Upload an image to inpaint first.")
-        kwargs = dict(image=common.open_image(background), mask=mask if mask is not None else image,
+        kwargs = dict(image=open_image(background), mask=mask if mask is not None else image,
                       prompt=prompt, strength=strength, mask_blur=mask_blur, negative_prompt=negative_prompt,
-                      seed=common.resolve_seed(engine, seed), steps=steps, guidance=guidance, scheduler=scheduler,
+                      seed=resolve_seed(engine, seed), steps=steps, guidance=guidance, scheduler=scheduler,
                       batch_size=batch_size)
         from pipelines.inpaint import inpaint as task  # imports torch: on first use, never with the UI
 
-        yield from common.run_task(engine, studio, TAB, task, kwargs,
+        yield from run_task(engine, studio, TAB, task, kwargs,
                                    request=request, progress=progress)
 
-    common.wire_model_event(TAB, studio, panel, inpaint, api_name="inpaint", inputs_kwargs=dict(
+    wire_model_event(TAB, studio, panel, inpaint, api_name="inpaint", inputs_kwargs=dict(
         image=editor, prompt=prompt, strength=strength, mask_blur=mask_blur, mask=mask_upload, **settings.kwargs()))
-    common.wire_restore(engine, settings, {"prompt": prompt, "strength": strength, "mask_blur": mask_blur})
+    wire_restore(engine, settings, {"prompt": prompt, "strength": strength, "mask_blur": mask_blur})
     studio.register_target(TAB, editor, kind="editor")
 
 

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import gradio as gr
 
-from demo import common
+from demo.fields import CheckboxGroup, Dropdown, Slider, example_files, open_image, safe_image
 from demo.inpaint import method_note
+from demo.outputs import output_panel, wire_model_event
+from demo.running import run_task
+from demo.settings_box import common_settings, resolve_seed, unknown_words_warning, wire_restore
+from demo.studio import Studio
 from pipelines.settings import OUTPAINT_FILLS
 
 TAB = "outpaint"
 SIDES = ("left", "right", "top", "bottom")
 
 
-def build_tab(engine, *, studio: common.Studio | None = None) -> None:
-    studio = studio or common.Studio()
+def build_tab(engine, *, studio: Studio | None = None) -> None:
+    studio = studio or Studio()
     max_pixels = engine.limits.max_image_pixels
     step = 8
     max_side = max(step, min(engine.limits.max_outpaint, engine.limits.max_size) // step * step)
@@ -20,7 +24,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
     fills = OUTPAINT_FILLS
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            image = common.safe_image(label="Image to extend", type="pil", image_mode=None, format="png",
+            image = safe_image(label="Image to extend", type="pil", image_mode=None, format="png",
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=max_pixels)
             prompt = gr.Textbox(
@@ -32,11 +36,11 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 info="The new area continues the picture (its background, horizon and cut objects); "
                 "background words in the prompt do not override what the picture shows.",
             )
-            common.unknown_words_warning(engine, prompt)
-            directions = common.CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
+            unknown_words_warning(engine, prompt)
+            directions = CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",
                                           elem_id=f"{TAB}-directions")
             with gr.Row():
-                pixels = common.Slider(
+                pixels = Slider(
                     elem_id=f"{TAB}-pixels",
                     label="Pixels to add per chosen side",
                     minimum=step,
@@ -44,12 +48,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                     step=step,
                     value=default_px,
                 )
-                fill = common.Dropdown(
+                fill = Dropdown(
                     list(fills), elem_id=f"{TAB}-fill", value=fills[0], label="Fill of the new area before denoising"
                 )
             gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
-            settings = common.common_settings(engine, tab=TAB, size=False)
-            examples = common.example_files("scene_c.png", "person.png")
+            settings = common_settings(engine, tab=TAB, size=False)
+            examples = example_files("scene_c.png", "person.png")
             if examples:
                 gr.Examples(
                     [
@@ -60,7 +64,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                     label="Examples",
                 )
         with gr.Column(scale=3):
-            panel = common.output_panel(TAB, studio, generate_label="Outpaint")
+            panel = output_panel(TAB, studio, generate_label="Outpaint")
 
     def outpaint(image: object, prompt: str, directions: list[str], pixels: float, fill: str,
                  negative_prompt: str, seed: float, steps: float, guidance: float, scheduler: str,
@@ -75,21 +79,21 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         if not chosen:
             raise gr.Error("Choose at least one side to extend (left, right, top or bottom).")
         amounts = {side: (pixels if side in chosen else 0) for side in SIDES}
-        kwargs = dict(image=common.open_image(image), prompt=prompt, fill=fill, **amounts,
-                      negative_prompt=negative_prompt, seed=common.resolve_seed(engine, seed), steps=steps,
+        kwargs = dict(image=open_image(image), prompt=prompt, fill=fill, **amounts,
+                      negative_prompt=negative_prompt, seed=resolve_seed(engine, seed), steps=steps,
                       guidance=guidance, scheduler=scheduler, batch_size=batch_size)
         from pipelines.outpaint import outpaint as task  # imports torch: on first use, never with the UI
 
-        yield from common.run_task(engine, studio, TAB, task, kwargs,
+        yield from run_task(engine, studio, TAB, task, kwargs,
                                    request=request, progress=progress)
 
-    common.wire_model_event(TAB, studio, panel, outpaint, api_name="outpaint", inputs_kwargs=dict(
+    wire_model_event(TAB, studio, panel, outpaint, api_name="outpaint", inputs_kwargs=dict(
         image=image, prompt=prompt, directions=directions, pixels=pixels, fill=fill, **settings.kwargs()))
     def sides_from_params(params: dict) -> dict:
         amounts = {side: int(params.get(side) or 0) for side in SIDES}
         chosen = [side for side in SIDES if amounts[side] > 0]
         return {"directions": chosen, "pixels": max(amounts.values())} if chosen else {}
 
-    common.wire_restore(engine, settings, {"prompt": prompt, "fill": fill, "directions": directions, "pixels": pixels},
+    wire_restore(engine, settings, {"prompt": prompt, "fill": fill, "directions": directions, "pixels": pixels},
                         derive=sides_from_params)
     studio.register_target(TAB, image)

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from demo import common
+from demo.common import UI_EVENT
+from demo.fields import Dropdown, Radio, Slider, example_files, open_image, safe_image
+from demo.outputs import output_panel, wire_model_event
+from demo.running import run_task
+from demo.settings_box import common_settings, resolve_seed, unknown_words_warning, wire_restore
+from demo.studio import Studio
 
 TAB = "style"
 MODES = [("img2img: partial noising + style prompt", "img2img"),
@@ -12,19 +17,19 @@ CONTROLS = [("edges (canny)", "canny"), ("depth", "depth")]
 STRENGTH_DEFAULT = 0.6  # how far the image is noised before restyling: 0 keeps it, 1 ignores it
 
 
-def build_tab(engine, *, studio: common.Studio | None = None) -> None:
-    studio = studio or common.Studio()
+def build_tab(engine, *, studio: Studio | None = None) -> None:
+    studio = studio or Studio()
     styles = list(engine.preset.style_presets)
     controls_available = [c for c in CONTROLS if c[1] in getattr(engine, "control_types", ())]
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            image = common.safe_image(label="Content image", type="pil", image_mode=None, format="png",
+            image = safe_image(label="Content image", type="pil", image_mode=None, format="png",
                                      sources=("upload", "clipboard"), height=300, elem_id=f"{TAB}-image",
                                      elem_classes=["lds-pixelated"], max_pixels=engine.limits.max_image_pixels)
             with gr.Row():
-                style = common.Dropdown(styles, value=styles[0] if styles else None, label="Style",
+                style = Dropdown(styles, value=styles[0] if styles else None, label="Style",
                                     allow_custom_value=False, elem_id=f"{TAB}-style")
-                strength = common.Slider(
+                strength = Slider(
                     elem_id=f"{TAB}-strength",
                     label="Strength",
                     minimum=0.05,
@@ -35,12 +40,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
                 )
             prompt = gr.Textbox(value="", label="Prompt (describe the content; the style is appended)", lines=2,
                                 max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-prompt")
-            common.unknown_words_warning(engine, prompt)
+            unknown_words_warning(engine, prompt)
             with gr.Row():
-                mode = common.Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
-                control = common.Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
+                mode = Radio(MODES, value="img2img", label="Mode", elem_id=f"{TAB}-mode")
+                control = Radio(controls_available or CONTROLS, value=(controls_available or CONTROLS)[0][1],
                                    label="Structure from", visible=False, elem_id=f"{TAB}-control")
-            scale = common.Slider(
+            scale = Slider(
                 elem_id=f"{TAB}-scale",
                 label="ControlNet conditioning scale",
                 minimum=0.0,
@@ -51,16 +56,16 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             )
             if not controls_available:
                 gr.Markdown("Structure-preserving mode needs a canny or depth ControlNet, which this model lacks.")
-            settings = common.common_settings(engine, tab=TAB, size=False)
-            examples = common.example_files("scene_a.png", "scene_d.png", "person.png")
+            settings = common_settings(engine, tab=TAB, size=False)
+            examples = example_files("scene_a.png", "scene_d.png", "person.png")
             if examples and styles:
                 rows = [[path, styles[i % len(styles)], ""] for i, path in enumerate(examples)]
                 gr.Examples(rows, inputs=[image, style, prompt], label="Examples")
         with gr.Column(scale=3):
-            panel = common.output_panel(TAB, studio, generate_label="Apply style")
+            panel = output_panel(TAB, studio, generate_label="Apply style")
 
     mode.change(lambda m: (gr.Radio(visible=m == "structure"), gr.Slider(visible=m == "structure")), mode,
-                [control, scale], **common.UI_EVENT)
+                [control, scale], **UI_EVENT)
 
     def stylize(
         image: object,
@@ -84,7 +89,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         if image is None:
             raise gr.Error("Upload an image to restyle first.")
         kwargs = dict(
-            image=common.open_image(image),
+            image=open_image(image),
             style=style,
             prompt=prompt,
             strength=strength,
@@ -92,7 +97,7 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
             control=control,
             conditioning_scale=conditioning_scale,
             negative_prompt=negative_prompt,
-            seed=common.resolve_seed(engine, seed),
+            seed=resolve_seed(engine, seed),
             steps=steps,
             guidance=guidance,
             scheduler=scheduler,
@@ -100,12 +105,12 @@ def build_tab(engine, *, studio: common.Studio | None = None) -> None:
         )
         from pipelines.style import stylize  # imports torch: on first use, never with the UI
 
-        yield from common.run_task(engine, studio, TAB, stylize, kwargs,
+        yield from run_task(engine, studio, TAB, stylize, kwargs,
                                    request=request, progress=progress)
 
-    common.wire_model_event(TAB, studio, panel, stylize, api_name="style", inputs_kwargs=dict(
+    wire_model_event(TAB, studio, panel, stylize, api_name="style", inputs_kwargs=dict(
         image=image, style=style, prompt=prompt, strength=strength, mode=mode, control=control,
         conditioning_scale=scale, **settings.kwargs()))
-    common.wire_restore(engine, settings, {"prompt": prompt, "style": style, "strength": strength, "mode": mode,
+    wire_restore(engine, settings, {"prompt": prompt, "style": style, "strength": strength, "mode": mode,
                                            "control": control, "conditioning_scale": scale})
     studio.register_target(TAB, image)

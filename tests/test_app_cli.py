@@ -63,7 +63,8 @@ def test_bad_flag_values_are_refused():
 
 def test_ui_package_never_imports_torch():
     code = (
-        "import sys, demo, demo.common, demo.header, demo.txt2img, demo.inpaint, demo.outpaint, demo.style, "
+        "import sys, demo, demo.common, demo.fields, demo.settings_box, demo.cancelling, demo.zerogpu, demo.studio, "
+        "demo.outputs, demo.running, demo.header, demo.txt2img, demo.inpaint, demo.outpaint, demo.style, "
         "demo.controlnet, demo.explain, demo.finetune, app; "
         "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"

@@ -25,15 +25,16 @@ def model_threads(shapes_engine):
 
 
 def test_requests_from_any_thread_run_the_model_on_the_engines_model_thread(shapes_engine, model_threads):
-    from demo import common as ui
+    from demo.running import run_task
+    from demo.studio import Studio
     from pipelines import txt2img
 
     txt2img.generate(shapes_engine, seed=1, **SETTINGS)  # from this thread
     worker = threading.Thread(target=lambda: txt2img.generate(shapes_engine, seed=2, **SETTINGS))
     worker.start()
     worker.join(120)
-    studio = ui.Studio()
-    updates = list(ui.run_task(shapes_engine, studio, "txt2img", txt2img.generate, dict(SETTINGS, seed=3),
+    studio = Studio()
+    updates = list(run_task(shapes_engine, studio, "txt2img", txt2img.generate, dict(SETTINGS, seed=3),
                                request=None, progress=None))  # the app's path: a worker thread per request
     assert updates[-1][1], "the task made no image"
     assert model_threads == {shapes_engine.compute.ident}

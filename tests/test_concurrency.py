@@ -134,7 +134,7 @@ def test_client_side_cancel_frees_the_model(live_app):
 
 
 def test_cancel_registry_keeps_a_cancel_made_while_the_request_waits():
-    from demo.common import CancelRegistry
+    from demo.cancelling import CancelRegistry
 
     registry, key = CancelRegistry(), ("session", "txt2img")
     assert registry.cancel(key) is None  # nothing clicked, nothing to stop
@@ -151,7 +151,9 @@ def test_cancel_registry_keeps_a_cancel_made_while_the_request_waits():
 
 
 def test_a_request_cancelled_in_the_queue_never_reaches_the_model(tmp_path):
-    from demo.common import Studio, run_task, session_key
+    from demo.cancelling import session_key
+    from demo.running import run_task
+    from demo.studio import Studio
 
     class Request:
         session_hash = "queued"

@@ -66,7 +66,8 @@ def test_flags_the_known_image_and_not_another(tmp_path):
 
 
 def test_a_public_sd_deployment_replaces_flagged_images_with_a_notice_and_says_so(sd_with_checker, tmp_path):
-    from demo.common import Studio, run_task
+    from demo.running import run_task
+    from demo.studio import Studio
     from pipelines import txt2img
 
     engine = studio_app.build_engine(str(sd_with_checker), device="cpu", safety_checker=True)

@@ -116,20 +116,20 @@ def test_missing_spaces_package_on_zero_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_durations_fit_the_work():
-    from demo import common
+    from demo import zerogpu
 
-    small = common.generation_seconds({"steps": 20, "batch_size": 1, "width": 64, "height": 64})
-    large = common.generation_seconds({"steps": 150, "batch_size": 4, "width": 768, "height": 768})
-    assert common.gpu_duration(small) == common.ZERO_GPU_MIN_S + 2  # 20 steps at 512x512 or less
-    assert large > 4 * small and common.gpu_duration(large) == 155  # 150 steps x 4 images x 2.25 (768x768 vs 512x512)
-    assert common.gpu_duration(10_000) == common.ZERO_GPU_MAX_S  # never more than ZeroGPU allows
-    strip = common.generation_seconds({"steps": 20, "guidance_strip": [1, 4, 7.5]})
-    assert strip > common.generation_seconds({"steps": 20})  # Explain's guidance strip is more images
-    assert common.finetune_seconds({"steps": 400, "batch_size": 4}) > common.finetune_seconds(
+    small = zerogpu.generation_seconds({"steps": 20, "batch_size": 1, "width": 64, "height": 64})
+    large = zerogpu.generation_seconds({"steps": 150, "batch_size": 4, "width": 768, "height": 768})
+    assert zerogpu.gpu_duration(small) == zerogpu.ZERO_GPU_MIN_S + 2  # 20 steps at 512x512 or less
+    assert large > 4 * small and zerogpu.gpu_duration(large) == 155  # 150 steps x 4 images x 2.25 (768x768 vs 512x512)
+    assert zerogpu.gpu_duration(10_000) == zerogpu.ZERO_GPU_MAX_S  # never more than ZeroGPU allows
+    strip = zerogpu.generation_seconds({"steps": 20, "guidance_strip": [1, 4, 7.5]})
+    assert strip > zerogpu.generation_seconds({"steps": 20})  # Explain's guidance strip is more images
+    assert zerogpu.finetune_seconds({"steps": 400, "batch_size": 4}) > zerogpu.finetune_seconds(
         {"steps": 100, "batch_size": 4}
     )
-    assert common.finetune_seconds({"steps": 0}, default_steps=1200, default_batch=8) == \
-        common.finetune_seconds({"steps": 1200, "batch_size": 8})
+    assert zerogpu.finetune_seconds({"steps": 0}, default_steps=1200, default_batch=8) == \
+        zerogpu.finetune_seconds({"steps": 1200, "batch_size": 8})
 
 
 def test_the_model_thread_is_per_process(shapes_engine):
@@ -157,7 +157,7 @@ def test_cancel_flags_cross_process_boundaries(tmp_path):
     """Cancel arrives in the app's process; the run it stops polls its flag in a forked worker."""
     import multiprocessing
 
-    from demo.common import Studio
+    from demo.studio import Studio
 
     studio = Studio(output_dir=tmp_path)
     key = ("session", "txt2img")
@@ -258,9 +258,9 @@ def test_every_generating_event_runs_in_a_gpu_worker(zero_gpu_app, images):
                             use_second=False, image_2=None, control_type_2="canny", preprocessor_2="none",
                             conditioning_scale_2=0.5, prompt="a red circle", **common_args()),
     }
-    from demo import common
+    from demo import zerogpu
 
-    small_duration = common.gpu_duration(common.generation_seconds(dict(steps=3, batch_size=1)))
+    small_duration = zerogpu.gpu_duration(zerogpu.generation_seconds(dict(steps=3, batch_size=1)))
     assert small_duration < 30
     for api_name, kwargs in calls.items():
         before = len(gpu_calls(app))
@@ -315,9 +315,9 @@ def test_finetune_save_load_and_switch_carry_over_to_later_workers(zero_gpu_app)
     assert status.startswith("Done: adapter `zqgpu` trained 3 steps"), status
     finetune_call = new_calls(app, calls_before)[0]
     assert finetune_call["task"] == "train_adapter" and finetune_call["pid"] != finetune_call["parent"]
-    from demo import common
+    from demo import zerogpu
 
-    expected = common.gpu_duration(common.finetune_seconds({"steps": 3, "batch_size": 2}))
+    expected = zerogpu.gpu_duration(zerogpu.finetune_seconds({"steps": 3, "batch_size": 2}))
     assert finetune_call["duration"] == expected  # from the fine-tune's own steps and batch
     assert [row[0] for row in table["data"]] == ["zqgpu"]
     assert [a["name"] for a in client.predict(api_name="/adapters")] == ["zqgpu"]
@@ -350,11 +350,11 @@ def test_too_long_a_finetune_is_refused_before_it_asks_for_the_gpu(zero_gpu_app)
 
     app, client = zero_gpu_app, zero_gpu_app["client"]
     before = len(gpu_calls(app))
-    from demo import common
+    from demo import zerogpu
 
-    fits = common.finetune_steps_within(common.ZERO_GPU_MAX_S, 8)
-    assert common.gpu_duration(common.finetune_seconds({"steps": fits, "batch_size": 8})) <= common.ZERO_GPU_MAX_S
-    assert common.finetune_seconds({"steps": fits + 1, "batch_size": 8}) > common.ZERO_GPU_MAX_S
+    fits = zerogpu.finetune_steps_within(zerogpu.ZERO_GPU_MAX_S, 8)
+    assert zerogpu.gpu_duration(zerogpu.finetune_seconds({"steps": fits, "batch_size": 8})) <= zerogpu.ZERO_GPU_MAX_S
+    assert zerogpu.finetune_seconds({"steps": fits + 1, "batch_size": 8}) > zerogpu.ZERO_GPU_MAX_S
     with pytest.raises(AppError, match=rf"steps=2000 .* at most 300 s: use at most {fits} steps"):
         client.predict(**finetune_args(token="zqlong", steps=2000, batch_size=8), api_name="/finetune")
     assert new_calls(app, before) == []
