@@ -5,13 +5,10 @@ worker threads per OS thread that has ever run a parallel op. Between ops a pool
 for the next op, but only while the process's pools together hold no more threads than there are CPUs;
 past that they go to sleep after ~100 spins and every op pays a futex wake-up (libgomp `do_spin`:
 `gomp_managed_threads > gomp_available_cpus` -> `gomp_throttled_spin_count_var`). With N threads, a
-second pool is enough to cross that line. The app used to run each request on a fresh thread while the
-thread that loaded the model still held its pool, so on 2 cores every request's ~thousands of small ops
-each waited for a wake-up: the task path took 2.65x a plain diffusers call (0.90 s vs 0.34 s, 64x64, 20
-steps, 2 idle cores), while on 1 thread (no pools) it was 0.98x. Loading and running the model on one
-thread keeps one pool in the process, whatever thread a request arrives on. (The diagnosis rests on those
-two figures and libgomp's source; the 2-core run after this change has yet to confirm it.) Other torch work
-on another long-lived thread (a trainer, a benchmark's own calls) adds its pool again: run it here too.
+second pool is enough to cross that line, and a request of a small model is thousands of small ops, each of
+which would then wait for a wake-up. Loading and running the model on one thread keeps one pool in the
+process, whatever thread a request arrives on (measurements: README, Performance). Other torch work on
+another long-lived thread (a trainer, a benchmark's own calls) adds its pool again: run it here too.
 
 The thread is shared by every engine of the process (a second pool would cost the same as before) and
 created on first use, once per process: a forked child (ZeroGPU runs every `spaces.GPU` call in a process
@@ -126,8 +123,8 @@ def default_threads(device: str) -> int:
 
     The core left over serves the web layer. With every core in OpenMP, the server's own threads (queue,
     SSE, JSON, PNG encoding) preempt a worker now and then, and each of the thousands of small ops of a
-    run waits for it at the barrier: on 2 cores the app's task path took 2.9x a plain diffusers call with
-    2 threads and 0.98x with 1 (benchmarks part 1), while 2 threads make the bare U-Net step only 4% faster.
+    run waits for it at the barrier, which costs far more than the extra thread gains (measurements: README,
+    Performance, and benchmarks part 1).
     """
     if device != "cpu":
         return torch.get_num_threads()

@@ -111,7 +111,7 @@ class Engine:
         self.device, self.torch_dtype = pick_device(device, dtype, builtin=preset.is_builtin)
         self.lock = threading.RLock()  # serialises all model work: API, CLI and UI callers alike
         # Loads and runs the model on one OS thread, whatever thread a request arrives on: one OpenMP pool per
-        # process, or every CPU op waits for a wake-up (2.65x slower on 2 cores; pipelines/compute.py)
+        # process, or every CPU op waits for a wake-up (pipelines/compute.py)
         # threads: intra-op threads of every model call (None: all usable cores but one on CPU;
         # compute.default_threads)
         self.threads = int(threads) if threads else default_threads(self.device)
@@ -377,7 +377,7 @@ class Engine:
         """One RGB picture per latent: (B, 4, h, w) -> B PIL images at latent or image size.
 
         Small latents (the Shapes model's 16x16) get a real VAE decode (in one call for the batch), which
-        costs about two U-Net steps of that model (so run_pipeline makes previews only now and then);
+        costs about as much as a U-Net step of that model (so run_pipeline makes previews only now and then);
         large ones a linear latent->RGB map fitted to this model's VAE (see `_fit_preview`).
         """
         z = latents.detach()
@@ -431,8 +431,8 @@ def _view(pipe, scheduler):
 
     A shallow copy: a new pipeline object with its own attributes and config, holding the very same module
     objects; the scheduler is registered on the copy only. `from_pipe(pipe, scheduler=...)` makes the same
-    thing but first re-casts every shared module to the dtype, a walk over every parameter and hook that cost
-    70-90 ms per request for the small built-in model (about 1 ms this way; benchmarks/app_overhead.py).
+    thing but first re-casts every shared module to the dtype, a walk over every parameter and hook on every
+    request that costs far more than the copy (README, Performance: cheap request views).
     The copy leaves the model-offload bookkeeping behind, as from_pipe would: `Engine.after_run` offloads
     through the base pipeline.
     """

@@ -82,15 +82,12 @@ PRESETS = MappingProxyType(
             default_size=64,
             max_size=128,  # a convolutional U-Net extends to 2x its training size before scenes fall apart
             default_steps=20,
-            # Tuned on a second held-out prompt set (600 prompts, training.evaluate --prompt-seed 1000000007,
-            # detection-mask checker): two-object binding 52% at 2.5 against 48% at 3 and 50% at 2; from 5 up this
-            # small model oversaturates and loses colours (binding 24% at 7.5 on 200 prompts).
+            # The best two-object binding on a held-out prompt set; from about 5 up this small model oversaturates
+            # and loses colours (the sweep is in assets/models/shapes-ldm/README.md)
             default_guidance=2.5,
             default_scheduler="DPM++ 2M",
             controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
-            inpaint_model=str(
-                MODELS_DIR / "shapes-inpaint"
-            ),  # training/train_inpaint.py derives it from the base U-Net
+            inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base
             style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
             annotators=str(MODELS_DIR / "shapes-annotators"),
             example_prompts=(

@@ -1,4 +1,4 @@
-"""Server-side limits, read from the environment in this one place (hysts' Spaces style).
+"""Server-side limits, read from the environment in this one place.
 
 Every limit applies whatever a client sends: the UI's sliders are a convenience, these are the law.
 `Limits.from_env()` is called by the Engine when it is built; nothing here runs at import time.
@@ -26,7 +26,7 @@ class Limits:
     max_finetune_images: int = 20  # LDS_MAX_FINETUNE_IMAGES: training images of one fine-tune
     # LDS_BATCH_REQUESTS: images of queued same-settings txt2img requests run as one call. Off (1) by default:
     # a merged image can differ from its solo run by one level out of 255 (batched kernels round differently),
-    # and the app promises that a seed gives the same bytes whoever else is using it. 8 doubles throughput.
+    # and the app promises that a seed gives the same bytes whoever else is using it (throughput: README).
     batch_requests: int = 1
 
     @classmethod
@@ -53,7 +53,7 @@ class Limits:
 class FineTuneDefaults:
     """What a fine-tune uses for a setting left at 0; the Fine-tune tab shows the same values."""
 
-    steps: int  # about three minutes on 2 CPU cores for the built-in model
+    steps: int  # optimiser steps
     learning_rate_lora: float
     learning_rate_full: float
     instance_prompt: str  # caption of images without their own; {token} is the trigger word
@@ -75,10 +75,8 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def finetune_defaults(builtin: bool) -> FineTuneDefaults:
     if builtin:  # a 1.9 M-parameter U-Net and a 51-word vocabulary: large steps, "in X style" as the world says it
-        # Batch 8: 1200 steps take ~3 minutes on the app's one model thread of a 2-core machine (152 ms a step
-        # with the other core idle; batch 4: 110 ms) and textured more samples in the texture evaluation
-        # (training.evaluate_finetune; figures in the README). LoRA rate 2e-3: on the step-42,500 U-Net
-        # 1e-3 textured 69% (65-75% over 3 fine-tunes), 2e-3 75% (70-80%), rank 16 at 1e-3 62%.
+        # Steps, batch and LoRA rate: what textured the most held-out samples in the texture evaluation
+        # (training.evaluate_finetune) while a fine-tune stays a few minutes on a CPU; figures in the README.
         return FineTuneDefaults(steps=1200, learning_rate_lora=2e-3, learning_rate_full=2e-4,
                                 instance_prompt="in {token} style", batch_size=8)
     # SD1.5: the DreamBooth / diffusers example rates
