@@ -354,3 +354,28 @@ def test_curve_shows_a_branch_copied_from_its_trunk_once(tmp_path):
     )
     assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ") and "step" not in line] == [
         ["| trunk", "500"], ["| branch", "1000"], ["| other", "500"]]
+
+
+def test_the_trainers_step_helper_is_the_usual_step_and_due_counts_steps():
+    import copy
+
+    from training.common import due, optimizer_step
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    models = [torch.nn.Linear(3, 2)]
+    models += [copy.deepcopy(models[0]), copy.deepcopy(models[0])]
+    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in models]
+    optimizer_step(opts[0], (models[0](x) ** 2).sum() * 100, lr=0.1, clip=models[0].parameters())
+    for i, clip in ((1, True), (2, False)):  # the same step written out, with and without clipping
+        for group in opts[i].param_groups:
+            group["lr"] = 0.1
+        opts[i].zero_grad(set_to_none=True)
+        ((models[i](x) ** 2).sum() * 100).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(models[i].parameters(), 1.0)
+        opts[i].step()
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[2].parameters()))
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
+    assert not any(due(s, 0, 7) for s in range(1, 8))

@@ -1,10 +1,11 @@
-"""What every training script shares: data seeds, checkpoints, logs and sample grids."""
+"""What every training script shares: data seeds, the optimiser step, checkpoints, logs and sample grids."""
 from __future__ import annotations
 
 import csv
 import os
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -83,3 +84,22 @@ class LossLog:
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, *, lr: float | None = None,
+                   clip: Iterable[torch.nn.Parameter] | None = None, max_norm: float = 1.0) -> None:
+    """One optimiser step on `loss`: the learning rate `lr` on every parameter group (when given), fresh
+    gradients, backpropagation, the gradient norm of `clip` limited to `max_norm` (when given), the update."""
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, max_norm)
+    opt.step()
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether something done every `every` steps (0: never) is due after `step`; always at the `last` step."""
+    return bool(every) and (step % every == 0 or step == last)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from training import annotators, shapes
-from training.common import Checkpoint, LossLog, save_grid, set_threads
+from training.common import Checkpoint, LossLog, due, optimizer_step, save_grid, set_threads
 
 TARGETS = {"depth": ("abs_rel", 0.15, "<="), "pose": ("pck", 0.8, ">=")}  # the bar each annotator must pass
 
@@ -307,20 +307,14 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
         progress = min(1.0, step / max(max_steps, 1))
         lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps) * (
             config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + np.cos(np.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, lr=lr, clip=model.parameters())
         step += 1
         now = time.time()
         seconds += now - last
         last = now
 
         # 5. Held-out score, sample grid, export and checkpoint.
-        done = step == max_steps
-        if step % eval_every == 0 or done:
+        if due(step, eval_every, max_steps):
             scores = held_out.score(model)
             history.append({"step": step, "seconds": round(seconds, 1), **{k: round(v, 5) for k, v in scores.items()}})
             held_out.grid(model, out_dir / "samples" / f"step-{step:06d}.png")
@@ -336,7 +330,7 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
                 print(f"target {TARGETS[kind]} reached at step {step}", flush=True)
                 break
             last = time.time()  # evaluation time is not training time
-        if step % log_every == 0 or done:
+        if due(step, log_every, max_steps):
             log.write(
                 step, loss=loss.item(), lr=lr, **parts, **{k: v for k, v in scores.items() if k == TARGETS[kind][0]}
             )

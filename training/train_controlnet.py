@@ -38,7 +38,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from training import shapes
+from training import common, shapes
 from training.annotators import person_seeds
 from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
 from training.train_ldm import SCHEDULE, loss_weights
@@ -276,24 +276,18 @@ def train(
         loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, prediction_type)).mean()
 
         lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(opt, loss, lr=lr, clip=controlnet.parameters())
         step += 1
         now = time.time()
         seconds += now - last
         last = now
 
         # 6. Log, sample grid, checkpoint and export.
-        done = step == max_steps
-        if step % log_every == 0 or done:
+        if common.due(step, log_every, max_steps):
             log.write(step, loss=loss.item(), lr=lr)
-        if eval_every and (step % eval_every == 0 or done):
+        if common.due(step, eval_every, max_steps):
             sample_grid(base, controlnet, control, out_dir / "samples" / f"step-{step:06d}.png", config)
-        if step % save_every == 0 or done:
+        if common.due(step, save_every, max_steps):
             checkpoint.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": step,
                              "seconds": seconds, "config": asdict(config)})
             export(controlnet, out_dir / "controlnet", control=control, step=step, seconds=seconds, ldm=ldm_path,

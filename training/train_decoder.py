@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from training import shapes, train_vae
+from training import common, shapes, train_vae
 from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
 from training.train_vae import psnr, reconstruct
 
@@ -132,16 +132,14 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
         l1 = ((recon - x).abs() * weights).mean() / weights.mean()
         mse = (((recon - x) ** 2) * weights).mean() / weights.mean()
         loss = l1 + config.mse_weight * mse
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        common.optimizer_step(opt, loss)
         step += 1
-        if step % log_every == 0 or step == max_steps:
+        if common.due(step, log_every, max_steps):
             vae.decoder.eval()
             held_psnr = psnr(held_out, reconstruct(vae, held_out))
             vae.decoder.train()
             log.write(step, l1=l1.item(), mse=mse.item(), psnr=held_psnr)
-        if step % save_every == 0 or step == max_steps:
+        if common.due(step, save_every, max_steps):
             checkpoint.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(config)})
             save_grid(
                 np.concatenate([held_out[:16], reconstruct(vae, held_out[:16])]),

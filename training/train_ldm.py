@@ -28,7 +28,7 @@ from diffusers import (
 )
 
 from training import shapes, text
-from training.common import Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
+from training.common import Checkpoint, LossLog, due, images_to_tensor, optimizer_step, save_grid, set_threads
 
 # The noise schedule of Stable Diffusion: every diffusers scheduler then behaves as it does on SD,
 # so the app's scheduler menu, img2img strength and ControlNet code need no special case.
@@ -266,12 +266,7 @@ def train(
         lr = config.learning_rate * min(1.0, (step + 1 - first_step) / config.warmup_steps)
         if config.cosine_decay:
             lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, lr=lr, clip=params)
         step += 1
 
         # 6. EMA of the weights (warm-up: plain averaging early, so the EMA is not stuck at init).
@@ -281,15 +276,15 @@ def train(
                 for e, p in zip(ema.parameters(), live.parameters()):
                     e.lerp_(p, 1 - decay)
 
-        if eval_every and (step % eval_every == 0 or step == last_step):
+        if due(step, eval_every, last_step):
             scores = quick_scores(
                 assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type),
                 out_dir / "samples" / f"step-{step:06d}.png",
             )
-        if step % log_every == 0 or step == last_step:
+        if due(step, log_every, last_step):
             log.write(step, loss=loss.item(), lr=lr, **scores)
             scores = {}
-        if step % save_every == 0 or step == last_step:
+        if due(step, save_every, last_step):
             checkpoint.save(
                 {
                     "unet": unet.state_dict(),

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from training import shapes
+from training import common, shapes
 from training.common import (
     HELD_OUT_SEED,
     Checkpoint,
@@ -164,24 +164,20 @@ def train(
         if use_disc:
             gen_loss = -disc(recon).mean()
             loss = loss + config.disc_weight * adaptive_weight(rec_loss, gen_loss, last_layer) * gen_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        common.optimizer_step(opt, loss)
 
         # 3. Discriminator: hinge loss on real crops vs reconstructions.
         disc_loss = torch.zeros(())
         if use_disc:
             disc_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean())
-            opt_disc.zero_grad(set_to_none=True)
-            disc_loss.backward()
-            opt_disc.step()
+            common.optimizer_step(opt_disc, disc_loss)
         step += 1
         if config.freeze_encoder_with_disc and step == config.disc_start:
             # The encoder is final from here on: this is the VAE the U-Net is trained on.
             export(vae.eval(), out_dir / "encoder-final")
             vae.train()
 
-        if step % log_every == 0 or step == max_steps:
+        if common.due(step, log_every, max_steps):
             vae.eval()
             held_psnr = psnr(held_out[:16], reconstruct(vae, held_out[:16]))
             vae.train()
@@ -193,7 +189,7 @@ def train(
                 disc=disc_loss.item(),
                 psnr=held_psnr,
             )
-        if step % save_every == 0 or step == max_steps:
+        if common.due(step, save_every, max_steps):
             checkpoint.save({"vae": vae.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                              "opt_disc": opt_disc.state_dict(), "step": step, "config": asdict(config)})
             vae.eval()
