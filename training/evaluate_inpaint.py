@@ -377,6 +377,9 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
     record = json.loads((folder / "training.json").read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
     base = record["base"]
+    from training.train_inpaint import command, history
+
+    runs = history(record)
     sections = [
         "# Shapes inpainting U-Net (built-in)",
         "",
@@ -387,17 +390,25 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "memory by the engine. It is loaded with `UNet2DConditionModel.from_pretrained(<this folder>, subfolder=\"unet\")`.",
         "",
         "## Training",
-        f"- Initialised from the base U-Net; the 5 added input channels start at zero, so at step 0 it computes "
-        f"exactly what the base does. {record['step']} steps of batch {record['batch_size']}, AdamW at "
-        f"{record['learning_rate']:g} (warm-up {record['warmup_steps']} steps, cosine to 0), EMA {record['ema_decay']}, "
-        f"v-prediction with the base's min-SNR weights (gamma {record['min_snr_gamma']:g}); the text encoder frozen.",
-        f"- Data (`training/inpaint_data.py`): {record['pool_size']} examples from training scenes (seeds below "
-        f"{HELD_OUT_SEED}), each encoded once: masks like people paint (boxes around an object, its shape grown, "
-        "a scribble across it, boxes and brush strokes anywhere, border bands for outpainting, sometimes the whole "
-        "image) and captions that name the whole scene, only what the mask hides, what remains after removing the "
-        "hidden objects, or nothing. An object the mask hides whole and the caption does not name is removed from the "
-        "target, so an empty prompt or one naming only the background removes it; a tenth of captions name a wrong "
-        "background and the picture still wins, so an outpainted border continues the scene.",
+        "- Initialised from the base U-Net; the 5 added input channels start at zero, so at step 0 it computes "
+        "exactly what the base does. Batch 64, AdamW, warm-up then cosine to 0 in each run, conv_in (whose added "
+        "channels start at zero) at a multiple of the rate, EMA of the weights, v-prediction with the base's min-SNR "
+        "weights; the text encoder frozen. The runs, each going on from the one before:",
+        "",
+        "| run | steps | mask recipe | pool | learning rate | conv_in rate | batches naming a hidden object |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r.get('out', '?')} | {r['parent']['step'] if r.get('parent') else 0} -> {r['step']} | {r.get('masks', 'tight')} "
+          f"| {r['pool_size']} | {r['learning_rate']:g} | x{r.get('conv_in_lr_scale', 1):g} | "
+          f"{'as in the pool' if not r.get('add_share') else format(r['add_share'], '.0%')} |" for r in runs],
+        "",
+        f"- Data (`training/inpaint_data.py`): examples from training scenes (seeds below {HELD_OUT_SEED}), each "
+        "encoded once: masks like people paint (boxes around an object, loose boxes and ellipses with the object "
+        "anywhere inside, its shape grown, a scribble across it, boxes and brush strokes anywhere, border bands for "
+        "outpainting, sometimes the whole image) and captions that name the whole scene, only what the mask hides, "
+        "what remains after removing the hidden objects, or nothing. An object the mask hides whole and the caption "
+        "does not name is removed from the target, so an empty prompt or one naming only the background removes it; "
+        "a tenth of captions name a wrong background and the picture still wins, so an outpainted border continues "
+        "the scene.",
         f"- U-Net: {unet['block_out_channels']} channels, cross-attention dim {unet['cross_attention_dim']}, "
         f"{unet['in_channels']} input channels.",
     ]
@@ -438,11 +449,10 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "",
         "## Reproduce",
         "```bash",
-        f"python -m training.train_inpaint --base {base} --out runs/inpaint --max-steps {record['step']} "
-        f"--pool-size {record['pool_size']} --threads 1",
-        "python -m training.train_inpaint --out runs/inpaint --export assets/models/shapes-inpaint",
+        *[command(r) for r in runs],
+        f"python -m training.train_inpaint --out {record.get('out', 'runs/inpaint')} --export assets/models/shapes-inpaint",
         "python -m training.evaluate_inpaint --split validation --sweep guidance=1.5,2.5,4 --json runs/inpaint/validation.json",
-        "python -m training.evaluate_inpaint --write-card assets/models/shapes-inpaint --validation runs/inpaint/validation.json --run runs/inpaint",
+        f"python -m training.evaluate_inpaint --write-card assets/models/shapes-inpaint --validation runs/inpaint/validation.json --run {record.get('out', 'runs/inpaint')}",
         "```",
     ]
     path = folder / "README.md"

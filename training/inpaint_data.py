@@ -27,8 +27,16 @@ HIDDEN_SHARE = 0.85  # an object counts as hidden when the mask covers this shar
 # Mask kinds a trainer draws, with their shares: object-aimed masks (boxes with a margin, the object's own
 # shape grown, a scribble over it), masks anywhere (boxes, brush strokes), border bands (outpainting) and,
 # now and then, the whole image.
-MASK_KINDS = {"object-box": 0.22, "object-shape": 0.12, "object-scribble": 0.12, "box": 0.14, "strokes": 0.12,
-              "band": 0.22, "full": 0.06}
+# Recipes by name. "loose" adds "object-loose", a box or ellipse well beyond the object with the object anywhere
+# inside: how people mask an area for a new object, and what keeps the hole's outline from telling the object's
+# size and place ("tight" masks alone taught the U-Net to fill loose holes with background).
+MASK_RECIPES = {
+    "tight": {"object-box": 0.22, "object-shape": 0.12, "object-scribble": 0.12, "box": 0.14, "strokes": 0.12,
+              "band": 0.22, "full": 0.06},
+    "loose": {"object-box": 0.12, "object-loose": 0.22, "object-shape": 0.06, "object-scribble": 0.12, "box": 0.12,
+              "strokes": 0.1, "band": 0.2, "full": 0.06},
+}
+MASK_KINDS = MASK_RECIPES["loose"]  # the current recipe
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
 # means "nothing new").
@@ -44,6 +52,7 @@ class InpaintExample:
     target: np.ndarray  # (64, 64, 3) uint8: source outside the mask, the finished scene inside
     mode: str  # a CAPTION_MODES key
     mask_kind: str  # a MASK_KINDS key
+    hidden: int = 0  # objects of the source the mask hides whole
 
 
 # ----------------------------------------------------------------------------- object coverage and phrases
@@ -131,6 +140,16 @@ def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator) ->
         return box_mask(x0 - m[0], y0 - m[1], x1 + m[2], y1 + m[3])
     if kind == "object-shape":
         return grow(solid, int(rng.integers(2, 6)))
+    if kind == "object-loose":
+        w, h = (x1 - x0) + rng.uniform(4, 18), (y1 - y0) + rng.uniform(4, 18)
+        cx = (x0 + x1) / 2 + rng.uniform(-1, 1) * (w - (x1 - x0)) / 2  # the object anywhere inside
+        cy = (y0 + y1) / 2 + rng.uniform(-1, 1) * (h - (y1 - y0)) / 2
+        if rng.random() < 0.4:
+            canvas = np.zeros(solid.shape, np.uint8)
+            # an ellipse holding the box's corners: semi-axes sqrt(2) x half the box
+            cv2.ellipse(canvas, (int(round(cx)), int(round(cy))), (int(w * 0.71), int(h * 0.71)), 0, 0, 360, 255, -1)
+            return canvas > 0
+        return box_mask(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
     # A zigzag across the object's box, with a brush thick enough to cover it, as people scribble
     rows = int(rng.integers(2, 4))
     thickness = int(np.ceil((y1 - y0 + 6) / rows)) + int(rng.integers(2, 6))
@@ -185,12 +204,13 @@ def render_without(scene: shapes.Scene, drop: list[int]) -> np.ndarray:
     return shapes.render(replace(scene, objects=kept)).image
 
 
-def training_example(scene_seed: int, mask_seed: int) -> InpaintExample:
-    """One training example: the scene of `scene_seed`, a mask and caption mode drawn from `mask_seed`."""
+def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> InpaintExample:
+    """One training example: the scene of `scene_seed`, a mask (from MASK_RECIPES[recipe]) and caption mode drawn
+    from `mask_seed`."""
     rng = np.random.default_rng(mask_seed)
     sample = shapes.sample(scene_seed)
     scene = sample.scene
-    mask_kind = _choose(rng, MASK_KINDS)
+    mask_kind = _choose(rng, MASK_RECIPES[recipe])
     if mask_kind.startswith("object"):
         target_index = int(rng.integers(len(scene.objects)))
         mask = object_mask(mask_kind, scene.objects[target_index], rng)
@@ -211,7 +231,8 @@ def training_example(scene_seed: int, mask_seed: int) -> InpaintExample:
         if hidden:
             target = render_without(scene, hidden)
         caption = "" if mode == "empty" else bg_words
-    return InpaintExample(source=sample.image, mask=mask, caption=caption, target=target, mode=mode, mask_kind=mask_kind)
+    return InpaintExample(source=sample.image, mask=mask, caption=caption, target=target, mode=mode, mask_kind=mask_kind,
+                          hidden=len(hidden))
 
 
 def _with_background(scene: shapes.Scene, background: str) -> str:

@@ -45,6 +45,13 @@ class InpaintConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0  # the base's weighting (train_ldm.loss_weights)
+    # conv_in learns at this multiple of the learning rate: its 5 added channels start at zero and carry all
+    # the U-Net knows of the picture around the hole, while every other weight starts trained
+    conv_in_lr_scale: float = 1.0
+    # Share of each batch drawn from examples whose caption names an object that only the mask's area can hold
+    # (add / replace: the rarest lesson, and the one that needs the prompt); 0: as often as the pool has them
+    add_share: float = 0.0
+    masks: str = "loose"  # the mask recipe (inpaint_data.MASK_RECIPES)
 
 
 def inflate_unet(base_unet):
@@ -68,16 +75,20 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
 
 
 @torch.no_grad()
-def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64) -> dict[str, torch.Tensor]:
-    """Encodes `size` training examples (scene seed i, mask seed i) in chunk files; resumes where it stopped."""
+def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64, part: tuple[int, int] | None = None,
+               recipe: str = "loose"):
+    """Encodes `size` training examples (scene seed i, mask seed i) in chunk files; resumes where it stopped.
+    `part=(k, n)` builds only every n-th chunk from the k-th (several processes share the work) and loads none."""
     pool_dir = out_dir / "pool"
     pool_dir.mkdir(parents=True, exist_ok=True)
     parts = []
     started = time.time()
     for first in range(0, size, POOL_CHUNK):
         path = pool_dir / f"chunk-{first // POOL_CHUNK:04d}.pt"
+        if part is not None and (first // POOL_CHUNK) % part[1] != part[0]:
+            continue
         if not path.exists():
-            examples = [inpaint_data.training_example(i, i) for i in range(first, min(first + POOL_CHUNK, size))]
+            examples = [inpaint_data.training_example(i, i, recipe) for i in range(first, min(first + POOL_CHUNK, size))]
             target_mean, target_std, masked_mean, masked_std = [], [], [], []
             for at in range(0, len(examples), chunk):
                 group = examples[at:at + chunk]
@@ -93,7 +104,10 @@ def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64) -> dic
                         "mask": torch.from_numpy(np.stack([e.mask for e in examples]))[:, None],  # (N, 1, 64, 64) bool
                         "ids": ids, "modes": [e.mode for e in examples]}, path)
             print(f"pool: {first + len(examples)}/{size} examples encoded ({time.time() - started:.0f} s)", flush=True)
-        parts.append(torch.load(path, weights_only=False))
+        if part is None:
+            parts.append(torch.load(path, weights_only=False))
+    if part is not None:
+        return None
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "modes"}
 
 
@@ -124,7 +138,7 @@ def sample_grid(pipe, unet, path: Path, steps: int = 20, guidance: float = 2.5) 
 
 
 def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, log_every=50, save_every=250,
-          seed=0, threads: int | None = None):
+          seed=0, threads: int | None = None, init_from: Path | None = None, pool_part: tuple[int, int] | None = None):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     set_threads(threads)
@@ -136,21 +150,36 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
                                     for m in (pipe.vae, pipe.text_encoder, pipe.tokenizer))
     unet = inflate_unet(pipe.unet).train()
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    conv_in = list(unet.conv_in.parameters())
+    rest = [p for n, p in unet.named_parameters() if not n.startswith("conv_in.")]
+    opt = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": conv_in, "scale": config.conv_in_lr_scale}],
+                            lr=config.learning_rate, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=pipe.scheduler.config.prediction_type)
-    step = 0
+    step = first_step = 0  # first_step: where this run's warm-up and cosine started
     checkpoint = Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
         unet.load_state_dict(state["unet"]); ema_unet.load_state_dict(state["ema_unet"])
-        opt.load_state_dict(state["opt"]); step = state["step"]
+        opt.load_state_dict(state["opt"]); step = state["step"]; first_step = state.get("first_step", 0)
         print(f"resumed from {checkpoint.path} at step {step}")
+    elif init_from is not None:
+        # Go on from another run's weights with a fresh optimiser and schedule (e.g. another data mix); the
+        # step count goes on, so the curve is one
+        source = torch.load(Path(init_from) / "checkpoint.pt", map_location="cpu", weights_only=False)
+        for module in (unet, ema_unet):
+            module.load_state_dict(source["ema_unet"])
+        step = first_step = source["step"]
+        print(f"initialised from {init_from} at step {step}")
     base_step = (Path(base) / "TRAINING_STEP").read_text().strip() if (Path(base) / "TRAINING_STEP").exists() else "?"
 
     # 2. The example pool, encoded once.
-    pool = build_pool(vae, tokenizer, out_dir, config.pool_size)
+    if pool_part is not None:
+        build_pool(vae, tokenizer, out_dir, config.pool_size, part=pool_part, recipe=config.masks)
+        return None
+    pool = build_pool(vae, tokenizer, out_dir, config.pool_size, recipe=config.masks)
     scaling = vae.config.scaling_factor
     latent_size = tuple(pool["target_mean"].shape[-2:])
+    weights = sampling_weights(len(pool["ids"]), config.add_share, config.masks)
     log = LossLog(out_dir, ["loss", "lr"])
     generator = torch.Generator().manual_seed(seed + step)
     print(f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters from {base} (step {base_step}), "
@@ -158,7 +187,10 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
 
     while step < max_steps:
         # 3. A batch: latents sampled from both posteriors, the mask at latent size, the captions encoded.
-        index = torch.randint(0, len(pool["ids"]), (config.batch_size,), generator=generator)
+        if weights is None:
+            index = torch.randint(0, len(pool["ids"]), (config.batch_size,), generator=generator)
+        else:
+            index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
         latents = (pool["target_mean"][index] + pool["target_std"][index] * torch.randn(pool["target_mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
         masked = (pool["masked_mean"][index] + pool["masked_std"][index] * torch.randn(pool["masked_mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
         mask = latent_mask(pool["mask"][index].float(), latent_size)  # (B, 1, 16, 16)
@@ -174,16 +206,16 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, noise_scheduler.config.prediction_type)).mean()
 
-        lr = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
-        lr *= 0.5 * (1 + math.cos(math.pi * step / max(1, max_steps)))
+        lr = config.learning_rate * min(1.0, (step + 1 - first_step) / config.warmup_steps)
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         step += 1
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        decay = min(config.ema_decay, (1 + step - first_step) / (10 + step - first_step))
         with torch.no_grad():
             for e, p in zip(ema_unet.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
@@ -192,18 +224,64 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
             log.write(step, loss=loss.item(), lr=lr)
         if step % save_every == 0 or step == max_steps:
             checkpoint.save({"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(),
-                             "step": step, "config": asdict(config)})
-            export_run(ema_unet, out_dir / "model", step=step, base=base, base_step=base_step, config=config)
+                             "step": step, "first_step": first_step, "config": asdict(config)})
+            export_run(ema_unet, out_dir / "model", step=step, base=base, base_step=base_step, config=config,
+                       init_from=init_from)
             sample_grid(pipe, ema_unet.eval(), out_dir / "samples" / f"step-{step:06d}.png")
     return ema_unet
 
 
-def export_run(unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig) -> None:
+def sampling_weights(size: int, add_share: float, recipe: str = "loose") -> torch.Tensor | None:
+    """Per-example sampling weight: examples whose caption names an object the mask hides get `add_share` of the
+    total; None for uniform sampling."""
+    if not add_share:
+        return None
+    adds = torch.tensor([names_hidden_object(inpaint_data.training_example(i, i, recipe)) for i in range(size)])
+    if adds.all() or not adds.any():
+        return None
+    return torch.where(adds, add_share / adds.sum(), (1 - add_share) / (~adds).sum())
+
+
+def names_hidden_object(example: inpaint_data.InpaintExample) -> bool:
+    """The caption names an object that the mask hides whole: the U-Net must draw it there."""
+    return example.mode in ("scene", "part") and example.hidden > 0
+
+
+def export_run(unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig,
+               init_from: Path | None = None) -> None:
     """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder and its step."""
     unet.save_pretrained(Path(target) / "unet", safe_serialization=True)
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
     record = {"base": _relative(base), "base_step": base_step, "step": step, **asdict(config)}
+    if init_from is not None:  # the run it went on from, with that run's own record: the whole history
+        record["init_from"] = _relative(Path(init_from))
+        parent = Path(init_from) / "model" / "training.json"
+        if parent.is_file():
+            record["parent"] = json.loads(parent.read_text())
+    record["out"] = _relative(Path(target).parent)
     (Path(target) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def command(record: dict) -> str:
+    """The train_inpaint command line that makes the run `record` (a training.json) describes."""
+    parts = [f"python -m training.train_inpaint --base {record['base']} --out {record.get('out', 'runs/inpaint')}",
+             f"--masks {record.get('masks', 'tight')} --pool-size {record['pool_size']}",
+             f"--learning-rate {record['learning_rate']:g} --conv-in-lr-scale {record.get('conv_in_lr_scale', 1):g}"]
+    if record.get("add_share"):
+        parts.append(f"--add-share {record['add_share']:g}")
+    if record.get("init_from"):
+        parts.append(f"--init-from {record['init_from']}")
+    parts.append(f"--max-steps {record['step']} --threads 1")
+    return " ".join(parts)
+
+
+def history(record: dict) -> list[dict]:
+    """The records of a run and the runs it went on from, oldest first."""
+    chain = []
+    while record:
+        chain.append(record)
+        record = record.get("parent")
+    return chain[::-1]
 
 
 def _relative(path: Path) -> str:
@@ -234,6 +312,16 @@ def main(argv=None):
     parser.add_argument("--pool-size", type=int, default=InpaintConfig.pool_size)
     parser.add_argument("--batch-size", type=int, default=InpaintConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=InpaintConfig.learning_rate)
+    parser.add_argument("--conv-in-lr-scale", type=float, default=InpaintConfig.conv_in_lr_scale,
+                        help="learning-rate multiple for conv_in (whose added channels start at zero)")
+    parser.add_argument("--add-share", type=float, default=InpaintConfig.add_share,
+                        help="share of each batch whose caption names an object the mask hides (0: as in the pool)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from another run folder's weights (fresh optimiser and schedule; the steps go on)")
+    parser.add_argument("--masks", choices=list(inpaint_data.MASK_RECIPES), default=InpaintConfig.masks,
+                        help="mask recipe of the pool (training/inpaint_data.py MASK_RECIPES)")
+    parser.add_argument("--pool-part", default=None, metavar="K/N",
+                        help="only encode every N-th pool chunk from the K-th, then exit (run N of these side by side)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
@@ -243,9 +331,11 @@ def main(argv=None):
     if args.export:
         export(args.out, args.export)
         return
-    config = InpaintConfig(pool_size=args.pool_size, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    config = InpaintConfig(pool_size=args.pool_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                           conv_in_lr_scale=args.conv_in_lr_scale, add_share=args.add_share, masks=args.masks)
     train(args.base, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
-          threads=args.threads)
+          threads=args.threads, init_from=args.init_from,
+          pool_part=tuple(int(v) for v in args.pool_part.split("/")) if args.pool_part else None)
 
 
 if __name__ == "__main__":
