@@ -130,7 +130,7 @@ def model_concurrency(engine, settings: AppSettings, *, zero_gpu: bool = False) 
     way (demo/cancelling.CancelRegistry). The README's throughput figures were measured with this setting."""
     if zero_gpu:
         return 1
-    batch = int(getattr(getattr(engine, "limits", None), "batch_requests", 1) or 1)
+    batch = engine.limits.batch_requests
     return max(1, min(max(batch, MODEL_EVENTS_ADMITTED), 1 + settings.queue_size))
 
 

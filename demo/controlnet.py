@@ -30,7 +30,7 @@ def preprocessors(control_type: str) -> list[tuple[str, str]]:
 
 
 def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
-    types = list(getattr(engine, "control_types", ())) or list(CONTROL_LABELS)
+    types = list(engine.control_types) or list(CONTROL_LABELS)
     first = types[0]
     with gr.Row():
         control_type = Dropdown([(CONTROL_LABELS.get(t, t), t) for t in types], value=first, label=label,
@@ -46,7 +46,7 @@ def _control_picker(engine, suffix: str = "", *, label: str = "Control type"):
 def build_tab(engine, *, studio: Studio | None = None) -> None:
     studio = studio or Studio()
     max_pixels = engine.limits.max_image_pixels
-    if not getattr(engine, "control_types", ()):
+    if not engine.control_types:
         gr.Markdown("⚠ This model has no ControlNets loaded yet; Preview still works for edges.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):

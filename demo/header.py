@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from demo.settings_box import vocabulary
-
 INTRO = ("A latent diffusion model (LDM) encodes an image into a small latent with a VAE, denoises random "
          "latents step by step with a text-conditioned U-Net, and decodes the result. Every tab below uses "
          "the same loaded model.")
@@ -21,7 +19,7 @@ def model_line(info: dict) -> str:
 def build_header(engine) -> None:
     info = engine.info()
     gr.Markdown(f"# Latent Diffusion Studio\n{INTRO}\n\n{model_line(info)}", elem_id="lds-header")
-    vocab = vocabulary(engine)
+    vocab = engine.vocabulary()
     if vocab:
         with gr.Accordion(f"The model's vocabulary ({len(vocab)} words)", open=False):
             gr.Markdown(", ".join(f"`{w}`" for w in vocab))

@@ -153,7 +153,7 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
     status = f"Done: {len(result.images)} image(s) in {seconds:.1f} s · seed {result.params.get('seed')}"
     if first is not None:
         status += f" · {first.width}x{first.height}"
-    unknown = engine.unknown_words(kwargs.get("prompt") or "") if hasattr(engine, "unknown_words") else []
+    unknown = engine.unknown_words(kwargs.get("prompt") or "")
     if unknown:
         status += f"\n\n⚠ Words the model does not know were ignored: {', '.join(unknown)}"
     for note in result.params.get("warnings", []) or []:

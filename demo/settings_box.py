@@ -44,7 +44,7 @@ def size_choices(engine) -> tuple[int, int, int]:
     preset = engine.preset
     limit = engine.limits.max_size or preset.max_size
     maximum = min(preset.max_size, limit)
-    multiple = int(getattr(engine, "size_multiple", 8) or 8)
+    multiple = engine.size_multiple
     minimum = max(multiple, (preset.default_size // 4) // multiple * multiple)
     return minimum, maximum, multiple
 
@@ -72,7 +72,7 @@ def common_settings(
         with gr.Row():
             scheduler = Dropdown(
                 label="Scheduler",
-                choices=list(getattr(engine, "scheduler_names", preset.scheduler_names)),
+                choices=list(engine.scheduler_names),
                 value=preset.default_scheduler,
                 elem_id=f"{tab}-scheduler",
             )
@@ -153,10 +153,10 @@ def unknown_words_warning(engine, prompt: gr.Textbox) -> gr.Markdown:
     box = gr.Markdown("", visible=False, elem_classes=["lds-warning"])
 
     def check(text: str):
-        words = engine.unknown_words(text or "") if hasattr(engine, "unknown_words") else []
+        words = engine.unknown_words(text or "")
         if not words:
             return gr.Markdown(value="", visible=False)
-        vocab = vocabulary(engine)
+        vocab = engine.vocabulary()
         listed = f" Known words: {', '.join(vocab)}." if vocab else ""
         return gr.Markdown(value=f"⚠ The model does not know: **{', '.join(words)}**; they are ignored.{listed}",
                            visible=True)
@@ -164,11 +164,6 @@ def unknown_words_warning(engine, prompt: gr.Textbox) -> gr.Markdown:
     prompt.change(check, prompt, box, trigger_mode="always_last", **UI_EVENT)
     return box
 
-
-def vocabulary(engine) -> list[str]:
-    info = engine.info() if hasattr(engine, "info") else {}
-    vocab = info.get("vocabulary") or getattr(engine, "vocabulary", None) or []
-    return list(vocab() if callable(vocab) else vocab)
 
 
 def resolve_seed(engine, seed) -> int:

@@ -20,7 +20,7 @@ STRENGTH_DEFAULT = 0.6  # how far the image is noised before restyling: 0 keeps 
 def build_tab(engine, *, studio: Studio | None = None) -> None:
     studio = studio or Studio()
     styles = list(engine.preset.style_presets)
-    controls_available = [c for c in CONTROLS if c[1] in getattr(engine, "control_types", ())]
+    controls_available = [c for c in CONTROLS if c[1] in engine.control_types]
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             image = safe_image(label="Content image", type="pil", image_mode=None, format="png",

@@ -97,7 +97,7 @@ class RequestBatcher:
         """The leader and the waiting requests that can share its call. The caller holds engine.lock: the
         adapters of every request looked at are worked out now; the ones taken keep theirs (they run in this
         same hold of the lock), the others drop them, since adapters may change before they run."""
-        limit = max(1, int(getattr(self.engine.limits, "batch_requests", 1)))
+        limit = max(1, self.engine.limits.batch_requests)
         with self._cond:
             key = self._key(leader)
             batch, images = [leader], leader.count

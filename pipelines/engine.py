@@ -129,6 +129,7 @@ class Engine:
             PREVIEW_EVERY_S  # live previews at most this often (0: every step); see run.PreviewClock
         )
         self.preview_cost_s = 0.0  # what the last live preview took (PreviewClock spaces previews by it)
+        self.safety = None  # the safety checker of a public deployment (pipelines/safety.py), set by the app
         self.batcher = RequestBatcher(self)  # merges queued compatible txt2img requests (limits.batch_requests)
         self.adapters = AdapterSet(self)  # fine-tuned / loaded LoRAs and U-Nets, each used by prompts with its word
         _quiet_from_pipe_warnings()

@@ -11,15 +11,15 @@ from PIL import Image
 from pipelines.common import Cancelled, InputError, ModelError
 from pipelines.request import Request
 from pipelines.safety import screen
-from pipelines.settings import PREVIEW_EVERY_S
 
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int, "Image.Image | None"], None]
 
-# A live preview is made at most every PREVIEW_EVERY_S (the UI shows no more than that), and only while
-# previews take at most PREVIEW_COST_SHARE of the run: a small model's real VAE decode costs about as much as
-# a U-Net step or two, so a preview at every step would slow a run several times. Steps without one get None.
+# A live preview is made at most every engine.preview_every_s (settings.PREVIEW_EVERY_S unless changed: the UI
+# shows no more than that), and only while previews take at most PREVIEW_COST_SHARE of the run: a small
+# model's real VAE decode costs about as much as a U-Net step or two, so a preview at every step would slow
+# a run several times. Steps without one get None.
 PREVIEW_COST_SHARE = 0.05
 
 
@@ -30,8 +30,8 @@ class PreviewClock:
 
     def __init__(self, engine):
         self.engine = engine
-        self.every_s = float(getattr(engine, "preview_every_s", PREVIEW_EVERY_S))
-        self.next_at = time.perf_counter() + self._gap(float(getattr(engine, "preview_cost_s", 0.0)))
+        self.every_s = float(engine.preview_every_s)
+        self.next_at = time.perf_counter() + self._gap(float(engine.preview_cost_s))
 
     def _gap(self, cost_s: float) -> float:
         return max(self.every_s, cost_s / PREVIEW_COST_SHARE)

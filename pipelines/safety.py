@@ -82,7 +82,7 @@ def _load(source: str, preset_name: str, device: str, dtype: torch.dtype) -> Saf
 
 def screen(engine, images: list[Any]) -> list[Any]:
     """The engine's safety checker over a model call's output images (unchanged when it has none)."""
-    checker = getattr(engine, "safety", None)
+    checker = engine.safety
     if checker is None or not images:
         return images
     return engine.compute.run(checker.screen, images)
