@@ -14,6 +14,11 @@ TAB = "inpaint"
 MASK_COLOUR = "#ff00ff"  # any painted pixel counts as mask; magenta shows on every Shapes background
 STRENGTH_DEFAULT = 1.0  # 1 = repaint the masked area from pure noise
 MASK_BLUR_MAX = 16  # pixels
+# Examples with a painted mask (assets/examples, made by scripts/make_examples.py): (mask layer, scene, prompt).
+# The prompt names only what to paint; the mask says where: add in an empty area, replace an object, remove one.
+EXAMPLES = (("mask_add", "scene_a", "a big green star"), ("mask_replace", "scene_d", "a yellow star"),
+            ("mask_remove", "person", "at night"))
+EXAMPLE_SIZE = "_256"  # file suffix of the example pictures: 4x copies, easier to paint on (inpainted at 64 px)
 
 
 def build_tab(engine, *, studio: Studio | None = None) -> None:
@@ -72,11 +77,17 @@ def build_tab(engine, *, studio: Studio | None = None) -> None:
                                                image_mode=None, format="png", height=200, sources=("upload",),
                                                elem_classes=["lds-pixelated"], max_pixels=max_pixels)
             settings = common_settings(engine, tab=TAB, size=False)
-            examples = example_files("scene_a_256.png", "scene_d_256.png", "person_256.png")
-            if examples:
-                prompts = ["a blue square", "a yellow star", "a green person waving"]
-                gr.Examples([[path, p] for path, p in zip(examples, prompts)], inputs=[editor, prompt],
-                            label="Examples (then paint a mask)")
+            rows = []
+            for layer, scene, text in EXAMPLES:
+                files = example_files(
+                    *(f"{name}{EXAMPLE_SIZE}.png" for name in (scene, layer, f"{layer}_composite"))
+                )
+                if len(files) == 3:
+                    rows.append([{"background": files[0], "layers": [files[1]], "composite": files[2]}, text])
+            if rows:
+                gr.Examples(
+                    rows, inputs=[editor, prompt], label="Examples (the mask is painted; paint your own over it)"
+                )
         with gr.Column(scale=3):
             panel = output_panel(TAB, studio, generate_label="Inpaint")
 

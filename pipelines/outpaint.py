@@ -49,6 +49,7 @@ def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bott
 
     # 4. Inpaint the canvas, then 5. fade from the original into the new area over the overlap band
     images, request, kind = run_inpaint(engine, canvas, binary, settings=settings, strength=strength,
+                                        picture_size=original.size,
                                         on_step=on_step, cancel=cancel)
     soft = preprocess.feather(binary, OVERLAP)  # (H', W'): 0 on the original, 255 from the old border out
     images = [preprocess.composite(canvas, generated, soft) for generated in images]

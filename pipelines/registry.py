@@ -33,6 +33,9 @@ class ModelPreset:
     scheduler_names: tuple[str, ...] = COMMON_SCHEDULERS
     controlnets: dict[str, str] = field(default_factory=dict)  # control type ("canny"|"depth"|"pose") -> id or path
     inpaint_model: str | None = None  # optional dedicated 9-channel inpainting model (its unet is used)
+    # Inpaint and Outpaint scale the user's picture so its long side is at most this (the scale the model inpaints
+    # well at; the canvas around an outpainted picture scales with it); None: only the size limit applies
+    inpaint_size: int | None = None
     lora: str | None = None  # optional LoRA fused into the U-Net at load time (LCM-LoRA)
     style_presets: dict[str, str] = field(default_factory=dict)  # style name -> prompt suffix
     annotators: str | None = None  # hub id (controlnet_aux) or local folder of the depth/pose annotators
@@ -88,6 +91,7 @@ PRESETS = MappingProxyType(
             default_scheduler="DPM++ 2M",
             controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
             inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base
+            inpaint_size=64,  # trained on 64x64 scenes: a picture at another scale gets stray backgrounds
             style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
             annotators=str(MODELS_DIR / "shapes-annotators"),
             example_prompts=(

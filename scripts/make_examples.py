@@ -41,6 +41,24 @@ def save(array, name: str, *, upscaled: bool = True) -> None:
         big.save(OUT / f"{name}_256.png", optimize=True)
 
 
+# The painted mask of each Inpaint tab example (demo.inpaint.EXAMPLES: the scene and the prompt): a box at 64x64,
+# over an empty area (add), an object (replace) and the person (remove).
+MASK_BOXES = {"mask_add": (42, 2, 62, 26), "mask_replace": (26, 35, 46, 54), "mask_remove": (32, 13, 64, 53)}
+MASK_RGBA = (255, 0, 255, 255)  # demo/inpaint.MASK_COLOUR, opaque
+
+
+def save_mask_layer(box: tuple[int, int, int, int], name: str, scene: Image.Image) -> None:
+    """An RGBA layer, transparent but for the box painted in the brush colour, and the editor's composite (the
+    scene with the layer on top), at 64 px and 4x."""
+    layer = Image.new("RGBA", (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), (0, 0, 0, 0))
+    layer.paste(MASK_RGBA, box)
+    composite = Image.alpha_composite(scene.convert("RGBA"), layer)
+    for image, suffix in ((layer, ""), (composite, "_composite")):
+        image.save(OUT / f"{name}{suffix}.png", optimize=True)
+        big = image.resize((image.width * UPSCALE, image.height * UPSCALE), Image.NEAREST)
+        big.save(OUT / f"{name}{suffix}_256.png", optimize=True)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     scenes = dict(SCENES, person=find_person_seed(100))
@@ -54,6 +72,11 @@ def main() -> None:
     first = shapes.sample(scenes["scene_a"])
     save(first.canny, "control_canny", upscaled=False)
     save(first.depth_image, "control_depth", upscaled=False)
+    from demo.inpaint import EXAMPLES
+
+    for name, scene, prompt in EXAMPLES:
+        save_mask_layer(MASK_BOXES[name], name, Image.open(OUT / f"{scene}.png"))
+        captions.append(f"{name}.png\tmask over {scene}.png {MASK_BOXES[name]}\t{prompt}")
     (OUT / "captions.txt").write_text("\n".join(captions) + "\n")
     print("\n".join(captions))
 
