@@ -25,6 +25,7 @@ Scenes come from seeds at or above `common.HELD_OUT_SEED` and masks from at or a
 `inpaint_data.HELD_OUT_MASK_SEED`; the validation and test splits are disjoint, and the script checks that no
 seed of a split is one the trainer used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipelines.outpaint import OVERLAP
 from training import inpaint_data, shapes
 from training.common import HELD_OUT_SEED, save_grid
-from pipelines.outpaint import OVERLAP
 from training.evaluate import EVAL_BACKGROUNDS, find_objects
 
 SPLITS = {"validation": HELD_OUT_SEED + 600_000, "test": HELD_OUT_SEED + 700_000}  # first scene seed of each
@@ -67,6 +68,7 @@ class Case:
 
 
 # ----------------------------------------------------------------------------- held-out cases
+
 
 def check_split(seeds: list[int], mask_seeds: list[int], trained_pool: int | None) -> None:
     """Evaluation scenes and masks never come from the trainer's seeds (scene seed i, mask seed i for i < pool)."""
@@ -117,7 +119,9 @@ def _other_pair(rng: np.random.Generator, exclude: tuple[str, str]) -> tuple[str
             return colour, shape
 
 
-def _with_object(scene: shapes.Scene, colour: str, shape: str, size: str, centre, drop: int | None = None) -> np.ndarray:
+def _with_object(
+    scene: shapes.Scene, colour: str, shape: str, size: str, centre, drop: int | None = None
+) -> np.ndarray:
     objects = [o for i, o in enumerate(scene.objects) if i != drop]
     objects.append(shapes.SceneObject(shape, colour, size, centre))
     return shapes.render(replace(scene, objects=objects)).image
@@ -162,7 +166,8 @@ def build_cases(split: str, count: int) -> list[Case]:
             if task == "replace":
                 want = _other_pair(rng, (obj.colour, obj.kind))
                 sized = rng.random() < 0.5
-                prompt = f"{shapes.article(obj.size if sized else want[0])} {obj.size + ' ' if sized else ''}{want[0]} {want[1]}"
+                words = ([obj.size] if sized else []) + list(want)
+                prompt = f"{shapes.article(words[0])} {' '.join(words)}"
                 truth = _with_object(scene, *want, obj.size, obj.centre, drop=index)
                 cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth))
             else:
@@ -175,14 +180,18 @@ def build_cases(split: str, count: int) -> list[Case]:
             if sides.get("left", 0) + sides.get("right", 0) > 40 or sides.get("top", 0) + sides.get("bottom", 0) > 40:
                 continue
             size = shapes.IMAGE_SIZE
-            crop = sample.image[sides.get("top", 0):size - sides.get("bottom", 0), sides.get("left", 0):size - sides.get("right", 0)]
+            crop = sample.image[
+                sides.get("top", 0) : size - sides.get("bottom", 0),
+                sides.get("left", 0) : size - sides.get("right", 0),
+            ]
             wrong = rng.random() < 1 / 3
             background = scene.background
             if wrong:
                 background = str(rng.choice([b for b in EVAL_BACKGROUNDS if b != scene.background]))
             prompt = inpaint_data._with_background(scene, background) if wrong else scene.caption
-            cases[task].append(Case(task, seed, scene, crop.copy(), prompt, sides=sides, truth=sample.image,
-                                    wrong_background=wrong))
+            cases[task].append(
+                Case(task, seed, scene, crop.copy(), prompt, sides=sides, truth=sample.image, wrong_background=wrong)
+            )
     out = [c for t in TASKS for c in cases[t]]
     check_split([c.seed for c in out], [inpaint_data.HELD_OUT_MASK_SEED + c.seed for c in out], None)
     return out
@@ -190,10 +199,14 @@ def build_cases(split: str, count: int) -> list[Case]:
 
 # ----------------------------------------------------------------------------- measures
 
+
 def _found_inside(image: np.ndarray, background: str, mask: np.ndarray):
     grown = inpaint_data.grow(mask, CENTRE_SLACK_PX)
-    return [f for f in find_objects(image, background)
-            if grown[min(63, int(round(f.centroid[1]))), min(63, int(round(f.centroid[0])))]]
+    return [
+        f
+        for f in find_objects(image, background)
+        if grown[min(63, int(round(f.centroid[1]))), min(63, int(round(f.centroid[0])))]
+    ]
 
 
 def edge_strength(image: np.ndarray, band: np.ndarray) -> float:
@@ -201,7 +214,7 @@ def edge_strength(image: np.ndarray, band: np.ndarray) -> float:
     rgb = image.astype(np.float32)
     gx = np.stack([cv2.Sobel(rgb[..., c], cv2.CV_32F, 1, 0, ksize=3) for c in range(3)], -1)
     gy = np.stack([cv2.Sobel(rgb[..., c], cv2.CV_32F, 0, 1, ksize=3) for c in range(3)], -1)
-    magnitude = np.sqrt(gx ** 2 + gy ** 2).max(axis=2)
+    magnitude = np.sqrt(gx**2 + gy**2).max(axis=2)
     return float(magnitude[band].mean()) if band.any() else 0.0
 
 
@@ -230,32 +243,45 @@ def judge_inpaint(case: Case, result: np.ndarray) -> dict:
 def judge_outpaint(case: Case, result: np.ndarray) -> dict:
     size = shapes.IMAGE_SIZE
     new = np.ones((size, size), bool)
-    new[case.sides.get("top", 0):size - case.sides.get("bottom", 0), case.sides.get("left", 0):size - case.sides.get("right", 0)] = False
+    new[
+        case.sides.get("top", 0) : size - case.sides.get("bottom", 0),
+        case.sides.get("left", 0) : size - case.sides.get("right", 0),
+    ] = False
     objects = np.zeros((size, size), bool)
     for obj in case.scene.objects:
         objects |= inpaint_data.coverage(obj) > 0.05
     background = new & ~inpaint_data.grow(objects, 2)
     close = np.abs(result.astype(np.int16) - case.truth.astype(np.int16)).max(axis=2) <= CONTINUITY_TOLERANCE
     kept = ~inpaint_data.grow(new, OVERLAP)  # the original fades into the new area over the overlap band
-    verdict: dict = {"outpaint": float(close[background].mean()) >= PASS_SHARE if background.any() else True,
-                     "keep": bool((result[kept] == case.truth[kept]).all())}
+    verdict: dict = {
+        "outpaint": float(close[background].mean()) >= PASS_SHARE if background.any() else True,
+        "keep": bool((result[kept] == case.truth[kept]).all()),
+    }
     # Objects the border cut: what the checker reads on the ground truth near the new area must be read on the
     # result too (same colour and shape, centre within OBJECT_SLACK_PX)
     near_new = inpaint_data.grow(new, 6)
-    cut = [f for f in find_objects(case.truth, case.scene.background)
-           if near_new[min(63, int(round(f.centroid[1]))), min(63, int(round(f.centroid[0])))]]
+    cut = [
+        f
+        for f in find_objects(case.truth, case.scene.background)
+        if near_new[min(63, int(round(f.centroid[1]))), min(63, int(round(f.centroid[0])))]
+    ]
     if cut:
         found = find_objects(result, case.scene.background)
         verdict["outpaint_objects"] = all(
-            any((f.colour, f.shape) == (c.colour, c.shape)
+            any(
+                (f.colour, f.shape) == (c.colour, c.shape)
                 and np.hypot(f.centroid[0] - c.centroid[0], f.centroid[1] - c.centroid[1]) < OBJECT_SLACK_PX
-                for f in found) for c in cut)
+                for f in found
+            )
+            for c in cut
+        )
     if case.wrong_background:
         verdict["outpaint_other_background"] = verdict["outpaint"]
     return verdict
 
 
 # ----------------------------------------------------------------------------- running
+
 
 def make_engines(inpaint_model: str | None, threads: int):
     from pipelines.engine import Engine
@@ -266,8 +292,10 @@ def make_engines(inpaint_model: str | None, threads: int):
         preset = replace(preset, inpaint_model=str(inpaint_model))
     if not preset.inpaint_model:
         raise SystemExit("no inpainting model: train one (python -m training.train_inpaint) or pass --inpaint-model")
-    return {"inpainting U-Net": Engine(preset, device="cpu", threads=threads),
-            "latent blending": Engine(replace(preset, inpaint_model=None), device="cpu", threads=threads)}
+    return {
+        "inpainting U-Net": Engine(preset, device="cpu", threads=threads),
+        "latent blending": Engine(replace(preset, inpaint_model=None), device="cpu", threads=threads),
+    }
 
 
 def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | None, steps: int | None) -> np.ndarray:
@@ -275,13 +303,22 @@ def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | N
     from pipelines.outpaint import outpaint
     from pipelines.settings import DEFAULT_MASK_BLUR
 
-    settings = dict(prompt=case.prompt, seed=case.seed % 100_000, steps=steps or engine.preset.default_steps,
-                    guidance=engine.preset.default_guidance if guidance is None else guidance)
+    settings = dict(
+        prompt=case.prompt,
+        seed=case.seed % 100_000,
+        steps=steps or engine.preset.default_steps,
+        guidance=engine.preset.default_guidance if guidance is None else guidance,
+    )
     if case.task == "outpaint":
         result = outpaint(engine, image=Image.fromarray(case.image), **case.sides, **settings)
     else:
-        result = inpaint(engine, image=Image.fromarray(case.image), mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
-                         mask_blur=DEFAULT_MASK_BLUR if mask_blur is None else mask_blur, **settings)
+        result = inpaint(
+            engine,
+            image=Image.fromarray(case.image),
+            mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
+            mask_blur=DEFAULT_MASK_BLUR if mask_blur is None else mask_blur,
+            **settings,
+        )
     return np.asarray(result.images[0].convert("RGB"))
 
 
@@ -303,17 +340,34 @@ def summarise(verdicts: list[dict]) -> dict[str, float]:
         values = [v[key] for v in verdicts if key in v]
         out[key] = float(np.mean(values)) if values else float("nan")
     seams = [(v["seam"], v["seam_truth"]) for v in verdicts if "seam" in v]
-    out["seam_ratio"] = float(np.mean([s for s, _ in seams]) / max(1e-6, np.mean([t for _, t in seams]))) if seams else float("nan")
+    out["seam_ratio"] = (
+        float(np.mean([s for s, _ in seams]) / max(1e-6, np.mean([t for _, t in seams]))) if seams else float("nan")
+    )
     return out
 
 
-def evaluate(split: str, count: int, *, inpaint_model=None, guidance=None, mask_blur=None, steps=None, threads=1,
-             grid: Path | None = None, methods=None) -> dict[str, dict[str, float]]:
+def evaluate(
+    split: str,
+    count: int,
+    *,
+    inpaint_model=None,
+    guidance=None,
+    mask_blur=None,
+    steps=None,
+    threads=1,
+    grid: Path | None = None,
+    methods=None,
+) -> dict[str, dict[str, float]]:
     cases = build_cases(split, count)
     engines = make_engines(inpaint_model, threads)
-    record = json.loads((Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").read_text()) \
-        if (Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").is_file() else {}
-    check_split([c.seed for c in cases], [inpaint_data.HELD_OUT_MASK_SEED + c.seed for c in cases], record.get("pool_size"))
+    record = (
+        json.loads((Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").read_text())
+        if (Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").is_file()
+        else {}
+    )
+    check_split(
+        [c.seed for c in cases], [inpaint_data.HELD_OUT_MASK_SEED + c.seed for c in cases], record.get("pool_size")
+    )
     results: dict[str, dict[str, float]] = {}
     tiles = []
     for name, engine in engines.items():
@@ -371,7 +425,9 @@ def curve(log: Path) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation: dict | None, run: Path | None) -> Path:
+def write_card(
+    folder: Path, test: dict, truth: dict, count: int, *, validation: dict | None, run: Path | None
+) -> Path:
     """README.md of the shipped inpainting model: what it is, how it was made, its held-out scores."""
     folder = Path(folder)
     record = json.loads((folder / "training.json").read_text())
@@ -380,14 +436,17 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
     from training.train_inpaint import command, history
 
     runs = history(record)
+    out = record.get("out", "runs/inpaint")
     sections = [
         "# Shapes inpainting U-Net (built-in)",
         "",
-        "The Inpaint and Outpaint tabs (and Explain's inpainting) of the built-in `shapes` preset run this U-Net. It is "
+        "The Inpaint and Outpaint tabs (and Explain's inpainting) of the built-in `shapes` preset run this U-Net. "
+        "It is "
         f"the base model's U-Net ({base}, step {record['base_step']}) with 9 input channels, as in Stable Diffusion's "
         "inpainting model: the noisy latents (4), the mask at latent size (1) and the latents of the picture with the "
         "masked area greyed out (4). The VAE, text encoder, tokenizer and scheduler are the base model's, shared in "
-        "memory by the engine. It is loaded with `UNet2DConditionModel.from_pretrained(<this folder>, subfolder=\"unet\")`.",
+        "memory by the engine. It is loaded with "
+        "`UNet2DConditionModel.from_pretrained(<this folder>, subfolder=\"unet\")`.",
         "",
         "## Training",
         "- Initialised from the base U-Net; the 5 added input channels start at zero, so at step 0 it computes "
@@ -397,9 +456,13 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "",
         "| run | steps | mask recipe | pool | learning rate | conv_in rate | batches naming a hidden object |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {r.get('out', '?')} | {r['parent']['step'] if r.get('parent') else 0} -> {r['step']} | {r.get('masks', 'tight')} "
-          f"| {r['pool_size']} | {r['learning_rate']:g} | x{r.get('conv_in_lr_scale', 1):g} | "
-          f"{'as in the pool' if not r.get('add_share') else format(r['add_share'], '.0%')} |" for r in runs],
+        *[
+            f"| {r.get('out', '?')} | {r['parent']['step'] if r.get('parent') else 0} -> {r['step']} "
+            f"| {r.get('masks', 'tight')} "
+            f"| {r['pool_size']} | {r['learning_rate']:g} | x{r.get('conv_in_lr_scale', 1):g} | "
+            f"{'as in the pool' if not r.get('add_share') else format(r['add_share'], '.0%')} |"
+            for r in runs
+        ],
         "",
         f"- Data (`training/inpaint_data.py`): examples from training scenes (seeds below {HELD_OUT_SEED}), each "
         "encoded once: masks like people paint (boxes around an object, loose boxes and ellipses with the object "
@@ -417,7 +480,8 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
     sections += [
         "",
         "## Held-out evaluation (`python -m training.evaluate_inpaint`)",
-        f"Test split, {count} cases per task, the tabs' defaults (20 DPM-Solver++ steps, guidance 2.5, mask blur 1 px, "
+        f"Test split, {count} cases per task, the tabs' defaults (20 DPM-Solver++ steps, guidance 2.5, "
+        "mask blur 1 px, "
         "outpaint overlap 8 px). Scenes and masks come from seeds the trainer never used (the script checks it), and "
         "prompts never say where: the mask does. Baseline: the same app path with latent blending on the base U-Net.",
         "",
@@ -426,7 +490,8 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "The measures (`training/evaluate_inpaint.py`): add and replace = the requested colour and shape found by the "
         "checker with its centre inside the mask; remove = nothing found inside the mask and 90% of its pixels within "
         f"{REMOVE_TOLERANCE} levels of the scene rendered without the object; keep = pixels outside the mask "
-        "byte-identical; seam_ratio = mean gradient on the mask's edge over the same on the ground-truth render of the "
+        "byte-identical; seam_ratio = mean gradient on the mask's edge over the same on the ground-truth render of "
+        "the "
         "finished scene; outpaint = 90% of the new area's background pixels within "
         f"{CONTINUITY_TOLERANCE} levels of the ground truth (outpaint_other_background: the cases whose prompt names "
         "another background); outpaint_objects = objects cut by the old border come back with colour and shape.",
@@ -436,8 +501,14 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         table({"ground truth": truth}),
     ]
     if validation:
-        sections += ["", "## Settings chosen on the validation split", "",
-                     "Only the inpainting U-Net, validation split (disjoint from test):", "", table(validation)]
+        sections += [
+            "",
+            "## Settings chosen on the validation split",
+            "",
+            "Only the inpainting U-Net, validation split (disjoint from test):",
+            "",
+            table(validation),
+        ]
     sections += [
         "",
         "## Limits",
@@ -450,9 +521,11 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "## Reproduce",
         "```bash",
         *[command(r) for r in runs],
-        f"python -m training.train_inpaint --out {record.get('out', 'runs/inpaint')} --export assets/models/shapes-inpaint",
-        "python -m training.evaluate_inpaint --split validation --sweep guidance=1.5,2.5,4 --json runs/inpaint/validation.json",
-        f"python -m training.evaluate_inpaint --write-card assets/models/shapes-inpaint --validation runs/inpaint/validation.json --run {record.get('out', 'runs/inpaint')}",
+        f"python -m training.train_inpaint --out {out} --export assets/models/shapes-inpaint",
+        f"python -m training.evaluate_inpaint --split validation --sweep guidance=1.5,2.5,4 "
+        f"--json {out}/validation.json",
+        f"python -m training.evaluate_inpaint --write-card assets/models/shapes-inpaint "
+        f"--validation {out}/validation.json --run {out}",
         "```",
     ]
     path = folder / "README.md"
@@ -464,7 +537,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=list(SPLITS), default="test")
     parser.add_argument("--count", type=int, default=60, help="cases per task (add, replace, remove, outpaint)")
-    parser.add_argument("--inpaint-model", default=None, help="an inpainting model folder (unet/ inside); default: the shipped one")
+    parser.add_argument(
+        "--inpaint-model", default=None, help="an inpainting model folder (unet/ inside); default: the shipped one"
+    )
     parser.add_argument("--guidance", type=float, default=None, help="default: the preset's")
     parser.add_argument("--mask-blur", type=float, default=None, help="default: the Inpaint tab's")
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
@@ -472,11 +547,22 @@ def main(argv=None):
     parser.add_argument("--only", choices=("inpainting U-Net", "latent blending"), default=None)
     parser.add_argument("--grid", type=Path, default=None, help="save (input, result) pairs of the first cases")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores as JSON")
-    parser.add_argument("--check-truth", action="store_true", help="score the ground truth instead, list the misreads, exit")
-    parser.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
-                        help="score the inpainting U-Net at each value of guidance, mask_blur or steps")
-    parser.add_argument("--write-card", type=Path, default=None, metavar="FOLDER",
-                        help="evaluate the test split and write FOLDER/README.md (the model card)")
+    parser.add_argument(
+        "--check-truth", action="store_true", help="score the ground truth instead, list the misreads, exit"
+    )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="score the inpainting U-Net at each value of guidance, mask_blur or steps",
+    )
+    parser.add_argument(
+        "--write-card",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="evaluate the test split and write FOLDER/README.md (the model card)",
+    )
     parser.add_argument("--validation", type=Path, default=None, help="a --sweep --json file to show in the card")
     parser.add_argument("--run", type=Path, default=None, help="the training run folder whose log.csv the card plots")
     args = parser.parse_args(argv)
@@ -484,8 +570,14 @@ def main(argv=None):
         name, _, values = args.sweep.partition("=")
         if name not in ("guidance", "mask_blur", "steps"):
             parser.error(f"--sweep {args.sweep!r}: sweep guidance, mask_blur or steps")
-        results = sweep(args.split, args.count, name, [float(v) for v in values.split(",")],
-                        inpaint_model=args.inpaint_model, threads=args.threads)
+        results = sweep(
+            args.split,
+            args.count,
+            name,
+            [float(v) for v in values.split(",")],
+            inpaint_model=args.inpaint_model,
+            threads=args.threads,
+        )
         print(f"split {args.split}, {args.count} cases per task")
         print(table(results))
         if args.json:
@@ -509,9 +601,17 @@ def main(argv=None):
             if failed or not verdict.get("keep", True):
                 print(f"misread: {case.task} seed {case.seed} prompt {case.prompt!r}: {verdict}")
         return
-    results = evaluate(args.split, args.count, inpaint_model=args.inpaint_model, guidance=args.guidance,
-                       mask_blur=args.mask_blur, steps=args.steps, threads=args.threads, grid=args.grid,
-                       methods=[args.only] if args.only else None)
+    results = evaluate(
+        args.split,
+        args.count,
+        inpaint_model=args.inpaint_model,
+        guidance=args.guidance,
+        mask_blur=args.mask_blur,
+        steps=args.steps,
+        threads=args.threads,
+        grid=args.grid,
+        methods=[args.only] if args.only else None,
+    )
     print(f"split {args.split}, {args.count} cases per task")
     print(table(results))
     if args.json:

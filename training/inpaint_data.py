@@ -12,6 +12,7 @@ out and learns to paint the target there. The rule it learns, everywhere the sam
 Scenes and masks are deterministic per seed. Training draws scenes below `common.HELD_OUT_SEED` and masks
 from seeds below `HELD_OUT_MASK_SEED`; `training.evaluate_inpaint` draws both from at or above them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -31,10 +32,25 @@ HIDDEN_SHARE = 0.85  # an object counts as hidden when the mask covers this shar
 # inside: how people mask an area for a new object, and what keeps the hole's outline from telling the object's
 # size and place ("tight" masks alone taught the U-Net to fill loose holes with background).
 MASK_RECIPES = {
-    "tight": {"object-box": 0.22, "object-shape": 0.12, "object-scribble": 0.12, "box": 0.14, "strokes": 0.12,
-              "band": 0.22, "full": 0.06},
-    "loose": {"object-box": 0.12, "object-loose": 0.22, "object-shape": 0.06, "object-scribble": 0.12, "box": 0.12,
-              "strokes": 0.1, "band": 0.2, "full": 0.06},
+    "tight": {
+        "object-box": 0.22,
+        "object-shape": 0.12,
+        "object-scribble": 0.12,
+        "box": 0.14,
+        "strokes": 0.12,
+        "band": 0.22,
+        "full": 0.06,
+    },
+    "loose": {
+        "object-box": 0.12,
+        "object-loose": 0.22,
+        "object-shape": 0.06,
+        "object-scribble": 0.12,
+        "box": 0.12,
+        "strokes": 0.1,
+        "band": 0.2,
+        "full": 0.06,
+    },
 }
 MASK_KINDS = MASK_RECIPES["loose"]  # the current recipe
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
@@ -57,6 +73,7 @@ class InpaintExample:
 
 # ----------------------------------------------------------------------------- object coverage and phrases
 
+
 def coverage(obj: shapes.SceneObject) -> np.ndarray:
     """(64, 64) float32 coverage of one scene object, as the renderer draws it."""
     if obj.kind == "person":
@@ -75,8 +92,9 @@ def hidden_objects(scene: shapes.Scene, mask: np.ndarray) -> list[int]:
     return hidden
 
 
-def object_phrase(obj: shapes.SceneObject, rng: np.random.Generator, *, size_share=0.6, style_share=0.7,
-                  position_share=0.2) -> str:
+def object_phrase(
+    obj: shapes.SceneObject, rng: np.random.Generator, *, size_share=0.6, style_share=0.7, position_share=0.2
+) -> str:
     """'a big green star', sometimes with its style or position, as a person names one object."""
     words = []
     if obj.kind != "person" and rng.random() < size_share:
@@ -94,8 +112,10 @@ def object_phrase(obj: shapes.SceneObject, rng: np.random.Generator, *, size_sha
 
 def position_name(centre: tuple[float, float]) -> str:
     """The caption position (a shapes.POSITIONS key) nearest to a centre."""
-    return min(shapes.POSITIONS, key=lambda p: (shapes.POSITIONS[p][1][0] - centre[0]) ** 2
-               + (shapes.POSITIONS[p][1][1] - centre[1]) ** 2)
+    return min(
+        shapes.POSITIONS,
+        key=lambda p: (shapes.POSITIONS[p][1][0] - centre[0]) ** 2 + (shapes.POSITIONS[p][1][1] - centre[1]) ** 2,
+    )
 
 
 def background_phrase(background: str) -> str:
@@ -108,9 +128,10 @@ def join(*parts: str) -> str:
 
 # ----------------------------------------------------------------------------- masks
 
+
 def box_mask(x0: float, y0: float, x1: float, y1: float, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
     mask = np.zeros((size, size), bool)
-    mask[max(0, int(round(y0))):max(0, int(round(y1))), max(0, int(round(x0))):max(0, int(round(x1)))] = True
+    mask[max(0, int(round(y0))) : max(0, int(round(y1))), max(0, int(round(x0))) : max(0, int(round(x1)))] = True
     return mask
 
 
@@ -173,17 +194,19 @@ def random_mask(kind: str, rng: np.random.Generator, size: int = shapes.IMAGE_SI
         return mask
     if kind == "band":  # outpainting: new borders on one to four sides
         mask = np.zeros((size, size), bool)
-        sides = [s for s in ("left", "right", "top", "bottom") if rng.random() < 0.4] or [str(rng.choice(["left", "right", "top", "bottom"]))]
+        sides = [s for s in ("left", "right", "top", "bottom") if rng.random() < 0.4] or [
+            str(rng.choice(["left", "right", "top", "bottom"]))
+        ]
         for side in sides:
             width = int(rng.integers(8, 33))
             if side == "left":
                 mask[:, :width] = True
             elif side == "right":
-                mask[:, size - width:] = True
+                mask[:, size - width :] = True
             elif side == "top":
                 mask[:width] = True
             else:
-                mask[size - width:] = True
+                mask[size - width :] = True
         return mask
     if kind == "full":
         return np.ones((size, size), bool)
@@ -197,6 +220,7 @@ def _choose(rng: np.random.Generator, table: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------- examples
+
 
 def render_without(scene: shapes.Scene, drop: list[int]) -> np.ndarray:
     """The scene rendered again without the objects at `drop`: the ground truth of removing them."""
@@ -231,8 +255,15 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
         if hidden:
             target = render_without(scene, hidden)
         caption = "" if mode == "empty" else bg_words
-    return InpaintExample(source=sample.image, mask=mask, caption=caption, target=target, mode=mode, mask_kind=mask_kind,
-                          hidden=len(hidden))
+    return InpaintExample(
+        source=sample.image,
+        mask=mask,
+        caption=caption,
+        target=target,
+        mode=mode,
+        mask_kind=mask_kind,
+        hidden=len(hidden),
+    )
 
 
 def _with_background(scene: shapes.Scene, background: str) -> str:

@@ -11,6 +11,7 @@ captions that name the whole scene, only the masked part or nothing) encoded onc
 base's); 4. an export that the engine loads as the preset's `inpaint_model` (its `unet/` folder).
 Re-run it after the base U-Net is retrained: it always starts from the base folder it is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training import inpaint_data, shapes
-from training.common import HELD_OUT_SEED, Checkpoint, LossLog, save_grid, set_threads, tensor_to_images
+from training import inpaint_data
+from training.common import HELD_OUT_SEED, Checkpoint, LossLog, save_grid, set_threads
 from training.train_ldm import SCHEDULE, loss_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,8 +76,15 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
 
 
 @torch.no_grad()
-def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64, part: tuple[int, int] | None = None,
-               recipe: str = "loose"):
+def build_pool(
+    vae,
+    tokenizer,
+    out_dir: Path,
+    size: int,
+    chunk: int = 64,
+    part: tuple[int, int] | None = None,
+    recipe: str = "loose",
+):
     """Encodes `size` training examples (scene seed i, mask seed i) in chunk files; resumes where it stopped.
     `part=(k, n)` builds only every n-th chunk from the k-th (several processes share the work) and loads none."""
     pool_dir = out_dir / "pool"
@@ -88,21 +96,40 @@ def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64, part: 
         if part is not None and (first // POOL_CHUNK) % part[1] != part[0]:
             continue
         if not path.exists():
-            examples = [inpaint_data.training_example(i, i, recipe) for i in range(first, min(first + POOL_CHUNK, size))]
+            examples = [
+                inpaint_data.training_example(i, i, recipe) for i in range(first, min(first + POOL_CHUNK, size))
+            ]
             target_mean, target_std, masked_mean, masked_std = [], [], [], []
             for at in range(0, len(examples), chunk):
-                group = examples[at:at + chunk]
+                group = examples[at : at + chunk]
                 targets = torch.from_numpy(np.stack([e.target for e in group])).permute(0, 3, 1, 2).float() / 127.5 - 1
-                masked = torch.from_numpy(np.stack([inpaint_data.masked_source(e.source, e.mask) for e in group])).permute(0, 3, 1, 2)
+                masked = torch.from_numpy(
+                    np.stack([inpaint_data.masked_source(e.source, e.mask) for e in group])
+                ).permute(0, 3, 1, 2)
                 t_post, m_post = vae.encode(targets).latent_dist, vae.encode(masked).latent_dist
-                target_mean.append(t_post.mean); target_std.append(t_post.std)
-                masked_mean.append(m_post.mean); masked_std.append(m_post.std)
-            ids = tokenizer([e.caption for e in examples], padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            torch.save({"target_mean": torch.cat(target_mean), "target_std": torch.cat(target_std),
-                        "masked_mean": torch.cat(masked_mean), "masked_std": torch.cat(masked_std),
-                        "mask": torch.from_numpy(np.stack([e.mask for e in examples]))[:, None],  # (N, 1, 64, 64) bool
-                        "ids": ids, "modes": [e.mode for e in examples]}, path)
+                target_mean.append(t_post.mean)
+                target_std.append(t_post.std)
+                masked_mean.append(m_post.mean)
+                masked_std.append(m_post.std)
+            ids = tokenizer(
+                [e.caption for e in examples],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            torch.save(
+                {
+                    "target_mean": torch.cat(target_mean),
+                    "target_std": torch.cat(target_std),
+                    "masked_mean": torch.cat(masked_mean),
+                    "masked_std": torch.cat(masked_std),
+                    "mask": torch.from_numpy(np.stack([e.mask for e in examples]))[:, None],  # (N, 1, 64, 64) bool
+                    "ids": ids,
+                    "modes": [e.mode for e in examples],
+                },
+                path,
+            )
             print(f"pool: {first + len(examples)}/{size} examples encoded ({time.time() - started:.0f} s)", flush=True)
         if part is None:
             parts.append(torch.load(path, weights_only=False))
@@ -112,8 +139,10 @@ def build_pool(vae, tokenizer, out_dir: Path, size: int, chunk: int = 64, part: 
 
 
 def validation_examples(count: int = GRID_EXAMPLES) -> list[inpaint_data.InpaintExample]:
-    return [inpaint_data.training_example(VALIDATION_SEED + i, inpaint_data.HELD_OUT_MASK_SEED + VALIDATION_SEED + i)
-            for i in range(count)]
+    return [
+        inpaint_data.training_example(VALIDATION_SEED + i, inpaint_data.HELD_OUT_MASK_SEED + VALIDATION_SEED + i)
+        for i in range(count)
+    ]
 
 
 @torch.no_grad()
@@ -122,23 +151,47 @@ def sample_grid(pipe, unet, path: Path, steps: int = 20, guidance: float = 2.5) 
     from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
-    view = StableDiffusionInpaintPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                          unet=unet, scheduler=pipe.scheduler, safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False)
+    view = StableDiffusionInpaintPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     view.set_progress_bar_config(disable=True)
     tiles = []
     for i, example in enumerate(validation_examples()):
-        out = view(prompt=example.caption, image=Image.fromarray(example.source),
-                   mask_image=Image.fromarray(example.mask.astype(np.uint8) * 255), num_inference_steps=steps,
-                   guidance_scale=guidance, generator=torch.Generator().manual_seed(i), output_type="np").images[0]
+        out = view(
+            prompt=example.caption,
+            image=Image.fromarray(example.source),
+            mask_image=Image.fromarray(example.mask.astype(np.uint8) * 255),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(i),
+            output_type="np",
+        ).images[0]
         shown = example.source.copy()
         shown[example.mask] = 128
         tiles += [shown, (out * 255).round().astype(np.uint8)]
     save_grid(np.stack(tiles), path, columns=8)
 
 
-def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, log_every=50, save_every=250,
-          seed=0, threads: int | None = None, init_from: Path | None = None, pool_part: tuple[int, int] | None = None):
+def train(
+    base: Path,
+    out_dir: Path,
+    max_steps: int,
+    config: InpaintConfig,
+    *,
+    log_every=50,
+    save_every=250,
+    seed=0,
+    threads: int | None = None,
+    init_from: Path | None = None,
+    pool_part: tuple[int, int] | None = None,
+):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     set_threads(threads)
@@ -146,21 +199,29 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
     torch.manual_seed(seed)
     # 1. The base pipeline (frozen VAE and text encoder) and the inflated U-Net.
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
-    vae, text_encoder, tokenizer = (m.eval().requires_grad_(False) if hasattr(m, "eval") else m
-                                    for m in (pipe.vae, pipe.text_encoder, pipe.tokenizer))
+    vae, text_encoder, tokenizer = (
+        m.eval().requires_grad_(False) if hasattr(m, "eval") else m
+        for m in (pipe.vae, pipe.text_encoder, pipe.tokenizer)
+    )
     unet = inflate_unet(pipe.unet).train()
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     conv_in = list(unet.conv_in.parameters())
     rest = [p for n, p in unet.named_parameters() if not n.startswith("conv_in.")]
-    opt = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": conv_in, "scale": config.conv_in_lr_scale}],
-                            lr=config.learning_rate, weight_decay=1e-2)
+    opt = torch.optim.AdamW(
+        [{"params": rest, "scale": 1.0}, {"params": conv_in, "scale": config.conv_in_lr_scale}],
+        lr=config.learning_rate,
+        weight_decay=1e-2,
+    )
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=pipe.scheduler.config.prediction_type)
     step = first_step = 0  # first_step: where this run's warm-up and cosine started
     checkpoint = Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
-        unet.load_state_dict(state["unet"]); ema_unet.load_state_dict(state["ema_unet"])
-        opt.load_state_dict(state["opt"]); step = state["step"]; first_step = state.get("first_step", 0)
+        unet.load_state_dict(state["unet"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        first_step = state.get("first_step", 0)
         print(f"resumed from {checkpoint.path} at step {step}")
     elif init_from is not None:
         # Go on from another run's weights with a fresh optimiser and schedule (e.g. another data mix); the
@@ -182,8 +243,11 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
     weights = sampling_weights(len(pool["ids"]), config.add_share, config.masks)
     log = LossLog(out_dir, ["loss", "lr"])
     generator = torch.Generator().manual_seed(seed + step)
-    print(f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters from {base} (step {base_step}), "
-          f"{len(pool['ids'])} examples", flush=True)
+    print(
+        f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters from {base} (step {base_step}), "
+        f"{len(pool['ids'])} examples",
+        flush=True,
+    )
 
     while step < max_steps:
         # 3. A batch: latents sampled from both posteriors, the mask at latent size, the captions encoded.
@@ -191,20 +255,35 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
             index = torch.randint(0, len(pool["ids"]), (config.batch_size,), generator=generator)
         else:
             index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
-        latents = (pool["target_mean"][index] + pool["target_std"][index] * torch.randn(pool["target_mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
-        masked = (pool["masked_mean"][index] + pool["masked_std"][index] * torch.randn(pool["masked_mean"][index].shape, generator=generator)) * scaling  # (B, 4, 16, 16)
+        latents = (
+            pool["target_mean"][index]
+            + pool["target_std"][index] * torch.randn(pool["target_mean"][index].shape, generator=generator)
+        ) * scaling  # (B, 4, 16, 16)
+        masked = (
+            pool["masked_mean"][index]
+            + pool["masked_std"][index] * torch.randn(pool["masked_mean"][index].shape, generator=generator)
+        ) * scaling  # (B, 4, 16, 16)
         mask = latent_mask(pool["mask"][index].float(), latent_size)  # (B, 1, 16, 16)
         with torch.no_grad():
             hidden = text_encoder(pool["ids"][index]).last_hidden_state  # (B, 24, 128)
 
         # 4. Noise at random timesteps; the U-Net sees (noisy, mask, masked) and predicts v.
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
+        )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(torch.cat([noisy, mask, masked], dim=1), timesteps, hidden).sample  # (B, 4, 16, 16)
-        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise
+            if noise_scheduler.config.prediction_type == "epsilon"
+            else noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, noise_scheduler.config.prediction_type)).mean()
+        loss = (
+            per_sample
+            * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, noise_scheduler.config.prediction_type)
+        ).mean()
 
         lr = config.learning_rate * min(1.0, (step + 1 - first_step) / config.warmup_steps)
         lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
@@ -223,10 +302,25 @@ def train(base: Path, out_dir: Path, max_steps: int, config: InpaintConfig, *, l
         if step % log_every == 0 or step == max_steps:
             log.write(step, loss=loss.item(), lr=lr)
         if step % save_every == 0 or step == max_steps:
-            checkpoint.save({"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(),
-                             "step": step, "first_step": first_step, "config": asdict(config)})
-            export_run(ema_unet, out_dir / "model", step=step, base=base, base_step=base_step, config=config,
-                       init_from=init_from)
+            checkpoint.save(
+                {
+                    "unet": unet.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "first_step": first_step,
+                    "config": asdict(config),
+                }
+            )
+            export_run(
+                ema_unet,
+                out_dir / "model",
+                step=step,
+                base=base,
+                base_step=base_step,
+                config=config,
+                init_from=init_from,
+            )
             sample_grid(pipe, ema_unet.eval(), out_dir / "samples" / f"step-{step:06d}.png")
     return ema_unet
 
@@ -247,8 +341,9 @@ def names_hidden_object(example: inpaint_data.InpaintExample) -> bool:
     return example.mode in ("scene", "part") and example.hidden > 0
 
 
-def export_run(unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig,
-               init_from: Path | None = None) -> None:
+def export_run(
+    unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig, init_from: Path | None = None
+) -> None:
     """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder and its step."""
     unet.save_pretrained(Path(target) / "unet", safe_serialization=True)
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
@@ -264,9 +359,11 @@ def export_run(unet, target: Path, *, step: int, base: Path, base_step: str, con
 
 def command(record: dict) -> str:
     """The train_inpaint command line that makes the run `record` (a training.json) describes."""
-    parts = [f"python -m training.train_inpaint --base {record['base']} --out {record.get('out', 'runs/inpaint')}",
-             f"--masks {record.get('masks', 'tight')} --pool-size {record['pool_size']}",
-             f"--learning-rate {record['learning_rate']:g} --conv-in-lr-scale {record.get('conv_in_lr_scale', 1):g}"]
+    parts = [
+        f"python -m training.train_inpaint --base {record['base']} --out {record.get('out', 'runs/inpaint')}",
+        f"--masks {record.get('masks', 'tight')} --pool-size {record['pool_size']}",
+        f"--learning-rate {record['learning_rate']:g} --conv-in-lr-scale {record.get('conv_in_lr_scale', 1):g}",
+    ]
     if record.get("add_share"):
         parts.append(f"--add-share {record['add_share']:g}")
     if record.get("init_from"):
@@ -306,36 +403,81 @@ def export(out_dir: Path, target: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the base pipeline folder whose U-Net is inflated")
-    parser.add_argument("--out", type=Path, default=Path("runs/inpaint"), help="run folder: pool, checkpoint, log, samples, model/")
-    parser.add_argument("--max-steps", type=int, default=3000, help="train until this step (resumes from the checkpoint)")
+    parser.add_argument(
+        "--base", type=Path, default=DEFAULT_BASE, help="the base pipeline folder whose U-Net is inflated"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/inpaint"), help="run folder: pool, checkpoint, log, samples, model/"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=3000, help="train until this step (resumes from the checkpoint)"
+    )
     parser.add_argument("--pool-size", type=int, default=InpaintConfig.pool_size)
     parser.add_argument("--batch-size", type=int, default=InpaintConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=InpaintConfig.learning_rate)
-    parser.add_argument("--conv-in-lr-scale", type=float, default=InpaintConfig.conv_in_lr_scale,
-                        help="learning-rate multiple for conv_in (whose added channels start at zero)")
-    parser.add_argument("--add-share", type=float, default=InpaintConfig.add_share,
-                        help="share of each batch whose caption names an object the mask hides (0: as in the pool)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from another run folder's weights (fresh optimiser and schedule; the steps go on)")
-    parser.add_argument("--masks", choices=list(inpaint_data.MASK_RECIPES), default=InpaintConfig.masks,
-                        help="mask recipe of the pool (training/inpaint_data.py MASK_RECIPES)")
-    parser.add_argument("--pool-part", default=None, metavar="K/N",
-                        help="only encode every N-th pool chunk from the K-th, then exit (run N of these side by side)")
+    parser.add_argument(
+        "--conv-in-lr-scale",
+        type=float,
+        default=InpaintConfig.conv_in_lr_scale,
+        help="learning-rate multiple for conv_in (whose added channels start at zero)",
+    )
+    parser.add_argument(
+        "--add-share",
+        type=float,
+        default=InpaintConfig.add_share,
+        help="share of each batch whose caption names an object the mask hides (0: as in the pool)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from another run folder's weights (fresh optimiser and schedule; the steps go on)",
+    )
+    parser.add_argument(
+        "--masks",
+        choices=list(inpaint_data.MASK_RECIPES),
+        default=InpaintConfig.masks,
+        help="mask recipe of the pool (training/inpaint_data.py MASK_RECIPES)",
+    )
+    parser.add_argument(
+        "--pool-part",
+        default=None,
+        metavar="K/N",
+        help="only encode every N-th pool chunk from the K-th, then exit (run N of these side by side)",
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--export", type=Path, default=None, metavar="FOLDER",
-                        help="copy the run's exported model to FOLDER (e.g. assets/models/shapes-inpaint) and exit")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="copy the run's exported model to FOLDER (e.g. assets/models/shapes-inpaint) and exit",
+    )
     args = parser.parse_args(argv)
     if args.export:
         export(args.out, args.export)
         return
-    config = InpaintConfig(pool_size=args.pool_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                           conv_in_lr_scale=args.conv_in_lr_scale, add_share=args.add_share, masks=args.masks)
-    train(args.base, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
-          threads=args.threads, init_from=args.init_from,
-          pool_part=tuple(int(v) for v in args.pool_part.split("/")) if args.pool_part else None)
+    config = InpaintConfig(
+        pool_size=args.pool_size,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        conv_in_lr_scale=args.conv_in_lr_scale,
+        add_share=args.add_share,
+        masks=args.masks,
+    )
+    train(
+        args.base,
+        args.out,
+        args.max_steps,
+        config,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        threads=args.threads,
+        init_from=args.init_from,
+        pool_part=tuple(int(v) for v in args.pool_part.split("/")) if args.pool_part else None,
+    )
 
 
 if __name__ == "__main__":
