@@ -42,8 +42,8 @@ def save(array, name: str, *, upscaled: bool = True) -> None:
 
 
 # The painted mask of each Inpaint tab example (demo.inpaint.EXAMPLES: the scene and the prompt): a box at 64x64,
-# over an empty area (add), an object (replace) and the person (remove).
-MASK_BOXES = {"mask_add": (42, 2, 62, 26), "mask_replace": (26, 35, 46, 54), "mask_remove": (32, 13, 64, 53)}
+# over the empty ground (add), an object (replace) and the person (remove).
+MASK_BOXES = {"mask_add": (38, 34, 60, 56), "mask_replace": (26, 35, 46, 54), "mask_remove": (32, 13, 64, 53)}
 MASK_RGBA = (255, 0, 255, 255)  # demo/inpaint.MASK_COLOUR, opaque
 
 
