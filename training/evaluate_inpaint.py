@@ -233,6 +233,11 @@ def judge_inpaint(case: Case, result: np.ndarray) -> dict:
     if case.task in ("add", "replace"):
         inside = _found_inside(result, case.scene.background, case.mask)
         verdict[case.task] = any((f.colour, f.shape) == case.want for f in inside)
+        # by what the scene holds already: the world never has 3 shapes, or a shape beside a person
+        if case.task == "add":
+            people = any(o.kind == "person" for o in case.scene.objects)
+            holds = "a person" if people else f"{len(case.scene.objects)} shape(s)"
+            verdict[f"add to {holds}"] = verdict["add"]
     else:
         inside = _found_inside(result, case.scene.background, case.mask)
         close = np.abs(result.astype(np.int16) - case.truth.astype(np.int16)).max(axis=2) <= REMOVE_TOLERANCE
@@ -336,7 +341,18 @@ def truth_scores(cases: list[Case]) -> tuple[dict[str, float], list[dict]]:
 
 def summarise(verdicts: list[dict]) -> dict[str, float]:
     out = {}
-    for key in ("add", "replace", "remove", "keep", "outpaint", "outpaint_other_background", "outpaint_objects"):
+    add_kinds = sorted({k for v in verdicts for k in v if k.startswith("add to ")})
+    keys = (
+        "add",
+        *add_kinds,
+        "replace",
+        "remove",
+        "keep",
+        "outpaint",
+        "outpaint_other_background",
+        "outpaint_objects",
+    )
+    for key in keys:
         values = [v[key] for v in verdicts if key in v]
         out[key] = float(np.mean(values)) if values else float("nan")
     seams = [(v["seam"], v["seam_truth"]) for v in verdicts if "seam" in v]
@@ -414,20 +430,18 @@ def sweep(split: str, count: int, name: str, values: list[float], **kwargs) -> d
     return out
 
 
-def curve(log: Path) -> str:
-    """The training loss, every 500 steps, from a run's log.csv."""
+def curve(logs: list[Path]) -> str:
+    """The training loss, every 500 steps, from the log.csv of each run (oldest first)."""
     import csv
 
-    rows = list(csv.DictReader(log.open()))
+    rows = [row for log in logs for row in csv.DictReader(log.open())]
     picked = [r for r in rows if int(r["step"]) % 500 == 0 or r is rows[-1]]
     lines = ["| step | loss (v-prediction, min-SNR weighted) | learning rate | s/step |", "|---|---|---|---|"]
     lines += [f"| {r['step']} | {float(r['loss']):.4f} | {float(r['lr']):.2e} | {r['s_per_step']} |" for r in picked]
     return "\n".join(lines)
 
 
-def write_card(
-    folder: Path, test: dict, truth: dict, count: int, *, validation: dict | None, run: Path | None
-) -> Path:
+def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation: dict | None) -> Path:
     """README.md of the shipped inpainting model: what it is, how it was made, its held-out scores."""
     folder = Path(folder)
     record = json.loads((folder / "training.json").read_text())
@@ -475,8 +489,9 @@ def write_card(
         f"- U-Net: {unet['block_out_channels']} channels, cross-attention dim {unet['cross_attention_dim']}, "
         f"{unet['in_channels']} input channels.",
     ]
-    if run is not None and (Path(run) / "log.csv").is_file():
-        sections += ["", "Loss curve:", "", curve(Path(run) / "log.csv")]
+    logs = [Path(r["out"]) / "log.csv" for r in runs if r.get("out") and (Path(r["out"]) / "log.csv").is_file()]
+    if logs:
+        sections += ["", "Loss curve (every run):", "", curve(logs)]
     sections += [
         "",
         "## Held-out evaluation (`python -m training.evaluate_inpaint`)",
@@ -512,9 +527,13 @@ def write_card(
     sections += [
         "",
         "## Limits",
-        "- Trained at 64x64. Larger canvases (an outpainted 64 px picture, uploads above 64 px, which run at up to "
-        "128 px) go beyond what it saw; the surrounding picture keeps them coherent more often than text-to-image "
-        "at that size, but not always.",
+        "- Trained on 64x64 scenes. Pictures are inpainted at that scale (the preset's `inpaint_size`: a larger "
+        "upload is scaled down, and the result is composited into it at full size); at 1.25-2x it filled holes "
+        "with stray backgrounds. An outpainting canvas grows around the picture up to 128 px: 128x64 stayed "
+        "coherent in the cases looked at, 128x128 showed streaks.",
+        "- Adding an object works best in scenes of one shape: the world never shows three shapes, or a shape beside "
+        "a person, and the model has not learned those compositions (the add rows by scene above).",
+        "- Background words that contradict the picture are not always overruled (outpaint_other_background).",
         "- The Shapes world only: on photos use `--model sd15` (its own inpainting model).",
         "- Retraining the base U-Net invalidates this model: re-derive it with the command below.",
         "",
@@ -525,7 +544,7 @@ def write_card(
         f"python -m training.evaluate_inpaint --split validation --sweep guidance=1.5,2.5,4 "
         f"--json {out}/validation.json",
         f"python -m training.evaluate_inpaint --write-card assets/models/shapes-inpaint "
-        f"--validation {out}/validation.json --run {out}",
+        f"--validation {out}/validation.json",
         "```",
     ]
     path = folder / "README.md"
@@ -564,7 +583,6 @@ def main(argv=None):
         help="evaluate the test split and write FOLDER/README.md (the model card)",
     )
     parser.add_argument("--validation", type=Path, default=None, help="a --sweep --json file to show in the card")
-    parser.add_argument("--run", type=Path, default=None, help="the training run folder whose log.csv the card plots")
     args = parser.parse_args(argv)
     if args.sweep:
         name, _, values = args.sweep.partition("=")
@@ -590,7 +608,7 @@ def main(argv=None):
         truth, _ = truth_scores(build_cases("test", args.count))
         validation = json.loads(args.validation.read_text()) if args.validation else None
         print(table(results))
-        print(f"wrote {write_card(args.write_card, results, truth, args.count, validation=validation, run=args.run)}")
+        print(f"wrote {write_card(args.write_card, results, truth, args.count, validation=validation)}")
         return
     if args.check_truth:
         cases = build_cases(args.split, args.count)
