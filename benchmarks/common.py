@@ -151,7 +151,10 @@ def preset_for(folder_or_name: str):
         if int(unet.get("sample_size", 0)) <= 32:  # a Shapes-sized model: the built-in preset's settings
             shapes = resolve_preset("shapes")
             # the built-in inpainting U-Net belongs to the built-in base only (it was derived from its U-Net)
-            same_base = path.resolve() == Path(shapes.base).resolve()
+            # (model_folder measures a private copy of the built-in folder: the same files elsewhere)
+            same_base = all(
+                (path / name).is_file() and (path / name).read_bytes() == (Path(shapes.base) / name).read_bytes()
+                for name in ("TRAINING_STEP", "unet/config.json"))
             return dataclasses.replace(
                 shapes, base=str(path), inpaint_model=shapes.inpaint_model if same_base else None
             )

@@ -155,7 +155,7 @@ def child(config: str, folder: str, controls: dict[str, str], dtype: str, run_si
                 more = {"controlnet": nets[ctrl[0]]} if ctrl else {}
                 if task == "inpaint" and nine is not None:
                     more["unet"] = nine
-                pipes.append((task, base if task == "txt2img" else classes[task](**base.components, **more)))
+                pipes.append((task, base if task == "txt2img" else classes[task](**{**base.components, **more})))
     _touch([p for _, p in pipes])
     loaded_rss = _rss()
     weights = _unique_bytes([p for _, p in pipes])
