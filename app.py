@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     except (ModelNotAvailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if gpu is not None:  # every call runs in a worker forked from this process: load lazy models here, once
+        engine.preload()
     app = build_app(engine, settings, gpu=gpu)
     launch(app, engine, settings, prevent_thread_lock=gpu is not None)
     if gpu is not None:

@@ -308,6 +308,19 @@ class Engine:
         with self.lock:
             return self._task_pipeline(task, tuple(controls)).unet
 
+    def preload(self) -> None:
+        """Load now what is otherwise loaded on first use: the inpainting U-Net, the ControlNets and the learned
+        annotators. On ZeroGPU every call runs in a process forked from this one, and what a worker loads is gone
+        when its call ends, so each call would load them again."""
+        self.inpaint_unet()
+        for control_type in self.control_types:
+            self.controlnet(control_type)
+            if control_type != "canny":  # canny is OpenCV
+                try:
+                    self.annotator(control_type)
+                except ModelNotAvailable as error:  # the tab then asks for a ready map, as it would on first use
+                    logger.warning("%s", error)
+
     def inpaint_unet(self):
         """The preset's dedicated 9-channel U-Net (lazy, cached), or None: inpaint then blends latents."""
         if not self.preset.inpaint_model or self.unet_in_channels != 4:

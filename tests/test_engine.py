@@ -1,5 +1,6 @@
 """Engine: one shared model, request-scoped views, txt2img determinism, progress, cancel, failure recovery."""
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -314,3 +315,14 @@ def test_unknown_word_check_leaves_the_tokenizers_shared_state_alone(shapes_engi
     assert padding is not None
     assert shapes_engine.unknown_words("a red zorblax circle") == ["zorblax"]
     assert tokenizer.backend_tokenizer.padding == padding and tokenizer.backend_tokenizer.truncation == truncation
+
+
+def test_preload_loads_what_is_otherwise_loaded_on_first_use(tiny_presets):
+    """ZeroGPU forks a worker per call from the app's process: what the app loads before, every worker has."""
+    engine = Engine(tiny_presets["sd_inpaint_unet"], device="cpu")
+    assert engine._inpaint_unet is None
+    engine.preload()
+    assert engine.inpaint_unet() is not None and engine._inpaint_unet is engine.inpaint_unet()
+    shapes = Engine(replace(tiny_presets["shapes"], annotators=None), device="cpu")
+    shapes.preload()  # no annotators: a warning, not a failure
+    assert set(shapes._controlnets) == set(shapes.control_types) == {"canny", "depth", "pose"}
