@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from training import inpaint_data
-from training.common import HELD_OUT_SEED, Checkpoint, LossLog, save_grid, set_threads
+from training.common import HELD_OUT_SEED, Checkpoint, LossLog, due, optimizer_step, save_grid, set_threads
 from training.train_ldm import SCHEDULE, loss_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -288,20 +288,17 @@ def train(
         lr = config.learning_rate * min(1.0, (step + 1 - first_step) / config.warmup_steps)
         lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
         for group in opt.param_groups:
-            group["lr"] = lr * group["scale"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+            group["lr"] = lr * group["scale"]  # conv_in at its multiple: optimizer_step leaves the rates as they are
+        optimizer_step(opt, loss, clip=unet.parameters())
         step += 1
         decay = min(config.ema_decay, (1 + step - first_step) / (10 + step - first_step))
         with torch.no_grad():
             for e, p in zip(ema_unet.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
 
-        if step % log_every == 0 or step == max_steps:
+        if due(step, log_every, max_steps):
             log.write(step, loss=loss.item(), lr=lr)
-        if step % save_every == 0 or step == max_steps:
+        if due(step, save_every, max_steps):
             checkpoint.save(
                 {
                     "unet": unet.state_dict(),
