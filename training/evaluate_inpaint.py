@@ -188,7 +188,7 @@ def build_cases(split: str, count: int) -> list[Case]:
             background = scene.background
             if wrong:
                 background = str(rng.choice([b for b in EVAL_BACKGROUNDS if b != scene.background]))
-            prompt = inpaint_data._with_background(scene, background) if wrong else scene.caption
+            prompt = inpaint_data.with_background(scene, background) if wrong else scene.caption
             cases[task].append(
                 Case(task, seed, scene, crop.copy(), prompt, sides=sides, truth=sample.image, wrong_background=wrong)
             )
@@ -376,11 +376,8 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     cases = build_cases(split, count)
     engines = make_engines(inpaint_model, threads)
-    record = (
-        json.loads((Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").read_text())
-        if (Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json").is_file()
-        else {}
-    )
+    record_path = Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     check_split(
         [c.seed for c in cases], [inpaint_data.HELD_OUT_MASK_SEED + c.seed for c in cases], record.get("pool_size")
     )

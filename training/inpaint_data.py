@@ -248,7 +248,7 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
     bg_words = background_phrase(background) if rng.random() < 0.5 else ""
     target = sample.image
     if mode == "scene":
-        caption = scene.caption if background == scene.background else _with_background(scene, background)
+        caption = scene.caption if background == scene.background else with_background(scene, background)
     elif mode == "part":
         caption = join(" and ".join(object_phrase(scene.objects[i], rng) for i in hidden), bg_words)
     else:
@@ -266,7 +266,7 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
     )
 
 
-def _with_background(scene: shapes.Scene, background: str) -> str:
+def with_background(scene: shapes.Scene, background: str) -> str:
     """The scene's caption with its background phrase swapped for another background's."""
     own = background_phrase(scene.background)
     caption = scene.caption[: -len(own) - 1] if own and scene.caption.endswith(" " + own) else scene.caption
