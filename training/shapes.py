@@ -21,6 +21,10 @@ from pipelines.world import IMAGE_SIZE, NUM_KEYPOINTS
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and area-downsampled, so edges are anti-aliased
 HORIZON_Y = 36  # rows above are sky, rows below are the ground plane
+# The world's versions (`sample(seed, world=...)`); see "World v2" below. Every shipped model, the inpainting
+# data and every evaluation are world 1, which stays byte-identical.
+WORLDS = (1, 2)
+DEFAULT_WORLD = 1
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -105,6 +109,7 @@ class SceneObject:
     centre: tuple[float, float]  # (x, y) in 64x64 pixels
     style: str = "flat"
     pose: str | None = None  # people only
+    joints: PoseJoints | None = None  # world 2 people: free joint angles (pose names one only when near)
 
     @property
     def half_extent(self) -> float:
@@ -116,6 +121,11 @@ class Scene:
     caption: str
     background: str
     objects: list[SceneObject]
+    world: int = 1  # WORLDS; world 2 draws its own textures, free poses and canvases (see "World v2" below)
+    width: int = IMAGE_SIZE
+    height: int = IMAGE_SIZE
+    control_caption: str | None = None  # world 2: the caption with the form left to a control map ("a red shape")
+    style_params: StyleParams | None = None  # world 2: textures (None: WORLD2_STYLE_PARAMS)
 
 
 @dataclass
@@ -140,8 +150,14 @@ class Sample:
 
     @functools.cached_property
     def pose_image(self) -> np.ndarray:
-        """(64, 64, 3) uint8, OpenPose-colour skeleton on black."""
-        return pose_to_image(self.keypoints, IMAGE_SIZE)
+        """(H, W, 3) uint8 (64x64 in world 1), OpenPose-colour skeleton on black."""
+        height, width = self.image.shape[:2]
+        return pose_to_image(self.keypoints, IMAGE_SIZE if width == height == IMAGE_SIZE else (width, height))
+
+    @property
+    def control_caption(self) -> str:
+        """The caption for a ControlNet whose map decides the form (world 2); world 1 has only its caption."""
+        return self.scene.control_caption or self.caption
 
 
 # ----------------------------------------------------------------------------- scene sampling
@@ -256,12 +272,20 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {kind!r}; known: {SHAPES}")
 
 
-def shape_mask(kind: str, centre: tuple[float, float], half_extent: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Anti-aliased coverage (0..1, float32) of one shape on a size x size canvas."""
-    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
+def _canvas(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a canvas given as one side (square) or as (width, height)."""
+    return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def shape_mask(
+    kind: str, centre: tuple[float, float], half_extent: float, size: int | tuple[int, int] = IMAGE_SIZE
+) -> np.ndarray:
+    """Anti-aliased coverage (0..1, float32) of one shape on a size x size (or (width, height)) canvas."""
+    width, height = _canvas(size)
+    big = np.zeros((height * SUPERSAMPLE, width * SUPERSAMPLE), np.uint8)
     polygon = _shape_polygon(kind, centre[0] * SUPERSAMPLE, centre[1] * SUPERSAMPLE, half_extent * SUPERSAMPLE)
     cv2.fillPoly(big, [np.round(polygon).astype(np.int32)], 255, lineType=cv2.LINE_AA)
-    return cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    return cv2.resize(big, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
 
 
 def person_keypoints(pose: str, centre: tuple[float, float], height: float) -> np.ndarray:
@@ -322,10 +346,11 @@ def person_keypoints(pose: str, centre: tuple[float, float], height: float) -> n
     return keypoints
 
 
-def person_mask(keypoints: np.ndarray, height: float, size: int = IMAGE_SIZE) -> np.ndarray:
+def person_mask(keypoints: np.ndarray, height: float, size: int | tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
     """Anti-aliased coverage of a stick figure: a filled head plus thick limbs and torso."""
     s = SUPERSAMPLE
-    big = np.zeros((size * s, size * s), np.uint8)
+    canvas_w, canvas_h = _canvas(size)
+    big = np.zeros((canvas_h * s, canvas_w * s), np.uint8)
     u = height / 40.0
     points = np.round(keypoints[:, :2] * s).astype(np.int32)
     thickness = max(2, int(round(3 * u * s)))
@@ -334,12 +359,14 @@ def person_mask(keypoints: np.ndarray, height: float, size: int = IMAGE_SIZE) ->
     neck, hip_mid = points[1], (points[8] + points[11]) // 2
     cv2.line(big, tuple(neck), tuple(hip_mid), 255, thickness + s, cv2.LINE_AA)
     cv2.circle(big, tuple(points[0]), int(round(4.5 * u * s)), 255, -1, cv2.LINE_AA)
-    return cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    return cv2.resize(big, (canvas_w, canvas_h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
 
 
-def background_image(name: str, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB float32 image, depth) of an empty scene: a sky gradient over a ground plane."""
+def background_image(name: str, size: int | tuple[int, int] = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB float32 image, depth) of an empty scene: a sky gradient over a ground plane; `size` is a square's
+    side or (width, height), the horizon at the same share of the height."""
     _, sky, ground = BACKGROUNDS[name]
+    width, size = _canvas(size)  # `size` is the height below
     horizon = HORIZON_Y * size // IMAGE_SIZE
     rows = np.arange(size, dtype=np.float32)[:, None]
     sky_shade = 0.85 + 0.15 * rows / max(horizon, 1)  # a little lighter toward the horizon
@@ -347,10 +374,10 @@ def background_image(name: str, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.
     is_sky = rows < horizon
     shade = np.where(is_sky, sky_shade, ground_shade)[:, :, None]
     colour = np.where(is_sky[:, :, None], np.array(sky, np.float32), np.array(ground, np.float32))
-    image = np.clip(np.broadcast_to(colour * shade, (size, size, 3)), 0, 255).astype(np.float32)
+    image = np.clip(np.broadcast_to(colour * shade, (size, width, 3)), 0, 255).astype(np.float32)
     # Depth: the sky is infinitely far (0); the ground comes nearer toward the bottom edge.
     ground_depth = 0.15 + 0.85 * (rows - horizon) / max(size - 1 - horizon, 1)
-    depth = np.broadcast_to(np.where(is_sky, 0.0, ground_depth), (size, size)).astype(np.float32)
+    depth = np.broadcast_to(np.where(is_sky, 0.0, ground_depth), (size, width)).astype(np.float32)
     return image.copy(), depth.copy()
 
 
@@ -378,6 +405,8 @@ def _style_fill(
 
 def render(scene: Scene) -> Sample:
     """Draws a scene and derives its depth, keypoints and control maps."""
+    if scene.world != 1:
+        return _render_v2(scene)
     size = IMAGE_SIZE
     image, depth = background_image(scene.background)
     keypoints = np.zeros((NUM_KEYPOINTS, 3), np.float32)
@@ -431,10 +460,21 @@ def render(scene: Scene) -> Sample:
     )
 
 
-def sample(seed: int, *, allow_unseen_styles: bool = False) -> Sample:
-    """The scene for one seed: the same seed always gives the same sample."""
+def sample(seed: int, *, allow_unseen_styles: bool = False, world: int = DEFAULT_WORLD,
+           size: tuple[int, int] | None = None) -> Sample:
+    """The scene for one seed: the same seed always gives the same sample.
+
+    `world` picks the world's version (WORLDS); `size` (width, height) is world 2's canvas (default 64x64),
+    and the same seed draws the same scene, scaled, on every canvas."""
     rng = np.random.default_rng(seed)
-    return render(random_scene(rng, allow_unseen_styles=allow_unseen_styles))
+    if world == 1:
+        if size is not None and tuple(size) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"size={size}: world 1 is {IMAGE_SIZE}x{IMAGE_SIZE} only; world 2 has other canvases")
+        return render(random_scene(rng, allow_unseen_styles=allow_unseen_styles))
+    if world != 2:
+        raise ValueError(f"world={world!r}; known: {WORLDS}")
+    width, height = check_canvas(*(size or (IMAGE_SIZE, IMAGE_SIZE)))
+    return render(random_scene_v2(rng, width=width, height=height, allow_unseen_styles=allow_unseen_styles))
 
 
 # ----------------------------------------------------------------------------- control maps
@@ -455,23 +495,338 @@ def depth_to_image(depth: np.ndarray) -> np.ndarray:
 POSE_DRAW_SCALE = 8  # controlnet-aux draws 4 px sticks; drawing at 8x and shrinking keeps proportions
 
 
-def pose_to_image(keypoints: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """OpenPose-colour skeleton on black, drawn by controlnet-aux so built-in and Hub maps agree."""
+def pose_to_image(keypoints: np.ndarray, size: int | tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
+    """OpenPose-colour skeleton on black, drawn by controlnet-aux so built-in and Hub maps agree; `size` is a
+    square's side or (width, height)."""
     from controlnet_aux.open_pose.body import Keypoint
     from controlnet_aux.open_pose.util import draw_bodypose
 
-    canvas = np.zeros((size * POSE_DRAW_SCALE, size * POSE_DRAW_SCALE, 3), np.uint8)
+    width, height = _canvas(size)
+    canvas = np.zeros((height * POSE_DRAW_SCALE, width * POSE_DRAW_SCALE, 3), np.uint8)
     if keypoints[:, 2].sum() > 0:
-        points = [Keypoint(float(x) / size, float(y) / size) if v > 0 else None for x, y, v in keypoints]
+        points = [Keypoint(float(x) / width, float(y) / height) if v > 0 else None for x, y, v in keypoints]
         canvas = draw_bodypose(canvas, points)
-    return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(canvas, (width, height), interpolation=cv2.INTER_AREA)
+
+
+# ----------------------------------------------------------------------------- world v2
+#
+# World 1 (above) is what the shipped models were trained on and stays as it is, byte for byte. World 2 keeps its
+# grammar, colours, shapes, backgrounds and seeds-to-scenes rule, and changes four things:
+# - textures a 64 px picture and the f=4 latent can carry: stripe and dot periods and glow widths chosen by
+#   measurement (`python -m training.measure_styles`: a VAE round trip keeps every style recognisable);
+# - people with free joint angles, drawn around and between the named poses; a caption names a pose only when
+#   the figure is within POSE_TOLERANCE_DEG of a named one, and not always then;
+# - a generic word (GENERIC_WORD, "a green shape") for an object whose form a control map decides: every
+#   scene carries such a `control_caption`, and a share of text-to-image captions use it too, so the text
+#   encoder learns the word with the U-Net;
+# - canvases from 64x64 to 128x128, square and not: the horizon at the same share of the height, objects scaled
+#   by the canvas' short side over 64, positions at the same shares of width and height.
+
+# Canvas sides are multiples of 16: whole latents at f=4 (4 px) that the U-Net's two 2x downsamplings halve
+# twice without a remainder (16 px -> 4 latents -> 2 -> 1).
+CANVAS_SIDES = (64, 80, 96, 112, 128)
+CANVAS_MULTIPLE = 16
+MAX_ASPECT = 2.0  # 128x64 and 64x128 are the most elongated canvases
+GENERIC_WORD = "shape"
+GENERIC_CAPTION_SHARE = 0.1  # text-to-image captions that use the generic word instead of the form
+POSE_TOLERANCE_DEG = 20.0  # a figure is "sitting" when every limb segment is within this of sitting's
+NAMED_POSE_SHARE = 0.4  # people drawn around a named pose; the rest are between two named poses
+POSE_JITTER_DEG = 6.0  # per-segment angle noise (sd) of every drawn pose
+POSE_WORD_SHARE = 0.7  # a named pose is said in the caption this often; otherwise the caption leaves it out
+
+
+@dataclass(frozen=True)
+class StyleParams:
+    """A world's textures, in pixels of a 64x64 canvas (scaled with the canvas)."""
+
+    stripe_period: float  # diagonal stripes: light and coloured bands, this period across the bands
+    dot_pitch: float  # white dots on a square grid centred on the object
+    dot_radius: float
+    glow_sigma: float  # Gaussian halo around the object
+    glow_strength: float  # 0..1: how far the halo replaces the background at its peak
+    outline_width: int  # outline style: the ring's width
+
+
+# World 1's textures, as this parameterisation describes them (world 1 itself is drawn by `_style_fill`):
+# stripes (x + y) // 3 % 2 are 3 * sqrt(2) = 4.24 px apart across the bands; dots every 5 px, radius sqrt(1.5).
+STYLE_PARAMS_V1 = StyleParams(stripe_period=4.24, dot_pitch=5.0, dot_radius=1.22, glow_sigma=2.5,
+                              glow_strength=0.8, outline_width=2)
+# World 2's textures: chosen by `python -m training.measure_styles` (docs/MODEL_V2.md, "Style textures").
+WORLD2_STYLE_PARAMS = StyleParams(stripe_period=8.0, dot_pitch=8.0, dot_radius=2.0, glow_sigma=4.0,
+                                  glow_strength=0.9, outline_width=2)
+
+
+def check_canvas(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a world-2 canvas, or ValueError naming the value and the rule."""
+    for name, side in (("width", width), ("height", height)):
+        if side not in CANVAS_SIDES:
+            raise ValueError(f"{name}={side}: world 2 canvases have sides in {CANVAS_SIDES}")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ValueError(f"{width}x{height}: world 2 canvases are at most {MAX_ASPECT:g}:1")
+    return int(width), int(height)
+
+
+def canvases() -> list[tuple[int, int]]:
+    """Every world-2 canvas (width, height), square first."""
+    sizes = [(w, h) for w in CANVAS_SIDES for h in CANVAS_SIDES if max(w, h) / min(w, h) <= MAX_ASPECT]
+    return sorted(sizes, key=lambda wh: (wh[0] != wh[1], wh[0] * wh[1], wh))
+
+
+def canvas_of(seed: int, sizes: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+    """The canvas a mixed-size training set gives `seed`: drawn from its own stream, so the scene is the same."""
+    sizes = sizes or canvases()
+    return sizes[int(np.random.default_rng([seed, 2]).integers(len(sizes)))]
+
+
+def canvas_scale(width: int, height: int) -> float:
+    """Object sizes and texture periods scale with the canvas' short side (64 px = 1)."""
+    return min(width, height) / IMAGE_SIZE
+
+
+def vocabulary_v2() -> list[str]:
+    """World 2's caption words: world 1's in their order (their token ids stay), then the new words, sorted."""
+    old = vocabulary()
+    return old + sorted({GENERIC_WORD} - set(old))
+
+
+# People: joint angles. A pose is 8 limb segments (upper and lower arm, upper and lower leg, right side then
+# left), each an (angle in degrees, length in units of a 40 px figure) in the figure's outward-mirrored frame
+# (x grows away from the body's midline), plus a lift (jumping raises the body).
+LIMB_SEGMENTS = (("r-arm", (2, 3, 4)), ("l-arm", (5, 6, 7)), ("r-leg", (8, 9, 10)), ("l-leg", (11, 12, 13)))
+
+
+@dataclass(frozen=True)
+class PoseJoints:
+    segments: tuple[tuple[float, float], ...]  # 8 x (angle_deg, length)
+    lift: float = 0.0
+
+
+@functools.cache
+def named_joints() -> dict[str, PoseJoints]:
+    """Each named pose's joint angles, read off world 1's figure (so a named pose draws world 1's skeleton)."""
+    standing_neck = person_keypoints("standing", (0.0, 0.0), 40.0)[1, 1]
+    result = {}
+    for pose in POSES:
+        points = person_keypoints(pose, (0.0, 0.0), 40.0)
+        segments = []
+        for name, (a, b, c) in LIMB_SEGMENTS:
+            mirror = -1.0 if name.startswith("r-") else 1.0
+            for start, end in ((a, b), (b, c)):
+                dx, dy = (points[end, 0] - points[start, 0]) * mirror, points[end, 1] - points[start, 1]
+                segments.append((math.degrees(math.atan2(dy, dx)), math.hypot(dx, dy)))
+        result[pose] = PoseJoints(tuple(segments), lift=float(standing_neck - points[1, 1]))
+    return result
+
+
+def _angle_difference(a: float, b: float) -> float:
+    return (a - b + 180.0) % 360.0 - 180.0
+
+
+def pose_distance(joints: PoseJoints, other: PoseJoints) -> float:
+    """Largest per-segment angle difference in degrees (the lift counts 10 degrees per unit)."""
+    angles = [abs(_angle_difference(a, b)) for (a, _), (b, _) in zip(joints.segments, other.segments)]
+    return max(max(angles), 10.0 * abs(joints.lift - other.lift))
+
+
+def pose_name(joints: PoseJoints, tolerance: float = POSE_TOLERANCE_DEG) -> str | None:
+    """The named pose within `tolerance` degrees of every segment, or None for a pose between names."""
+    distances = {pose: pose_distance(joints, named) for pose, named in named_joints().items()}
+    best = min(distances, key=distances.get)
+    return best if distances[best] <= tolerance else None
+
+
+def random_joints(rng: np.random.Generator) -> PoseJoints:
+    """Around a named pose (NAMED_POSE_SHARE) or between two, with POSE_JITTER_DEG of noise per segment."""
+    named = named_joints()
+    first = named[str(rng.choice(POSES))]
+    if rng.random() < NAMED_POSE_SHARE:
+        second, t = first, 0.0
+    else:
+        second, t = named[str(rng.choice([p for p in POSES if named[p] != first]))], float(rng.uniform(0.25, 0.75))
+    noise = rng.normal(0.0, POSE_JITTER_DEG, len(first.segments))
+    segments = tuple(
+        (a + t * _angle_difference(b, a) + float(n), la + t * (lb - la))
+        for (a, la), (b, lb), n in zip(first.segments, second.segments, noise)
+    )
+    return PoseJoints(segments, lift=first.lift + t * (second.lift - first.lift))
+
+
+def person_keypoints_v2(joints: PoseJoints, centre: tuple[float, float], height: float) -> np.ndarray:
+    """OpenPose body-18 keypoints (18, 3) of a figure with free joint angles (world 1's head and torso)."""
+    cx, cy = centre
+    u = height / 40.0
+    keypoints = person_keypoints("standing", (cx, cy - joints.lift * u), height)  # head, neck, shoulders, hips
+    for index, (name, (a, b, c)) in enumerate(LIMB_SEGMENTS):
+        mirror = -1.0 if name.startswith("r-") else 1.0
+        point = keypoints[a, :2].astype(np.float64)
+        for joint, (angle, length) in zip((b, c), joints.segments[2 * index:2 * index + 2]):
+            radians = math.radians(angle)
+            point = point + np.array([mirror * math.cos(radians), math.sin(radians)]) * length * u
+            keypoints[joint, :2] = point
+    return keypoints
+
+
+def random_scene_v2(rng: np.random.Generator, *, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE,
+                    allow_unseen_styles: bool = False, style_params: StyleParams | None = None) -> Scene:
+    """World 2's scene for a canvas: world 1's grammar with free poses, the generic word and scaled layout.
+    Positions and sizes are drawn in 64x64 units and scaled at render, so one seed gives one scene on every canvas."""
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if rng.random() < 0.35:
+        background = "plain"
+    styles = STYLES + (UNSEEN_STYLES if allow_unseen_styles else ())
+    style = "flat" if rng.random() < 0.6 else str(rng.choice(styles[1:]))
+    roll = rng.random()
+    if roll < 0.2:
+        objects, phrase, generic = _person_scene_v2(rng, style)
+    elif roll < 0.6:
+        objects, phrase, generic = _single_object_scene_v2(rng, style)
+    else:
+        objects, phrase, generic = _two_object_scene_v2(rng, style)
+    suffix = ""
+    if style != "flat" or rng.random() < 0.1:
+        suffix += f" in {style} style"
+    background_phrase = BACKGROUNDS[background][0]
+    if background_phrase:
+        suffix += f" {background_phrase}"
+    caption = (generic if rng.random() < GENERIC_CAPTION_SHARE else phrase) + suffix
+    return Scene(caption=caption, background=background, objects=objects, world=2, width=width, height=height,
+                 control_caption=generic + suffix, style_params=style_params)
+
+
+def _generic(colour: str) -> str:
+    return f"{article(colour)} {colour} {GENERIC_WORD}"
+
+
+def _single_object_scene_v2(rng, style):
+    objects, phrase = _single_object_scene(rng, style)
+    words = phrase.split()
+    kind = objects[0].kind
+    # The same phrase with the form replaced by the generic word (and its size word kept)
+    generic = " ".join(GENERIC_WORD if w == kind else w for w in words)
+    return objects, phrase, generic
+
+
+def _two_object_scene_v2(rng, style):
+    objects, phrase = _two_object_scene(rng, style)
+    kinds = {o.kind for o in objects}
+    generic = " ".join(GENERIC_WORD if w in kinds else w for w in phrase.split())
+    return objects, phrase, generic
+
+
+def _person_scene_v2(rng, style):
+    colour = str(rng.choice(list(COLOURS)))
+    joints = random_joints(rng)
+    pose = pose_name(joints)
+    position = str(rng.choice(["center", "left", "right"]))
+    centre = _jitter(rng, (POSITIONS[position][1][0], 34), 2.0)
+    say_pose = rng.random() < POSE_WORD_SHARE
+    place = ""
+    if position != "center" or rng.random() < 0.3:
+        place = f" {POSITIONS[position][0]}"
+    caption = f"{article(colour)} {colour} person"
+    if pose is not None and say_pose:
+        caption += f" {POSE_PHRASES[pose]}"
+    person = SceneObject("person", colour, "big", centre, "flat" if style == "outline" else style, pose, joints)
+    return [person], caption + place, _generic(colour) + place
+
+
+def _texture(function, width: int, height: int, samples: int = 4) -> np.ndarray:
+    """Anti-aliased (width x height) coverage of a pattern `function(xs, ys) -> bool`, `samples`^2 per pixel."""
+    offsets = (np.arange(samples, dtype=np.float32) + 0.5) / samples
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    total = np.zeros((height, width), np.float32)
+    for dy in offsets:
+        for dx in offsets:
+            total += function(xs + dx, ys + dy)
+    return total / samples**2
+
+
+def _style_fill_v2(style: str, colour: np.ndarray, coverage: np.ndarray, centre, params: StyleParams,
+                   scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """World 2's per-pixel colour and coverage of a filled shape in a style (periods scaled by `scale`)."""
+    height, width = coverage.shape
+    fill = np.broadcast_to(colour, (height, width, 3)).astype(np.float32).copy()
+    cx, cy = centre
+    if style == "outline":
+        ring = 2 * max(1, int(round(params.outline_width * scale))) + 1
+        coverage = np.clip(coverage - cv2.erode(coverage, np.ones((ring, ring), np.uint8)), 0, 1)
+    elif style == "striped":
+        period = params.stripe_period * scale * math.sqrt(2)  # along x + y, so `stripe_period` across the bands
+
+        def bands(xs, ys):
+            return ((xs - cx + ys - cy) / period) % 1.0 < 0.5
+
+        light = _texture(bands, width, height)[:, :, None]
+        fill = fill * (1 - light) + (fill * 0.35 + 255 * 0.65) * light
+    elif style == "dotted":
+        pitch, radius = params.dot_pitch * scale, params.dot_radius * scale
+
+        def dots(xs, ys):
+            dx = (xs - cx + pitch / 2) % pitch - pitch / 2
+            dy = (ys - cy + pitch / 2) % pitch - pitch / 2
+            return dx * dx + dy * dy <= radius * radius
+
+        white = _texture(dots, width, height)[:, :, None]
+        fill = fill * 0.9 * (1 - white) + 255.0 * white
+    elif style == "checkered":
+        side = CHECKER_PX * scale
+
+        def checker(xs, ys):
+            return (np.floor((xs - cx) / side) + np.floor((ys - cy) / side)) % 2 == 0
+
+        dark = 1 - _texture(checker, width, height)[:, :, None]
+        fill = fill * (1 - dark) + fill * 0.25 * dark
+    return fill, coverage
+
+
+def _render_v2(scene: Scene) -> Sample:
+    """World 2's drawing: world 1's, on any canvas, with world 2's textures and free poses."""
+    width, height = scene.width, scene.height
+    scale = canvas_scale(width, height)
+    params = scene.style_params or WORLD2_STYLE_PARAMS
+    image, depth = background_image(scene.background, (width, height))
+    keypoints = np.zeros((NUM_KEYPOINTS, 3), np.float32)
+    records = []
+    xs_grid, ys_grid = np.arange(width)[None, :], np.arange(height)[:, None]
+    for obj in scene.objects:
+        colour = np.array(COLOURS[obj.colour], np.float32)
+        # Positions are 64x64 units: the same share of the width and height on any canvas.
+        centre = (obj.centre[0] * width / IMAGE_SIZE, obj.centre[1] * height / IMAGE_SIZE)
+        half_extent = obj.half_extent * scale
+        if obj.kind == "person":
+            figure = 2 * half_extent
+            joints = obj.joints or named_joints()[obj.pose]
+            keypoints = person_keypoints_v2(joints, centre, figure)
+            coverage = person_mask(keypoints, figure, (width, height))
+        else:
+            coverage = shape_mask(obj.kind, centre, half_extent, (width, height))
+        ys, xs = np.nonzero(coverage > 0.5)
+        if len(xs) == 0:
+            continue
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        base_depth = 0.3 + 0.6 * (box[3] / height)
+        radial = 1 - np.clip(np.hypot(xs_grid - centre[0], ys_grid - centre[1]) / max(half_extent, 1), 0, 1)
+        object_depth = base_depth + 0.08 * radial
+        if obj.style == "glow":
+            halo = cv2.GaussianBlur(coverage, (0, 0), params.glow_sigma * scale)
+            halo = params.glow_strength * np.clip(halo / max(float(halo.max()), 1e-6), 0, 1)[:, :, None]
+            image = image * (1 - halo) + (colour * 0.4 + 255 * 0.6) * halo
+        fill, alpha = _style_fill_v2(obj.style, colour, coverage, centre, params, scale)
+        image = image * (1 - alpha[:, :, None]) + fill * alpha[:, :, None]
+        depth = np.where(coverage > 0.5, np.maximum(depth, object_depth), depth).astype(np.float32)
+        records.append({"kind": obj.kind, "colour": obj.colour, "size": obj.size, "style": obj.style, "box": box,
+                        "pose": obj.pose})
+    rgb = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return Sample(image=rgb, caption=scene.caption, objects=records, depth=depth, keypoints=keypoints, scene=scene)
 
 
 # ----------------------------------------------------------------------------- batches and CLI
 
-def batch(seeds, *, allow_unseen_styles: bool = False) -> tuple[np.ndarray, list[str]]:
-    """(N, 64, 64, 3) uint8 images and their captions for a list of seeds."""
-    samples = [sample(int(s), allow_unseen_styles=allow_unseen_styles) for s in seeds]
+def batch(seeds, *, allow_unseen_styles: bool = False, world: int = DEFAULT_WORLD,
+          size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N, H, W, 3) uint8 images (64x64 unless world 2's `size`) and their captions for a list of seeds."""
+    samples = [sample(int(s), allow_unseen_styles=allow_unseen_styles, world=world, size=size) for s in seeds]
     return np.stack([s.image for s in samples]), [s.caption for s in samples]
 
 

@@ -1,0 +1,161 @@
+"""World v2 of the Shapes world (training/shapes.py, `world=2`), and the guarantee that world 1 is unchanged.
+
+The shipped models, the inpainting trainer and every evaluation depend on world 1 bit for bit, so its
+fingerprints were recorded before world 2 was added; a change to any rendered byte fails here.
+"""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from training import shapes
+from training.common import HELD_OUT_SEED
+
+# sha256 over the samples of each seed range, recorded from world 1 before world 2 existed.
+WORLD1_FINGERPRINTS = {
+    "train 0..199": {
+        "image": "a56a7a1949cabc6e3ddadc125d24ab50f73a4128d179a2782afa58db00d7d959",
+        "caption": "1d7a704c970bc7243c6e280e7f02b3801d772545b17c4e9172ae37dd3ba4e003",
+        "depth": "571ca25335273444568d9af9dfe187207e564b04e5deedcf750c1a67e5ab26f9",
+        "keypoints": "92174e2d20dba09321ec5bca485909cfc4cf448df5a4ba8c2efa5abae0765505",
+        "objects": "894d9437376ca3556c4d0c679e690f0539f95131a90ee92ebfd9361b5b51f6c8",
+    },
+    "held-out": {
+        "image": "364501611d94f4999c294de93daa2a5ad7da28c015644e6ae029a4eb7d2ab472",
+        "caption": "73c1aabe1b1268623622a7a1f31b47abde54a98b82818b844985e2c73e833c00",
+        "depth": "2561d78d05b0467f11b6ef557a7c3ffae4e474018dfd69590b7217e0e2e0ba6d",
+        "keypoints": "8d53c3a96077f759b90973fbabfec985cc94a7b6a0ea85ccba6396dc1be7274c",
+        "objects": "a005e887f3088427e19efd647853243b6dddecf00e8f6f8ca1b388ebf52a571b",
+    },
+    "unseen styles": {
+        "image": "a0767f76c5feff0760a920b1b68a1e99099e7922563ae5efecf5c08bde23cdf3",
+        "caption": "41aed51486eb8b0b7232fa24d611057cd9dcdbd1d4d411d77375cfe20c94aa5a",
+        "depth": "0a68f976ff08a005e0481b588941d90bfadd81f6506ef11f718f11b58a74b7b0",
+        "keypoints": "f133f9851916d6f70ec5cf24fe9950a5577b7eacee59773cb71c7855110eaff0",
+        "objects": "9040b6f72b2ebcb3dbf65f1cd593bb8b1400010c517b46f8d41bc4df1a4a2398",
+    },
+}
+# canny, depth and pose images of seeds 0..39
+WORLD1_MAPS = "d798a13f2da81a3dae5984f53c03082d985996b0867121e19c272f725d236be9"
+WORLD1_VOCABULARY = "34fa974b319667fd2bd87e5bea12a3a223a0c81847c0c53a6cd0103044cf2d3f"
+
+
+def _fingerprint(seeds, **options) -> dict[str, str]:
+    digests = {key: hashlib.sha256() for key in ("image", "caption", "depth", "keypoints", "objects")}
+    for seed in seeds:
+        s = shapes.sample(seed, **options)
+        digests["image"].update(s.image.tobytes())
+        digests["caption"].update(s.caption.encode() + b"\n")
+        digests["depth"].update(np.ascontiguousarray(s.depth, np.float32).tobytes())
+        digests["keypoints"].update(np.ascontiguousarray(s.keypoints, np.float32).tobytes())
+        digests["objects"].update(json.dumps(s.objects, sort_keys=True).encode())
+    return {key: digest.hexdigest() for key, digest in digests.items()}
+
+
+@pytest.mark.parametrize(
+    "name, seeds, options",
+    [
+        ("train 0..199", range(200), {}),
+        ("held-out", range(HELD_OUT_SEED, HELD_OUT_SEED + 50), {}),
+        ("unseen styles", range(5000, 5050), {"allow_unseen_styles": True}),
+    ],
+)
+def test_world_1_is_byte_identical(name, seeds, options):
+    assert _fingerprint(seeds, **options) == WORLD1_FINGERPRINTS[name]
+    assert _fingerprint(seeds, world=1, **options) == WORLD1_FINGERPRINTS[name]  # the explicit default
+
+
+def test_world_1_control_maps_and_vocabulary_are_unchanged():
+    digest = hashlib.sha256()
+    for seed in range(40):
+        s = shapes.sample(seed)
+        digest.update(s.canny.tobytes())
+        digest.update(s.depth_image.tobytes())
+        digest.update(s.pose_image.tobytes())
+    assert digest.hexdigest() == WORLD1_MAPS
+    assert hashlib.sha256(" ".join(shapes.vocabulary()).encode()).hexdigest() == WORLD1_VOCABULARY
+
+
+# ----------------------------------------------------------------------------- world 2
+
+
+def test_world_2_draws_every_canvas_with_one_horizon_and_the_same_scene():
+    for width, height in shapes.canvases():
+        s = shapes.sample(11, world=2, size=(width, height))
+        assert s.image.shape == (height, width, 3) and s.depth.shape == (height, width)
+        assert s.pose_image.shape == (height, width, 3) and s.canny.shape == (height, width, 3)
+        assert s.caption == shapes.sample(11, world=2).caption  # one seed, one scene, on any canvas
+        # the empty background's horizon sits at the same share of the height
+        empty, depth = shapes.background_image("grass", (width, height))
+        sky_rows = int((depth[:, 0] == 0).sum())
+        assert sky_rows == shapes.HORIZON_Y * height // shapes.IMAGE_SIZE
+    again = shapes.sample(11, world=2, size=(128, 64))
+    assert np.array_equal(again.image, shapes.sample(11, world=2, size=(128, 64)).image)
+
+
+def test_world_2_canvas_rules_name_the_value():
+    with pytest.raises(ValueError, match="width=72"):
+        shapes.check_canvas(72, 64)
+    with pytest.raises(ValueError, match="128x48|height=48"):
+        shapes.check_canvas(128, 48)
+    with pytest.raises(ValueError, match="world 1"):
+        shapes.sample(0, size=(128, 128))
+    with pytest.raises(ValueError, match="world=3"):
+        shapes.sample(0, world=3)
+    assert all(w % shapes.CANVAS_MULTIPLE == 0 and h % shapes.CANVAS_MULTIPLE == 0 for w, h in shapes.canvases())
+    assert shapes.canvas_of(5) == shapes.canvas_of(5) and len({shapes.canvas_of(s) for s in range(300)}) > 10
+
+
+def test_world_2_objects_scale_with_the_canvas():
+    small = shapes.sample(3, world=2, size=(64, 64))
+    large = shapes.sample(3, world=2, size=(128, 128))
+    for a, b in zip(small.objects, large.objects):
+        width_a, width_b = a["box"][2] - a["box"][0], b["box"][2] - b["box"][0]
+        assert abs(width_b - 2 * width_a) <= 2
+
+
+def test_named_poses_draw_world_1_skeletons_and_free_poses_are_named_only_when_near():
+    for pose, joints in shapes.named_joints().items():
+        world1 = shapes.person_keypoints(pose, (30.0, 34.0), 39.0)
+        assert np.abs(shapes.person_keypoints_v2(joints, (30.0, 34.0), 39.0) - world1).max() < 1e-3
+        assert shapes.pose_name(joints) == pose
+    said = unsaid_named = unnamed = 0
+    for seed in range(3000):
+        scene = shapes.random_scene_v2(np.random.default_rng(seed))
+        person = next((o for o in scene.objects if o.kind == "person"), None)
+        if person is None or shapes.GENERIC_WORD in scene.caption.split():
+            continue
+        assert person.pose == shapes.pose_name(person.joints)
+        named_in_caption = [p for p in shapes.POSES if f"person {shapes.POSE_PHRASES[p]}" in scene.caption]
+        if person.pose is None:
+            assert not named_in_caption, scene.caption  # a pose between names is never called by a name
+            unnamed += 1
+        elif named_in_caption:
+            assert named_in_caption == [person.pose]
+            said += 1
+        else:
+            unsaid_named += 1
+    assert said > 50 and unsaid_named > 10 and unnamed > 100
+
+
+def test_control_captions_leave_the_form_to_the_map():
+    generic = 0
+    for seed in range(500):
+        s = shapes.sample(seed, world=2)
+        words = s.control_caption.split()
+        assert shapes.GENERIC_WORD in words
+        assert not set(words) & (set(shapes.SHAPES) | {"person"} | set(shapes.POSE_PHRASES.values()))
+        assert set(words) <= set(shapes.vocabulary_v2())
+        assert set(s.caption.split()) <= set(shapes.vocabulary_v2())
+        generic += s.caption == s.control_caption
+    assert 20 <= generic <= 100  # GENERIC_CAPTION_SHARE of text-to-image captions use the generic word
+
+
+def test_world_2_vocabulary_keeps_world_1_ids():
+    from training import text
+
+    old, new = text.build_tokenizer(), text.build_tokenizer(shapes.vocabulary_v2())
+    assert len(new) == len(old) + 1
+    assert all(new.convert_tokens_to_ids(token) == index for token, index in old.get_vocab().items())
+    assert new.convert_tokens_to_ids(shapes.GENERIC_WORD) == len(old)
