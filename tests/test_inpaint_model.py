@@ -47,6 +47,36 @@ def test_examples_are_deterministic_and_follow_the_rule():
     assert seen_modes == set(inpaint_data.CAPTION_MODES)
 
 
+def test_compose_examples_put_the_named_new_object_inside_the_mask():
+    from training import inpaint_data, shapes
+    from training.evaluate import EVAL_BACKGROUNDS, find_objects
+
+    kinds = {}
+    for seed in range(300):
+        example = inpaint_data.training_example(seed, seed, "compose")
+        kinds[example.mask_kind] = kinds.get(example.mask_kind, 0) + 1
+        if example.mask_kind not in inpaint_data.NEW_OBJECT_KINDS:
+            continue
+        # Outside the mask nothing changes; inside it the new object, which the caption names
+        assert np.array_equal(example.target[~example.mask], example.source[~example.mask])
+        assert example.mode == "part" and example.hidden == 1
+        words = example.caption.split()
+        named = [(c, s) for c, s in zip(words, words[1:]) if c in shapes.COLOURS and s in shapes.SHAPES]
+        assert len(named) == 1 and named[0] not in shapes.HELD_OUT_PAIRS, example.caption
+        background = shapes.sample(seed).scene.background
+        if "style" in words or background not in EVAL_BACKGROUNDS:
+            continue  # the checker reads flat shapes on its evaluation backgrounds
+        inside = [
+            f
+            for f in find_objects(example.target, background)
+            if example.mask[int(round(f.centroid[1])), int(round(f.centroid[0]))]
+        ]
+        assert named[0] in {(f.colour, f.shape) for f in inside}, (seed, example.caption)
+    # every kind of the recipe is drawn, new objects often: the lesson the world's own scenes never give
+    assert set(kinds) == set(inpaint_data.MASK_RECIPES["compose"])
+    assert kinds["add"] + kinds["swap"] >= 60
+
+
 def test_masked_source_is_what_diffusers_shows_the_unet():
     from diffusers.image_processor import VaeImageProcessor
 

@@ -51,13 +51,36 @@ MASK_RECIPES = {
         "band": 0.2,
         "full": 0.06,
     },
+    # "compose" adds what the world's own scenes never show: a new object put at any free place of any scene
+    # ("add": three shapes, a shape beside a person, positions between the caption's nine) and an object swapped
+    # for another of a different colour and shape ("swap"), each with a caption naming only the new object, as
+    # people prompt an inpainting tab.
+    "compose": {
+        "object-box": 0.07,
+        "object-loose": 0.12,
+        "object-shape": 0.04,
+        "object-scribble": 0.06,
+        "box": 0.08,
+        "strokes": 0.07,
+        "band": 0.2,
+        "full": 0.04,
+        "add": 0.22,
+        "swap": 0.1,
+    },
 }
-MASK_KINDS = MASK_RECIPES["loose"]  # the current recipe
+MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
+# Mask kinds that put a new object into the scene (the caption names it; the source does not show it)
+NEW_OBJECT_KINDS = ("add", "swap")
+# Masks drawn around a new object by "add" and "swap", with their shares (object_mask's kinds)
+NEW_OBJECT_MASKS = {"object-box": 0.35, "object-loose": 0.4, "object-scribble": 0.15, "object-shape": 0.1}
+NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their phrase then names
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
 # means "nothing new").
 CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
-WRONG_BACKGROUND_SHARE = 0.1  # captions whose background words contradict the picture (the picture wins)
+# Share of captions whose background words contradict the picture (the picture wins), by recipe: "compose" names
+# a wrong background more often, as people outpaint with a prompt that names another background
+WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25}
 
 
 @dataclass
@@ -235,6 +258,11 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
     sample = shapes.sample(scene_seed)
     scene = sample.scene
     mask_kind = _choose(rng, MASK_RECIPES[recipe])
+    if mask_kind in NEW_OBJECT_KINDS:
+        example = new_object_example(sample, mask_kind, rng, WRONG_BACKGROUND_SHARES[recipe])
+        if example is not None:
+            return example
+        mask_kind = "box"  # no free place for a new object in this scene: an area anywhere instead
     if mask_kind.startswith("object"):
         target_index = int(rng.integers(len(scene.objects)))
         mask = object_mask(mask_kind, scene.objects[target_index], rng)
@@ -242,9 +270,7 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
         mask = random_mask(mask_kind, rng)
     hidden = hidden_objects(scene, mask)
     mode = _choose(rng, CAPTION_MODES)
-    background = scene.background
-    if not mask.all() and rng.random() < WRONG_BACKGROUND_SHARE:
-        background = str(rng.choice([b for b in shapes.BACKGROUNDS if b != scene.background]))
+    background = _caption_background(scene, mask, rng, WRONG_BACKGROUND_SHARES[recipe])
     bg_words = background_phrase(background) if rng.random() < 0.5 else ""
     target = sample.image
     if mode == "scene":
@@ -264,6 +290,84 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
         mask_kind=mask_kind,
         hidden=len(hidden),
     )
+
+
+def _caption_background(scene: shapes.Scene, mask: np.ndarray, rng: np.random.Generator, wrong_share: float) -> str:
+    """The background a caption names: the scene's, or now and then another one (the picture still wins)."""
+    if not mask.all() and rng.random() < wrong_share:
+        return str(rng.choice([b for b in shapes.BACKGROUNDS if b != scene.background]))
+    return scene.background
+
+
+def new_object_example(
+    sample: shapes.Sample, kind: str, rng: np.random.Generator, wrong_share: float
+) -> InpaintExample | None:
+    """A new object in the scene, named alone by the caption: at a free place ("add") or instead of one of the
+    scene's shapes ("swap", another colour and shape at the same place and size). None when it has no room."""
+    scene = sample.scene
+    colour, shape = _seen_pair(rng)
+    style = str(rng.choice(shapes.STYLES[1:])) if rng.random() < NEW_OBJECT_STYLED else "flat"
+    drop: list[int] = []
+    if kind == "swap":
+        kept = [i for i, o in enumerate(scene.objects) if o.kind != "person"]
+        if not kept:
+            return None
+        index = int(rng.choice(kept))
+        old = scene.objects[index]
+        while (colour, shape) == (old.colour, old.kind) or shape == old.kind:
+            colour, shape = _seen_pair(rng)
+        new = shapes.SceneObject(shape, colour, old.size, old.centre, style)
+        drop = [index]
+    else:
+        size = str(rng.choice(list(shapes.SIZES)))
+        centre = free_place(scene, shapes.SIZES[size], rng)
+        if centre is None:
+            return None
+        new = shapes.SceneObject(shape, colour, size, centre, style)
+    solid = coverage(new)
+    mask = object_mask(_choose(rng, NEW_OBJECT_MASKS), new, rng) | grow(solid > 0.02, 1)
+    if kind == "swap":
+        mask |= grow(coverage(scene.objects[drop[0]]) > 0.02, 1)  # the old object goes whole
+    # Objects of the scene the mask hides whole and the caption does not name are gone, as in every example
+    drop = sorted(set(drop) | set(hidden_objects(scene, mask)))
+    objects = [o for i, o in enumerate(scene.objects) if i not in drop] + [new]
+    target = shapes.render(replace(scene, objects=objects)).image
+    # A glow reaches past an object's coverage: the mask takes in every pixel that changed, so outside the mask
+    # the target is the source (unless that hides another object whole: then no example from this draw)
+    mask |= grow((target != sample.image).any(axis=2), 1)
+    if not set(hidden_objects(scene, mask)) <= set(drop):
+        return None
+    background = _caption_background(scene, mask, rng, wrong_share)
+    caption = join(
+        object_phrase(new, rng, size_share=0.5, style_share=1.0, position_share=0.1),
+        background_phrase(background) if rng.random() < 0.3 else "",
+    )
+    return InpaintExample(
+        source=sample.image, mask=mask, caption=caption, target=target, mode="part", mask_kind=kind, hidden=1
+    )
+
+
+def _seen_pair(rng: np.random.Generator) -> tuple[str, str]:
+    """A colour and shape that training scenes show (never one of shapes.HELD_OUT_PAIRS)."""
+    while True:
+        pair = str(rng.choice(list(shapes.COLOURS))), str(rng.choice(shapes.SHAPES))
+        if pair not in shapes.HELD_OUT_PAIRS:
+            return pair
+
+
+def free_place(scene: shapes.Scene, half_extent: float, rng: np.random.Generator, tries: int = 30):
+    """A centre where a shape of `half_extent` fits inside the picture, 2 px clear of every object; or None."""
+    taken = np.zeros((shapes.IMAGE_SIZE,) * 2, bool)
+    for obj in scene.objects:
+        taken |= coverage(obj) > 0.05
+    taken = grow(taken, 2)
+    low, high = half_extent + 1, shapes.IMAGE_SIZE - half_extent - 1
+    for _ in range(tries):
+        x, y = rng.uniform(low, high, size=2)
+        probe = shapes.shape_mask("square", (float(x), float(y)), half_extent / 0.88) > 0.05  # the object's box
+        if not (probe & taken).any():
+            return float(x), float(y)
+    return None
 
 
 def with_background(scene: shapes.Scene, background: str) -> str:

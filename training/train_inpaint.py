@@ -52,7 +52,7 @@ class InpaintConfig:
     # Share of each batch drawn from examples whose caption names an object that only the mask's area can hold
     # (add / replace: the rarest lesson, and the one that needs the prompt); 0: as often as the pool has them
     add_share: float = 0.0
-    masks: str = "loose"  # the mask recipe (inpaint_data.MASK_RECIPES)
+    masks: str = "compose"  # the mask recipe (inpaint_data.MASK_RECIPES)
 
 
 def inflate_unet(base_unet):
