@@ -612,3 +612,382 @@ def explain_inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = 
         original = original.resize((width, height), Image.LANCZOS)  # as run_inpaint does
     explanation.input_image = original
     return ExplainResult(images=result.images, params=params, previews=result.previews, explanation=explanation)
+
+
+# --- intervene: prompt-to-prompt editing through the cross-attention ------------------------------------------------
+#
+# Prompt-to-prompt (Hertz et al., 2022): at the same seed, run the edited prompt with the cross-attention
+# probabilities of the original prompt for the first tau of the steps (word swap), and/or with one word's
+# probabilities scaled (re-weighting). The edit lives in `_EditProcessor`, set on the cross-attention modules of
+# the shared U-Net for one request under engine.lock and removed before the lock is released (`_EditContext`),
+# like the Probe: no other request ever runs through it.
+
+DEFAULT_TAU = 0.6  # share of the steps with the original's attention injected (chosen by training.evaluate_p2p)
+MAX_WEIGHT = 5.0  # a word's attention is scaled by at most this (0 removes it)
+MAX_WEIGHTS = 8  # re-weighted words per request
+SELF_INJECT_MAX_POSITIONS = 32 * 32  # self-attention maps copied in a swap only at levels up to this many positions
+
+
+@dataclass
+class InterventionRun:
+    """One image of an intervention and the attention it used (summed over heads, layers and steps)."""
+
+    label: str  # "original", "plain", "edited"
+    prompt: str
+    image: Image.Image
+    tokens: list[str]
+    attention: np.ndarray | None  # (T, h, w) per token of `prompt`
+
+
+@dataclass
+class InterventionResult(GenerationResult):
+    runs: list[InterventionRun] = field(default_factory=list)
+
+
+def _tokenizer_copy(engine):
+    """A private copy of the model's tokenizer: encoding sets the fast tokenizer's shared padding/truncation
+    state, and a model run may be encoding on another thread (pipelines.world.text)."""
+    import copy
+
+    return copy.deepcopy(engine.base.tokenizer)
+
+
+def inspect_tokens(engine, prompt: str) -> dict[str, Any]:
+    """How the text encoder reads `prompt`: its tokens in order, unknown words, and where the tokenizer's
+    limit (CLIP: 77 positions, 75 for the prompt between its start and end markers) cuts it off."""
+    from pipelines.common import check_text
+    from pipelines.world import text as world_text
+
+    prompt = check_text("prompt", prompt, engine.limits.max_prompt_chars)
+    tokenizer = _tokenizer_copy(engine)
+    encoded = tokenizer(prompt, truncation=False, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    limit = int(tokenizer.model_max_length)
+    usable = limit - 2  # the start and end markers take two positions
+    unknown_id = tokenizer.unk_token_id if world_text.is_word_level(tokenizer) else None
+    tokens = []
+    for i, (token_id, (begin, end)) in enumerate(zip(ids, offsets)):
+        status = "cut" if i >= usable else ("unknown" if unknown_id is not None and token_id == unknown_id else "kept")
+        text = tokenizer.convert_ids_to_tokens(token_id)
+        tokens.append({"position": i + 1, "token": text.replace("</w>", ""), "id": int(token_id),
+                       "text": prompt[begin:end], "status": status})
+    cut_text = prompt[offsets[usable][0]:] if len(ids) > usable else ""
+    return {"tokenizer": "word-level" if world_text.is_word_level(tokenizer) else "BPE",
+            "limit": limit, "usable": usable, "count": len(ids), "tokens": tokens, "cut_text": cut_text,
+            "unknown": engine.unknown_words(prompt)}
+
+
+def parse_weights(weights: Any) -> dict[str, float]:
+    """{word: scale} from a dict or text like "red=2, circle=0.5"; each scale within [0, MAX_WEIGHT]."""
+    if weights is None or weights == "":
+        return {}
+    if isinstance(weights, str):
+        pairs = {}
+        for item in weights.split(","):
+            if not item.strip():
+                continue
+            word, sep, value = item.partition("=")
+            if not sep or not word.strip():
+                raise InputError(f"weights item {item.strip()!r} is not word=scale (e.g. red=2)")
+            try:
+                pairs[word.strip()] = float(value)
+            except ValueError:
+                raise InputError(f"weights item {item.strip()!r}: {value.strip()!r} is not a number") from None
+        weights = pairs
+    if not isinstance(weights, dict):
+        raise InputError(f"weights must be word=scale pairs, got {type(weights).__name__}")
+    if len(weights) > MAX_WEIGHTS:
+        raise InputError(f"weights names {len(weights)} words, above the limit of {MAX_WEIGHTS}")
+    return {str(word).strip().lower(): check_float(f"weight of {word!r}", scale, 0.0, MAX_WEIGHT)
+            for word, scale in weights.items()}
+
+
+def _ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the pipeline encodes them: start marker, tokens, end marker (then padding)."""
+    return tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+
+
+def swap_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
+    """(L, L) matrix M over the text encoder's L positions with target_attention = source_attention @ M.
+
+    The two prompts may differ in one stretch of words (the swap): positions before and after it map one to
+    one, and the source's stretch is spread evenly over the target's (P2P's replacement mapper), so every row
+    keeps its attention mass. Refused when the prompts are equal or one only adds words to the other.
+    """
+    length = int(tokenizer.model_max_length)
+    src, tgt = _ids(tokenizer, source), _ids(tokenizer, target)
+    prefix = 0
+    while prefix < min(len(src), len(tgt)) and src[prefix] == tgt[prefix]:
+        prefix += 1
+    if src == tgt:
+        raise InputError("target_prompt reads the same as the prompt to the text encoder: swap a word")
+    suffix = 0
+    while suffix < min(len(src), len(tgt)) - prefix and src[-1 - suffix] == tgt[-1 - suffix]:
+        suffix += 1
+    src_span = list(range(prefix, len(src) - suffix))
+    tgt_span = list(range(prefix, len(tgt) - suffix))
+    if not src_span or not tgt_span:
+        raise InputError(f"target_prompt {target!r} adds or removes words of the prompt {source!r}; "
+                         f"a swap replaces words (e.g. 'a red circle' -> 'a blue circle')")
+    mapper = torch.zeros(length, length)
+    for i in range(prefix):
+        mapper[i, i] = 1.0
+    for i in src_span:
+        mapper[i, tgt_span] = 1.0 / len(tgt_span)
+    for k in range(suffix):  # the end of both prompts, aligned from the end marker back
+        mapper[len(src) - 1 - k, len(tgt) - 1 - k] = 1.0
+    for k in range(length - len(src)):  # padding after the end marker, in order
+        if len(tgt) + k < length:
+            mapper[len(src) + k, len(tgt) + k] = 1.0
+    return mapper
+
+
+def weight_vector(tokenizer, prompt: str, weights: dict[str, float]) -> torch.Tensor:
+    """(L,) scale per text position: each weighted word's tokens get its scale, everything else 1."""
+    length = int(tokenizer.model_max_length)
+    encoded = tokenizer(prompt, truncation=True, max_length=length, return_offsets_mapping=True)
+    vector = torch.ones(length)
+    found = set()
+    for position, (begin, end) in enumerate(encoded["offset_mapping"]):
+        if end <= begin:
+            continue
+        for word, scale in weights.items():
+            for match in _word_spans(prompt, word):
+                if begin < match[1] and end > match[0]:
+                    vector[position] = scale
+                    found.add(word)
+    missing = [w for w in weights if w not in found]
+    if missing:
+        raise InputError(f"weights name {', '.join(map(repr, missing))}, not in the prompt {prompt!r}")
+    return vector
+
+
+def _word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
+    import re
+
+    return [m.span() for m in re.finditer(rf"(?<![\w]){re.escape(word)}(?![\w])", prompt.lower())]
+
+
+class _EditProcessor:
+    """Cross-attention of one edit request, computed here (as diffusers' AttnProcessor does) so that the
+    probabilities can be changed before they weigh the values; the edit itself is `_EditContext.change`."""
+
+    def __init__(self, edit: "_EditContext", *, cross: bool):
+        self.edit, self.cross = edit, cross
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, sequence_length, _ = context.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, N, L)
+        probs = self.edit.change(probs, batch_size, attn.heads, cross=self.cross)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class _EditContext:
+    """Context manager: takes engine.lock, sets `_EditProcessor` on every cross-attention module of `unet`, and
+    puts the original processors back on exit, whatever happened (error, Cancel), before releasing the lock.
+
+    The U-Net batch is [unconditional..., conditional...] with classifier-free guidance, else [conditional...];
+    with a swap each half holds [source, target], else [target]. Only the conditional target is changed (as in
+    P2P): its probabilities become the source's mapped through `mapper` while step < tau_steps, and are then
+    scaled per position by `weights` at every step. Its maps (heads, layers and steps summed) are recorded.
+    """
+
+    def __init__(self, engine, unet, *, cfg: bool, mapper: torch.Tensor | None, tau_steps: int,
+                 weights: torch.Tensor | None, latent_hw: tuple[int, int], keep_tokens: int):
+        self.engine, self.unet, self.cfg = engine, unet, cfg
+        self.mapper, self.tau_steps, self.weights = mapper, tau_steps, weights
+        self.latent_hw, self.keep_tokens = latent_hw, keep_tokens
+        self.step = 0  # steps finished (run_pipeline's step-end callback advances it through `capture`)
+        self.injected_steps: set[int] = set()
+        self.maps: torch.Tensor | None = None  # (keep_tokens, h, w)
+        self._processors: list[tuple[Any, Any]] = []
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "_EditContext":
+        from diffusers.models.attention_processor import Attention
+
+        self.engine.lock.acquire()
+        try:
+            for module in self.unet.modules():
+                if isinstance(module, Attention) and (module.is_cross_attention or self.mapper is not None):
+                    self._processors.append((module, module.processor))
+                    module.set_processor(_EditProcessor(self, cross=module.is_cross_attention))
+            if self.mapper is not None and self.unet.config.get("addition_embed_type") == "text":
+                # This U-Net also reads the prompt pooled into one vector added to the time embedding (the
+                # built-in model): the source's for the same steps, or the swapped word moves the whole layout
+                self._hooks.append(self.unet.add_embedding.register_forward_hook(self._pooled_text))
+        except BaseException:
+            self._restore()
+            self.engine.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._restore()
+        finally:
+            self.engine.lock.release()
+
+    def _restore(self) -> None:
+        while self._hooks:
+            self._hooks.pop().remove()
+        while self._processors:
+            module, original = self._processors.pop()
+            module.set_processor(original)
+
+    def capture(self, pipe, i: int, t, callback_kwargs: dict) -> None:
+        self.step = i + 1
+
+    def _pooled_text(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        batch = output.shape[0]
+        first = batch - 2 if self.cfg and batch == 4 else 0
+        if self.step < self.tau_steps:
+            output = output.clone()
+            output[first + 1] = output[first]
+        return output
+
+    @torch.no_grad()
+    def change(self, probs: torch.Tensor, batch: int, heads: int, *, cross: bool = True) -> torch.Tensor:
+        images = 2 if self.mapper is not None else 1
+        p = probs.view(batch, heads, probs.shape[1], probs.shape[2])
+        first = batch - images if self.cfg and batch == 2 * images else 0  # the conditional items
+        target = first + images - 1
+        if not cross:
+            # Self-attention (swaps only): the layout of the source as well, for the same steps, at the levels
+            # small enough to copy (P2P's limit: 32x32 positions; SD1.5's 64x64 level would be 4096² per head)
+            if self.step < self.tau_steps and p.shape[-1] <= SELF_INJECT_MAX_POSITIONS:
+                p[target] = p[first]
+            return probs
+        if self.mapper is not None and self.step < self.tau_steps:
+            p[target] = p[first] @ self.mapper.to(p.device, p.dtype)
+            self.injected_steps.add(self.step)
+        if self.weights is not None:
+            p[target] = p[target] * self.weights.to(p.device, p.dtype)
+        self._record(p[target].float().sum(0))
+        return p.view(batch * heads, probs.shape[1], probs.shape[2])
+
+    def _record(self, probs: torch.Tensor) -> None:
+        lh, lw = _layer_size(self.latent_hw, probs.shape[0])
+        maps = probs[:, :self.keep_tokens].T.reshape(1, -1, lh, lw)
+        maps = F.interpolate(maps, size=self.latent_hw, mode="bilinear", align_corners=False)[0].cpu()
+        self.maps = maps if self.maps is None else self.maps + maps
+
+
+@dataclass(eq=False)
+class _PairRequest:
+    """A txt2img Request whose call makes two images from the same noise: the source prompt, then the target."""
+
+    request: Any
+    source_prompt: str
+
+    def __getattr__(self, name):
+        return getattr(self.request, name)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        from pipelines.request import generators
+
+        kwargs = self.request.call_kwargs()
+        negative = kwargs.get("negative_prompt")
+        kwargs.update(prompt=[self.source_prompt, self.request.prompt], num_images_per_prompt=1,
+                      negative_prompt=None if negative is None else [negative, negative],
+                      generator=generators(self.request.seed, 1) + generators(self.request.seed, 1))
+        return kwargs
+
+
+def _summed_maps(probe: Probe, tokens: list[str]) -> np.ndarray | None:
+    if not probe.attention or any(a is None for a in probe.attention):
+        return None
+    return torch.stack(probe.attention).sum(0)[1:1 + len(tokens)].numpy()
+
+
+def intervene(engine, *, prompt: str, target_prompt: str = "", tau: float = DEFAULT_TAU, weights: Any = None,
+              negative_prompt: str = "", seed: int, steps: int, guidance: float, scheduler: str | None = None,
+              width: int | None = None, height: int | None = None, plain: bool = True, on_step=None,
+              cancel=None) -> InterventionResult:
+    """Prompt-to-prompt at one seed: the original prompt, the target prompt made plainly, and the target made
+    with the original's cross-attention for the first `tau` of the steps and the `weights` applied.
+
+    Without a target prompt the edit is re-weighting alone (of the prompt itself). `images` are, in order:
+    original, plain target (with a swap), edited; `runs` holds each with the attention it used. `plain=False`
+    makes the edited image alone (the evaluation makes the plain ones once for several tau).
+    """
+    # 1. Check everything before taking the lock
+    source = txt2img.txt2img_request(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                                     guidance=guidance, scheduler=scheduler, width=width, height=height,
+                                     batch_size=1)
+    common = source.settings
+    target_text = "" if target_prompt is None else target_prompt
+    swap = bool(target_text.strip()) and target_text.strip() != common["prompt"].strip()
+    target = txt2img.txt2img_request(engine, **{**common, "prompt": target_text if swap else common["prompt"]},
+                                     width=source.width, height=source.height)
+    tau = check_float("tau", tau, 0.0, 1.0)
+    weights = parse_weights(weights)
+    if not swap and not weights:
+        raise InputError("nothing to change: give a target_prompt that swaps words of the prompt, or weights "
+                         "(e.g. red=2)")
+    tokenizer = _tokenizer_copy(engine)
+    mapper = swap_mapper(tokenizer, common["prompt"], target.prompt) if swap else None
+    vector = weight_vector(tokenizer, target.prompt, weights) if weights else None
+    cfg = _uses_cfg(engine, common["guidance"])
+    source_tokens, target_tokens = _tokens(engine, common["prompt"]), _tokens(engine, target.prompt)
+    total = common["steps"] * ((3 if swap else 2) if plain else 1)
+    f = engine.vae_scale_factor
+    latent_hw = (source.height // f, source.width // f)
+    unet = engine.task_unet(source.task)
+
+    # 2. The original and (with a swap) the target made plainly, watched by the Probe: the very images txt2img makes
+    runs = []
+    watched = [("original", source, source_tokens)] + ([("plain", target, target_tokens)] if swap else [])
+    for k, (label, request, tokens) in enumerate(watched if plain else []):
+        with Probe(engine, cfg=cfg, keep_tokens=1 + len(tokens), unet=unet) as probe:
+            image = run_pipeline(engine, request, on_step=_progress(on_step, k * common["steps"], total),
+                                 cancel=cancel)[0]
+        runs.append(InterventionRun(label, request.prompt, image, tokens, _summed_maps(probe, tokens)))
+
+    # 3. The edit: the processors are set for this one call and removed before the lock is released
+    edited_request = txt2img.txt2img_request(engine, **{**common, "prompt": target.prompt}, width=source.width,
+                                             height=source.height)
+    with _EditContext(engine, unet, cfg=cfg, mapper=mapper, tau_steps=round(tau * common["steps"]),
+                      weights=vector, latent_hw=latent_hw, keep_tokens=1 + len(target_tokens)) as edit:
+        call = edited_request
+        if swap:
+            edited_request.adapters = engine.adapters.active_for([common["prompt"], target.prompt])
+            call = _PairRequest(edited_request, common["prompt"])
+        images = run_pipeline(engine, call, on_step=_progress(on_step, (total - common["steps"]), total),
+                              cancel=cancel, capture=edit.capture)
+    maps = None if edit.maps is None else edit.maps[1:1 + len(target_tokens)].numpy()
+    runs.append(InterventionRun("edited", target.prompt, images[-1], target_tokens, maps))
+    params = {**base_params(engine, "intervene", edited_request),
+              "source_prompt": common["prompt"] if swap else None, "tau": tau if swap else None,
+              "weights": weights or None, "injected_steps": len(edit.injected_steps)}
+    return InterventionResult(images=[r.image for r in runs], params=params, runs=runs)
