@@ -140,14 +140,18 @@ def build_app(engine, settings: AppSettings | None = None, *, gpu=None):
     import gradio as gr
 
     from demo import controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
+    from demo.cleanup import output_folder, sweep_interval
     from demo.outputs import TAB_LABELS
     from demo.studio import Studio
 
     settings = settings or AppSettings()
-    studio = Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=gpu is not None))
+    age = engine.limits.max_file_age_s  # files older than this leave the disk (demo/cleanup.py)
+    app = gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(sweep_interval(age), age))
+    studio = Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=gpu is not None),
+                    output_dir=output_folder(app))
     modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
                "controlnet": controlnet, "explain": explain, "finetune": finetune}
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    with app:
         header.build_header(engine)
         with gr.Tabs() as tabs:
             for tab_id, module in modules.items():
@@ -162,9 +166,11 @@ def launch(app, engine, settings: AppSettings, **kwargs):
     """Serve `app` with the safety settings every deployment needs; kwargs go to `Blocks.launch`."""
     import gradio as gr
 
+    from demo import cleanup
     from demo.common import CSS
 
     max_mb = settings.max_file_size_mb or engine.limits.max_upload_mb
+    sweeper = cleanup.lifespan(app, engine.limits.max_file_age_s)  # what gradio's delete_cache does not reach
     return app.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -177,6 +183,7 @@ def launch(app, engine, settings: AppSettings, **kwargs):
         theme=gr.themes.Soft(),
         ssr_mode=False,
         footer_links=["api", "gradio"],
+        app_kwargs={"lifespan": sweeper},
         **kwargs,
     )
 
@@ -276,6 +283,11 @@ def main(argv=None) -> int:
     auth = parse_auth(args.auth)  # a malformed --auth fails before minutes of model loading
     settings = AppSettings(host=args.host, port=args.port, share=args.share, auth=auth,
                            queue_size=args.queue_size)
+    from demo.cleanup import own_cache_folder
+
+    # Gradio's cache (every file the app makes or receives) in a folder of the app's own, which its sweep may
+    # empty of old files (demo/cleanup.py); an explicit GRADIO_TEMP_DIR is kept
+    os.environ["GRADIO_TEMP_DIR"] = own_cache_folder()
     gpu = gpu_decorator()  # before torch touches CUDA: on ZeroGPU importing `spaces` patches it
     from pipelines import compute
     from pipelines.common import ModelNotAvailable

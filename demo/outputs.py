@@ -2,6 +2,7 @@
 "Send to" buttons) and the wiring of its model event."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,10 +98,12 @@ def wire_model_event(tab: str, studio: Studio, panel: OutputPanel, fn: Callable,
 
 
 def _add_history(gallery_value, history):
+    """The newest results first, at most HISTORY_LIMIT, and only files still on disk: results older than
+    `Limits.max_file_age_s` are swept away (demo/cleanup.py), and so leave the history too."""
     items = [(pick_image([item], 0), item[1] if isinstance(item, (list, tuple)) else None)
              for item in (gallery_value or [])]
-    history = ([item for item in items if item[0]] + list(history or []))[:HISTORY_LIMIT]
-    return history, history
+    history = [item for item in items + list(history or []) if item[0] and os.path.exists(item[0])]
+    return history[:HISTORY_LIMIT], history[:HISTORY_LIMIT]
 
 
 CANCEL_MESSAGES = {"running": "Cancelling…", "waiting": "Cancelled: it will not run."}

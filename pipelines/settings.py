@@ -24,6 +24,13 @@ class Limits:
     max_adapters: int = 8  # LDS_MAX_ADAPTERS: fine-tuned or loaded adapters held at once
     max_finetune_steps: int = 2000  # LDS_MAX_FINETUNE_STEPS: optimiser steps of one fine-tune
     max_finetune_images: int = 20  # LDS_MAX_FINETUNE_IMAGES: training images of one fine-tune
+    max_compare_cells: int = 36  # LDS_MAX_COMPARE_CELLS: images of one Compare grid (6 x 6)
+    # LDS_MAX_COMPARE_PIXELS: pixels of all cells of one Compare grid together (36 images of 512x512)
+    max_compare_pixels: int = 36 * 512 * 512
+    # LDS_MAX_FILE_AGE_S: seconds a file the app made or received (result PNGs, previews, uploads, saved adapters)
+    # stays on disk. Long enough to download a result or send it to another tab after a coffee; short enough that
+    # a busy server's disk holds a bounded window of files (disk use ~ requests per second x this age).
+    max_file_age_s: int = 2 * 3600
     # LDS_BATCH_REQUESTS: images of queued same-settings txt2img requests run as one call. Off (1) by default:
     # a merged image can differ from its solo run by one level out of 255 (batched kernels round differently),
     # and the app promises that a seed gives the same bytes whoever else is using it (throughput: README).
