@@ -25,6 +25,7 @@ from pipelines.settings import DEFAULT_MASK_BLUR
 
 TAB = "explain"
 INPAINT_TAB = "explain_inpaint"  # cancel key of the inpainting run
+INTERVENE_TAB = "explain_intervene"  # cancel key of the prompt-to-prompt run
 GUIDANCE_CHOICES = [1.0, 2.0, 4.0, 7.5, 12.0]
 GUIDANCE_DEFAULT = [1.0, 2.0, 4.0, 7.5]
 CHANNEL_PX = 96  # each latent channel is drawn at least this big (nearest-neighbour: one block per latent)
@@ -346,6 +347,8 @@ EXPLAIN_VIEWS = (
 )
 EXPLAIN_OUTPUTS = ("preview", "gallery", "params", "status", *EXPLAIN_VIEWS)  # what /explain returns
 EXPLAIN_INPAINT_OUTPUTS = ("status", "mask_image", "mask_latent", "result", "step", "latent", "x0", "step_text")
+EXPLAIN_INTERVENE_OUTPUTS = ("status", "images", "attention", "params")  # what /explain_intervene returns
+EXPLAIN_TOKENS_OUTPUTS = ("tokens", "summary")  # what /explain_tokens returns
 
 
 def build_tab(engine, *, studio: Studio | None = None) -> None:
@@ -359,9 +362,11 @@ def build_tab(engine, *, studio: Studio | None = None) -> None:
     views = {**_trajectory_section(engine), **_attention_section(engine), **_guidance_section(engine),
              **_schedule_section(schedule), **_cost_and_code_section()}
     inpaint = _inpaint_section(engine)
+    intervene = _intervene_section(engine, explain_task.DEFAULT_TAU, explain_task.MAX_WEIGHT)
     _wire_explain(engine, studio, explain_task, inputs, panel, views, state)
     _wire_scrubbing(schedule, views, state)
     _wire_explain_inpaint(engine, studio, explain_task, inputs, inpaint)
+    _wire_intervene(engine, studio, explain_task, inputs, intervene)
 
 
 def _steps_slider(engine, name: str, label: str, *, at_end: bool) -> gr.Slider:
@@ -641,3 +646,126 @@ def _wire_explain_inpaint(engine, studio: Studio, explain_task, inputs: dict, ui
         **studio.model_event())
     ui["step"].change(inpaint_step_view, [ui["state"], ui["step"]], [ui["latent"], ui["x0"], ui["step_text"]],
                       **UI_EVENT)
+
+
+# --- intervene: prompt-to-prompt and the token inspector ------------------------------------------------------------
+
+RUN_LABELS = {"original": "original", "plain": "swapped word, plain", "edited": "edited"}
+
+
+def token_view(report: dict) -> tuple[list[tuple[str, str | None]], str]:
+    """The inspector's tokens as (text, status) pairs for a HighlightedText, and a summary."""
+    pairs = [(f"{t['token']} ", None if t["status"] == "kept" else t["status"]) for t in report["tokens"]]
+    lines = [f"**{report['count']} token(s)** for the prompt; the text encoder reads {report['limit']} positions, "
+             f"{report['usable']} of them for the prompt (a start and an end marker take the other two). "
+             f"Tokenizer: {report['tokenizer']}" + (" (one token per known word)." if report["tokenizer"] ==
+                                                      "word-level" else " (words split into sub-word pieces).")]
+    if report["unknown"]:
+        lines.append(f"⚠ Unknown to the model (read as one 'unknown' token, carrying nothing): "
+                     f"**{', '.join(report['unknown'])}**.")
+    if report["cut_text"]:
+        lines.append(f"⚠ Cut at token {report['usable']}: the model never reads **{report['cut_text']}**.")
+    return pairs, "  \n".join(lines)
+
+
+def intervention_images(result) -> list[tuple[Image.Image, str]]:
+    return [(enlarge(run.image), f"{RUN_LABELS.get(run.label, run.label)} · {run.prompt}") for run in result.runs]
+
+
+def intervention_attention(result) -> list[tuple[Image.Image, str]]:
+    """Per run, per token: where its cross-attention went (heads, layers and steps summed; own min..max)."""
+    items = []
+    for run in result.runs:
+        if run.attention is None:
+            continue
+        for token, heat in zip(run.tokens, run.attention):
+            low, high = float(heat.min()), float(heat.max())
+            heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+            items.append((overlay(run.image, heat), f"{RUN_LABELS.get(run.label, run.label)} · {token}"))
+    return items
+
+
+def _intervene_section(engine, default_tau: float, max_weight: float) -> dict:
+    gr.Markdown("## 8 · Intervene: edit through the attention (prompt-to-prompt)\nSwap a word at the same seed: "
+                "*plain* makes the new prompt from scratch, *edited* makes it with the original's attention maps "
+                "(which image region reads which word, and which regions look at which) for the first **tau** of "
+                "the steps, so the layout can stay while the word changes. Re-weighting scales one word's "
+                f"attention at every step (0 removes it, up to {max_weight:g}). Uses the prompt and settings above; "
+                "each image is shown with the attention it used.")
+    ui: dict[str, Any] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            ui["target"] = gr.Textbox(value="", label="Target prompt: the prompt above with words swapped "
+                                      "(empty: re-weight the prompt itself)",
+                                      max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-intervene-target")
+            ui["tau"] = Slider(label="tau: share of the steps with the original's attention", minimum=0.0,
+                               maximum=1.0, step=0.05, value=default_tau, elem_id=f"{TAB}-intervene-tau")
+            ui["weights"] = gr.Textbox(value="", label="Re-weight words (word=scale, ...; e.g. red=2, circle=0.5)",
+                                       max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-intervene-weights")
+            with gr.Row():
+                ui["run"] = gr.Button("Intervene", variant="primary", elem_id=f"{TAB}-intervene-run", scale=3)
+                ui["cancel"] = gr.Button("Cancel", variant="stop", elem_id=f"{TAB}-intervene-cancel", scale=1)
+            ui["status"] = gr.Markdown("", label="Status", elem_id=f"{TAB}-intervene-status")
+            ui["inspect"] = gr.Button("Inspect tokens of the prompt", size="sm", elem_id=f"{TAB}-tokens-button")
+            ui["tokens"] = gr.HighlightedText(label="Tokens (unknown, cut)", combine_adjacent=False,
+                                              color_map={"unknown": "orange", "cut": "red"},
+                                              elem_id=f"{TAB}-tokens")
+            ui["token_summary"] = gr.Markdown("", elem_id=f"{TAB}-token-summary")
+        with gr.Column(scale=3):
+            ui["images"] = gr.Gallery(label="Same seed: original · swapped plainly · edited", columns=3, height=260,
+                                      format="png", type="filepath", object_fit="contain", interactive=False,
+                                      elem_id=f"{TAB}-intervene-images", elem_classes=["lds-gallery", "lds-pixelated"])
+            ui["attention"] = gr.Gallery(label="Attention per word of each image", columns=8, height=260,
+                                         fit_columns=False, format="png", object_fit="contain", interactive=False,
+                                         elem_id=f"{TAB}-intervene-attention",
+                                         elem_classes=["lds-gallery", "lds-pixelated"])
+            with gr.Accordion("Parameters of the edited image", open=False):
+                ui["params"] = gr.JSON(label="Parameters", elem_id=f"{TAB}-intervene-params")
+    return ui
+
+
+def _wire_intervene(engine, studio: Studio, explain_task, inputs: dict, ui: dict) -> None:
+    def intervene(prompt: str, target_prompt: str, tau: float, weights: str, negative_prompt: str, seed: float,
+                  steps: float, guidance: float, scheduler: str, width: float, height: float, request: gr.Request,
+                  progress=gr.Progress()):
+        """Prompt-to-prompt at one seed. Returns the values named in demo/explain.py EXPLAIN_INTERVENE_OUTPUTS:
+        status, images (original, swapped plainly, edited: PNGs with parameters), attention per word, params."""
+        holder: dict[str, Any] = {}
+
+        def run(engine_, **kwargs):
+            holder["result"] = explain_task.intervene(engine_, **kwargs)
+            return holder["result"]
+
+        kwargs = dict(prompt=prompt, target_prompt=target_prompt, tau=tau, weights=weights,
+                      negative_prompt=negative_prompt, seed=resolve_seed(engine, seed), steps=steps, guidance=guidance,
+                      scheduler=scheduler, width=width, height=height)
+        for _preview, gallery, params, status in run_task(engine, studio, INTERVENE_TAB, run, kwargs,
+                                                          request=request, progress=progress):
+            if isinstance(gallery, list) and "result" in holder:
+                result = holder["result"]
+                images = [(path, caption) for (path, _), (_, caption) in zip(gallery, intervention_images(result))]
+                yield status, images, intervention_attention(result), params
+            else:
+                yield status, gr.skip(), gr.skip(), gr.skip()
+
+    settings = inputs["settings"]
+    wire_cancellable(
+        studio, INTERVENE_TAB, ui["run"], ui["cancel"], ui["status"],
+        studio.gpu_event(intervene, lambda arguments: generation_seconds({**arguments, "batch_size": 4})),
+        inputs_kwargs=dict(prompt=inputs["prompt"], target_prompt=ui["target"], tau=ui["tau"], weights=ui["weights"],
+                           **{k: v for k, v in settings.kwargs().items() if k != "batch_size"}),
+        outputs=[ui[name] for name in EXPLAIN_INTERVENE_OUTPUTS], api_name="explain_intervene",
+        show_progress="minimal", show_progress_on=[ui["images"]], **studio.model_event())
+
+    def inspect(prompt: str):
+        """How the text encoder reads a prompt. Returns the values named in EXPLAIN_TOKENS_OUTPUTS: the tokens
+        (text, status: null, "unknown" or "cut") and a summary (limit, unknown words, where the prompt is cut)."""
+        from demo.running import user_error
+
+        try:
+            return token_view(explain_task.inspect_tokens(engine, prompt))
+        except Exception as error:
+            raise user_error(error) from None
+
+    ui["inspect"].click(inspect, inputs["prompt"], [ui["tokens"], ui["token_summary"]], api_name="explain_tokens",
+                        queue=False, show_progress="hidden")

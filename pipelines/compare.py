@@ -181,8 +181,9 @@ def compare(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
             cancel=None) -> CompareResult:
     """Make every cell of the grid (row-major: Y rows, X columns) and the labelled grid image.
 
-    `on_cell(index, image, params)` is called as each cell is done; `on_step(step, total, preview)` counts the
-    steps of all cells as one run. Cancel keeps the cells made so far (`result.cancelled` says where it stopped).
+    `on_cell(index, image, params, grid)` is called as each cell is done (grid: the cells so far);
+    `on_step(step, total, preview)` counts the steps of all cells as one run. Cancel keeps the cells made so
+    far (`result.cancelled` says where it stopped).
     """
     from pipelines import controlnet, style, txt2img
     from pipelines.request import check_settings, check_size
@@ -255,7 +256,7 @@ def compare(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
         cell_params.append(params)
         done += int(values["steps"])
         if on_cell is not None:
-            on_cell(index, result.images[0], params)
+            on_cell(index, result.images[0], params, grid_image(images, x, y, (width, height)))
 
     grid_params = {"task": "compare", "model": engine.preset.name, **settings, "width": width, "height": height,
                    "mode": mode, "x_axis": x.name, "x_values": x.labels, "y_axis": y.name if y else None,

@@ -622,7 +622,7 @@ def explain_inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = 
 # the shared U-Net for one request under engine.lock and removed before the lock is released (`_EditContext`),
 # like the Probe: no other request ever runs through it.
 
-DEFAULT_TAU = 0.6  # share of the steps with the original's attention injected (chosen by training.evaluate_p2p)
+DEFAULT_TAU = 0.8  # share of the steps with the original's attention injected (chosen by training.evaluate_p2p)
 MAX_WEIGHT = 5.0  # a word's attention is scaled by at most this (0 removes it)
 MAX_WEIGHTS = 8  # re-weighted words per request
 SELF_INJECT_MAX_POSITIONS = 32 * 32  # self-attention maps copied in a swap only at levels up to this many positions
@@ -637,11 +637,16 @@ class InterventionRun:
     image: Image.Image
     tokens: list[str]
     attention: np.ndarray | None  # (T, h, w) per token of `prompt`
+    params: dict[str, Any] = field(default_factory=dict)  # what makes this image again (its PNG's parameters)
 
 
 @dataclass
 class InterventionResult(GenerationResult):
     runs: list[InterventionRun] = field(default_factory=list)
+
+    def image_params(self, i: int) -> dict[str, Any]:
+        """All images share the seed: the plain ones restore into Text to image, the edited one carries its edit."""
+        return self.runs[i].params
 
 
 def _tokenizer_copy(engine):
@@ -972,7 +977,8 @@ def intervene(engine, *, prompt: str, target_prompt: str = "", tau: float = DEFA
         with Probe(engine, cfg=cfg, keep_tokens=1 + len(tokens), unet=unet) as probe:
             image = run_pipeline(engine, request, on_step=_progress(on_step, k * common["steps"], total),
                                  cancel=cancel)[0]
-        runs.append(InterventionRun(label, request.prompt, image, tokens, _summed_maps(probe, tokens)))
+        runs.append(InterventionRun(label, request.prompt, image, tokens, _summed_maps(probe, tokens),
+                                    base_params(engine, "txt2img", request)))
 
     # 3. The edit: the processors are set for this one call and removed before the lock is released
     edited_request = txt2img.txt2img_request(engine, **{**common, "prompt": target.prompt}, width=source.width,
@@ -986,8 +992,8 @@ def intervene(engine, *, prompt: str, target_prompt: str = "", tau: float = DEFA
         images = run_pipeline(engine, call, on_step=_progress(on_step, (total - common["steps"]), total),
                               cancel=cancel, capture=edit.capture)
     maps = None if edit.maps is None else edit.maps[1:1 + len(target_tokens)].numpy()
-    runs.append(InterventionRun("edited", target.prompt, images[-1], target_tokens, maps))
     params = {**base_params(engine, "intervene", edited_request),
               "source_prompt": common["prompt"] if swap else None, "tau": tau if swap else None,
               "weights": weights or None, "injected_steps": len(edit.injected_steps)}
+    runs.append(InterventionRun("edited", target.prompt, images[-1], target_tokens, maps, params))
     return InterventionResult(images=[r.image for r in runs], params=params, runs=runs)
