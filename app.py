@@ -139,7 +139,7 @@ def build_app(engine, settings: AppSettings | None = None, *, gpu=None):
     `gpu`: `spaces.GPU` on ZeroGPU (from gpu_decorator), else None."""
     import gradio as gr
 
-    from demo import controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
+    from demo import compare, controlnet, explain, finetune, header, inpaint, outpaint, style, txt2img
     from demo.cleanup import output_folder, sweep_interval
     from demo.outputs import TAB_LABELS
     from demo.studio import Studio
@@ -150,7 +150,7 @@ def build_app(engine, settings: AppSettings | None = None, *, gpu=None):
     studio = Studio(gpu=gpu, model_concurrency=model_concurrency(engine, settings, zero_gpu=gpu is not None),
                     output_dir=output_folder(app))
     modules = {"txt2img": txt2img, "inpaint": inpaint, "outpaint": outpaint, "style": style,
-               "controlnet": controlnet, "explain": explain, "finetune": finetune}
+               "controlnet": controlnet, "explain": explain, "compare": compare, "finetune": finetune}
     with app:
         header.build_header(engine)
         with gr.Tabs() as tabs:

@@ -20,6 +20,7 @@ TAB_LABELS = {
     "style": "Style transfer",
     "controlnet": "ControlNet",
     "explain": "Explain",
+    "compare": "Compare",
     "finetune": "Fine-tune",
 }
 
