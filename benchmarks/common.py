@@ -49,6 +49,9 @@ class Options:
     repeats: int = 7  # --repeats: timed runs per measurement (the median is reported); warm-up runs excluded
     sd15: bool = True  # --no-sd15: skip the SD1.5-shaped random-weight model (memory, FLOPs)
     compile: bool = True  # --no-compile: skip torch.compile (minutes of compiling on a CPU); never in --quick
+    soak_requests: int = 500  # --soak-requests: requests of the soak part (quick: 8)
+    soak_age_s: int = 60  # --soak-age: the file age limit (LDS_MAX_FILE_AGE_S) of the soak's app (quick: 1 s)
+    soak_steps: int = 20  # --soak-steps: denoising steps of each soak request (quick: 2)
     notes: list[str] = field(default_factory=list)  # printed under the table
 
     @property
@@ -67,12 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the SD1.5-shaped random-weight model")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile measurement (it compiles for minutes on a CPU)")
+    parser.add_argument("--soak-requests", type=int, default=500, help="requests of the soak part (part 6)")
+    parser.add_argument("--soak-age", type=int, default=60,
+                        help="the soak's file age limit in seconds (the app's LDS_MAX_FILE_AGE_S)")
+    parser.add_argument("--soak-steps", type=int, default=20, help="denoising steps of each soak request")
 
 
 def options_from(args: argparse.Namespace) -> Options:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 7)
     return Options(model=args.model, threads=args.threads, quick=args.quick, repeats=max(1, repeats), sd15=args.sd15,
-                   compile=args.compile and not args.quick)
+                   compile=args.compile and not args.quick, soak_requests=max(2, args.soak_requests),
+                   soak_age_s=max(1, args.soak_age), soak_steps=max(1, args.soak_steps))
 
 
 def parse_options(description: str, argv=None) -> Options:

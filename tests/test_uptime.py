@@ -119,3 +119,25 @@ def test_real_app_removes_files_older_than_the_age_limit(tiny_presets, tmp_path,
         assert len(gallery) == 2 and params["seed"] == 3
     finally:
         server.app.close()
+
+
+@pytest.mark.slow
+def test_soak_benchmark_runs_the_real_app_and_reports_growth_per_request(tiny_paths, tmp_path):
+    """`python -m benchmarks.soak --quick` (8 requests of 4 images through `python app.py`, a 1 s age limit)
+    prints its three rows; the figures themselves come from a full run (README, Performance)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "LDS_BENCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--quick", "--threads", "1",
+                           "--model", str(tiny_paths["shapes"])], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("6 soak")]
+    assert len(rows) == 3, done.stdout
+    assert "disk growth per request, last half of 8 (age limit 1 s)" in rows[0]
+    assert "before the age limit" in rows[1] and "server RSS growth per request" in rows[2]
+    assert not list(tmp_path.glob("lds-soak-*")), "the soak's server folder was left behind"
