@@ -39,6 +39,15 @@ def _format(scores: dict) -> str:
     return "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
 
 
+def _schedule_options(info: dict) -> list[str]:
+    """train_annotators' step options, one per stretch of the learning-rate schedule the run went through
+    (config.json's "schedule": the --max-steps of each stretch and the step it stopped at)."""
+    steps = info.get("steps", 1200)
+    stretches = info.get("schedule") or [{"max_steps": steps, "until": steps}]
+    return [f"--max-steps {s['max_steps']}" + (f" --stop-at {s['until']}" if s["until"] < s["max_steps"] else "")
+            for s in stretches]
+
+
 def write_annotator_card(folder: Path, kind: str, scores: dict) -> Path:
     """README.md for assets/models/shapes-annotators/<kind> from its config.json and `scores`."""
     folder = Path(folder)
@@ -83,6 +92,9 @@ def write_annotator_card(folder: Path, kind: str, scores: dict) -> Path:
                    "reports a person and draws a skeleton that is not there.\n")
     reproduce_vae = (f" --vae {vae}" if vae else "") + (
         f" --low-contrast-share {train['low_contrast_share']}" if train.get("low_contrast_share") else "")
+    train_commands = "\n".join(
+        f"python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} {stretch} --threads 1"
+        f"{reproduce_vae}" for stretch in _schedule_options(info))
     text = f"""# Shapes-world {kind} annotator
 
 {task} Used by the app's ControlNet tab (preprocessor "{kind}") for the built-in model through
@@ -119,14 +131,49 @@ Training curve ({info.get('train', {}).get('eval_count', '?')} held-out scenes p
 {limits}
 ## Reproduce
 ```
-python -m training.train_annotators --kind {kind} --out runs/annotator-{kind} \
---max-steps {info.get('steps', 1200)} --threads 1{reproduce_vae}
+{train_commands}
 cp runs/annotator-{kind}/annotator/* assets/models/shapes-annotators/{kind}/
 python -m training.evaluate --controls --write-cards
 ```
 """
     (folder / "README.md").write_text(text)
     return folder / "README.md"
+
+
+SHIPPED_LDM = Path(__file__).resolve().parent.parent / "assets" / "models" / "shapes-ldm"
+
+
+def _controlnet_base(info: dict) -> tuple[str, str, str]:
+    """(the card's sentence on the base model, the commands that fetch that base, its folder for --ldm) from
+    training.json's ldm, ldm_step and ldm_commit. A ControlNet follows the U-Net it was trained against, so the
+    Reproduce commands train against that step, taken from the commit that holds it."""
+    step, commit, folder = info.get("ldm_step"), info.get("ldm_commit"), info.get("ldm", "assets/models/shapes-ldm")
+    step_file = SHIPPED_LDM / "TRAINING_STEP"
+    shipped = step_file.read_text().strip() if step_file.is_file() else None
+    if step is None:
+        return "", "", folder
+    line = f"Trained against the Shapes LDM at step {step:,}"
+    if shipped is not None and int(shipped) != step:
+        line += (f"; the scores below are with the shipped LDM (step {int(shipped):,}), which the ControlNet "
+                 f"follows without retraining")
+    line += "."
+    if commit is None:
+        return line, "", f"{folder} --ldm-step {step}"
+    target = f"runs/ldm-step-{step}"
+    commands = (f"# the base it was trained against: the LDM at step {step:,}, as commit {commit} holds it\n"
+                f"mkdir -p {target} && git archive {commit} {folder} | tar -x -C {target}\n")
+    return line, commands, f"{target}/{folder} --ldm-step {step}"
+
+
+def _controlnet_options(info: dict) -> str:
+    """train_controlnet options for the recorded settings that differ from its defaults."""
+    from training.train_controlnet import ControlNetConfig
+
+    flags = {"train_scenes": "--train-scenes", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+             "caption_dropout": "--caption-dropout", "sample_steps": "--sample-steps"}
+    recorded, default = info.get("config", {}), ControlNetConfig()
+    return "".join(f" {flag} {recorded[name]}" for name, flag in flags.items()
+                   if name in recorded and recorded[name] != getattr(default, name))
 
 
 def write_controlnet_card(folder: Path, control: str, scores: dict) -> Path:
@@ -156,6 +203,7 @@ def write_controlnet_card(folder: Path, control: str, scores: dict) -> Path:
     }[control]
     data = ("Shapes-world scenes with a person (seeds from 0 up whose scene holds a person)"
             if control == "pose" else "Shapes-world scenes (seeds 0..)")
+    base_line, base_commands, base_folder = _controlnet_base(info)
     text = f"""# Shapes-world {control} ControlNet
 
 A ControlNet (Zhang et al. 2023) for the built-in Shapes LDM (`assets/models/shapes-ldm`): control map =
@@ -183,6 +231,7 @@ Control maps of held-out scenes (seeds from `training.common.HELD_OUT_SEED` up) 
 {scores.get('steps', 20)} DPM-Solver++ steps, guidance {scores.get('guidance', 4.0)}. Metric: {metric}
 `_reference` scores the held-out renders themselves (the ceiling of the measure); `_without_controlnet`
 the LDM alone on the same captions and seeds (what the text alone gives).
+{base_line}
 
 | metric | value |
 |---|---|
@@ -194,11 +243,57 @@ the LDM alone on the same captions and seeds (what the text alone gives).
 
 ## Reproduce
 ```
-python -m training.train_controlnet --control {control} --ldm assets/models/shapes-ldm \
---out runs/controlnet-{control} --max-steps {info.get('steps', 2000)} --threads 1
+{base_commands}python -m training.train_controlnet --control {control} --ldm {base_folder} \
+--out runs/controlnet-{control} --max-steps {info.get('steps', 2000)}{_controlnet_options(info)} --threads 1
 cp -r runs/controlnet-{control}/controlnet/. assets/models/shapes-controlnet-{control}/
 python -m training.evaluate --controls --write-cards
 ```
 """
     (folder / "README.md").write_text(text)
     return folder / "README.md"
+
+
+def scores_from_card(card: Path) -> dict:
+    """The held-out scores table of a card written here (`| metric | value |`), as numbers: the last scores
+    `training.evaluate --controls --write-cards` measured, for rewriting a card without measuring again."""
+    scores, in_table = {}, False
+    for line in Path(card).read_text().splitlines():
+        if line.strip() == "| metric | value |":
+            in_table = True
+            continue
+        if in_table and line.startswith("|---"):
+            continue
+        if in_table and not line.startswith("|"):
+            break
+        if in_table:
+            key, value = (cell.strip() for cell in line.strip("|").split("|"))
+            try:
+                scores[key] = int(value)
+            except ValueError:
+                try:
+                    scores[key] = float(value)
+                except ValueError:
+                    scores[key] = value
+    return scores
+
+
+def main(argv=None) -> None:
+    """Rewrite every shipped ControlNet and annotator card from its records (training.json / config.json) and
+    the scores its card already shows; `python -m training.evaluate --controls --write-cards` measures anew."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--models", type=Path, default=SHIPPED_LDM.parent, help="the folder holding the models")
+    args = parser.parse_args(argv)
+    for control in ("canny", "depth", "pose"):
+        folder = args.models / f"shapes-controlnet-{control}"
+        if (folder / "README.md").is_file():
+            print(write_controlnet_card(folder, control, scores_from_card(folder / "README.md")))
+    for kind in ("depth", "pose"):
+        folder = args.models / "shapes-annotators" / kind
+        if (folder / "README.md").is_file():
+            print(write_annotator_card(folder, kind, scores_from_card(folder / "README.md")))
+
+
+if __name__ == "__main__":
+    main()

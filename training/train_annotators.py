@@ -249,8 +249,23 @@ def meets_target(kind: str, scores: dict[str, float]) -> bool:
 
 # ----------------------------------------------------------------------------- training
 
+def schedule_segments(segments: list[dict], max_steps: int, step: int) -> list[dict]:
+    """The run's learning-rate schedule so far: one entry per stretch of steps trained with one --max-steps
+    (the cosine's length), e.g. [{"max_steps": 3000, "until": 250}, {"max_steps": 1200, "until": 1200}]. The
+    model card's Reproduce commands repeat each stretch (`--max-steps M --stop-at U`)."""
+    segments = [dict(s) for s in segments]
+    if segments and segments[-1]["max_steps"] == max_steps:
+        segments[-1]["until"] = step
+    else:
+        segments.append({"max_steps": max_steps, "until": step})
+    return segments
+
+
 def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig, *, log_every: int = 25,
-          eval_every: int = 250, seed: int = 0, stop_at_target: bool = False, vae: Path | None = None) -> dict:
+          eval_every: int = 250, seed: int = 0, stop_at_target: bool = False, vae: Path | None = None,
+          stop_at: int | None = None) -> dict:
+    """Train to `max_steps` (the cosine schedule's length), or stop early at step `stop_at` on that schedule:
+    a later run with another --max-steps resumes from there on its own schedule."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     # 1. Training set (rendered once; with a VAE also round-tripped through it) and held-out set.
@@ -267,13 +282,15 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
     net_config = annotators.CONFIGS[kind]()
     model = annotators.build_model(kind, net_config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    step, seconds, checkpoint, scores, history = 0, 0.0, Checkpoint(out_dir), {}, []
+    step, seconds, checkpoint, scores, history, segments = 0, 0.0, Checkpoint(out_dir), {}, [], []
     state = checkpoint.load()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, seconds, history = state["step"], state["seconds"], state.get("history", [])
+        segments = state.get("segments", [])
         print(f"resumed from {checkpoint.path} at step {step}")
+    end = min(max_steps, stop_at) if stop_at else max_steps  # the last step of this run
     parameters = sum(p.numel() for p in model.parameters())
     print(
         f"{kind} annotator: {type(model).__name__} {parameters / 1e3:.0f} k parameters, {len(images)} training scenes",
@@ -283,7 +300,7 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
     generator = torch.Generator().manual_seed(seed + step)
     last = time.time()
 
-    while step < max_steps:
+    while step < end:
         # 3. A batch, augmented; depth also flips left-right (the world has no handedness in depth).
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
         pictures = images[index]
@@ -314,23 +331,24 @@ def train(kind: str, out_dir: Path, max_steps: int, config: AnnotatorTrainConfig
         last = now
 
         # 5. Held-out score, sample grid, export and checkpoint.
-        if due(step, eval_every, max_steps):
+        if due(step, eval_every, end):
             scores = held_out.score(model)
+            segments = schedule_segments(segments, max_steps, step)
             history.append({"step": step, "seconds": round(seconds, 1), **{k: round(v, 5) for k, v in scores.items()}})
             held_out.grid(model, out_dir / "samples" / f"step-{step:06d}.png")
             annotators.save_model(model, kind, net_config, out_dir / "annotator", steps=step,
                                   train_seconds=round(seconds), parameters=parameters, held_out=scores,
                                   train=asdict(config), vae=str(vae) if vae else None, history=history,
-                                  code_commit=_git_commit())
+                                  code_commit=_git_commit(), schedule=segments)
             checkpoint.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
-                             "history": history, "config": asdict(config)})
+                             "history": history, "config": asdict(config), "segments": segments})
             print(f"step {step}: held-out {scores} ({seconds / 60:.1f} min of training)", flush=True)
             if stop_at_target and meets_target(kind, scores):
                 log.write(step, loss=loss.item(), lr=lr, **parts, **{TARGETS[kind][0]: scores[TARGETS[kind][0]]})
                 print(f"target {TARGETS[kind]} reached at step {step}", flush=True)
                 break
             last = time.time()  # evaluation time is not training time
-        if due(step, log_every, max_steps):
+        if due(step, log_every, end):
             log.write(
                 step, loss=loss.item(), lr=lr, **parts, **{k: v for k, v in scores.items() if k == TARGETS[kind][0]}
             )
@@ -375,6 +393,8 @@ def main(argv=None):
         default=AnnotatorTrainConfig.vae_scenes,
         help="training pictures round-tripped through --vae",
     )
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop at this step on the --max-steps schedule (a later run resumes on its own)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -386,7 +406,8 @@ def main(argv=None):
         low_contrast_share=args.low_contrast_share,
     )
     train(args.kind, args.out or Path(f"runs/annotator-{args.kind}"), args.max_steps, config,
-          log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target, vae=args.vae)
+          log_every=args.log_every, eval_every=args.eval_every, stop_at_target=args.stop_at_target, vae=args.vae,
+          stop_at=args.stop_at)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     python -m training.train_controlnet --control canny --ldm assets/models/shapes-ldm \
         --out runs/controlnet-canny --max-steps 2000 --threads 1
 
+A ControlNet follows the U-Net it was trained against; training.json records that base's folder, step and (for
+a committed folder) commit, and `--ldm-step` makes a run refuse a base at another step.
+
 Reads top to bottom (Zhang et al. 2023, on the LDM of Rombach et al. 2022):
 1. load the LDM from its diffusers folder and freeze its U-Net, VAE and text encoder;
 2. make the ControlNet: a trainable copy of the U-Net's encoder (conv_in, time and text embeddings,
@@ -296,9 +299,49 @@ def train(
     return controlnet
 
 
+def ldm_step(ldm: Path) -> int | None:
+    """The training step of an LDM folder (its TRAINING_STEP, written by train_ldm and training.package)."""
+    path = Path(ldm) / "TRAINING_STEP"
+    return int(path.read_text().strip()) if path.is_file() else None
+
+
+def ldm_commit(ldm: Path) -> str | None:
+    """The commit whose tree holds exactly this LDM folder, when it lies in this repository unchanged: a later
+    run can take the same base weights back out of it (`git archive COMMIT FOLDER`), whatever the folder holds by
+    then. None for a folder outside the repository or with changes not committed."""
+    import subprocess
+
+    folder = Path(ldm).resolve()
+    repo = Path(__file__).resolve().parent.parent
+    if not folder.is_relative_to(repo):
+        return None
+    relative = str(folder.relative_to(repo))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if git("status", "--porcelain", "--", relative) or not git("ls-files", "--", relative):
+            return None
+        return git("log", "-1", "--format=%h", "--", relative) or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def check_ldm_step(ldm: Path, expected: int | None) -> int | None:
+    """The LDM folder's step; SystemExit when `expected` is given and the folder holds another step (a ControlNet
+    follows the U-Net it was trained against: a Reproduce command must not train against another)."""
+    step = ldm_step(ldm)
+    if expected is not None and step != expected:
+        raise SystemExit(f"--ldm {ldm} holds the LDM at step {step}, not at --ldm-step {expected}; take the base "
+                         f"model at step {expected} (the ControlNet's card says where it is)")
+    return step
+
+
 def export(controlnet: ControlNetModel, target: Path, *, control: str, step: int, seconds: float, ldm: Path,
            scenes: int, parameters: int, config: ControlNetConfig) -> None:
-    """save_pretrained (safetensors) plus training.json: what the model card and evaluation read."""
+    """save_pretrained (safetensors) plus training.json: what the model card and evaluation read. The base model
+    is recorded by folder, training step and, where the folder is committed, the commit that holds it."""
     target = Path(target)
     controlnet.save_pretrained(target, safe_serialization=True)
     info = {
@@ -306,6 +349,8 @@ def export(controlnet: ControlNetModel, target: Path, *, control: str, step: int
         "steps": step,
         "train_seconds": round(seconds),
         "ldm": str(ldm),
+        "ldm_step": ldm_step(ldm),
+        "ldm_commit": ldm_commit(ldm),
         "train_scenes": scenes,
         "parameters": parameters,
         "config": asdict(config),
@@ -341,8 +386,11 @@ def main(argv=None):
     parser.add_argument(
         "--eval-every", type=int, default=500, help="sample grid every N steps and at the end (0: no sample grids)"
     )
+    parser.add_argument("--ldm-step", type=int, default=None,
+                        help="refuse an --ldm folder whose TRAINING_STEP is not this (the base step to train against)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    check_ldm_step(args.ldm, args.ldm_step)
     set_threads(args.threads)
     config = ControlNetConfig(
         train_scenes=args.train_scenes,
