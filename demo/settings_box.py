@@ -10,6 +10,7 @@ import gradio as gr
 
 from demo.common import UI_EVENT
 from demo.fields import Dropdown, Number, Slider, open_png_params
+from pipelines.common import NOTES_KEY
 
 RANDOM_SEED = -1  # the seed box value meaning "pick one"; the seed actually used is shown with the result
 
@@ -109,11 +110,14 @@ def wire_restore(engine, settings: CommonSettings, fields: dict[str, gr.componen
     max_pixels = engine.limits.max_image_pixels
 
     def read_params(png: str | None) -> dict:
-        """The generation parameters stored in a PNG made by this app."""
-        return open_png_params(png, max_pixels)
+        """The generation parameters stored in a PNG made by this app (or AUTOMATIC1111), with notes on what
+        this model cannot take over."""
+        return with_model_notes(engine, open_png_params(png, max_pixels))
 
     def apply(params: dict):
         params = dict(params or {})
+        for note in params.get(NOTES_KEY) or []:
+            gr.Warning(note)
         if derive is not None:
             params.update(derive(params))
         updates = []
@@ -128,6 +132,16 @@ def wire_restore(engine, settings: CommonSettings, fields: dict[str, gr.componen
         read_params, settings.restore_file, settings.restored,
         api_name=api_name or False, api_visibility="public" if api_name else "private", queue=False)
     read.success(apply, settings.restored, list(targets.values()), **UI_EVENT)
+
+
+def with_model_notes(engine, params: dict) -> dict:
+    """`params` plus a note when its scheduler is one this model does not offer (the tab then keeps its own)."""
+    scheduler = params.get("scheduler")
+    if scheduler is None or scheduler in engine.scheduler_names:
+        return params
+    note = (f"Scheduler {scheduler!r} is not offered for this model ({', '.join(engine.scheduler_names)}); "
+            f"the scheduler was left as it is.")
+    return {**params, NOTES_KEY: [*(params.get(NOTES_KEY) or []), note]}
 
 
 def _coerce(component, value):

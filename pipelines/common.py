@@ -12,6 +12,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from pipelines.registry import COMMON_SCHEDULERS
+
 PNG_KEY = "parameters"  # JSON, read back by params_from_png
 A1111_KEY = "a1111_parameters"  # the same values as an AUTOMATIC1111-style text block, for humans and other tools
 WITHHELD_KEY = "lds_withheld"  # image info key of a notice that replaced an image the safety checker flagged
@@ -119,9 +121,40 @@ def params_to_a1111(params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_A1111_FIELDS = {"Steps": ("steps", int), "Sampler": ("scheduler", str), "CFG scale": ("guidance", float),
+_A1111_FIELDS = {"Steps": ("steps", int), "CFG scale": ("guidance", float),
                  "Seed": ("seed", int), "Model": ("model", str), "Denoising strength": ("strength", float),
                  "Task": ("task", str)}
+NOTES_KEY = "notes"  # what reading a parameters block could not carry over, one sentence each
+
+# AUTOMATIC1111 names a sampler and, since 1.9, its noise schedule apart ("Sampler: DPM++ 2M, Schedule type:
+# Karras"); older files join them ("Sampler: DPM++ 2M Karras"). Its plain sampler names are this app's names.
+_SCHEDULER_NAMES = (*COMMON_SCHEDULERS, "LCM")
+_KARRAS = " Karras"
+# "Automatic" is the sampler's own default schedule in A1111 (Karras for DPM++ 2M; evenly spaced for the others)
+_A1111_AUTOMATIC = {"DPM++ 2M": "Karras"}
+# "Uniform" spaces the steps evenly over the training timesteps, as this app's plain schedulers do
+_A1111_PLAIN_SCHEDULES = ("Uniform",)
+
+
+def scheduler_from_a1111(sampler: str, schedule: str | None = None) -> tuple[str | None, list[str]]:
+    """This app's scheduler for an A1111 sampler and schedule type, and notes on what has no equivalent here.
+    None when the sampler itself has none (the tab keeps its scheduler)."""
+    sampler, schedule = sampler.strip(), (schedule or "").strip() or "Automatic"
+    if sampler.endswith(_KARRAS) and schedule == "Automatic":  # the joined form of A1111 before 1.9
+        sampler, schedule = sampler[: -len(_KARRAS)], "Karras"
+    plain = [name for name in _SCHEDULER_NAMES if not name.endswith(_KARRAS)]
+    karras = [name[: -len(_KARRAS)] for name in _SCHEDULER_NAMES if name.endswith(_KARRAS)]
+    if sampler not in plain:
+        return None, [f"Sampler {sampler!r} has no equivalent here (this app has {', '.join(plain)}, with Karras "
+                      f"spacing for {', '.join(karras)}); the scheduler was left as it is."]
+    if schedule == "Automatic":
+        schedule = _A1111_AUTOMATIC.get(sampler, _A1111_PLAIN_SCHEDULES[0])
+    if schedule == "Karras" and sampler + _KARRAS in _SCHEDULER_NAMES:
+        return sampler + _KARRAS, []
+    if schedule in _A1111_PLAIN_SCHEDULES:
+        return sampler, []
+    return sampler, [f"Schedule type {schedule!r} has no equivalent for {sampler} here; {sampler!r} with its own "
+                     f"(evenly spaced) steps was chosen, so the image will differ."]
 
 
 def params_from_a1111(text: str) -> dict[str, Any]:
@@ -134,8 +167,10 @@ def params_from_a1111(text: str) -> dict[str, Any]:
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     params: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
-    for key, value in re.findall(r"\s*([\w \-/]+):\s*(\"(?:\\.|[^\"])*\"|[^,]*)(?:,|$)", settings):
-        key, value = key.strip(), value.strip()
+    found = {key.strip(): value.strip() for key, value in
+             re.findall(r"\s*([\w \-/]+):\s*(\"(?:\\.|[^\"])*\"|[^,]*)(?:,|$)", settings)}
+    notes = []
+    for key, value in found.items():
         if key == "Size" and re.fullmatch(r"\d+x\d+", value):
             params["width"], params["height"] = map(int, value.split("x"))
         elif key in _A1111_FIELDS:
@@ -143,7 +178,14 @@ def params_from_a1111(text: str) -> dict[str, Any]:
             try:
                 params[name] = kind(value)
             except ValueError:
-                pass
+                notes.append(f"{key} {value!r} is not a number; it was left as it is.")
+    if found.get("Sampler"):
+        scheduler, scheduler_notes = scheduler_from_a1111(found["Sampler"], found.get("Schedule type"))
+        if scheduler is not None:
+            params["scheduler"] = scheduler
+        notes += scheduler_notes
+    if notes:
+        params[NOTES_KEY] = notes
     return params
 
 

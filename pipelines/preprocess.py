@@ -43,11 +43,18 @@ def load_image(value: Any, *, max_pixels: int | None = None) -> Image.Image:
     else:
         raise InputError(f"an image of type {type(value).__name__} cannot be read; upload a PNG, JPEG or WebP file")
     image = _to_rgb(ImageOps.exif_transpose(image) if image.getexif() else image)
-    if min(image.size) < MIN_SIDE:
-        raise InputError(
-            f"the image is {image.width}x{image.height} pixels, below the minimum of {MIN_SIDE}x{MIN_SIDE}"
-        )
+    check_min_size(image.size)
     return image
+
+
+def check_min_size(size: tuple[int, int]) -> None:
+    """Refuse a picture with a side below MIN_SIDE, naming the side(s) that are short."""
+    width, height = size
+    short = [f"its {name} {value}" for name, value in (("width", width), ("height", height)) if value < MIN_SIDE]
+    if short:
+        sides = " and ".join(short)
+        verb = "are" if len(short) == 2 else "is"
+        raise InputError(f"the image is {width}x{height} pixels: {sides} {verb} below the minimum of {MIN_SIDE}")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

@@ -110,7 +110,7 @@ def test_odd_size_is_normalised(client, images, live_app):
 
 
 @pytest.mark.parametrize("name, fragments", [
-    ("1x1.png", ["1x1", "8x8"]),
+    ("1x1.png", ["1x1", "below the minimum of 8"]),
     ("bomb.png", ["too large", "pixels"]),
     ("too_big.png", ["5000x5000", "pixels"]),
     ("truncated.png", ["damaged"]),

@@ -82,7 +82,7 @@ def test_cmyk_grayscale_and_float_arrays():
 
 
 def test_tiny_images_are_refused():
-    with pytest.raises(InputError, match="1x1 pixels, below the minimum of 8x8"):
+    with pytest.raises(InputError, match="1x1 pixels: its width 1 and its height 1 are below the minimum of 8"):
         preprocess.load_image(Image.new("RGB", (1, 1)))
 
 
