@@ -38,7 +38,7 @@ BATCH = 4  # images per request, as a user asking for a few variants
 SESSION_REQUESTS = 25  # requests per client session
 DISK_GOAL = "<= 0.01"  # MB per request over the last half: bounded (without cleanup it grew ~0.09 MB per request)
 MEMORY_GOAL = "<= 0.05"  # MB of RSS per request over the last half: flat, within allocator noise
-START_TIMEOUT_S = 300
+START_TIMEOUT_S = 1800  # a loaded machine may take minutes to import and load the model
 
 
 @dataclass
@@ -101,9 +101,10 @@ def soak(model: str, preset, *, requests: int, age_s: int, steps: int, threads: 
     root = Path(tempfile.mkdtemp(prefix="lds-soak-"))
     cache = root / "cache"
     cache.mkdir()
-    server, url = start_server(model, cache, age_s, threads)
     samples: list[Sample] = []
+    server = None
     try:
+        server, url = start_server(model, cache, age_s, threads)
         client = None
         started = None
         for i in range(requests):
@@ -124,11 +125,12 @@ def soak(model: str, preset, *, requests: int, age_s: int, steps: int, threads: 
                 print(f"[soak] {i + 1}/{requests} requests, {last.seconds:.0f} s: RSS {last.rss_mb:.1f} MB, "
                       f"cache {disk:.2f} MB in {files} files", file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
         shutil.rmtree(root, ignore_errors=True)
     return samples
 
