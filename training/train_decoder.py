@@ -1,8 +1,8 @@
 """Trains a deeper decoder for a frozen VAE encoder, so the latent space the U-Net learnt stays valid.
 
-The shipped encoder's latents still tell a small star from a small circle (a probe on the 6x6 latent
-patch around a small shape classifies its shape on 99% of held-out renders), but the first decoder drew
-small stars as round blobs. So this script keeps the encoder and grows the decoder:
+The first decoder drew small stars as round blobs. A decoder can improve without touching the encoder, and so
+without touching the latent space the U-Net and the ControlNets learnt; so this script keeps the encoder and
+grows the decoder:
 
 - Growing: `AutoencoderKL` takes one `layers_per_block` for both halves, so a deeper decoder also
   adds a residual block per encoder level. Each added block (encoder and decoder alike) starts with
@@ -16,6 +16,7 @@ small stars as round blobs. So this script keeps the encoder and grows the decod
   within 50 steps; on 32x32 crops with edge weight 4 it fell over the first 150 steps.
 
     python -m training.train_decoder --vae runs/vae/vae --out runs/decoder --max-steps 1500
+    python -m training.train_decoder --checkered assets/models/shapes-ldm/vae   # textures through a VAE, then stop
 
 Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's scaling factor.
 """
@@ -153,9 +154,32 @@ def export(vae: AutoencoderKL, out_dir: Path) -> Path:
     return train_vae.export(vae, out_dir, measure_scaling=False)
 
 
+def checkered_cases() -> list[tuple[str, str, str]]:
+    """40 ground-truth checkered shapes: every colour of the world with every shape (big, near the centre), the
+    backgrounds in turn."""
+    backgrounds = list(shapes.BACKGROUNDS)
+    pairs = [(colour, shape) for colour in shapes.COLOURS for shape in shapes.SHAPES]
+    return [(colour, shape, backgrounds[i % len(backgrounds)]) for i, (colour, shape) in enumerate(pairs)]
+
+
+def checkered_kept(vae) -> tuple[int, int, int]:
+    """(shapes whose checkered pattern survives an encode-decode round trip of `vae`, renders the texture
+    statistic finds checkered themselves, cases), judged by the Fine-tune evaluation's own statistic
+    (`training.evaluate_finetune.is_checkered`): what a decoder lets a checkered fine-tune draw at best."""
+    from training.evaluate import vae_round_trip
+    from training.evaluate_finetune import is_checkered, render_styled
+
+    cases = checkered_cases()
+    renders = np.stack([render_styled(c, s, b, seed=HELD_OUT_SEED + i) for i, (c, s, b) in enumerate(cases)])
+    decoded = vae_round_trip(vae, renders)
+    truth = sum(is_checkered(image, b) for image, (_, _, b) in zip(renders, cases))
+    kept = sum(is_checkered(image, b) for image, (_, _, b) in zip(decoded, cases))
+    return kept, truth, len(cases)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", type=Path, required=True, help="the source VAE folder: its encoder is kept")
+    parser.add_argument("--vae", type=Path, default=None, help="the source VAE folder: its encoder is kept (required)")
     parser.add_argument("--out", type=Path, default=Path("runs/decoder"))
     parser.add_argument(
         "--max-steps", type=int, default=1500, help="train until this step (resumes from the checkpoint)"
@@ -170,8 +194,17 @@ def main(argv=None):
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--export-only", action="store_true", help="export the checkpoint's VAE to OUT/vae and stop")
+    parser.add_argument("--checkered", type=Path, metavar="VAE", default=None,
+                        help="print how many of 40 checkered shapes keep their pattern through this VAE, and stop")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    if args.checkered is not None:
+        kept, truth, count = checkered_kept(AutoencoderKL.from_pretrained(args.checkered).eval())
+        print(f"checkered shapes that keep their pattern through {args.checkered}: {kept} of {count} "
+              f"(the renders themselves: {truth} of {count})")
+        return
+    if args.vae is None:
+        parser.error("--vae is required (the source VAE folder) unless --checkered is given")
     config = DecoderConfig(layers_per_block=args.layers_per_block, batch_size=args.batch_size,
                            learning_rate=args.learning_rate, edge_weight=args.edge_weight,
                            latent_crop=args.latent_crop)
