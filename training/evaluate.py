@@ -23,6 +23,7 @@ import numpy as np
 
 from training import shapes
 from training.common import HELD_OUT_SEED
+from training.shapes import IMAGE_SIZE
 
 EVAL_BACKGROUNDS = ("plain", "sky", "grass", "sand", "night")  # snow hides white objects from a diff checker
 FOREGROUND_THRESHOLD = 35  # max channel difference from the empty background that counts as object
@@ -103,6 +104,7 @@ def classify_shape(mask: np.ndarray) -> str:
     """The shape whose template, fitted to the object's box, overlaps the mask best (IoU)."""
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    height, width = mask.shape  # templates are drawn on the mask's own canvas (64x64 in world 1)
     best, best_iou = shapes.SHAPES[0], -1.0
     for kind in shapes.SHAPES:
         # Fit the template's box to the object's box: render once at a known size, measure, rescale.
@@ -112,7 +114,8 @@ def classify_shape(mask: np.ndarray) -> str:
         half = 10.0 * scale
         box_cx, box_cy = (pxs.min() + pxs.max() + 1) / 2, (pys.min() + pys.max() + 1) / 2
         centre = ((x0 + x1) / 2 + (32 - box_cx) * scale, (y0 + y1) / 2 + (32 - box_cy) * scale)
-        template = shapes.shape_mask(kind, centre, half) > 0.5
+        template = shapes.shape_mask(kind, centre, half, IMAGE_SIZE if width == height == IMAGE_SIZE
+                                     else (width, height)) > 0.5
         iou = (template & mask).sum() / max((template | mask).sum(), 1)
         if iou > best_iou:
             best, best_iou = kind, iou
@@ -120,8 +123,10 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def find_objects(image: np.ndarray, background: str, shape_mask: str = "half-contrast") -> list[Found]:
-    """Objects in a generated image, largest first; `shape_mask` (SHAPE_MASKS) says which outline is classified."""
-    empty, _ = shapes.background_image(background)
+    """Objects in a generated image, largest first; `shape_mask` (SHAPE_MASKS) says which outline is classified.
+    Any canvas: the empty background is drawn at the image's size (the horizon at the same share of its height)."""
+    height, width = image.shape[:2]
+    empty, _ = shapes.background_image(background, IMAGE_SIZE if width == height == IMAGE_SIZE else (width, height))
     diff = np.abs(image.astype(np.float32) - empty).max(axis=2)
     mask = (diff > FOREGROUND_THRESHOLD).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
@@ -143,11 +148,10 @@ def find_objects(image: np.ndarray, background: str, shape_mask: str = "half-con
     return sorted(found, key=lambda f: -f.pixels)
 
 
-def position_of(centroid: tuple[float, float]) -> str:
-    """The 3x3 grid cell of a centroid, named like the captions' positions."""
-    size = shapes.IMAGE_SIZE
-    col = "left" if centroid[0] < size / 3 else ("right" if centroid[0] >= 2 * size / 3 else "")
-    row = "top" if centroid[1] < size / 3 else ("bottom" if centroid[1] >= 2 * size / 3 else "")
+def position_of(centroid: tuple[float, float], width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> str:
+    """The 3x3 grid cell of a centroid on a width x height canvas, named like the captions' positions."""
+    col = "left" if centroid[0] < width / 3 else ("right" if centroid[0] >= 2 * width / 3 else "")
+    row = "top" if centroid[1] < height / 3 else ("bottom" if centroid[1] >= 2 * height / 3 else "")
     return f"{row} {col}".strip() or "center"
 
 
@@ -166,7 +170,8 @@ def judge(image: np.ndarray, expected: Expectation, shape_mask: str = "half-cont
             verdict["held_out_pair"] = ok_colour and ok_shape
         else:
             verdict["colour"], verdict["shape"] = ok_colour, ok_shape
-            verdict["position"] = main is not None and position_of(main.centroid) == expected.position
+            verdict["position"] = main is not None and position_of(
+                main.centroid, image.shape[1], image.shape[0]) == expected.position
     else:
         # Binding: each requested (colour, shape) is matched by a distinct object; relations checked too.
         # Colour binding asks the same of the colours alone, to tell composition errors from shape errors.

@@ -553,8 +553,8 @@ class StyleParams:
 STYLE_PARAMS_V1 = StyleParams(stripe_period=4.24, dot_pitch=5.0, dot_radius=1.22, glow_sigma=2.5,
                               glow_strength=0.8, outline_width=2)
 # World 2's textures: chosen by `python -m training.measure_styles` (docs/MODEL_V2.md, "Style textures").
-WORLD2_STYLE_PARAMS = StyleParams(stripe_period=8.0, dot_pitch=8.0, dot_radius=2.0, glow_sigma=4.0,
-                                  glow_strength=0.9, outline_width=2)
+WORLD2_STYLE_PARAMS = StyleParams(stripe_period=12.0, dot_pitch=12.0, dot_radius=3.0, glow_sigma=6.0,
+                                  glow_strength=0.95, outline_width=3)
 
 
 def check_canvas(width: int, height: int) -> tuple[int, int]:
