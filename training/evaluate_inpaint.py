@@ -481,8 +481,13 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "outpainting, sometimes the whole image) and captions that name the whole scene, only what the mask hides, "
         "what remains after removing the hidden objects, or nothing. An object the mask hides whole and the caption "
         "does not name is removed from the target, so an empty prompt or one naming only the background removes it; "
-        "a tenth of captions name a wrong background and the picture still wins, so an outpainted border continues "
-        "the scene.",
+        "some captions name a wrong background and the picture still wins, so an outpainted border continues "
+        "the scene (by recipe: "
+        + ", ".join(f"{name} {share:.0%}" for name, share in inpaint_data.WRONG_BACKGROUND_SHARES.items())
+        + "). The `compose` recipe adds what the world's own scenes never show: a new object at any free place of "
+        "any scene (three shapes, a shape beside a person, places between the captions' nine positions) or instead "
+        "of one of its shapes, with a mask drawn around it and a caption naming only the new object, as people "
+        "prompt an inpainting tab.",
         f"- U-Net: {unet['block_out_channels']} channels, cross-attention dim {unet['cross_attention_dim']}, "
         f"{unet['in_channels']} input channels.",
     ]

@@ -31,6 +31,18 @@ HIDDEN_SHARE = 0.85  # an object counts as hidden when the mask covers this shar
 # Recipes by name. "loose" adds "object-loose", a box or ellipse well beyond the object with the object anywhere
 # inside: how people mask an area for a new object, and what keeps the hole's outline from telling the object's
 # size and place ("tight" masks alone taught the U-Net to fill loose holes with background).
+COMPOSE_MASKS = {
+    "object-box": 0.07,
+    "object-loose": 0.12,
+    "object-shape": 0.04,
+    "object-scribble": 0.06,
+    "box": 0.08,
+    "strokes": 0.07,
+    "band": 0.2,
+    "full": 0.04,
+    "add": 0.22,
+    "swap": 0.1,
+}
 MASK_RECIPES = {
     "tight": {
         "object-box": 0.22,
@@ -54,25 +66,19 @@ MASK_RECIPES = {
     # "compose" adds what the world's own scenes never show: a new object put at any free place of any scene
     # ("add": three shapes, a shape beside a person, positions between the caption's nine) and an object swapped
     # for another of a different colour and shape ("swap"), each with a caption naming only the new object, as
-    # people prompt an inpainting tab.
-    "compose": {
-        "object-box": 0.07,
-        "object-loose": 0.12,
-        "object-shape": 0.04,
-        "object-scribble": 0.06,
-        "box": 0.08,
-        "strokes": 0.07,
-        "band": 0.2,
-        "full": 0.04,
-        "add": 0.22,
-        "swap": 0.1,
-    },
+    # people prompt an inpainting tab. "compose-loose": the same, with new objects never masked by their own grown
+    # shape (NEW_OBJECT_MASKS), which taught the U-Net to fill a painted hole to its edges with one blob.
+    "compose": COMPOSE_MASKS,
+    "compose-loose": COMPOSE_MASKS,
 }
-MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
+MASK_KINDS = MASK_RECIPES["compose-loose"]  # the current recipe
 # Mask kinds that put a new object into the scene (the caption names it; the source does not show it)
 NEW_OBJECT_KINDS = ("add", "swap")
-# Masks drawn around a new object by "add" and "swap", with their shares (object_mask's kinds)
-NEW_OBJECT_MASKS = {"object-box": 0.35, "object-loose": 0.4, "object-scribble": 0.15, "object-shape": 0.1}
+# Masks drawn around a new object by "add" and "swap", by recipe, with their shares (object_mask's kinds)
+NEW_OBJECT_MASKS = {
+    "compose": {"object-box": 0.35, "object-loose": 0.4, "object-scribble": 0.15, "object-shape": 0.1},
+    "compose-loose": {"object-box": 0.35, "object-loose": 0.5, "object-scribble": 0.15},
+}
 NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their phrase then names
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
@@ -80,7 +86,7 @@ NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their ph
 CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
 # Share of captions whose background words contradict the picture (the picture wins), by recipe: "compose" names
 # a wrong background more often, as people outpaint with a prompt that names another background
-WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25}
+WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25, "compose-loose": 0.25}
 
 
 @dataclass
@@ -259,7 +265,9 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
     scene = sample.scene
     mask_kind = _choose(rng, MASK_RECIPES[recipe])
     if mask_kind in NEW_OBJECT_KINDS:
-        example = new_object_example(sample, mask_kind, rng, WRONG_BACKGROUND_SHARES[recipe])
+        example = new_object_example(
+            sample, mask_kind, rng, WRONG_BACKGROUND_SHARES[recipe], NEW_OBJECT_MASKS[recipe]
+        )
         if example is not None:
             return example
         mask_kind = "box"  # no free place for a new object in this scene: an area anywhere instead
@@ -300,7 +308,7 @@ def _caption_background(scene: shapes.Scene, mask: np.ndarray, rng: np.random.Ge
 
 
 def new_object_example(
-    sample: shapes.Sample, kind: str, rng: np.random.Generator, wrong_share: float
+    sample: shapes.Sample, kind: str, rng: np.random.Generator, wrong_share: float, masks: dict[str, float]
 ) -> InpaintExample | None:
     """A new object in the scene, named alone by the caption: at a free place ("add") or instead of one of the
     scene's shapes ("swap", another colour and shape at the same place and size). None when it has no room."""
@@ -325,7 +333,7 @@ def new_object_example(
             return None
         new = shapes.SceneObject(shape, colour, size, centre, style)
     solid = coverage(new)
-    mask = object_mask(_choose(rng, NEW_OBJECT_MASKS), new, rng) | grow(solid > 0.02, 1)
+    mask = object_mask(_choose(rng, masks), new, rng) | grow(solid > 0.02, 1)
     if kind == "swap":
         mask |= grow(coverage(scene.objects[drop[0]]) > 0.02, 1)  # the old object goes whole
     # Objects of the scene the mask hides whole and the caption does not name are gone, as in every example
