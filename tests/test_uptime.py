@@ -136,7 +136,7 @@ def test_soak_benchmark_runs_the_real_app_and_reports_growth_per_request(tiny_pa
                            "--model", str(tiny_paths["shapes"])], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("6 soak")]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("6 soak |")]
     assert len(rows) == 3, done.stdout
     assert "disk growth per request, last half of 8 (age limit 1 s)" in rows[0]
     assert "before the age limit" in rows[1] and "server RSS growth per request" in rows[2]
