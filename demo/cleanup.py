@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 MAX_SWEEP_INTERVAL_S = 600  # a file lives at most its age plus three of these
 CACHE_FOLDER_NAME = "latent-diffusion-studio"
@@ -95,7 +98,10 @@ def lifespan(app, age_s: int):
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(every)
-            await asyncio.to_thread(sweep_app_files, app, age_s)
+            try:
+                await asyncio.to_thread(sweep_app_files, app, age_s)
+            except Exception:  # one failed sweep (a permission, a vanished folder) must not end the sweeping
+                logger.exception("sweeping old files out of %s failed; trying again in %d s", app.GRADIO_CACHE, every)
 
     @contextlib.asynccontextmanager
     async def handler(_app):
