@@ -159,3 +159,52 @@ def test_world_2_vocabulary_keeps_world_1_ids():
     assert len(new) == len(old) + 1
     assert all(new.convert_tokens_to_ids(token) == index for token, index in old.get_vocab().items())
     assert new.convert_tokens_to_ids(shapes.GENERIC_WORD) == len(old)
+
+
+def test_a_grown_text_encoder_reads_old_captions_exactly_as_before():
+    import torch
+
+    from training import text
+
+    old = text.build_tokenizer()
+    encoder = text.build_text_encoder(old)
+    new = text.build_tokenizer(shapes.vocabulary_v2())
+    caption = ["a big red circle left of a blue star in striped style on grass"]
+
+    def hidden(tokenizer):
+        ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        return encoder(ids.input_ids).last_hidden_state
+
+    with torch.no_grad():
+        before = hidden(old)
+        assert text.grow_text_encoder(encoder, new) == [shapes.GENERIC_WORD]
+        after = hidden(new)
+        table = encoder.get_input_embeddings().weight
+        related = [new.convert_tokens_to_ids(w) for w in text.RELATED_WORDS[shapes.GENERIC_WORD]]
+        assert torch.allclose(table[new.convert_tokens_to_ids(shapes.GENERIC_WORD)], table[related].mean(0))
+    assert torch.equal(before, after) and encoder.config.vocab_size == len(new)
+    assert text.grow_text_encoder(encoder, new) == []  # already grown
+
+
+def test_person_scenes_are_the_same_seeds_in_both_worlds():
+    # train_controlnet's pose seeds (annotators.person_seeds) read world 1's grammar; world 2 draws the same kinds
+    for seed in range(400):
+        one = shapes.random_scene(np.random.default_rng(seed))
+        two = shapes.random_scene_v2(np.random.default_rng(seed))
+        assert [o.kind == "person" for o in one.objects] == [o.kind == "person" for o in two.objects]
+        assert one.background == two.background
+
+
+def test_control_captions_of_the_controlnet_trainer():
+    from training.train_controlnet import training_caption
+
+    person = next(shapes.sample(s, world=2) for s in range(200) if shapes.sample(s, world=2).keypoints[:, 2].any())
+    pose_caption = training_caption(person, "pose", "control")
+    assert "person" in pose_caption.split()
+    assert not any(f"person {p}" in pose_caption for p in shapes.POSE_PHRASES.values())
+    assert training_caption(person, "depth", "control") == person.control_caption
+    assert training_caption(person, "depth", "caption") == person.caption
+    world1 = shapes.sample(0)
+    assert shapes.GENERIC_WORD in shapes.form_free_caption(world1).split()
+    with pytest.raises(ValueError, match="captions='free'"):
+        training_caption(person, "depth", "free")

@@ -209,11 +209,13 @@ def score(verdicts: list[dict]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- running a model
 
 def prompt_following(pipe, *, count: int = 200, steps: int = 20, guidance: float = 5.0, batch: int = 25, seed: int = 0,
-                     prompt_seed: int = HELD_OUT_SEED, karras: bool = False) -> dict:
+                     prompt_seed: int = HELD_OUT_SEED, karras: bool = False,
+                     expectations: list[Expectation] | None = None) -> dict:
     """Generates `count` held-out prompts (DPM-Solver++, `steps`) and scores them.
 
     `prompt_seed` picks another prompt set of the same mix: sampler settings are tuned on one, so the
-    reported scores on the default set are not chosen on the prompts they are measured with."""
+    reported scores on the default set are not chosen on the prompts they are measured with.
+    `expectations` gives the prompts instead (e.g. a split of training/splits.py); `count` is then theirs."""
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
@@ -222,7 +224,9 @@ def prompt_following(pipe, *, count: int = 200, steps: int = 20, guidance: float
                                                         use_karras_sigmas=karras)
     view = type(pipe).from_pipe(pipe, scheduler=scheduler)
     view.set_progress_bar_config(disable=True)
-    expectations = held_out_prompts(count, seed=prompt_seed)
+    if expectations is None:
+        expectations = held_out_prompts(count, seed=prompt_seed)
+    count = len(expectations)
     images = []
     started = time.time()
     for first in range(0, count, batch):

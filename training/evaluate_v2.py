@@ -73,21 +73,8 @@ def one_object(scene, *, person: bool | None = None, flat: bool = False) -> bool
     return obj.style == "flat" if flat else True
 
 
-def without_pose(sample: shapes.Sample) -> str:
-    """The caption with any pose phrase taken out ("a blue person waving on sand" -> "a blue person on sand")."""
-    caption = sample.caption
-    for phrase in sorted(shapes.POSE_PHRASES.values(), key=len, reverse=True):
-        caption = caption.replace(f"person {phrase}", "person")
-    return caption
-
-
-def form_free(sample: shapes.Sample) -> str:
-    """The caption with the form left to the control map: world 2's control caption; for world 1 the same rule
-    applied to its caption (its vocabulary has no generic word, so the model reads an unknown token)."""
-    if sample.scene.world != 1:
-        return sample.control_caption
-    kinds = {o.kind for o in sample.scene.objects}
-    return " ".join(shapes.GENERIC_WORD if w in kinds else w for w in without_pose(sample).split())
+without_pose = shapes.caption_without_pose
+form_free = shapes.form_free_caption
 
 
 # ----------------------------------------------------------------------------- measures on pictures

@@ -731,6 +731,24 @@ def _person_scene_v2(rng, style):
     return [person], caption + place, _generic(colour) + place
 
 
+def caption_without_pose(sample: Sample) -> str:
+    """The caption with any pose phrase taken out ("a blue person waving on sand" -> "a blue person on sand"):
+    what a pose ControlNet is trained and judged with, so the skeleton, not the word, decides the pose."""
+    caption = sample.caption
+    for phrase in sorted(POSE_PHRASES.values(), key=len, reverse=True):
+        caption = caption.replace(f"person {phrase}", "person")
+    return caption
+
+
+def form_free_caption(sample: Sample) -> str:
+    """The caption with the form left to a control map ("a green shape in snow"): world 2's control caption;
+    for world 1 the same rule on its caption (world 1's vocabulary lacks the word: its model reads <|unk|>)."""
+    if sample.scene.world != 1:
+        return sample.control_caption
+    kinds = {o.kind for o in sample.scene.objects}
+    return " ".join(GENERIC_WORD if w in kinds else w for w in caption_without_pose(sample).split())
+
+
 def _texture(function, width: int, height: int, samples: int = 4) -> np.ndarray:
     """Anti-aliased (width x height) coverage of a pattern `function(xs, ys) -> bool`, `samples`^2 per pixel."""
     offsets = (np.arange(samples, dtype=np.float32) + 0.5) / samples

@@ -55,3 +55,32 @@ def build_text_encoder(
         projection_dim=hidden_size,
     )
     return CLIPTextModel(config)
+
+
+# World 2's new words start from the mean embedding of the words they stand for: the generic "shape" is any of
+# the world's forms. Other new words start from the mean of every word.
+RELATED_WORDS = {shapes.GENERIC_WORD: shapes.SHAPES + ("person",)}
+
+
+def grow_text_encoder(text_encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerFast) -> list[str]:
+    """Grows a trained text encoder's token table to `tokenizer`, a vocabulary that extends the encoder's own
+    with its old ids unchanged (build_tokenizer(shapes.vocabulary_v2())). Old rows stay bit for bit, so every old
+    caption encodes exactly as before; each new word's row starts as the mean of its RELATED_WORDS' rows.
+    Returns the new words (none when the table is already that size)."""
+    import torch
+
+    old_rows = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) < old_rows:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, fewer than the encoder's {old_rows}")
+    if len(tokenizer) == old_rows:
+        return []
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    table = text_encoder.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    added = sorted((i, w) for w, i in vocab.items() if i >= old_rows)
+    with torch.no_grad():
+        words = [i for w, i in vocab.items() if 3 <= i < old_rows]  # after BOS, EOS, UNK
+        for index, word in added:
+            related = [vocab[w] for w in RELATED_WORDS.get(word, ()) if vocab.get(w, old_rows) < old_rows]
+            table[index] = table[related or words].mean(0)
+    return [w for _, w in added]

@@ -63,6 +63,11 @@ class ControlNetConfig:
     sample_count: int = 8  # held-out control maps in each sample grid
     sample_steps: int = 20
     sample_guidance: float = 4.0
+    # World 2 (docs/MODEL_V2.md): its scenes; and which caption each scene is trained with: "caption" (the
+    # scene's own), or "control" (the map decides what it shows: pose captions without pose words, depth and
+    # canny captions with the generic word for the form; see training_caption).
+    world: int = 1
+    captions: str = "caption"
 
 
 # ----------------------------------------------------------------------------- the model
@@ -108,15 +113,29 @@ def control_tensor(maps: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(maps)).permute(0, 3, 1, 2).float().div(255)
 
 
+CAPTION_MODES = ("caption", "control")
+
+
+def training_caption(sample: shapes.Sample, control: str, mode: str) -> str:
+    """The caption a training scene is paired with (see ControlNetConfig.captions)."""
+    if mode == "caption":
+        return sample.caption
+    if mode != "control":
+        raise ValueError(f"captions={mode!r}; choose one of {CAPTION_MODES}")
+    return shapes.caption_without_pose(sample) if control == "pose" else shapes.form_free_caption(sample)
+
+
 @torch.no_grad()
 def encode_dataset(
-    control: str, seeds: list[int], vae, tokenizer, text_encoder, cache: Path, chunk: int = 256
+    control: str, seeds: list[int], vae, tokenizer, text_encoder, cache: Path, chunk: int = 256, *,
+    world: int = 1, captions_mode: str = "caption",
 ) -> dict:
     """Cached training set: VAE posterior mean/std (N, 4, 16, 16), control maps (N, 64, 64, 3) uint8,
     caption index (N,) into unique caption embeddings (U, T, D), and the empty caption's embedding (1, T, D)."""
     if cache.exists():
         saved = torch.load(cache, weights_only=False)
-        if saved["seeds"][:len(seeds)] == list(seeds) and len(saved["seeds"]) >= len(seeds):
+        same_kind = (saved.get("world", 1), saved.get("captions_mode", "caption")) == (world, captions_mode)
+        if same_kind and saved["seeds"][:len(seeds)] == list(seeds) and len(saved["seeds"]) >= len(seeds):
             n = len(seeds)
             # Caption embeddings are recomputed: they are cheap, and the cache then stays valid for a
             # later LDM whose text encoder trained on (the VAE encoder, and so the latents, is fixed).
@@ -132,12 +151,12 @@ def encode_dataset(
     started = time.time()
     means, stds, maps, captions = [], [], [], []
     for first in range(0, len(seeds), chunk):
-        samples = [shapes.sample(seed) for seed in seeds[first:first + chunk]]
+        samples = [shapes.sample(seed, world=world) for seed in seeds[first:first + chunk]]
         posterior = vae.encode(images_to_tensor(np.stack([s.image for s in samples]))).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
         maps.append(np.stack([getattr(s, CONTROL_MAP[control]) for s in samples]))
-        captions += [s.caption for s in samples]
+        captions += [training_caption(s, control, captions_mode) for s in samples]
         print(f"encoded {first + len(samples)}/{len(seeds)} scenes ({time.time() - started:.0f} s)", flush=True)
     unique = sorted(set(captions))
     position = {c: i for i, c in enumerate(unique)}
@@ -151,6 +170,8 @@ def encode_dataset(
         "embeddings": embeddings,
         "empty": embed(tokenizer, text_encoder, [""]),
         "captions": unique,
+        "world": world,
+        "captions_mode": captions_mode,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, cache)
@@ -236,7 +257,7 @@ def train(
 
     # 3. Cached training set.
     data = encode_dataset(control, training_seeds(control, config.train_scenes), base.vae, base.tokenizer,
-                          base.text_encoder, out_dir / "dataset.pt")
+                          base.text_encoder, out_dir / "dataset.pt", world=config.world, captions_mode=config.captions)
     n = len(data["seeds"])
     parameters = sum(p.numel() for p in controlnet.parameters())
     print(
@@ -388,11 +409,17 @@ def main(argv=None):
     )
     parser.add_argument("--ldm-step", type=int, default=None,
                         help="refuse an --ldm folder whose TRAINING_STEP is not this (the base step to train against)")
+    parser.add_argument("--world", type=int, choices=shapes.WORLDS, default=ControlNetConfig.world,
+                        help="the Shapes world's version of the training scenes (2: docs/MODEL_V2.md)")
+    parser.add_argument("--captions", choices=CAPTION_MODES, default=ControlNetConfig.captions,
+                        help="control: pose captions without pose words, depth/canny captions with the generic word")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     check_ldm_step(args.ldm, args.ldm_step)
     set_threads(args.threads)
     config = ControlNetConfig(
+        world=args.world,
+        captions=args.captions,
         train_scenes=args.train_scenes,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,

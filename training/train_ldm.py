@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +63,12 @@ class LDMConfig:
     # Cross-attention also in the last up block (16x16): without it the 16x16 level hears the prompt only
     # through the pooled text, which cannot say which of two small shapes is the star. ~60% slower steps.
     attention_16x16_up: bool = False
+    # World 2 (training/shapes.py, docs/MODEL_V2.md): its textures, free poses and generic word; its tokenizer
+    # extends world 1's (old ids unchanged), and a world-1 text encoder grows to it (text.grow_text_encoder).
+    world: int = 1
+    # Canvas sizes (width, height) of world-2 scenes: each scene is drawn at shapes.canvas_of(seed, sizes) and
+    # every batch comes from one size (a bucket), so a batch is one tensor. Empty: 64x64 only.
+    sizes: tuple = ()
 
 
 def build_unet(config: LDMConfig) -> UNet2DConditionModel:
@@ -168,11 +175,16 @@ def train(
     torch.manual_seed(seed)
     # 1. Frozen VAE and the cached latents of the training scenes.
     vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
-    mean, std, captions = encode_scenes(vae, config.train_scenes, out_dir / "latents.pt")
+    buckets = None
+    if config.world == 1 and not config.sizes:
+        mean, std, captions = encode_scenes(vae, config.train_scenes, out_dir / "latents.pt")
+    else:
+        buckets = encode_buckets(vae, config, out_dir / f"latents-world{config.world}.pt")
+        captions = [c for bucket in buckets for c in bucket["captions"]]
     scaling = vae.config.scaling_factor
 
     # 2. Tokenizer and captions as ids, once.
-    tokenizer = text.build_tokenizer()
+    tokenizer = text.build_tokenizer(shapes.vocabulary_v2() if config.world == 2 else None)
     ids = tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
@@ -203,9 +215,9 @@ def train(
         # A new run that starts from another run's weights (e.g. a change of prediction type): the
         # optimiser starts fresh and warms up again, the step count goes on for one continuous curve.
         # The source's EMA weights become the live weights and the new EMA's starting point.
-        source = torch.load(init_from, map_location="cpu", weights_only=False)
+        source = load_source(init_from)
         for module in (text_encoder, ema_text):
-            module.load_state_dict(source["ema_text"])
+            load_text_encoder(module, source["ema_text"], tokenizer)
         fresh = []
         for module in (unet, ema_unet):
             fresh = load_matching(module, source["ema_unet"])
@@ -229,21 +241,29 @@ def train(
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"U-Net {n_unet / 1e6:.2f} M parameters, text encoder {n_text / 1e6:.2f} M, {len(captions)} scenes")
-    sampling_weights = scene_weights(captions, config.two_object_share)
+    sampling_weights = scene_weights(captions, config.two_object_share) if buckets is None else None
+    if buckets is not None:
+        for bucket in buckets:
+            bucket["ids"] = tokenize(tokenizer, bucket["captions"])
+            bucket["weights"] = scene_weights(bucket["captions"], config.two_object_share)
     log = LossLog(out_dir, ["loss", "lr", "colour", "shape", "position", "binding"])
     generator = torch.Generator().manual_seed(seed + step)
     scores: dict[str, float] = {}
 
     while step < last_step:
         # 4. A batch: sample latents from the posterior, drop 10% of captions.
-        if sampling_weights is None:  # the default draws exactly as before the option existed
-            index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
+        if buckets is not None:  # world 2 / several canvases: one bucket (one size) per batch
+            latents, batch_ids = bucket_batch(buckets, config.batch_size, generator)
+            latents = latents * scaling
         else:
-            index = torch.multinomial(sampling_weights, config.batch_size, replacement=True, generator=generator)
-        latents = (
-            mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
-        ) * scaling  # (B, 4, 16, 16)
-        batch_ids = ids[index].clone()
+            if sampling_weights is None:  # the default draws exactly as before the option existed
+                index = torch.randint(0, len(captions), (config.batch_size,), generator=generator)
+            else:
+                index = torch.multinomial(sampling_weights, config.batch_size, replacement=True, generator=generator)
+            latents = (
+                mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+            ) * scaling  # (B, 4, 16, 16)
+            batch_ids = ids[index].clone()
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
         batch_ids[drop] = empty_ids
 
@@ -305,6 +325,110 @@ def train(
     return assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type)
 
 
+# ----------------------------------------------------------------------------- world 2 and canvas buckets
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """"64x64,128x64" -> ((64, 64), (128, 64)); "all" -> every world-2 canvas; each checked by shapes.check_canvas."""
+    if text.strip() == "all":
+        return tuple(shapes.canvases())
+    sizes = []
+    for item in text.split(","):
+        try:
+            width, height = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--sizes: {item!r} is not WIDTHxHEIGHT (e.g. 128x64)") from None
+        try:
+            sizes.append(shapes.check_canvas(width, height))
+        except ValueError as error:
+            raise SystemExit(f"--sizes: {error}") from None
+    return tuple(sizes)
+
+
+@torch.no_grad()
+def encode_buckets(vae: AutoencoderKL, config: LDMConfig, cache: Path, chunk: int = 128) -> list[dict]:
+    """World-`config.world` training scenes (seeds 0 .. train_scenes - 1) grouped by canvas, each scene drawn at
+    shapes.canvas_of(seed, sizes); per bucket the posterior mean and std (n, 4, h / 4, w / 4) and captions.
+    Cached on disk with the settings it was made with (a cache of other settings is made again)."""
+    sizes = list(config.sizes) or [(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)]
+    settings = {"world": config.world, "sizes": sizes, "train_scenes": config.train_scenes}
+    if cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved["settings"] == settings:
+            return saved["buckets"]
+    seeds: dict[tuple[int, int], list[int]] = {size: [] for size in sizes}
+    for seed in range(config.train_scenes):
+        seeds[shapes.canvas_of(seed, sizes) if len(sizes) > 1 else sizes[0]].append(seed)
+    buckets, started, done = [], time.time(), 0
+    for size, bucket_seeds in seeds.items():
+        means, stds, captions = [], [], []
+        for first in range(0, len(bucket_seeds), chunk):
+            images, batch_captions = shapes.batch(bucket_seeds[first:first + chunk], world=config.world, size=size)
+            posterior = vae.encode(images_to_tensor(images)).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            captions += batch_captions
+            done += len(images)
+            print(f"encoded {done}/{config.train_scenes} scenes ({time.time() - started:.0f} s)", flush=True)
+        if captions:
+            buckets.append({"size": size, "mean": torch.cat(means), "std": torch.cat(stds), "captions": captions})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"settings": settings, "buckets": buckets}, cache)
+    return buckets
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def bucket_batch(
+    buckets: list[dict], batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents sampled from the posterior, caption ids) of one batch from one bucket, the bucket drawn in
+    proportion to its scenes; within it uniformly, or by its two-object weights."""
+    counts = torch.tensor([len(b["captions"]) for b in buckets], dtype=torch.float)
+    bucket = buckets[int(torch.multinomial(counts, 1, generator=generator))]
+    if bucket.get("weights") is None:
+        index = torch.randint(0, len(bucket["captions"]), (batch_size,), generator=generator)
+    else:
+        index = torch.multinomial(bucket["weights"], batch_size, replacement=True, generator=generator)
+    mean, std = bucket["mean"][index], bucket["std"][index]
+    return mean + std * torch.randn(mean.shape, generator=generator), bucket["ids"][index].clone()
+
+
+def load_source(init_from: Path) -> dict:
+    """A run's checkpoint.pt, or an exported pipeline folder (e.g. assets/models/shapes-ldm) read as one: its
+    U-Net and text encoder stand for the EMA weights, its TRAINING_STEP for the step."""
+    init_from = Path(init_from)
+    if not init_from.is_dir():
+        return torch.load(init_from, map_location="cpu", weights_only=False)
+    from transformers import CLIPTextModel
+
+    step_file = init_from / "TRAINING_STEP"
+    return {
+        "ema_unet": UNet2DConditionModel.from_pretrained(init_from / "unet").state_dict(),
+        "ema_text": CLIPTextModel.from_pretrained(init_from / "text_encoder").state_dict(),
+        "step": int(step_file.read_text()) if step_file.exists() else 0,
+        "config": {"prediction_type": json.loads((init_from / "scheduler" / "scheduler_config.json").read_text())
+                   .get("prediction_type", "epsilon")},
+    }
+
+
+def load_text_encoder(module, state: dict, tokenizer) -> None:
+    """Loads a source run's text encoder; a world-1 one into a world-2 encoder grows its table to the larger
+    vocabulary first (old rows bit for bit, new words from related ones: text.grow_text_encoder)."""
+    rows = state["text_model.embeddings.token_embedding.weight"].shape[0]
+    own = module.get_input_embeddings().weight.shape[0]
+    if rows == own:
+        module.load_state_dict(state)
+        return
+    module.resize_token_embeddings(rows, mean_resizing=False)
+    module.load_state_dict(state)
+    added = text.grow_text_encoder(module, tokenizer)
+    print(f"text encoder grown from {rows} to {own} tokens: {', '.join(added)}")
+
+
 def scene_weights(captions: list[str], two_object_share: float) -> torch.Tensor | None:
     """Sampling weight per training scene: two-object scenes get `two_object_share` of the total; None for
     uniform sampling (a share of 0, or scenes of one kind only)."""
@@ -342,10 +466,12 @@ def start_added_attention_as_identity(unet: torch.nn.Module, fresh: list[str]) -
 
 
 def quick_scores(pipe: StableDiffusionPipeline, grid_path: Path, count: int = 48) -> dict[str, float]:
-    """Prompt-following scores on a small held-out set, and a sample grid, during training."""
-    from training import evaluate
+    """Prompt-following scores on the validation split (training/splits.py: never the reported test prompts),
+    and a sample grid, during training."""
+    from training import evaluate, splits
 
-    result = evaluate.prompt_following(pipe, count=count, steps=20, guidance=5.0)
+    result = evaluate.prompt_following(pipe, count=count, steps=20, guidance=5.0,
+                                       expectations=splits.prompts("validation", count))
     save_grid(result["images"][:32], grid_path)
     return {k: result["scores"][k] for k in ("colour", "shape", "position", "binding")}
 
@@ -382,7 +508,8 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=LDMConfig.learning_rate)
     parser.add_argument("--cosine-decay", action="store_true", help="decay the learning rate to 0 at --max-steps")
     parser.add_argument(
-        "--init-from", type=Path, default=None, help="start a new run from another run's checkpoint.pt weights"
+        "--init-from", type=Path, default=None,
+        help="start a new run from another run's checkpoint.pt weights, or from an exported pipeline folder"
     )
     parser.add_argument("--channels", default=",".join(map(str, LDMConfig.block_out_channels)),
                         help="U-Net block_out_channels of the 16x16, 8x8 and 4x4 latent levels, e.g. 64,64,64")
@@ -393,9 +520,16 @@ def main(argv=None):
         action="store_true",
         help="cross-attention in the last up block too (16x16); with --init-from the new blocks start as identities",
     )
+    parser.add_argument("--world", type=int, choices=shapes.WORLDS, default=LDMConfig.world,
+                        help="the Shapes world's version (2: docs/MODEL_V2.md)")
+    parser.add_argument("--sizes", default=None,
+                        help="world-2 canvases WIDTHxHEIGHT,... (or 'all'); each batch from one size (default 64x64)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    sizes = parse_sizes(args.sizes) if args.sizes else ()
+    if sizes and args.world == 1:
+        raise SystemExit("--sizes: world 1 is 64x64 only; add --world 2")
     config = LDMConfig(
         train_scenes=args.train_scenes,
         batch_size=args.batch_size,
@@ -405,6 +539,8 @@ def main(argv=None):
         block_out_channels=tuple(int(c) for c in args.channels.split(",")),
         two_object_share=args.two_object_share,
         attention_16x16_up=args.attention_16x16_up,
+        world=args.world,
+        sizes=sizes,
     )
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from, stop_at=args.stop_at)
