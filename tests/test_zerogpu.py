@@ -372,3 +372,24 @@ def test_cancel_reaches_the_run_in_the_gpu_worker(zero_gpu_app):
     assert status.startswith("Cancelled at step") and "of 150" in status, status
     # the next request runs normally
     assert client.predict(prompt="a red circle", **SMALL, api_name="/txt2img")[3].startswith("Done")
+
+
+def test_compare_and_intervene_in_a_gpu_worker(zero_gpu_app):
+    """The Compare grid and Explain's intervention are model events too: each runs in a worker, asking for the
+    time of all its images (4 cells; original, plain target and the edit's batch of 2)."""
+    from demo import zerogpu
+    from tests.test_compare import compare_args
+    from tests.test_intervene import intervene_args
+
+    app, client = zero_gpu_app, zero_gpu_app["client"]
+    before = len(gpu_calls(app))
+    grid, gallery, params, status, grid_file = client.predict(**compare_args(), api_name="/compare")
+    assert status.startswith("Done: 4 cells"), status
+    assert len(gallery) == 4 and Path(grid_file).is_file()
+    out = client.predict(**intervene_args(), api_name="/explain_intervene")
+    assert out[0].startswith("Done: 3 image(s)"), out[0]
+    made = new_calls(app, before)
+    assert [c["task"] for c in made] == ["compare", "intervene"], made
+    assert all(c["pid"] != c["parent"] for c in made)
+    four = zerogpu.gpu_duration(zerogpu.generation_seconds(dict(steps=3, batch_size=4, width=64, height=64)))
+    assert [c["duration"] for c in made] == [four, four]
