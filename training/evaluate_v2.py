@@ -370,6 +370,8 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=Path("assets/models/shapes-ldm"))
     parser.add_argument("--models-root", type=Path, default=Path("assets/models"),
                         help="folder holding shapes-controlnet-{canny,depth,pose} and shapes-annotators")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="KIND=FOLDER",
+                        help="a ControlNet folder other than MODELS_ROOT/shapes-controlnet-KIND (e.g. a run's export)")
     parser.add_argument("--split", choices=splits.SPLITS, default="validation")
     parser.add_argument("--world", type=int, choices=shapes.WORLDS, default=shapes.DEFAULT_WORLD,
                         help="the world the model was trained on (its textures and scenes)")
@@ -439,8 +441,15 @@ def main(argv=None):
     if {"pose", "silhouette"} & set(measures):
         from diffusers import ControlNetModel
 
+        folders = {kind: args.models_root / f"shapes-controlnet-{kind}" for kind in ("canny", "depth", "pose")}
+        for item in args.controlnet:
+            kind, _, folder = item.partition("=")
+            if kind not in folders or not folder:
+                raise SystemExit(f"--controlnet {item!r}: expected KIND=FOLDER with KIND one of {', '.join(folders)}")
+            folders[kind] = Path(folder)
+
         def controlnet(kind):
-            return ControlNetModel.from_pretrained(args.models_root / f"shapes-controlnet-{kind}").eval()
+            return ControlNetModel.from_pretrained(folders[kind]).eval()
 
         if "pose" in measures:
             out = timed("pose", pose_following, base, controlnet("pose"), args.split, args.count, world=args.world,
