@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.common import Options, Row, build_engine, median_time, model_folder, standalone
+from benchmarks.common import Options, Row, build_engine, interleaved_medians, model_folder, standalone
 
 PART = "7 compare grid"
 GRID_GOAL = "<= 30"
@@ -39,8 +39,9 @@ def run(opts: Options) -> list[Row]:
 
     repeats = 1 if opts.quick else max(1, min(3, opts.repeats))
     started = time.perf_counter()
-    grid_s = median_time(grid, repeats=repeats, warmup=1)
-    singles_s = median_time(singles, repeats=repeats, warmup=0)
+    # in turns (grid, singles, grid, ...), so a machine whose load changes slows both alike
+    times = interleaved_medians({"grid": grid, "singles": singles}, repeats=repeats, warmup=1)
+    grid_s, singles_s = times["grid"], times["singles"]
     cells = side * side
     return [
         Row(PART, f"{side}x{side} grid of {size}x{size}, {steps} steps (median of {repeats})", grid_s, "s",

@@ -239,11 +239,12 @@ def compare(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
     images, cell_params, done, stopped = [], [], 0, ""
     for index, values in enumerate(cell_settings):
         def on_cell_step(step, _total, preview=None, offset=done):
-            if on_step is not None:
-                on_step(offset + step, total, preview)
+            on_step(offset + step, total, preview)
 
         try:
-            result = _with_adapter_scale(engine, adapter, values["adapter_scale"], run_cell, values, on_cell_step)
+            # without a watcher no step callback, so no live previews are made (as txt2img.generate without one)
+            result = _with_adapter_scale(engine, adapter, values["adapter_scale"], run_cell, values,
+                                         on_cell_step if on_step is not None else None)
         except Cancelled as error:
             stopped = f"cell {index + 1} of {len(cell_settings)}: {error}"
             break
