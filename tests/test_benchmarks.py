@@ -33,6 +33,8 @@ ROWS = [
     "4 latency      | cold start to first image",
     "5 LDM claim    | built-in: U-Net FLOPs per step, pixel space 64x64x3 / latent 16x16x4",
     "5 LDM claim    | SD1.5: U-Net FLOPs per step",
+    "7 compare grid | 2x2 grid of 64x64, 2 steps",
+    "7 compare grid | grid vs the same images as single txt2img runs",
 ]
 
 
