@@ -198,7 +198,9 @@ def test_person_scenes_are_the_same_seeds_in_both_worlds():
 def test_control_captions_of_the_controlnet_trainer():
     from training.train_controlnet import training_caption
 
-    person = next(shapes.sample(s, world=2) for s in range(200) if shapes.sample(s, world=2).keypoints[:, 2].any())
+    people = (shapes.sample(s, world=2) for s in range(400))
+    person = next(s for s in people if "person" in s.caption.split() and s.scene.objects[0].pose is not None
+                  and shapes.POSE_PHRASES[s.scene.objects[0].pose] in s.caption)
     pose_caption = training_caption(person, "pose", "control")
     assert "person" in pose_caption.split()
     assert not any(f"person {p}" in pose_caption for p in shapes.POSE_PHRASES.values())
@@ -208,3 +210,39 @@ def test_control_captions_of_the_controlnet_trainer():
     assert shapes.GENERIC_WORD in shapes.form_free_caption(world1).split()
     with pytest.raises(ValueError, match="captions='free'"):
         training_caption(person, "depth", "free")
+
+
+SHIPPED = shapes.__file__.rsplit("/training/", 1)[0] + "/assets/models/shapes-ldm"
+
+
+@pytest.mark.slow
+def test_train_ldm_on_world_2_canvas_buckets_from_the_shipped_pipeline(tmp_path):
+    from pathlib import Path
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from training import train_ldm
+
+    if not (Path(SHIPPED) / "model_index.json").exists():
+        pytest.skip("assets/models/shapes-ldm is not built")
+    with pytest.raises(SystemExit, match="world 1 is 64x64 only"):
+        train_ldm.main(["--sizes", "128x64"])
+    with pytest.raises(SystemExit, match="width=72"):
+        train_ldm.main(["--world", "2", "--sizes", "72x64"])
+    out = tmp_path / "ldm"
+    train_ldm.main(["--vae", f"{SHIPPED}/vae", "--out", str(out), "--init-from", SHIPPED, "--attention-16x16-up",
+                    "--world", "2", "--sizes", "64x64,128x64", "--train-scenes", "12", "--batch-size", "2",
+                    "--max-steps", "42502", "--log-every", "1", "--save-every", "2", "--eval-every", "0"])
+    cache = torch.load(out / "latents-world2.pt", weights_only=False)
+    assert {tuple(b["size"]): tuple(b["mean"].shape[2:]) for b in cache["buckets"]} == {(64, 64): (16, 16),
+                                                                                        (128, 64): (16, 32)}
+    assert sum(len(b["captions"]) for b in cache["buckets"]) == 12
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 42502  # went on from the shipped step
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    assert pipe.tokenizer.convert_tokens_to_ids("shape") == 54 and pipe.text_encoder.config.vocab_size == 55
+    shipped = StableDiffusionPipeline.from_pretrained(SHIPPED)
+    assert all(pipe.tokenizer.convert_tokens_to_ids(w) == i for w, i in shipped.tokenizer.get_vocab().items())
+    image = pipe("a green shape on the left", width=128, height=64, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 128, 3)

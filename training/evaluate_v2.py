@@ -363,6 +363,77 @@ def checker_on_renders(world: int, size: tuple[int, int], count: int) -> dict[st
     return score(verdicts)
 
 
+# ----------------------------------------------------------------------------- report
+
+GOALS = {  # issue "Built-in model v2", done when (test split, app defaults)
+    "styles": ">= 85% each",
+    "transfer style": ">= 80%",
+    "transfer kept": ">= 90% (structure)",
+    "pose": ">= 0.8, >= 0.3 above without",
+    "silhouette": ">= 0.7, >= 0.3 above without",
+    "one horizon": ">= 95%",
+}
+
+
+def markdown(report: dict) -> str:
+    """The report as the tables of docs/MODEL_V2.md (python -m training.evaluate_v2 --markdown REPORT.json)."""
+    pct = "{:.0%}".format
+    rows = [f"Split `{report['split']}`, world {report['world']} model `{report['model']}`, {report['steps']} steps, "
+            f"guidance {report['guidance']} (the app's defaults); one seed per prompt or map.", ""]
+    if "prompts" in report:
+        p = report["prompts"]
+        rows += [f"**Prompt following at 64x64** ({p['prompts']} prompts, {p['seen_prompts']} seen verbatim in "
+                 "training):", "", "| prompts | colour | shape | position | binding | unseen pairs |",
+                 "|---|---|---|---|---|---|"]
+        for name in ("all", "seen", "unseen"):
+            cells = [p[name].get(k) for k in ("colour", "shape", "position", "binding", "held_out_pair")]
+            rows.append(f"| {name} | " + " | ".join("-" if c is None or c != c else pct(c) for c in cells) + " |")
+        rows.append("")
+    if "styles" in report:
+        st = report["styles"]
+        rows += [f"**Text-to-image styles** ({st['per_style']} prompts per style; goal {GOALS['styles']}):", "",
+                 "| " + " | ".join(shapes.STYLES) + " |", "|" + "---|" * len(shapes.STYLES),
+                 "| " + " | ".join(pct(st[s]) for s in shapes.STYLES) + " |", ""]
+    if "transfer" in report:
+        tr = report["transfer"]
+        rows += [f"**Style transfer** ({tr['contents']} flat contents per style; img2img at "
+                 f"{tr['strength']['img2img']}, structure ({tr['control']}) at {tr['strength']['structure']}; goals: "
+                 f"style {GOALS['transfer style']}, content {GOALS['transfer kept']}):", "",
+                 "| mode | " + " | ".join(f"{s}: style / content kept" for s in TRANSFER_STYLES) + " |",
+                 "|---|" + "---|" * len(TRANSFER_STYLES)]
+        for mode in TRANSFER_STRENGTH:
+            if f"{mode} mean" in tr:
+                rows.append(f"| {mode} | " + " | ".join(
+                    f"{pct(tr[f'{mode} {s}']['style'])} / {pct(tr[f'{mode} {s}']['content_kept'])}"
+                    for s in TRANSFER_STYLES) + " |")
+        rows.append("")
+    controls = [(k, v) for k, v in report.items() if k == "pose" or k.startswith("silhouette ")]
+    if controls:
+        rows += [f"**Control maps** (goals: pose PCK@0.1 {GOALS['pose']}; silhouette IoU {GOALS['silhouette']}):", "",
+                 "| ControlNet | captions | maps | with | without | renders |", "|---|---|---|---|---|---|"]
+        for key, v in controls:
+            if key == "pose":
+                rows.append(f"| pose, PCK@0.1 | without pose words | {v['maps']} | {v['pck']:.3f} | "
+                            f"{v['pck_without_controlnet']:.3f} | {v['pck_renders']:.3f} |")
+            else:
+                kind = key.split()[1]
+                rows.append(f"| {kind}, silhouette IoU | {v['captions']} | {v['maps']} | {v['iou']:.3f} | "
+                            f"{v['iou_without_controlnet']:.3f} | 1.000 |")
+        rows.append("")
+    if "sizes" in report:
+        sz = report["sizes"]
+        rows += [f"**Sizes** ({sz['prompts']} prompts each; goal: one horizon {GOALS['one horizon']}, prompt "
+                 "following within 10 points of 64x64):", "",
+                 "| size | one horizon | colour | shape | position | binding |", "|---|---|---|---|---|---|"]
+        for width, height in SIZES:
+            v = sz.get(f"{width}x{height}")
+            if v:
+                cells = [v.get(k) for k in ("one_horizon", "colour", "shape", "position", "binding")]
+                rows.append(f"| {width}x{height} | " + " | ".join("-" if c is None else pct(c) for c in cells) + " |")
+        rows.append("")
+    return "\n".join(rows).rstrip()
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -385,7 +456,20 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grids", type=Path, default=None, help="write sample grids into this folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", type=Path, default=None, metavar="REPORT_JSON",
+                        help="print a saved report (--json) as tables, and stop")
+    parser.add_argument("--write", type=Path, default=None, metavar="DOC",
+                        help="with --markdown: put the tables into DOC's --section section")
+    parser.add_argument("--section", default="baselines")
     args = parser.parse_args(argv)
+    if args.markdown:
+        text = markdown(json.loads(args.markdown.read_text()))
+        print(text)
+        if args.write:
+            from training.evaluate import write_card_section
+
+            write_card_section(args.write, args.section, text)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
