@@ -184,6 +184,7 @@ def launch(app, engine, settings: AppSettings, **kwargs):
         ssr_mode=False,
         footer_links=["api", "gradio"],
         app_kwargs={"lifespan": sweeper},
+        state_session_capacity=engine.limits.max_sessions,  # memory bounded by sessions kept, not visitors seen
         **kwargs,
     )
 

@@ -31,6 +31,10 @@ class Limits:
     # stays on disk. Long enough to download a result or send it to another tab after a coffee; short enough that
     # a busy server's disk holds a bounded window of files (disk use ~ requests per second x this age).
     max_file_age_s: int = 2 * 3600
+    # LDS_MAX_SESSIONS: browser/API sessions whose state the server keeps (the least recently used go first).
+    # Gradio keeps each session's copy of the page's component values, about 2 MB for this app (benchmarks/soak.py),
+    # and by default 10,000 sessions: a public app's memory would grow with every visitor for weeks.
+    max_sessions: int = 200
     # LDS_BATCH_REQUESTS: images of queued same-settings txt2img requests run as one call. Off (1) by default:
     # a merged image can differ from its solo run by one level out of 255 (batched kernels round differently),
     # and the app promises that a seed gives the same bytes whoever else is using it (throughput: README).

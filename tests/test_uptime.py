@@ -33,6 +33,8 @@ def test_age_limit_is_read_from_the_environment():
     with pytest.raises(ValueError, match="LDS_MAX_FILE_AGE_S='0' must be positive"):
         Limits.from_env({"LDS_MAX_FILE_AGE_S": "0"})
     assert sweep_interval(2) == 1 and sweep_interval(60) == 15 and sweep_interval(7200) == 600
+    assert Limits.from_env({}).max_sessions == 200
+    assert Limits.from_env({"LDS_MAX_SESSIONS": "4"}).max_sessions == 4
 
 
 def test_sweep_removes_old_files_and_empty_folders_only(tmp_path):
@@ -90,10 +92,11 @@ def test_real_app_removes_files_older_than_the_age_limit(tiny_presets, tmp_path,
     cache = tmp_path / "gradio-cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # this app's cache alone (Blocks reads it when built)
     engine = Engine(tiny_presets["shapes"], device="cpu")
-    engine.limits = dataclasses.replace(engine.limits, max_file_age_s=AGE_S)
+    engine.limits = dataclasses.replace(engine.limits, max_file_age_s=AGE_S, max_sessions=3)
     server = start_app(engine)
     try:
         assert Path(server.app.GRADIO_CACHE) == cache
+        assert server.app.state_session_capacity == 3  # sessions' state kept (LDS_MAX_SESSIONS)
         client = Client(server.url, verbose=False, download_files=str(tmp_path / "client"))  # not into the cache
         before_files, before_folders = _tree(cache)  # the examples, which stay (Gradio's keep_in_cache)
         args = dict(prompt="a red circle", negative_prompt="", seed=3, steps=4, guidance=2.5, scheduler="DPM++ 2M",
@@ -124,7 +127,7 @@ def test_real_app_removes_files_older_than_the_age_limit(tiny_presets, tmp_path,
 @pytest.mark.slow
 def test_soak_benchmark_runs_the_real_app_and_reports_growth_per_request(tiny_paths, tmp_path):
     """`python -m benchmarks.soak --quick` (8 requests of 4 images through `python app.py`, a 1 s age limit)
-    prints its three rows; the figures themselves come from a full run (README, Performance)."""
+    prints its four rows; the figures themselves come from a full run (README, Performance)."""
     import subprocess
     import sys
 
@@ -137,7 +140,8 @@ def test_soak_benchmark_runs_the_real_app_and_reports_growth_per_request(tiny_pa
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("6 soak |")]
-    assert len(rows) == 3, done.stdout
-    assert "disk growth per request, last half of 8 (age limit 1 s)" in rows[0]
-    assert "before the age limit" in rows[1] and "server RSS growth per request" in rows[2]
+    assert len(rows) == 4, done.stdout
+    assert "oldest file left by the requests, last half of 8 (age limit 1 s)" in rows[0]
+    assert "disk growth per request, last half of 8" in rows[1]
+    assert "before the age limit" in rows[2] and "server RSS growth per request" in rows[3]
     assert not list(tmp_path.glob("lds-soak-*")), "the soak's server folder was left behind"
