@@ -66,3 +66,17 @@ def test_content_kept_fails_when_the_content_moves():
     assert all(evaluate_v2.content_kept(c, c.image) for c in contents)
     moved = [evaluate_v2.content_kept(c, np.roll(c.image, 30, axis=1)) for c in contents]
     assert not any(moved)  # 30 px to the side is another column of the 3x3 grid
+
+
+@pytest.mark.slow
+def test_the_style_classifier_knows_every_style_on_held_out_renders():
+    from training import style_classifier
+
+    classifier = style_classifier.build(style_classifier.Setup(world=1))
+    scores = style_classifier.ground_truth_accuracy(classifier, count_per_style=40)["renders"]
+    assert all(scores[style] >= 0.9 for style in shapes.STYLES), scores
+    # and it can answer "nothing": an empty picture has no object to call a style
+    _, backgrounds, _ = style_classifier.style_renders(1, style_classifier.Setup(world=1),
+                                                                 style_classifier.TEST_SEED)
+    empty = np.stack([shapes.background_image(b)[0].astype(np.uint8) for b in backgrounds[:5]])
+    assert classifier.classify(empty, backgrounds[:5]) == [None] * 5
