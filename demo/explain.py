@@ -700,7 +700,7 @@ def _intervene_section(engine, default_tau: float, max_weight: float) -> dict:
                                       max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-intervene-target")
             ui["tau"] = Slider(label="tau: share of the steps with the original's attention", minimum=0.0,
                                maximum=1.0, step=0.05, value=default_tau, elem_id=f"{TAB}-intervene-tau")
-            ui["weights"] = gr.Textbox(value="", label="Re-weight words (word=scale, ...; e.g. red=2, circle=0.5)",
+            ui["reweight"] = gr.Textbox(value="", label="Re-weight words (word=scale, ...; e.g. red=2, circle=0.5)",
                                        max_length=engine.limits.max_prompt_chars, elem_id=f"{TAB}-intervene-weights")
             with gr.Row():
                 ui["run"] = gr.Button("Intervene", variant="primary", elem_id=f"{TAB}-intervene-run", scale=3)
@@ -725,7 +725,7 @@ def _intervene_section(engine, default_tau: float, max_weight: float) -> dict:
 
 
 def _wire_intervene(engine, studio: Studio, explain_task, inputs: dict, ui: dict) -> None:
-    def intervene(prompt: str, target_prompt: str, tau: float, weights: str, negative_prompt: str, seed: float,
+    def intervene(prompt: str, target_prompt: str, tau: float, reweight: str, negative_prompt: str, seed: float,
                   steps: float, guidance: float, scheduler: str, width: float, height: float, request: gr.Request,
                   progress=gr.Progress()):
         """Prompt-to-prompt at one seed. Returns the values named in demo/explain.py EXPLAIN_INTERVENE_OUTPUTS:
@@ -736,7 +736,7 @@ def _wire_intervene(engine, studio: Studio, explain_task, inputs: dict, ui: dict
             holder["result"] = explain_task.intervene(engine_, **kwargs)
             return holder["result"]
 
-        kwargs = dict(prompt=prompt, target_prompt=target_prompt, tau=tau, weights=weights,
+        kwargs = dict(prompt=prompt, target_prompt=target_prompt, tau=tau, weights=reweight,
                       negative_prompt=negative_prompt, seed=resolve_seed(engine, seed), steps=steps, guidance=guidance,
                       scheduler=scheduler, width=width, height=height)
         for _preview, gallery, params, status in run_task(engine, studio, INTERVENE_TAB, run, kwargs,
@@ -752,7 +752,7 @@ def _wire_intervene(engine, studio: Studio, explain_task, inputs: dict, ui: dict
     wire_cancellable(
         studio, INTERVENE_TAB, ui["run"], ui["cancel"], ui["status"],
         studio.gpu_event(intervene, lambda arguments: generation_seconds({**arguments, "batch_size": 4})),
-        inputs_kwargs=dict(prompt=inputs["prompt"], target_prompt=ui["target"], tau=ui["tau"], weights=ui["weights"],
+        inputs_kwargs=dict(prompt=inputs["prompt"], target_prompt=ui["target"], tau=ui["tau"], reweight=ui["reweight"],
                            **{k: v for k, v in settings.kwargs().items() if k != "batch_size"}),
         outputs=[ui[name] for name in EXPLAIN_INTERVENE_OUTPUTS], api_name="explain_intervene",
         show_progress="minimal", show_progress_on=[ui["images"]], **studio.model_event())

@@ -169,7 +169,7 @@ def test_token_inspector(shapes_engine, sd_engine):
 # --- through the live app --------------------------------------------------------------------------------------
 
 def intervene_args(**overrides):
-    args = dict(prompt=SWAP["prompt"], target_prompt=SWAP["target_prompt"], tau=0.6, weights="", negative_prompt="",
+    args = dict(prompt=SWAP["prompt"], target_prompt=SWAP["target_prompt"], tau=0.6, reweight="", negative_prompt="",
                 seed=7, steps=3, guidance=4.0, scheduler="DPM++ 2M", width=64, height=64)
     args.update(overrides)
     return args
