@@ -418,7 +418,7 @@ def load_source(init_from: Path) -> dict:
 def load_text_encoder(module, state: dict, tokenizer) -> None:
     """Loads a source run's text encoder; a world-1 one into a world-2 encoder grows its table to the larger
     vocabulary first (old rows bit for bit, new words from related ones: text.grow_text_encoder)."""
-    rows = state["text_model.embeddings.token_embedding.weight"].shape[0]
+    rows = next(v for k, v in state.items() if k.endswith("embeddings.token_embedding.weight")).shape[0]
     own = module.get_input_embeddings().weight.shape[0]
     if rows == own:
         module.load_state_dict(state)
