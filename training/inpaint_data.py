@@ -306,7 +306,7 @@ def new_object_example(
     """A new object in the scene, named alone by the caption: at a free place ("add") or instead of one of the
     scene's shapes ("swap", another colour and shape at the same place and size). None when it has no room."""
     scene = sample.scene
-    colour, shape = _seen_pair(rng)
+    colour, shape = shapes._random_pair(rng)
     style = str(rng.choice(shapes.STYLES[1:])) if rng.random() < NEW_OBJECT_STYLED else "flat"
     drop: list[int] = []
     if kind == "swap":
@@ -315,8 +315,8 @@ def new_object_example(
             return None
         index = int(rng.choice(kept))
         old = scene.objects[index]
-        while (colour, shape) == (old.colour, old.kind) or shape == old.kind:
-            colour, shape = _seen_pair(rng)
+        while shape == old.kind:
+            colour, shape = shapes._random_pair(rng)
         new = shapes.SceneObject(shape, colour, old.size, old.centre, style)
         drop = [index]
     else:
@@ -346,14 +346,6 @@ def new_object_example(
     return InpaintExample(
         source=sample.image, mask=mask, caption=caption, target=target, mode="part", mask_kind=kind, hidden=1
     )
-
-
-def _seen_pair(rng: np.random.Generator) -> tuple[str, str]:
-    """A colour and shape that training scenes show (never one of shapes.HELD_OUT_PAIRS)."""
-    while True:
-        pair = str(rng.choice(list(shapes.COLOURS))), str(rng.choice(shapes.SHAPES))
-        if pair not in shapes.HELD_OUT_PAIRS:
-            return pair
 
 
 def free_place(scene: shapes.Scene, half_extent: float, rng: np.random.Generator, tries: int = 30):
