@@ -51,7 +51,7 @@ class Expectation:
 def held_out_prompts(count: int, seed: int = HELD_OUT_SEED) -> list[Expectation]:
     """A deterministic mix: 40% single object with position, 20% held-out colour-shape pairs, 40% two objects."""
     rng = np.random.default_rng(seed)
-    colours, positions = list(shapes.COLOURS), list(shapes.POSITIONS)
+    positions = list(shapes.POSITIONS)
     held_pairs = sorted(shapes.HELD_OUT_PAIRS)
     prompts = []
     for i in range(count):
@@ -59,9 +59,7 @@ def held_out_prompts(count: int, seed: int = HELD_OUT_SEED) -> list[Expectation]
         suffix = (" " + shapes.BACKGROUNDS[background][0]) if shapes.BACKGROUNDS[background][0] else ""
         kind = i % 5
         if kind in (0, 1):
-            colour, shape = str(rng.choice(colours)), str(rng.choice(shapes.SHAPES))
-            while (colour, shape) in shapes.HELD_OUT_PAIRS:
-                colour, shape = str(rng.choice(colours)), str(rng.choice(shapes.SHAPES))
+            colour, shape = shapes._random_pair(rng)
             position = str(rng.choice(positions))
             phrase = shapes.POSITIONS[position][0]
             prompt = f"{shapes.article(colour)} {colour} {shape} {phrase}{suffix}"
@@ -71,15 +69,21 @@ def held_out_prompts(count: int, seed: int = HELD_OUT_SEED) -> list[Expectation]
             prompt = f"{shapes.article(colour)} {colour} {shape}{suffix}"
             prompts.append(Expectation(prompt, background, [(colour, shape)], held_out_pair=True))
         else:
-            first = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
-            second = first
-            while second[0] == first[0] or second[1] == first[1]:
-                second = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
-            relation = str(rng.choice(["and", "left of", "above"]))
-            prompt = (f"{shapes.article(first[0])} {first[0]} {first[1]} {relation} "
-                      f"{shapes.article(second[0])} {second[0]} {second[1]}{suffix}")
-            prompts.append(Expectation(prompt, background, [first, second], relation=relation))
+            prompts.append(two_object_expectation(rng, background, suffix))
     return prompts
+
+
+def two_object_expectation(rng: np.random.Generator, background: str, suffix: str) -> Expectation:
+    """'a red circle left of a blue square<suffix>': two objects differing in colour and in shape, and a relation."""
+    colours = list(shapes.COLOURS)
+    first = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
+    second = first
+    while second[0] == first[0] or second[1] == first[1]:
+        second = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
+    relation = str(rng.choice(["and", "left of", "above"]))
+    prompt = (f"{shapes.article(first[0])} {first[0]} {first[1]} {relation} "
+              f"{shapes.article(second[0])} {second[0]} {second[1]}{suffix}")
+    return Expectation(prompt, background, [first, second], relation=relation)
 
 
 # ----------------------------------------------------------------------------- the checker

@@ -22,7 +22,7 @@ import numpy as np
 
 from training import shapes
 from training.common import HELD_OUT_SEED
-from training.evaluate import EVAL_BACKGROUNDS, Expectation
+from training.evaluate import EVAL_BACKGROUNDS, Expectation, two_object_expectation
 
 SPLITS = ("validation", "test")
 VALIDATION_SEED = 3_000_000_000  # first scene (and prompt-stream) seed of the validation split
@@ -51,15 +51,13 @@ def _candidate(rng: np.random.Generator, kind: int) -> Expectation:
     Sizes and positions are said sometimes, so the prompt space is large enough to hold two disjoint splits."""
     background = str(rng.choice(EVAL_BACKGROUNDS))
     suffix = (" " + shapes.BACKGROUNDS[background][0]) if shapes.BACKGROUNDS[background][0] else ""
-    colours, positions = list(shapes.COLOURS), list(shapes.POSITIONS)
+    positions = list(shapes.POSITIONS)
     if kind in (0, 1, 2):
         if kind == 2:
             held = sorted(shapes.HELD_OUT_PAIRS)
             colour, shape = held[int(rng.integers(len(held)))]
         else:
-            colour, shape = str(rng.choice(colours)), str(rng.choice(shapes.SHAPES))
-            while (colour, shape) in shapes.HELD_OUT_PAIRS:
-                colour, shape = str(rng.choice(colours)), str(rng.choice(shapes.SHAPES))
+            colour, shape = shapes._random_pair(rng)
         words = [colour, shape]
         if rng.random() < 0.4:
             words.insert(0, str(rng.choice(list(shapes.SIZES))))
@@ -69,14 +67,7 @@ def _candidate(rng: np.random.Generator, kind: int) -> Expectation:
             words.append(shapes.POSITIONS[position][0])
         return Expectation(" ".join(words) + suffix, background, [(colour, shape)], position=position,
                            held_out_pair=kind == 2)
-    first = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
-    second = first
-    while second[0] == first[0] or second[1] == first[1]:
-        second = (str(rng.choice(colours)), str(rng.choice(shapes.SHAPES)))
-    relation = str(rng.choice(["and", "left of", "above"]))
-    prompt = (f"{shapes.article(first[0])} {first[0]} {first[1]} {relation} "
-              f"{shapes.article(second[0])} {second[0]} {second[1]}{suffix}")
-    return Expectation(prompt, background, [first, second], relation=relation)
+    return two_object_expectation(rng, background, suffix)
 
 
 @functools.cache
