@@ -5,6 +5,7 @@ Type, pick options, draw a mask with mouse strokes, upload, preview a control ma
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 from pathlib import Path
@@ -21,6 +22,24 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 RUN_TIMEOUT_MS = 120_000
 OVERLAP = 8  # pipelines.outpaint.OVERLAP (not imported: that module imports torch, which this file need not)
 STEPS = "3"
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, timeout_ms: int = 60_000):
+    """A page of a fresh headless Chromium on `url`, for a test outside this module's fixtures (skips without
+    Chromium or playwright); the browser is closed whatever the test does."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -202,16 +202,9 @@ def test_compare_with_an_input_image(client, images):
 
 @pytest.mark.browser
 def test_compare_tab_in_the_browser(live_app, test_output):
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_settings, set_number
+    from tests.test_browser import chromium_page, open_settings, set_number
 
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
-        page.set_default_timeout(60_000)
-        page.goto(live_app.url)
+    with chromium_page(live_app.url) as page:
         page.get_by_role("tab", name="Compare").click()
         page.fill("#compare-prompt textarea", "a big red circle on the left")
         page.fill("#compare-x-values input", "1, 4")
@@ -226,4 +219,3 @@ def test_compare_tab_in_the_browser(live_app, test_output):
         assert page.locator("#compare-gallery img").count() == 4
         page.locator("#compare-grid-file a").first.wait_for()
         page.screenshot(path=str(test_output / "browser-compare.png"), full_page=True)
-        browser.close()

@@ -304,16 +304,9 @@ def test_explain_endpoint_refuses_bad_values(client):
 
 @pytest.mark.browser
 def test_explain_tab_in_the_browser(live_app, test_output):
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_settings, set_number
+    from tests.test_browser import chromium_page, open_settings, set_number
 
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
-        page.set_default_timeout(60_000)
-        page.goto(live_app.url)
+    with chromium_page(live_app.url) as page:
         page.get_by_role("tab", name="Explain").click()
         page.fill("#explain-prompt textarea", "a red circle left of a blue square")
         open_settings(page, "explain")
@@ -331,7 +324,6 @@ def test_explain_tab_in_the_browser(live_app, test_output):
         page.locator("#explain-code").get_by_text("StableDiffusionPipeline.from_pretrained").wait_for()
         page.wait_for_timeout(1000)
         page.screenshot(path=str(test_output / "browser-explain.png"), full_page=True)
-        browser.close()
 
 
 def test_empty_prompt_and_a_nine_channel_model(shapes_engine, sd_inpaint_engine):

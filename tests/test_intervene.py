@@ -200,16 +200,9 @@ def test_intervene_and_tokens_endpoints(client):
 
 @pytest.mark.browser
 def test_intervene_in_the_browser(live_app, test_output):
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_settings, set_number
+    from tests.test_browser import chromium_page, open_settings, set_number
 
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 1200}).new_page()
-        page.set_default_timeout(60_000)
-        page.goto(live_app.url)
+    with chromium_page(live_app.url) as page:
         page.get_by_role("tab", name="Explain").click()
         page.fill("#explain-prompt textarea", SWAP["prompt"])
         open_settings(page, "explain")
@@ -224,4 +217,3 @@ def test_intervene_in_the_browser(live_app, test_output):
         page.locator("#explain-tokens-button").click()
         page.locator("#explain-token-summary").get_by_text("token(s)").wait_for()
         page.screenshot(path=str(test_output / "browser-intervene.png"), full_page=True)
-        browser.close()
