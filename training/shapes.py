@@ -164,25 +164,34 @@ class Sample:
 
 def random_scene(rng: np.random.Generator, *, allow_unseen_styles: bool = False) -> Scene:
     """Draws a scene and its caption from the world's grammar."""
-    background = str(rng.choice(list(BACKGROUNDS)))
-    if rng.random() < 0.35:
-        background = "plain"
-    styles = STYLES + (UNSEEN_STYLES if allow_unseen_styles else ())
-    style = "flat" if rng.random() < 0.6 else str(rng.choice(styles[1:]))
-    roll = rng.random()
+    background, style, roll = _scene_frame(rng, allow_unseen_styles)
     if roll < 0.2:
         objects, phrase = _person_scene(rng, style)
     elif roll < 0.6:
         objects, phrase = _single_object_scene(rng, style)
     else:
         objects, phrase = _two_object_scene(rng, style)
-    caption = phrase
+    return Scene(caption=phrase + _caption_suffix(rng, style, background), background=background, objects=objects)
+
+
+def _scene_frame(rng: np.random.Generator, allow_unseen_styles: bool) -> tuple[str, str, float]:
+    """A scene's background, style and the roll that picks its kind (person, one object, two), in both worlds."""
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if rng.random() < 0.35:
+        background = "plain"
+    styles = STYLES + (UNSEEN_STYLES if allow_unseen_styles else ())
+    style = "flat" if rng.random() < 0.6 else str(rng.choice(styles[1:]))
+    return background, style, float(rng.random())
+
+
+def _caption_suffix(rng: np.random.Generator, style: str, background: str) -> str:
+    """What a caption says after its objects: the style (always unless flat) and the background's phrase."""
+    suffix = ""
     if style != "flat" or rng.random() < 0.1:
-        caption += f" in {style} style"
-    background_phrase = BACKGROUNDS[background][0]
-    if background_phrase:
-        caption += f" {background_phrase}"
-    return Scene(caption=caption, background=background, objects=objects)
+        suffix += f" in {style} style"
+    if BACKGROUNDS[background][0]:
+        suffix += f" {BACKGROUNDS[background][0]}"
+    return suffix
 
 
 def _random_pair(rng: np.random.Generator, exclude: tuple[str, str] | None = None) -> tuple[str, str]:
@@ -671,24 +680,14 @@ def random_scene_v2(rng: np.random.Generator, *, width: int = IMAGE_SIZE, height
                     allow_unseen_styles: bool = False, style_params: StyleParams | None = None) -> Scene:
     """World 2's scene for a canvas: world 1's grammar with free poses, the generic word and scaled layout.
     Positions and sizes are drawn in 64x64 units and scaled at render, so one seed gives one scene on every canvas."""
-    background = str(rng.choice(list(BACKGROUNDS)))
-    if rng.random() < 0.35:
-        background = "plain"
-    styles = STYLES + (UNSEEN_STYLES if allow_unseen_styles else ())
-    style = "flat" if rng.random() < 0.6 else str(rng.choice(styles[1:]))
-    roll = rng.random()
+    background, style, roll = _scene_frame(rng, allow_unseen_styles)
     if roll < 0.2:
         objects, phrase, generic = _person_scene_v2(rng, style)
     elif roll < 0.6:
         objects, phrase, generic = _single_object_scene_v2(rng, style)
     else:
         objects, phrase, generic = _two_object_scene_v2(rng, style)
-    suffix = ""
-    if style != "flat" or rng.random() < 0.1:
-        suffix += f" in {style} style"
-    background_phrase = BACKGROUNDS[background][0]
-    if background_phrase:
-        suffix += f" {background_phrase}"
+    suffix = _caption_suffix(rng, style, background)
     caption = (generic if rng.random() < GENERIC_CAPTION_SHARE else phrase) + suffix
     return Scene(caption=caption, background=background, objects=objects, world=2, width=width, height=height,
                  control_caption=generic + suffix, style_params=style_params)
