@@ -167,6 +167,33 @@ def test_train_inpaint_runs_resumes_and_exports(tmp_path):
     assert config["in_channels"] == 9
 
 
+
+@pytest.mark.slow
+def test_train_inpaint_goes_on_from_an_exported_model_with_the_hole_weighted(tmp_path):
+    """--init-from takes a model folder (as shipped in assets/models/), not only a run folder: the shipped model
+    is re-trained without its run; the mask loss weight reaches the record and the reproduce command."""
+    from diffusers import UNet2DConditionModel
+
+    from training import train_inpaint
+
+    shipped = REPO / "assets" / "models" / "shapes-inpaint"
+    state, step = train_inpaint.init_weights(shipped)
+    assert step == int((shipped / "TRAINING_STEP").read_text())
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--pool-size", "64", "--batch-size", "4", "--save-every", "1", "--threads", "1"]
+    args += ["--init-from", str(shipped), "--mask-loss-weight", "4", "--max-steps", str(step + 1)]
+    train_inpaint.main(args)
+    record = json.loads((run / "model" / "training.json").read_text())
+    assert record["step"] == step + 1 and record["mask_loss_weight"] == 4
+    assert record["parent"]["step"] == step  # the shipped model's own history goes on
+    assert "--mask-loss-weight 4" in train_inpaint.command(record)
+    trained = UNet2DConditionModel.from_pretrained(run / "model", subfolder="unet").state_dict()
+    moved = max(float((trained[k] - state[k]).abs().max()) for k in state)
+    assert 0 < moved < 0.05  # one small step from the shipped weights, not from the base
+    with pytest.raises(SystemExit, match="neither a run folder"):
+        train_inpaint.init_weights(tmp_path)
+
+
 # --- the engine and the tabs' tasks -------------------------------------------------------------------------------
 
 

@@ -53,6 +53,10 @@ class InpaintConfig:
     # (add / replace: the rarest lesson, and the one that needs the prompt); 0: as often as the pool has them
     add_share: float = 0.0
     masks: str = "compose"  # the mask recipe (inpaint_data.MASK_RECIPES)
+    # Loss weight of the masked area's latents relative to the rest. Outside the hole the U-Net only copies the
+    # masked image's latents; a hole of a few latent cells otherwise carries a small share of each example's loss
+    # although it is all the model has to draw.
+    mask_loss_weight: float = 1.0
 
 
 def inflate_unet(base_unet):
@@ -226,10 +230,10 @@ def train(
     elif init_from is not None:
         # Go on from another run's weights with a fresh optimiser and schedule (e.g. another data mix); the
         # step count goes on, so the curve is one
-        source = torch.load(Path(init_from) / "checkpoint.pt", map_location="cpu", weights_only=False)
+        start, step = init_weights(Path(init_from))
         for module in (unet, ema_unet):
-            module.load_state_dict(source["ema_unet"])
-        step = first_step = source["step"]
+            module.load_state_dict(start)
+        first_step = step
         print(f"initialised from {init_from} at step {step}")
     base_step = (Path(base) / "TRAINING_STEP").read_text().strip() if (Path(base) / "TRAINING_STEP").exists() else "?"
 
@@ -279,7 +283,9 @@ def train(
             if noise_scheduler.config.prediction_type == "epsilon"
             else noise_scheduler.get_velocity(latents, noise, timesteps)
         )
-        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(prediction, target, reduction="none")  # (B, 4, 16, 16)
+        area = 1 + (config.mask_loss_weight - 1) * mask  # (B, 1, 16, 16): the hole at its weight
+        per_sample = (error * area).mean(dim=(1, 2, 3)) / area.mean(dim=(1, 2, 3))
         loss = (
             per_sample
             * loss_weights(noise_scheduler, timesteps, config.min_snr_gamma, noise_scheduler.config.prediction_type)
@@ -322,6 +328,20 @@ def train(
     return ema_unet
 
 
+def init_weights(source: Path) -> tuple[dict, int]:
+    """The U-Net weights (the EMA's) and step to go on from: a run folder (its checkpoint.pt) or an exported
+    model folder (unet/ and TRAINING_STEP, e.g. the shipped assets/models/shapes-inpaint)."""
+    if (source / "checkpoint.pt").is_file():
+        state = torch.load(source / "checkpoint.pt", map_location="cpu", weights_only=False)
+        return state["ema_unet"], int(state["step"])
+    if (source / "unet" / "config.json").is_file():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        return unet.state_dict(), int((source / "TRAINING_STEP").read_text())
+    raise SystemExit(f"--init-from {source}: neither a run folder (checkpoint.pt) nor a model folder (unet/)")
+
+
 def sampling_weights(size: int, add_share: float, recipe: str = "loose") -> torch.Tensor | None:
     """Per-example sampling weight: examples whose caption names an object the mask hides get `add_share` of the
     total; None for uniform sampling."""
@@ -347,7 +367,8 @@ def export_run(
     record = {"base": _relative(base), "base_step": base_step, "step": step, **asdict(config)}
     if init_from is not None:  # the run it went on from, with that run's own record: the whole history
         record["init_from"] = _relative(Path(init_from))
-        parent = Path(init_from) / "model" / "training.json"
+        parent = Path(init_from) / "model" / "training.json"  # a run folder's, else a model folder's own
+        parent = parent if parent.is_file() else Path(init_from) / "training.json"
         if parent.is_file():
             record["parent"] = json.loads(parent.read_text())
     record["out"] = _relative(Path(target).parent)
@@ -363,6 +384,8 @@ def command(record: dict) -> str:
     ]
     if record.get("add_share"):
         parts.append(f"--add-share {record['add_share']:g}")
+    if record.get("mask_loss_weight", 1) != 1:
+        parts.append(f"--mask-loss-weight {record['mask_loss_weight']:g}")
     if record.get("init_from"):
         parts.append(f"--init-from {record['init_from']}")
     parts.append(f"--max-steps {record['step']} --threads 1")
@@ -428,7 +451,14 @@ def main(argv=None):
         "--init-from",
         type=Path,
         default=None,
-        help="start from another run folder's weights (fresh optimiser and schedule; the steps go on)",
+        help="start from another run folder's or an exported model folder's weights (fresh optimiser and "
+        "schedule; the steps go on)",
+    )
+    parser.add_argument(
+        "--mask-loss-weight",
+        type=float,
+        default=InpaintConfig.mask_loss_weight,
+        help="loss weight of the masked area's latents relative to the rest",
     )
     parser.add_argument(
         "--masks",
@@ -463,6 +493,7 @@ def main(argv=None):
         conv_in_lr_scale=args.conv_in_lr_scale,
         add_share=args.add_share,
         masks=args.masks,
+        mask_loss_weight=args.mask_loss_weight,
     )
     train(
         args.base,
