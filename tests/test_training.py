@@ -308,6 +308,20 @@ def test_train_decoder_smoke_run_keeps_the_encoder_and_resumes(tmp_path):
         assert not torch.equal(trained.decoder.conv_out.weight, source.decoder.conv_out.weight)
 
 
+
+def test_decoder_batches_mix_the_worlds_by_share():
+    from training import shapes
+    from training.train_decoder import DecoderConfig, training_images
+
+    seeds = range(40, 44)
+    world1 = shapes.batch(seeds, allow_unseen_styles=True)[0]
+    world2 = shapes.batch(seeds, allow_unseen_styles=True, world=2)[0]
+    assert (training_images(seeds, DecoderConfig()) == world1).all()  # the shipped decoder's data, unchanged
+    half = training_images(seeds, DecoderConfig(world2_share=0.5))
+    assert (half[:2] == world2[:2]).all() and (half[2:] == world1[2:]).all()
+    assert (training_images(seeds, DecoderConfig(world2_share=1.0)) == world2).all()
+    assert not (world1 == world2).all()
+
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
 def test_vae_ceiling_scores_renders_and_their_round_trips():
     from diffusers import AutoencoderKL

@@ -45,6 +45,9 @@ class DecoderConfig:
     mse_weight: float = 1.0
     edge_weight: float = 0.0  # extra weight on pixels within 1 px of an edge of the target
     all_styles: bool = True  # as the shipped decoder: the uncaptioned checkered texture must survive too
+    # Share of each batch drawn from world 2 (its coarser textures: docs/MODEL_V2.md), the rest from world 1, whose
+    # pictures every shipped model still makes
+    world2_share: float = 0.0
 
 
 def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
@@ -117,14 +120,15 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed from {checkpoint.path} at step {step}")
-    log = LossLog(out_dir, ["l1", "mse", "psnr"])
+    log = LossLog(out_dir, ["l1", "mse", "psnr"] + (["psnr_world2"] if config.world2_share else []))
     held_out = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 64))[0]
+    held_out_v2 = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 64), world=2)[0] if config.world2_share else None
     crop_generator = torch.Generator().manual_seed(seed + step)
     vae.encoder.eval()  # frozen: no dropout or norm statistics to update, but say so
 
     while step < max_steps:
         seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
-        images = images_to_tensor(shapes.batch(seeds, allow_unseen_styles=config.all_styles)[0])
+        images = images_to_tensor(training_images(seeds, config))
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample()
         z, x = latent_crops(latents, images, config.latent_crop, crop_generator)
@@ -137,9 +141,11 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
         step += 1
         if common.due(step, log_every, max_steps):
             vae.decoder.eval()
-            held_psnr = psnr(held_out, reconstruct(vae, held_out))
+            held = {"psnr": psnr(held_out, reconstruct(vae, held_out))}
+            if held_out_v2 is not None:
+                held["psnr_world2"] = psnr(held_out_v2, reconstruct(vae, held_out_v2))
             vae.decoder.train()
-            log.write(step, l1=l1.item(), mse=mse.item(), psnr=held_psnr)
+            log.write(step, l1=l1.item(), mse=mse.item(), **held)
         if common.due(step, save_every, max_steps):
             checkpoint.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(config)})
             save_grid(
@@ -147,6 +153,16 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
                 out_dir / "samples" / f"step-{step:06d}.png",
             )
     return vae.eval()
+
+
+def training_images(seeds: range, config: DecoderConfig) -> np.ndarray:
+    """(N, 64, 64, 3) uint8: the batch's scenes, its first `world2_share` from world 2 (same seeds, that world's
+    scenes), the rest from world 1."""
+    second = int(round(len(seeds) * config.world2_share))
+    parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)[0]] if second else []
+    if second < len(seeds):
+        parts.append(shapes.batch(seeds[second:], allow_unseen_styles=config.all_styles)[0])
+    return np.concatenate(parts)
 
 
 def export(vae: AutoencoderKL, out_dir: Path) -> Path:
@@ -188,6 +204,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=DecoderConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=DecoderConfig.learning_rate)
     parser.add_argument("--edge-weight", type=float, default=DecoderConfig.edge_weight)
+    parser.add_argument("--world2-share", type=float, default=DecoderConfig.world2_share,
+                        help="share of each batch from world 2 (0-1; the rest from world 1)")
     parser.add_argument("--latent-crop", type=int, default=DecoderConfig.latent_crop,
                         help="training crop in latents (16 = whole 64x64 images)")
     parser.add_argument("--log-every", type=int, default=50)
@@ -207,7 +225,9 @@ def main(argv=None):
         parser.error("--vae is required (the source VAE folder) unless --checkered is given")
     config = DecoderConfig(layers_per_block=args.layers_per_block, batch_size=args.batch_size,
                            learning_rate=args.learning_rate, edge_weight=args.edge_weight,
-                           latent_crop=args.latent_crop)
+                           latent_crop=args.latent_crop, world2_share=args.world2_share)
+    if not 0 <= config.world2_share <= 1:
+        parser.error(f"--world2-share {config.world2_share:g}: a share from 0 to 1")
     if args.export_only:
         state = Checkpoint(args.out).load()
         if state is None:
