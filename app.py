@@ -197,13 +197,13 @@ def parse_adapter(value: str) -> tuple[str, str | None]:
 
 def build_engine(model: str, *, device=None, dtype=None, attention_slicing=False, vae_tiling=False,
                  cpu_offload=False, max_batch: int | None = None, adapters: list[str] = (), threads: int | None = None,
-                 safety_checker: bool = False):
+                 safety_checker: bool = False, backend: str | None = None):
     from pipelines.engine import Engine
     from pipelines.registry import resolve_preset
     from pipelines.safety import load_safety_checker
 
     engine = Engine(resolve_preset(model), device=device, dtype=dtype, attention_slicing=attention_slicing,
-                    vae_tiling=vae_tiling, cpu_offload=cpu_offload, threads=threads)
+                    vae_tiling=vae_tiling, cpu_offload=cpu_offload, threads=threads, backend=backend)
     if safety_checker:
         engine.safety = load_safety_checker(engine)  # None for the built-in model, which needs none
     if max_batch is not None:
@@ -251,6 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=int(env["LDS_THREADS"]) if env.get("LDS_THREADS") else None,
         help="CPU threads for model work (default: all usable cores but one, left to the web server) [LDS_THREADS]",
     )
+    parser.add_argument("--backend", default=None,
+                        help="what runs the U-Net steps: eager (PyTorch) or onnx (ONNX Runtime on the CPU, exported "
+                             "once and cached; default eager) [LDS_BACKEND]")
     parser.add_argument("--attention-slicing", action="store_true", help="lower peak memory, a little slower")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     parser.add_argument("--cpu-offload", action="store_true", help="keep idle modules in CPU memory (CUDA)")
@@ -306,6 +309,7 @@ def main(argv=None) -> int:
             max_batch=args.max_batch,
             adapters=args.adapter,
             threads=args.threads,
+            backend=args.backend,
             safety_checker=safety_checker_wanted(args.safety_checker, settings),
         )
     except (ModelNotAvailable, ValueError) as error:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from pipelines import fast_backend
 from pipelines.adapters import AdapterSet, prompt_words
 from pipelines.batching import RequestBatcher
 from pipelines.common import InputError, ModelNotAvailable, check_choice
@@ -28,7 +29,7 @@ from pipelines.compute import EngineCompute, default_threads, model_thread
 from pipelines.loading import is_local, load_errors, not_available
 from pipelines.registry import CONTROL_TYPES, ModelPreset
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
-from pipelines.settings import PREVIEW_EVERY_S, Limits
+from pipelines.settings import PREVIEW_EVERY_S, Limits, onnx_cache_dir, resolve_backend
 from pipelines.world import text as world_text
 
 logger = logging.getLogger(__name__)
@@ -106,9 +107,12 @@ def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tupl
 class Engine:
     def __init__(self, preset: ModelPreset, *, device: str | None = None, dtype: str | None = None,
                  attention_slicing: bool = False, vae_tiling: bool = False, cpu_offload: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, backend: str | None = None):
         self.preset = preset
         self.device, self.torch_dtype = pick_device(device, dtype, builtin=preset.is_builtin)
+        self.backend = resolve_backend(backend)  # what runs U-Net steps: "eager" or "onnx" (pipelines/fast_backend.py)
+        if self.backend == "onnx":  # refused before minutes of loading, not after
+            fast_backend.check_supported(self.device, self.torch_dtype)
         self.lock = threading.RLock()  # serialises all model work: API, CLI and UI callers alike
         # Loads and runs the model on one OS thread, whatever thread a request arrives on: one OpenMP pool per
         # process, or every CPU op waits for a wake-up (pipelines/compute.py)
@@ -124,6 +128,7 @@ class Engine:
         self._controlnets: dict[str, Any] = {}
         self._annotators: dict[str, Callable] = {}
         self._inpaint_unet: Any = None
+        self.fast_unet: fast_backend.OnnxUNet | None = None  # backend "onnx": built below, once the weights are final
         self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
         self.preview_every_s = (
             PREVIEW_EVERY_S  # live previews at most this often (0: every step); see run.PreviewClock
@@ -151,6 +156,10 @@ class Engine:
             logger.warning("cpu_offload ignored: the model already runs on the CPU")
         self.base.set_progress_bar_config(disable=True)
         self._task_pipes[("txt2img", ())] = self.base
+        # 3. The ONNX stand-in for the base U-Net (its weights final now: the preset's LoRA is fused), which
+        # request views call instead of it; exported once per weights, later starts load the cached file
+        if self.backend == "onnx":
+            self.fast_unet = self._build_fast_unet()
 
     # --- loading -------------------------------------------------------------------------------------
 
@@ -173,6 +182,9 @@ class Engine:
         if not self.cpu_offload:
             pipe = pipe.to(self.device)
         return pipe
+
+    def _build_fast_unet(self):
+        return self.compute.run(fast_backend.build, self.base.unet, threads=self.threads, cache_dir=onnx_cache_dir())
 
     def _load_model(self, cls, model_id: str, what: str, **kwargs):
         try:
@@ -240,6 +252,7 @@ class Engine:
             "device": self.device,
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "threads": self.threads,
+            "backend": self.backend,
             "default_size": self.preset.default_size,
             "max_size": self.limits.max_size,
             "size_multiple": self.size_multiple,
@@ -280,6 +293,8 @@ class Engine:
             cached = self._task_pipeline(task, controls)
             fresh = make_scheduler(scheduler, self.base.scheduler.config)
             view = _view(cached, fresh)
+            if self.fast_unet is not None and view.unet is self.base.unet:  # not the 9-channel inpainting U-Net
+                view.register_modules(unet=self.fast_unet)  # falls back to the eager U-Net call by call
         view.set_progress_bar_config(disable=True)
         return view
 

@@ -6,7 +6,9 @@ Every limit applies whatever a client sends: the UI's sliders are a convenience,
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Mapping
 
 
@@ -79,6 +81,35 @@ PREVIEW_EVERY_S = 0.15
 # outside the mask nothing changes whatever the blur. Chosen on the built-in model's validation split
 # (assets/models/shapes-inpaint/README.md): 2 px softens the seam without fading added objects as 3 px does.
 DEFAULT_MASK_BLUR = 2
+
+# What runs the U-Net's denoising steps (--backend / LDS_BACKEND; pipelines/fast_backend.py): "eager" PyTorch, or
+# "onnx", the base U-Net exported once to ONNX and run by ONNX Runtime on the CPU. Eager by default: ONNX Runtime's
+# kernels round differently, so a seed gives other bytes than it does with eager (up to a few levels in some
+# pixels; README, Performance: Fast backend), and Explain and the other eager-only paths would no longer make the
+# very image Text to image makes.
+BACKENDS = ("eager", "onnx")
+DEFAULT_BACKEND = "eager"
+
+
+def resolve_backend(value: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The U-Net backend: `value` (the --backend flag) when given, else LDS_BACKEND, else DEFAULT_BACKEND."""
+    env = os.environ if env is None else env
+    name, raw = ("backend", value) if value is not None else ("LDS_BACKEND", env.get("LDS_BACKEND"))
+    if raw is None or str(raw).strip() == "":
+        return DEFAULT_BACKEND
+    backend = str(raw).strip().lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}={raw!r} is not a U-Net backend: use one of {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+def onnx_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """LDS_ONNX_CACHE: where exported U-Nets are kept between starts (one folder per weights, torch version and
+    opset), by default beside the benchmarks' build cache in the system temp folder. Not in Gradio's cache folder:
+    the app's sweep empties that of files older than LDS_MAX_FILE_AGE_S, and an export must outlive a restart."""
+    env = os.environ if env is None else env
+    return Path(env.get("LDS_ONNX_CACHE") or Path(tempfile.gettempdir()) / "lds-onnx-cache")
+
 
 FINETUNE_METHODS = ("lora", "full")
 OUTPAINT_FILLS = ("edge", "blur", "noise")  # what fills the new border before denoising (pipelines.outpaint.prefill)

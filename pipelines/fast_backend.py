@@ -1,0 +1,291 @@
+"""The U-Net's denoising steps through ONNX Runtime on the CPU (`--backend onnx` / `LDS_BACKEND=onnx`).
+
+    fast = build(engine.base.unet, threads=engine.threads, cache_dir=settings.onnx_cache_dir())
+    view.register_modules(unet=fast)        # what Engine.pipeline does for a view over the base U-Net
+
+Why: a step of the built-in model is hundreds of small ops on 16x16 latents, where PyTorch's per-op overhead, not
+arithmetic, is the cost; ONNX Runtime runs the same graph with far less of it (README, Performance: Fast backend).
+
+The base U-Net is exported once with the TorchScript exporter (seconds for the built-in model, no compiler) into
+a cache folder keyed by a hash of its weights and config, the torch version and the opset, and later starts only
+load it. `OnnxUNet` stands in for the U-Net in a request's pipeline view: same call, same `.config`, `.dtype`,
+`.device`, everything else read from the eager U-Net. It runs a call through ONNX Runtime only when the call is
+exactly what the export covers: the plain (sample, timestep, encoder_hidden_states) of the base weights, with no
+hook, no changed attention processor and no active LoRA layer on the eager U-Net. Everything else runs the eager
+U-Net itself, unchanged: Explain's probes and attention maps, prompt-to-prompt's processors, LoRA and full
+fine-tune adapters, ControlNet residuals, any extra keyword, latent sizes the export does not cover, other
+dtypes and devices. The 9-channel inpainting U-Net is never wrapped (Engine.pipeline wraps the base U-Net only).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# ONNX opset of the export: 17 has LayerNormalization and the ops diffusers' attention decomposes into, and every
+# onnxruntime release this app accepts (requirements.txt) runs it. Part of the cache key.
+OPSET = 17
+ONNX_FILE = "unet.onnx"
+INPUTS = ("sample", "timestep", "encoder_hidden_states")
+EXAMPLE_TOKENS = 77  # the text length of the traced example; the exported graph takes any length
+# Keyword arguments the wrapper passes over when they hold nothing (the pipelines pass them as None); any other
+# value of any keyword sends the call to the eager U-Net.
+EMPTY_OK = ("timestep_cond", "cross_attention_kwargs", "added_cond_kwargs", "class_labels", "attention_mask",
+            "encoder_attention_mask", "down_block_additional_residuals", "mid_block_additional_residual",
+            "down_intrablock_additional_residuals")
+
+
+def check_supported(device: str, dtype: torch.dtype) -> None:
+    """The ONNX backend runs fp32 on the CPU (its provider here); say so instead of silently running eager."""
+    if str(device) != "cpu" or dtype != torch.float32:
+        raise ValueError(f"backend 'onnx' runs the U-Net on the CPU in fp32; this engine runs on {device} in "
+                         f"{str(dtype).removeprefix('torch.')}: use backend 'eager' (--backend / LDS_BACKEND)")
+
+
+# --- the cached export ---------------------------------------------------------------------------------------
+
+def weights_key(unet: torch.nn.Module) -> str:
+    """A hash of the U-Net's weights and config: the exported graph holds the weights, so other weights (another
+    model, a fused LoRA) need another file."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: any dtype
+    return digest.hexdigest()[:20]
+
+
+def cache_folder(unet: torch.nn.Module, cache_dir: Path) -> Path:
+    """Where this U-Net's export lives: weights, torch version (the exporter) and opset each change the file."""
+    torch_version = torch.__version__.replace("+", "_")
+    return Path(cache_dir) / f"unet-{weights_key(unet)}-torch{torch_version}-opset{OPSET}"
+
+
+class _Traced(torch.nn.Module):
+    """The U-Net's plain call with the output tensor alone, which is what the exporter traces."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def export(unet: torch.nn.Module, path: Path) -> None:
+    """Write the U-Net as ONNX to `path`: batch, text length and latent height/width are dynamic axes."""
+    config = unet.config
+    size = int(config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0])
+    sample = torch.randn(2, int(config.in_channels), size, size)  # batch 2: a CFG step
+    timestep = torch.full((2,), 500.0)  # float: the graph takes every scheduler's timesteps (int or float)
+    hidden = torch.randn(2, EXAMPLE_TOKENS, int(config.cross_attention_dim))
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "tokens"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}}
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python branches: shapes() below guards them
+            torch.onnx.export(_Traced(unet), (sample, timestep, hidden), str(path), dynamo=False,
+                              opset_version=OPSET, input_names=list(INPUTS), output_names=["noise_pred"],
+                              dynamic_axes=axes, do_constant_folding=True)
+    finally:
+        unet.train(was_training)
+
+
+def cached_export(unet: torch.nn.Module, cache_dir: Path) -> tuple[Path, float | None]:
+    """(path of this U-Net's .onnx, seconds the export took or None when the cache already had it).
+
+    Exported into a private folder renamed into place at the end, so a crash or a second process starting at
+    the same time never leaves or reads half a file (an export over 2 GB also writes weight files beside it)."""
+    folder = cache_folder(unet, cache_dir)
+    path = folder / ONNX_FILE
+    if path.is_file():
+        return path, None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    started = time.perf_counter()
+    try:
+        export(unet, partial / ONNX_FILE)
+        try:
+            os.replace(partial, folder)
+        except OSError:  # another process put its (identical) export there first
+            if not path.is_file():
+                raise
+    except Exception as error:
+        raise RuntimeError(f"backend 'onnx': exporting the U-Net to {folder} failed ({type(error).__name__}: "
+                           f"{error}); start with backend 'eager' (--backend eager / LDS_BACKEND=eager)") from error
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path, time.perf_counter() - started
+
+
+def open_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session with `threads` intra-op threads (the engine's model threads) and no inter-op
+    pool: one U-Net call at a time runs on the engine's model thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    path: Path  # the .onnx file
+    export_s: float | None  # seconds this build spent exporting; None: loaded from the cache
+    load_s: float  # seconds to open the ONNX Runtime session (every start pays this)
+    threads: int
+
+
+def build(unet: torch.nn.Module, *, threads: int, cache_dir: Path) -> "OnnxUNet":
+    """The ONNX-backed stand-in for `unet`, exporting it first when the cache has no file for these weights."""
+    path, export_s = cached_export(unet, cache_dir)
+    started = time.perf_counter()
+    session = open_session(path, threads)
+    info = BuildInfo(path=path, export_s=export_s, load_s=time.perf_counter() - started, threads=threads)
+    logger.info("ONNX U-Net %s: %s, session opened in %.2f s", path,
+                "loaded from the cache" if export_s is None else f"exported in {export_s:.1f} s", info.load_s)
+    return OnnxUNet(unet, session, info)
+
+
+# --- the stand-in ----------------------------------------------------------------------------------------------
+
+class OnnxUNet(torch.nn.Module):
+    """Called like UNet2DConditionModel by the diffusers pipelines; runs ONNX Runtime where the export is exact
+    and the eager U-Net everywhere else (see the module docstring). `calls` counts both, for tests and benchmarks.
+
+    The eager U-Net is held outside torch's module tree: `.to()`, `.modules()` or a state_dict of this wrapper
+    never reach the shared U-Net, and hooks or processors are only ever set on the eager U-Net itself."""
+
+    def __init__(self, eager: torch.nn.Module, session, info: BuildInfo):
+        super().__init__()
+        object.__setattr__(self, "eager", eager)
+        self.session = session
+        self.info = info
+        self.calls = {"onnx": 0, "eager": 0}
+        from diffusers.models.attention_processor import Attention
+
+        self._modules_seen = tuple(eager.modules())
+        # The processors at export time: Explain and prompt-to-prompt swap them per request (then put them back)
+        self._processors = tuple((m, m.processor) for m in self._modules_seen if isinstance(m, Attention))
+        # In-place changes to the weights bump these counters (an optimiser step, `param.add_`): the export
+        # would then be stale, so such a U-Net runs eager
+        self._params = tuple(eager.parameters())
+        self._versions = self._weight_versions()
+        # The exported graph holds the branch taken for latents divisible by the U-Net's total upsampling
+        self._multiple = 2 ** int(eager.num_upsamplers)
+        self._channels = int(eager.config.in_channels)
+        self._text_dim = int(eager.config.cross_attention_dim)
+
+    # What the pipelines read from a U-Net: its own config, dtype and device; anything else from the eager U-Net
+    @property
+    def config(self):
+        return self.eager.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.eager.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.eager.device
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            eager = self.__dict__.get("eager")
+            if eager is None:
+                raise
+            return getattr(eager, name)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
+                *args: Any, return_dict: bool = True, **kwargs: Any):
+        if args or not self._covers(sample, timestep, encoder_hidden_states, kwargs):
+            self.calls["eager"] += 1
+            return self.eager(sample, timestep, *args, encoder_hidden_states=encoder_hidden_states,
+                              return_dict=return_dict, **kwargs)
+        self.calls["onnx"] += 1
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep).reshape(-1).expand(batch)  # as the U-Net broadcasts a scalar timestep
+        feed = {"sample": sample.detach().contiguous().numpy(),
+                "timestep": t.to(torch.float32).contiguous().numpy(),  # exact: the U-Net casts it to float itself
+                "encoder_hidden_states": encoder_hidden_states.detach().contiguous().numpy()}
+        noise_pred = torch.from_numpy(self.session.run(None, feed)[0])
+        if not return_dict:
+            return (noise_pred,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=noise_pred)
+
+    # --- when the export is exact ---------------------------------------------------------------------------
+
+    def _covers(self, sample, timestep, hidden, kwargs: dict) -> bool:
+        return (self._plain_call(kwargs) and self._shapes(sample, timestep, hidden) and self._plain_unet())
+
+    @staticmethod
+    def _plain_call(kwargs: dict) -> bool:
+        return all(name in EMPTY_OK and not value for name, value in kwargs.items())
+
+    def _shapes(self, sample, timestep, hidden) -> bool:
+        if not (torch.is_tensor(sample) and torch.is_tensor(hidden)) or torch.is_grad_enabled():
+            return False
+        if sample.device.type != "cpu" or sample.dtype != torch.float32 or hidden.dtype != torch.float32:
+            return False
+        if sample.ndim != 4 or sample.shape[1] != self._channels or sample.shape[0] == 0:
+            return False
+        if sample.shape[2] % self._multiple or sample.shape[3] % self._multiple:
+            return False  # the eager U-Net then passes explicit upsample sizes: another graph
+        if hidden.ndim != 3 or hidden.shape[0] != sample.shape[0] or hidden.shape[2] != self._text_dim:
+            return False
+        t = torch.as_tensor(timestep)
+        return not t.is_complex() and t.device.type == "cpu" and t.numel() in (1, sample.shape[0])
+
+    def _plain_unet(self) -> bool:
+        """No hook, no swapped processor, no active LoRA layer and no in-place weight change on the eager U-Net."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return False
+        peft = getattr(self.eager, "_hf_peft_config_loaded", False)
+        modules = tuple(self.eager.modules()) if peft else self._modules_seen  # LoRA adds modules
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return False
+        if any(m.processor is not original for m, original in self._processors):
+            return False
+        if peft and _lora_active(modules):
+            return False
+        return self._weight_versions() == self._versions
+
+    def _weight_versions(self) -> int:
+        return sum(p._version for p in self._params)
+
+
+def _lora_active(modules) -> bool:
+    """A LoRA layer that changes the output: enabled with an adapter, or merged into its base weights.
+    (With every adapter disabled, peft's layers return their base layer's output as it is.)"""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return True  # unknown layers: assume they act
+    return any(isinstance(m, BaseTunerLayer) and (m.merged or (not m.disable_adapters and m.active_adapters))
+               for m in modules)

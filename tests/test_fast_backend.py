@@ -1,0 +1,217 @@
+"""The ONNX Runtime U-Net backend (pipelines/fast_backend.py) on the real built-in model: the export equals eager
+within a measured tolerance, a seed gives the same bytes within the backend, the export is cached, and every path
+that needs the eager U-Net (Explain, prompt-to-prompt, LoRA, ControlNet, the 9-channel inpainting U-Net) makes
+exactly what an eager engine makes."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import explain, txt2img
+from pipelines.registry import resolve_preset
+
+BUILTIN = resolve_preset("shapes")
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(BUILTIN.base, "model_index.json")),
+                                reason="the built-in model is not in assets/models/shapes-ldm")
+ort = pytest.importorskip("onnxruntime")
+
+# ONNX Runtime vs eager on one U-Net call of the built-in model: measured up to ~2e-6 on outputs of unit scale
+# (other kernels, other rounding); the bound leaves room for other CPUs' vector widths.
+UNET_TOLERANCE = 2e-5
+# A whole 64x64 image at 20 steps: the per-step differences grow through the sampler; measured up to a few levels
+# out of 255 in a few pixels (README, Performance: Fast backend). The bound says "the same picture".
+IMAGE_LEVELS = 16
+SETTINGS = dict(prompt="a red circle left of a blue square", seed=7, steps=4, guidance=2.5, scheduler="DPM++ 2M")
+
+
+def _engine(backend: str, cache_dir):
+    from pipelines.engine import Engine
+
+    saved = os.environ.get("LDS_ONNX_CACHE")
+    os.environ["LDS_ONNX_CACHE"] = str(cache_dir)
+    try:
+        return Engine(BUILTIN, device="cpu", threads=1, backend=backend)
+    finally:
+        if saved is None:
+            os.environ.pop("LDS_ONNX_CACHE", None)
+        else:
+            os.environ["LDS_ONNX_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def eager(cache_dir):
+    return _engine("eager", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def fast(cache_dir):
+    return _engine("onnx", cache_dir)
+
+
+def _bytes(result) -> list[bytes]:
+    return [image.tobytes() for image in result.images]
+
+
+def _onnx_calls(engine) -> int:
+    return engine.fast_unet.calls["onnx"]
+
+
+def _inputs(batch: int, height: int, width: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, height, width, generator=g), torch.tensor(451),
+            torch.randn(batch, 77, 128, generator=g))
+
+
+# --- the export ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch,height,width", [(2, 16, 16), (1, 16, 16), (8, 16, 16), (2, 32, 32), (4, 16, 32)])
+def test_onnx_unet_equals_eager_within_tolerance(fast, batch, height, width):
+    """CFG batch 2, one image without CFG, 4 images with CFG, the 128x128 limit, a wide picture: one graph."""
+    sample, t, hidden = _inputs(batch, height, width)
+    before = _onnx_calls(fast)
+    with torch.inference_mode():
+        got = fast.fast_unet(sample, t, encoder_hidden_states=hidden, return_dict=False)[0]
+        want = fast.base.unet(sample, t, encoder_hidden_states=hidden, return_dict=False)[0]
+    assert _onnx_calls(fast) == before + 1  # it ran ONNX Runtime, not the eager fallback
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert float((got - want).abs().max()) <= UNET_TOLERANCE
+
+
+def test_calls_the_export_does_not_cover_run_the_eager_unet_exactly(fast):
+    """Latents not divisible by the U-Net's upsampling (a 72-pixel side), attention kwargs, a float64 sample:
+    the eager U-Net's own output, bit for bit."""
+    unet, eager = fast.fast_unet, fast.base.unet
+    cases = [(_inputs(2, 18, 18), {}), (_inputs(2, 16, 16), {"cross_attention_kwargs": {"scale": 1.0}})]
+    before = _onnx_calls(fast)
+    with torch.inference_mode():
+        for (sample, t, hidden), kwargs in cases:
+            got = unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
+            assert torch.equal(got, eager(sample, t, encoder_hidden_states=hidden, **kwargs).sample)
+    assert _onnx_calls(fast) == before
+
+
+def test_the_stand_in_reads_like_the_unet(fast):
+    unet = fast.fast_unet
+    assert unet.config is fast.base.unet.config and unet.config.in_channels == 4
+    assert unet.add_embedding is fast.base.unet.add_embedding  # anything else: read from the eager U-Net
+    assert unet.dtype == torch.float32 and unet.device.type == "cpu"
+    assert list(unet.parameters()) == []  # the shared U-Net is not a submodule: .to() on a view cannot move it
+    view = fast.pipeline("txt2img")
+    assert view.unet is unet and fast.base.unet is not unet  # views get it, the shared base pipeline keeps eager
+
+
+# --- bytes ---------------------------------------------------------------------------------------------------------
+
+def test_same_seed_same_bytes_within_the_onnx_backend(fast, eager):
+    before = _onnx_calls(fast)
+    first = _bytes(txt2img.generate(fast, **SETTINGS, batch_size=2))
+    assert _onnx_calls(fast) > before
+    assert _bytes(txt2img.generate(fast, **SETTINGS, batch_size=2)) == first
+    reference = np.stack([np.asarray(i) for i in txt2img.generate(eager, **SETTINGS, batch_size=2).images])
+    got = np.stack([np.frombuffer(b, np.uint8) for b in first]).reshape(reference.shape)
+    assert np.abs(got.astype(int) - reference).max() <= IMAGE_LEVELS  # the same pictures, up to rounding
+
+
+def test_the_cache_is_reused_by_a_second_engine(fast, cache_dir):
+    path = fast.fast_unet.info.path
+    assert path.is_file() and path.parent.parent == cache_dir
+    mtime = path.stat().st_mtime_ns
+    second = _engine("onnx", cache_dir)
+    assert second.fast_unet.info.export_s is None and second.fast_unet.info.path == path  # loaded, not exported
+    assert path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in cache_dir.iterdir()) == [path.parent.name]  # no partial folder left behind
+    assert _bytes(txt2img.generate(second, **SETTINGS)) == _bytes(txt2img.generate(fast, **SETTINGS))
+
+
+# --- what must stay eager --------------------------------------------------------------------------------------
+
+def test_explain_and_intervene_run_eager_and_match_an_eager_engine(fast, eager):
+    settings = {**SETTINGS, "steps": 3}
+    alone = dict(guidance_strip=(settings["guidance"],))  # the probed run alone, no extra strip runs
+    before = _onnx_calls(fast)
+    explained, reference = explain.explain(fast, **settings, **alone), explain.explain(eager, **settings, **alone)
+    assert _bytes(explained) == _bytes(reference)
+    for name in ("attention", "final_latent"):
+        got, want = getattr(explained.explanation, name), getattr(reference.explanation, name)
+        assert (got is None and want is None) or np.array_equal(got, want)
+    # Explain promises txt2img's own image: the eager one (its probes need the eager U-Net)
+    assert _bytes(explained) == _bytes(txt2img.generate(eager, **settings))
+    edit = dict(target_prompt="a green circle left of a blue square", tau=0.5, weights="green=2")
+    assert _bytes(explain.intervene(fast, **settings, **edit)) == _bytes(explain.intervene(eager, **settings, **edit))
+    assert _onnx_calls(fast) == before
+    # The guidance strip's other scales are plain Text to image runs, after the probes are gone: on the backend,
+    # the very images the Text to image tab makes
+    strip = dict(explain.explain(fast, **settings, guidance_strip=(1.0, settings["guidance"])).explanation.strip)
+    assert _onnx_calls(fast) > before
+    assert strip[1.0].tobytes() == txt2img.generate(fast, **{**settings, "guidance": 1.0}).images[0].tobytes()
+
+
+def test_a_lora_runs_eager_and_requests_without_it_stay_on_onnx(fast, eager, tmp_path):
+    from tests.tiny_models import build_lora
+
+    lora = build_lora(tmp_path / "lora", BUILTIN.base) / "pytorch_lora_weights.safetensors"
+    plain = _bytes(txt2img.generate(fast, **SETTINGS))
+    try:
+        for engine in (fast, eager):
+            engine.adapters.load_file(lora, name="fast-test", token="zqx")
+        with_word = {**SETTINGS, "prompt": SETTINGS["prompt"] + " zqx"}
+        before = _onnx_calls(fast)
+        assert _bytes(txt2img.generate(fast, **with_word)) == _bytes(txt2img.generate(eager, **with_word))
+        assert _onnx_calls(fast) == before
+        assert _bytes(txt2img.generate(fast, **SETTINGS)) == plain  # the LoRA is off for this prompt: ONNX, same bytes
+        assert _onnx_calls(fast) > before
+    finally:
+        for engine in (fast, eager):
+            if "fast-test" in [a["name"] for a in engine.adapters.describe()]:
+                engine.adapters.remove("fast-test")
+
+
+def test_controlnet_and_the_inpainting_unet_stay_eager(fast, eager):
+    from pipelines import controlnet
+    from tests.conftest import scene_image
+
+    if "canny" not in fast.control_types:
+        pytest.skip("the built-in canny ControlNet is not in assets/models")
+    control = controlnet.preprocess(eager, image=scene_image(), control_type="canny")
+    settings = dict(control_images=[control], control_types=["canny"], **{**SETTINGS, "steps": 3})
+    before = _onnx_calls(fast)
+    assert _bytes(controlnet.generate(fast, **settings)) == _bytes(controlnet.generate(eager, **settings))
+    assert _onnx_calls(fast) == before  # ControlNet residuals: every call eager
+    if fast.inpaint_unet() is not None:
+        assert fast.pipeline("inpaint").unet is fast.inpaint_unet()  # the 9-channel U-Net is never wrapped
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+def test_a_bad_backend_is_refused_with_its_value_and_the_choices(monkeypatch):
+    from pipelines.engine import Engine
+
+    monkeypatch.setenv("LDS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"LDS_BACKEND='fastest' is not a U-Net backend: use one of 'eager', 'onnx'"):
+        Engine(BUILTIN, device="cpu")
+    with pytest.raises(ValueError, match=r"backend='tensorrt' .*'eager', 'onnx'"):
+        Engine(BUILTIN, device="cpu", backend="tensorrt")
+    monkeypatch.setenv("LDS_BACKEND", "onnx")
+    with pytest.raises(ValueError, match="runs the U-Net on the CPU in fp32; this engine runs on cpu in bfloat16"):
+        Engine(BUILTIN, device="cpu", dtype="bf16")
+
+
+def test_the_backend_flag_reaches_the_engine(monkeypatch):
+    import app
+
+    monkeypatch.delenv("LDS_BACKEND", raising=False)
+    assert app.parse_args([]).backend is None  # the engine then reads LDS_BACKEND, else the default
+    assert app.parse_args(["--backend", "onnx"]).backend == "onnx"
+    from pipelines.settings import DEFAULT_BACKEND, resolve_backend
+
+    assert resolve_backend(None, {}) == DEFAULT_BACKEND == "eager"
+    assert resolve_backend(None, {"LDS_BACKEND": "ONNX"}) == "onnx"
+    assert resolve_backend("eager", {"LDS_BACKEND": "x"}) == "eager"  # the flag wins over the variable
