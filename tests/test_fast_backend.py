@@ -21,9 +21,9 @@ ort = pytest.importorskip("onnxruntime")
 # ONNX Runtime vs eager on one U-Net call of the built-in model: measured up to ~2e-6 on outputs of unit scale
 # (other kernels, other rounding); the bound leaves room for other CPUs' vector widths.
 UNET_TOLERANCE = 2e-5
-# A whole 64x64 image at 20 steps: the per-step differences grow through the sampler; measured up to a few levels
-# out of 255 in a few pixels (README, Performance: Fast backend). The bound says "the same picture".
-IMAGE_LEVELS = 16
+# A whole 64x64 image: the per-step differences go through the sampler and the VAE; at 20 steps measured up to 1 level
+# out of 255 in 0.01% of the pixels (README, Performance: Fast backend). The bound leaves room for other CPUs.
+IMAGE_LEVELS = 4
 SETTINGS = dict(prompt="a red circle left of a blue square", seed=7, steps=4, guidance=2.5, scheduler="DPM++ 2M")
 
 
