@@ -41,6 +41,10 @@ SOLVER_STEPS = 50
 # LCMScheduler's boundary scalings (c_skip, c_out) use `timestep_scaling`; training uses the scheduler's own
 # function with this value and exports it, so the two never differ.
 TIMESTEP_SCALING = 10.0
+# The base scheduler's settings the LCMScheduler takes over. steps_offset does not move LCM's timesteps, but
+# StableDiffusionPipeline warns about (and rewrites) a scheduler config without the base's value of 1.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr", "steps_offset")
 GRID_PROMPTS = 8  # validation prompts in each sample grid (columns)
 GRID_STEPS = (1, 2, 4)  # LCM step counts in each sample grid (rows)
 
@@ -79,12 +83,12 @@ def make_student(teacher, guidance_embedding_dim: int):
 
 
 def lcm_scheduler(base_scheduler_config):
-    """The LCMScheduler of the distilled model: the base's noise schedule and prediction type."""
+    """The LCMScheduler of the distilled model: the base's noise schedule and prediction type. Only those keys are
+    taken, so the exported config holds no settings of the base's own (multistep) scheduler."""
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(
-        base_scheduler_config, original_inference_steps=SOLVER_STEPS, timestep_scaling=TIMESTEP_SCALING
-    )
+    schedule = {key: base_scheduler_config[key] for key in SCHEDULE_KEYS if key in base_scheduler_config}
+    return LCMScheduler(**schedule, original_inference_steps=SOLVER_STEPS, timestep_scaling=TIMESTEP_SCALING)
 
 
 def clean_and_noise(output, noisy, alpha, sigma, prediction_type: str):
