@@ -13,6 +13,16 @@ import torch
 # Training scenes use seeds below HELD_OUT_SEED; evaluation draws its scenes from HELD_OUT_SEED up,
 # so no held-out image is ever seen in training.
 HELD_OUT_SEED = 1_000_000_000
+REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(path: Path) -> str:
+    """`path` relative to the repository when it lies inside (what a training record stores, so that its command
+    runs from any clone), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

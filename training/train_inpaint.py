@@ -28,10 +28,19 @@ import torch
 import torch.nn.functional as F
 
 from training import inpaint_data
-from training.common import HELD_OUT_SEED, Checkpoint, LossLog, due, optimizer_step, save_grid, set_threads
+from training.common import (
+    HELD_OUT_SEED,
+    REPO,
+    Checkpoint,
+    LossLog,
+    due,
+    optimizer_step,
+    repo_relative,
+    save_grid,
+    set_threads,
+)
 from training.train_ldm import SCHEDULE, loss_weights
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
 POOL_CHUNK = 1024  # examples per pool file: the pool is built (and resumed) a chunk at a time
 GRID_EXAMPLES = 16  # validation examples drawn in each sample grid
@@ -364,14 +373,14 @@ def export_run(
     """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder and its step."""
     unet.save_pretrained(Path(target) / "unet", safe_serialization=True)
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
-    record = {"base": _relative(base), "base_step": base_step, "step": step, **asdict(config)}
+    record = {"base": repo_relative(base), "base_step": base_step, "step": step, **asdict(config)}
     if init_from is not None:  # the run it went on from, with that run's own record: the whole history
-        record["init_from"] = _relative(Path(init_from))
+        record["init_from"] = repo_relative(Path(init_from))
         parent = Path(init_from) / "model" / "training.json"  # a run folder's, else a model folder's own
         parent = parent if parent.is_file() else Path(init_from) / "training.json"
         if parent.is_file():
             record["parent"] = json.loads(parent.read_text())
-    record["out"] = _relative(Path(target).parent)
+    record["out"] = repo_relative(Path(target).parent)
     (Path(target) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -399,13 +408,6 @@ def history(record: dict) -> list[dict]:
         chain.append(record)
         record = record.get("parent")
     return chain[::-1]
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def export(out_dir: Path, target: Path) -> None:

@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.common import Checkpoint, LossLog, due, optimizer_step, save_grid, set_threads
+from training.common import REPO, Checkpoint, LossLog, due, optimizer_step, repo_relative, save_grid, set_threads
 from training.train_ldm import LDMConfig, encode_scenes, tokenize
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
 # The teacher's DDIM solver takes steps of 1000 / SOLVER_STEPS timesteps. The exported LCMScheduler gets the same
 # number as `original_inference_steps`, so that the timesteps it samples at are the ones the student learned.
@@ -222,10 +221,10 @@ def export_run(pipe, unet, target: Path, *, step: int, base: Path, config: LCMCo
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
     base_step = Path(base) / "TRAINING_STEP"
     record = {
-        "base": _relative(base),
+        "base": repo_relative(base),
         "base_step": base_step.read_text().strip() if base_step.exists() else "?",
         "step": step,
-        "out": _relative(out_dir),
+        "out": repo_relative(out_dir),
         **asdict(config),
     }
     record["command"] = command(record)
@@ -240,13 +239,6 @@ def command(record: dict) -> str:
         f"--learning-rate {record['learning_rate']:g} --guidance-min {record['guidance_min']:g} "
         f"--guidance-max {record['guidance_max']:g} --max-steps {record['step']}"
     )
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def export(out_dir: Path, target: Path) -> None:
