@@ -412,6 +412,15 @@ def code_snippet(engine, params: dict[str, Any]) -> str:
         f"(Latent Diffusion Studio, model {engine.preset.name})",
         "import torch",
         f"from diffusers import {cls.__name__}, {pipeline_cls}",
+        *(
+            [
+                "",
+                f"torch.set_num_threads({int(engine.threads)})  # as the app ran: another thread count sums in another"
+                " order, and some pixels can come out one level off",
+            ]
+            if str(engine.device) == "cpu"
+            else []
+        ),
         *(["from PIL import Image"] if nine else []),
         "",
         f"pipe = {pipeline_cls}.from_pretrained(",

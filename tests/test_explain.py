@@ -173,9 +173,10 @@ def test_code_snippet_compiles_names_the_scheduler_and_reproduces_the_image(shap
             assert f"{cls.__name__}.from_config" in explain.code_snippet(
                 shapes_engine, {**result.params, "scheduler": name}
             )
-    # run it as a user would, in a fresh interpreter: the same image
-    (tmp_path / "snippet.py").write_text("import torch\ntorch.set_num_threads(1)\n" + code)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    assert f"torch.set_num_threads({shapes_engine.threads})" in code  # the app's thread count, not torch's default
+    # run it as a user would, in a fresh interpreter with torch's default threads: the same image
+    (tmp_path / "snippet.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
     with Image.open(tmp_path / "result.png") as im:
         assert im.convert("RGB").tobytes() == result.images[0].tobytes()
