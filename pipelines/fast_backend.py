@@ -10,7 +10,8 @@ The base U-Net is exported once with the TorchScript exporter (seconds for the b
 a cache folder keyed by a hash of its weights and config, the torch version and the opset, and later starts only
 load it. `OnnxUNet` stands in for the U-Net in a request's pipeline view: same call, same `.config`, `.dtype`,
 `.device`, everything else read from the eager U-Net. It runs a call through ONNX Runtime only when the call is
-exactly what the export covers: the plain (sample, timestep, encoder_hidden_states) of the base weights, with no
+exactly what the export covers: the plain (sample, timestep, encoder_hidden_states) of the base weights (and the
+guidance embedding `timestep_cond` of a distilled LCM U-Net, which its export takes as a fourth input), with no
 hook, no changed attention processor and no active LoRA layer on the eager U-Net. Everything else runs the eager
 U-Net itself, unchanged: Explain's probes and attention maps, prompt-to-prompt's processors, LoRA and full
 fine-tune adapters, ControlNet residuals, any extra keyword, latent sizes the export does not cover, other
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 ONNX_FILE = "unet.onnx"
 INPUTS = ("sample", "timestep", "encoder_hidden_states")
+# A distilled (LCM) U-Net also takes the guidance scale's embedding (`time_cond_proj_dim`): its export has a fourth
+# input, and a call without it runs eager
+COND_INPUT = "timestep_cond"
 EXAMPLE_TOKENS = 77  # the text length of the traced example; the exported graph takes any length
 # Keyword arguments the wrapper passes over when they hold nothing (the pipelines pass them as None); any other
 # value of any keyword sends the call to the eager U-Net.
@@ -81,8 +85,15 @@ class _Traced(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]
+
+
+def cond_dim(unet: torch.nn.Module) -> int | None:
+    """Width of the guidance embedding a distilled U-Net takes (`timestep_cond`), or None for a plain U-Net."""
+    value = unet.config.get("time_cond_proj_dim") if hasattr(unet.config, "get") else None
+    return int(value) if value else None
 
 
 def export(unet: torch.nn.Module, path: Path) -> None:
@@ -94,13 +105,17 @@ def export(unet: torch.nn.Module, path: Path) -> None:
     hidden = torch.randn(2, EXAMPLE_TOKENS, int(config.cross_attention_dim))
     axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
             "encoder_hidden_states": {0: "batch", 1: "tokens"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}}
+    inputs, names = (sample, timestep, hidden), list(INPUTS)
+    if cond_dim(unet):
+        inputs, names = (*inputs, torch.randn(2, cond_dim(unet))), [*names, COND_INPUT]
+        axes[COND_INPUT] = {0: "batch"}
     was_training = unet.training
     unet.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches: shapes() below guards them
-            torch.onnx.export(_Traced(unet), (sample, timestep, hidden), str(path), dynamo=False,
-                              opset_version=OPSET, input_names=list(INPUTS), output_names=["noise_pred"],
+            torch.onnx.export(_Traced(unet), inputs, str(path), dynamo=False,
+                              opset_version=OPSET, input_names=names, output_names=["noise_pred"],
                               dynamic_axes=axes, do_constant_folding=True)
     finally:
         unet.train(was_training)
@@ -195,6 +210,7 @@ class OnnxUNet(torch.nn.Module):
         self._multiple = 2 ** int(eager.num_upsamplers)
         self._channels = int(eager.config.in_channels)
         self._text_dim = int(eager.config.cross_attention_dim)
+        self._cond_dim = cond_dim(eager)
 
     # What the pipelines read from a U-Net: its own config, dtype and device; anything else from the eager U-Net
     @property
@@ -230,6 +246,8 @@ class OnnxUNet(torch.nn.Module):
         feed = {"sample": sample.detach().contiguous().numpy(),
                 "timestep": t.to(torch.float32).contiguous().numpy(),  # exact: the U-Net casts it to float itself
                 "encoder_hidden_states": encoder_hidden_states.detach().contiguous().numpy()}
+        if self._cond_dim:
+            feed[COND_INPUT] = kwargs["timestep_cond"].detach().contiguous().numpy()
         noise_pred = torch.from_numpy(self.session.run(None, feed)[0])
         if not return_dict:
             return (noise_pred,)
@@ -240,11 +258,19 @@ class OnnxUNet(torch.nn.Module):
     # --- when the export is exact ---------------------------------------------------------------------------
 
     def _covers(self, sample, timestep, hidden, kwargs: dict) -> bool:
-        return (self._plain_call(kwargs) and self._shapes(sample, timestep, hidden) and self._plain_unet())
+        return (self._plain_call(kwargs) and self._cond(sample, kwargs.get(COND_INPUT))
+                and self._shapes(sample, timestep, hidden) and self._plain_unet())
 
-    @staticmethod
-    def _plain_call(kwargs: dict) -> bool:
-        return all(name in EMPTY_OK and not value for name, value in kwargs.items())
+    def _plain_call(self, kwargs: dict) -> bool:
+        exported = (COND_INPUT,) if self._cond_dim else ()
+        return all(name in exported or (name in EMPTY_OK and not value) for name, value in kwargs.items())
+
+    def _cond(self, sample, cond) -> bool:
+        """A distilled U-Net's export needs the guidance embedding, of its width and float32; a plain one none."""
+        if not self._cond_dim:
+            return cond is None
+        return (torch.is_tensor(cond) and cond.dtype == torch.float32 and cond.device.type == "cpu"
+                and tuple(cond.shape) == (sample.shape[0], self._cond_dim))
 
     def _shapes(self, sample, timestep, hidden) -> bool:
         if not (torch.is_tensor(sample) and torch.is_tensor(hidden)) or torch.is_grad_enabled():

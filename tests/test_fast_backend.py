@@ -108,6 +108,32 @@ def test_the_stand_in_reads_like_the_unet(fast):
     assert view.unet is unet and fast.base.unet is not unet  # views get it, the shared base pipeline keeps eager
 
 
+def test_a_distilled_unet_exports_its_guidance_embedding_and_runs_eager_without_it(fast, tmp_path):
+    """An LCM student (`time_cond_proj_dim`) takes the guidance scale's embedding as a fourth input; with a
+    non-zero projection the embedding changes the output, and ONNX follows eager; a call without it runs eager."""
+    from pipelines import fast_backend
+    from training.train_lcm import make_student
+
+    student = make_student(fast.base.unet, 16).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.5)  # zero-init would hide the input
+    onnx = fast_backend.build(student, threads=1, cache_dir=tmp_path)
+    sample, t, hidden = _inputs(1, 16, 16)
+    with torch.inference_mode():
+        outputs = []
+        for scale in (1.5, 4.0):
+            cond = torch.randn(1, 16, generator=torch.Generator().manual_seed(int(scale * 10)))
+            got = onnx(sample, t, encoder_hidden_states=hidden, timestep_cond=cond).sample
+            want = student(sample, t, encoder_hidden_states=hidden, timestep_cond=cond).sample
+            assert float((got - want).abs().max()) <= UNET_TOLERANCE
+            outputs.append(got)
+        assert float((outputs[0] - outputs[1]).abs().max()) > 1e-3  # the input is not ignored
+        assert onnx.calls == {"onnx": 2, "eager": 0}
+        plain = onnx(sample, t, encoder_hidden_states=hidden).sample
+        assert torch.equal(plain, student(sample, t, encoder_hidden_states=hidden).sample)
+    assert onnx.calls["eager"] == 1
+
+
 # --- bytes ---------------------------------------------------------------------------------------------------------
 
 def test_same_seed_same_bytes_within_the_onnx_backend(fast, eager):
