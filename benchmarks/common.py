@@ -157,6 +157,8 @@ def preset_for(folder_or_name: str):
     if (path / "model_index.json").is_file():
         unet = json.loads((path / "unet" / "config.json").read_text())
         if int(unet.get("sample_size", 0)) <= 32:  # a Shapes-sized model: the built-in preset's settings
+            if unet.get("time_cond_proj_dim"):  # distilled (LCM): the distilled preset's steps and scheduler
+                return dataclasses.replace(resolve_preset("shapes-lcm"), base=str(path))
             shapes = resolve_preset("shapes")
             # the built-in inpainting U-Net belongs to the built-in base only (it was derived from its U-Net)
             # (model_folder measures a private copy of the built-in folder: the same files elsewhere)

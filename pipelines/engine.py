@@ -129,6 +129,7 @@ class Engine:
         self._annotators: dict[str, Callable] = {}
         self._inpaint_unet: Any = None
         self.fast_unet: fast_backend.OnnxUNet | None = None  # backend "onnx": built below, once the weights are final
+        self.fast_vae: fast_backend.OnnxDecoder | None = None  # backend "onnx": the VAE whose decode runs ONNX
         self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
         self.preview_every_s = (
             PREVIEW_EVERY_S  # live previews at most this often (0: every step); see run.PreviewClock
@@ -160,6 +161,8 @@ class Engine:
         # request views call instead of it; exported once per weights, later starts load the cached file
         if self.backend == "onnx":
             self.fast_unet = self._build_fast_unet()
+            self.fast_vae = self.compute.run(fast_backend.build_decoder, self.base.vae, threads=self.threads,
+                                             cache_dir=onnx_cache_dir())
 
     # --- loading -------------------------------------------------------------------------------------
 
@@ -295,6 +298,8 @@ class Engine:
             view = _view(cached, fresh)
             if self.fast_unet is not None and view.unet is self.base.unet:  # not the 9-channel inpainting U-Net
                 view.register_modules(unet=self.fast_unet)  # falls back to the eager U-Net call by call
+            if self.fast_vae is not None and view.vae is self.base.vae:
+                view.register_modules(vae=self.fast_vae)  # decode on ONNX Runtime; encode and the rest eager
         view.set_progress_bar_config(disable=True)
         return view
 

@@ -72,10 +72,10 @@ def weights_key(unet: torch.nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def cache_folder(unet: torch.nn.Module, cache_dir: Path) -> Path:
-    """Where this U-Net's export lives: weights, torch version (the exporter) and opset each change the file."""
+def cache_folder(model: torch.nn.Module, cache_dir: Path, kind: str = "unet") -> Path:
+    """Where this model's export lives: weights, torch version (the exporter) and opset each change the file."""
     torch_version = torch.__version__.replace("+", "_")
-    return Path(cache_dir) / f"unet-{weights_key(unet)}-torch{torch_version}-opset{OPSET}"
+    return Path(cache_dir) / f"{kind}-{weights_key(model)}-torch{torch_version}-opset{OPSET}"
 
 
 class _Traced(torch.nn.Module):
@@ -121,12 +121,45 @@ def export(unet: torch.nn.Module, path: Path) -> None:
         unet.train(was_training)
 
 
-def cached_export(unet: torch.nn.Module, cache_dir: Path) -> tuple[Path, float | None]:
-    """(path of this U-Net's .onnx, seconds the export took or None when the cache already had it).
+class _Decoder(torch.nn.Module):
+    """The VAE's decode (scaled latents -> image in [-1, 1]) with the output tensor alone, for the exporter."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def export_decoder(vae: torch.nn.Module, path: Path) -> None:
+    """Write the VAE decoder as ONNX to `path`: batch and latent height/width are dynamic axes."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = max(1, int(vae.config.sample_size) // factor)
+    latents = torch.randn(1, int(vae.config.latent_channels), size, size)
+    axes = {"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "height", 3: "width"}}
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Decoder(vae), (latents,), str(path), dynamo=False, opset_version=OPSET,
+                              input_names=["latents"], output_names=["image"], dynamic_axes=axes,
+                              do_constant_folding=True)
+    finally:
+        vae.train(was_training)
+
+
+EXPORTERS = {"unet": export, "vae-decoder": export_decoder}  # cache-folder prefix -> what writes its .onnx
+
+
+def cached_export(model: torch.nn.Module, cache_dir: Path, kind: str = "unet") -> tuple[Path, float | None]:
+    """(path of this model's .onnx, seconds the export took or None when the cache already had it); `kind`: a key
+    of EXPORTERS.
 
     Exported into a private folder renamed into place at the end, so a crash or a second process starting at
     the same time never leaves or reads half a file (an export over 2 GB also writes weight files beside it)."""
-    folder = cache_folder(unet, cache_dir)
+    folder = cache_folder(model, cache_dir, kind)
     path = folder / ONNX_FILE
     if path.is_file():
         return path, None
@@ -136,14 +169,14 @@ def cached_export(unet: torch.nn.Module, cache_dir: Path) -> tuple[Path, float |
     partial.mkdir()
     started = time.perf_counter()
     try:
-        export(unet, partial / ONNX_FILE)
+        EXPORTERS[kind](model, partial / ONNX_FILE)
         try:
             os.replace(partial, folder)
         except OSError:  # another process put its (identical) export there first
             if not path.is_file():
                 raise
     except Exception as error:
-        raise RuntimeError(f"backend 'onnx': exporting the U-Net to {folder} failed ({type(error).__name__}: "
+        raise RuntimeError(f"backend 'onnx': exporting the {kind} to {folder} failed ({type(error).__name__}: "
                            f"{error}); start with backend 'eager' (--backend eager / LDS_BACKEND=eager)") from error
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -182,7 +215,18 @@ def build(unet: torch.nn.Module, *, threads: int, cache_dir: Path) -> "OnnxUNet"
     return OnnxUNet(unet, session, info)
 
 
-# --- the stand-in ----------------------------------------------------------------------------------------------
+def build_decoder(vae: torch.nn.Module, *, threads: int, cache_dir: Path) -> "OnnxDecoder":
+    """The ONNX-backed stand-in for `vae` whose decode runs ONNX Runtime (encode stays eager)."""
+    path, export_s = cached_export(vae, cache_dir, "vae-decoder")
+    started = time.perf_counter()
+    session = open_session(path, threads)
+    info = BuildInfo(path=path, export_s=export_s, load_s=time.perf_counter() - started, threads=threads)
+    logger.info("ONNX VAE decoder %s: %s, session opened in %.2f s", path,
+                "loaded from the cache" if export_s is None else f"exported in {export_s:.1f} s", info.load_s)
+    return OnnxDecoder(vae, session, info)
+
+
+# --- the stand-ins ---------------------------------------------------------------------------------------------
 
 class OnnxUNet(torch.nn.Module):
     """Called like UNet2DConditionModel by the diffusers pipelines; runs ONNX Runtime where the export is exact
@@ -315,3 +359,74 @@ def _lora_active(modules) -> bool:
         return True  # unknown layers: assume they act
     return any(isinstance(m, BaseTunerLayer) and (m.merged or (not m.disable_adapters and m.active_adapters))
                for m in modules)
+
+
+class OnnxDecoder(torch.nn.Module):
+    """Stands in for the AutoencoderKL in a request's pipeline view: `decode` of plain float32 CPU latents runs
+    ONNX Runtime, everything else (encode for img2img and inpainting, tiling, other dtypes, a call with grad, a
+    VAE whose weights changed or that has hooks) runs the eager VAE. Held outside torch's module tree, as OnnxUNet
+    holds its U-Net. At the built-in model's 64x64 the decoder is the larger part of a distilled 4-step image:
+    convolutions at full resolution, where ONNX Runtime's kernels beat eager PyTorch's (README, Fast backend)."""
+
+    def __init__(self, eager: torch.nn.Module, session, info: BuildInfo):
+        super().__init__()
+        object.__setattr__(self, "eager", eager)
+        self.session = session
+        self.info = info
+        self.calls = {"onnx": 0, "eager": 0}
+        self._modules_seen = tuple(eager.modules())
+        self._params = tuple(eager.parameters())
+        self._versions = sum(p._version for p in self._params)
+        self._channels = int(eager.config.latent_channels)
+
+    @property
+    def config(self):
+        return self.eager.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.eager.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.eager.device
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            eager = self.__dict__.get("eager")
+            if eager is None:
+                raise
+            return getattr(eager, name)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.eager(*args, **kwargs)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **kwargs: Any):
+        if kwargs or not self._covers(z):
+            self.calls["eager"] += 1
+            return self.eager.decode(z, return_dict=return_dict, generator=generator, **kwargs)
+        self.calls["onnx"] += 1
+        image = torch.from_numpy(self.session.run(None, {"latents": z.detach().contiguous().numpy()})[0])
+        if not return_dict:
+            return (image,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=image)
+
+    def _covers(self, z) -> bool:
+        from torch.nn.modules import module as torch_module
+
+        if not torch.is_tensor(z) or torch.is_grad_enabled() or z.device.type != "cpu" or z.dtype != torch.float32:
+            return False
+        if z.ndim != 4 or z.shape[0] == 0 or z.shape[1] != self._channels:
+            return False
+        # tiling or slicing switched on, hooks anywhere, or weights changed in place: the eager VAE decides
+        if getattr(self.eager, "use_tiling", False) or getattr(self.eager, "use_slicing", False):
+            return False
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self._modules_seen):
+            return False
+        return sum(p._version for p in self._params) == self._versions

@@ -76,29 +76,45 @@ SD15_BASE = dict(
     ),
 )
 
+SHAPES = ModelPreset(
+    name="shapes",
+    base=str(MODELS_DIR / "shapes-ldm"),
+    is_builtin=True,
+    default_size=64,
+    max_size=128,  # a convolutional U-Net extends to 2x its training size before scenes fall apart
+    default_steps=20,
+    # The best two-object binding on a held-out prompt set; from about 5 up this small model oversaturates
+    # and loses colours (the sweep is in assets/models/shapes-ldm/README.md)
+    default_guidance=2.5,
+    default_scheduler="DPM++ 2M",
+    controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
+    inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base
+    inpaint_size=64,  # trained on 64x64 scenes: a picture at another scale gets stray backgrounds
+    style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
+    annotators=str(MODELS_DIR / "shapes-annotators"),
+    example_prompts=(
+        "a red circle left of a blue square",
+        "a big yellow star on grass",
+        "a green person waving on sand",
+    ),
+)
+
 PRESETS = MappingProxyType(
     {
-        "shapes": ModelPreset(
-            name="shapes",
-            base=str(MODELS_DIR / "shapes-ldm"),
-            is_builtin=True,
-            default_size=64,
-            max_size=128,  # a convolutional U-Net extends to 2x its training size before scenes fall apart
-            default_steps=20,
-            # The best two-object binding on a held-out prompt set; from about 5 up this small model oversaturates
-            # and loses colours (the sweep is in assets/models/shapes-ldm/README.md)
+        "shapes": SHAPES,
+        # The built-in model distilled for 1-4 steps (training/train_lcm.py): one U-Net pass a step, the guidance
+        # scale an input of the U-Net instead of a second, unconditional pass. Its VAE, text encoder and ControlNets
+        # are the built-in model's; the 9-channel inpainting U-Net is not distilled (4 LCM steps through it give
+        # mush), so inpainting blends latents with the distilled U-Net.
+        "shapes-lcm": replace(
+            SHAPES,
+            name="shapes-lcm",
+            base=str(MODELS_DIR / "shapes-lcm"),
+            default_steps=4,
             default_guidance=2.5,
-            default_scheduler="DPM++ 2M",
-            controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
-            inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base
-            inpaint_size=64,  # trained on 64x64 scenes: a picture at another scale gets stray backgrounds
-            style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
-            annotators=str(MODELS_DIR / "shapes-annotators"),
-            example_prompts=(
-                "a red circle left of a blue square",
-                "a big yellow star on grass",
-                "a green person waving on sand",
-            ),
+            default_scheduler="LCM",
+            scheduler_names=("LCM",) + COMMON_SCHEDULERS,
+            inpaint_model=None,
         ),
         "sd15": ModelPreset(
             name="sd15",
@@ -155,6 +171,8 @@ def preset_from_folder(path: str | Path, **overrides) -> ModelPreset:
         default_steps=20 if size <= 128 else 25,
         default_guidance=4.0 if size <= 128 else 7.5,
     )
+    if unet.get("time_cond_proj_dim"):  # an LCM-distilled U-Net (guidance embedding): a few LCM steps, no CFG pass
+        values.update(default_steps=4, default_scheduler="LCM", scheduler_names=("LCM",) + COMMON_SCHEDULERS)
     values.update(overrides)
     return ModelPreset(**values)
 

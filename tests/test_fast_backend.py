@@ -134,6 +134,36 @@ def test_a_distilled_unet_exports_its_guidance_embedding_and_runs_eager_without_
     assert onnx.calls["eager"] == 1
 
 
+@pytest.mark.parametrize("height,width", [(16, 16), (32, 32), (16, 32)])
+def test_onnx_vae_decoder_equals_eager_within_tolerance(fast, height, width):
+    latents = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(height + width))
+    before = fast.fast_vae.calls["onnx"]
+    with torch.inference_mode():
+        got = fast.fast_vae.decode(latents, return_dict=False)[0]
+        want = fast.base.vae.decode(latents, return_dict=False)[0]
+    assert fast.fast_vae.calls["onnx"] == before + 1
+    assert got.shape == want.shape == (2, 3, height * 4, width * 4)
+    assert float((got - want).abs().max()) <= UNET_TOLERANCE
+
+
+def test_the_vae_stand_in_encodes_eager_and_views_get_it(fast, eager):
+    vae = fast.fast_vae
+    assert vae.config is fast.base.vae.config and list(vae.parameters()) == []
+    view = fast.pipeline("img2img")
+    assert view.vae is vae and fast.base.vae is not vae and eager.pipeline("txt2img").vae is eager.base.vae
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(vae.encode(image).latent_dist.mode(), fast.base.vae.encode(image).latent_dist.mode())
+        before = dict(vae.calls)
+        fast.base.vae.enable_tiling()
+        try:
+            latents = torch.randn(1, 4, 16, 16)
+            assert torch.equal(vae.decode(latents).sample, fast.base.vae.decode(latents).sample)
+        finally:
+            fast.base.vae.disable_tiling()
+    assert vae.calls["eager"] == before["eager"] + 1  # tiling switched on: the eager VAE decides
+
+
 # --- bytes ---------------------------------------------------------------------------------------------------------
 
 def test_same_seed_same_bytes_within_the_onnx_backend(fast, eager):
@@ -153,7 +183,11 @@ def test_the_cache_is_reused_by_a_second_engine(fast, cache_dir):
     second = _engine("onnx", cache_dir)
     assert second.fast_unet.info.export_s is None and second.fast_unet.info.path == path  # loaded, not exported
     assert path.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in cache_dir.iterdir()) == [path.parent.name]  # no partial folder left behind
+    assert second.fast_vae.info.export_s is None and second.fast_vae.info.path == fast.fast_vae.info.path
+    # the U-Net's and the decoder's exports, no partial folder left behind
+    folders = sorted([path.parent.name, fast.fast_vae.info.path.parent.name])
+    assert sorted(p.name for p in cache_dir.iterdir()) == folders
+    assert fast.fast_vae.info.path.parent.name.startswith("vae-decoder-")
     assert _bytes(txt2img.generate(second, **SETTINGS)) == _bytes(txt2img.generate(fast, **SETTINGS))
 
 

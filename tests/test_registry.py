@@ -30,7 +30,7 @@ def test_named_presets():
     assert lcm.lora == "latent-consistency/lcm-lora-sdv1-5" and lcm.default_steps == 4
     assert lcm.default_guidance == 1.0 and lcm.default_scheduler == "LCM" and "LCM" in lcm.scheduler_names
     assert resolve_preset("sd15-inpainting").base == "stable-diffusion-v1-5/stable-diffusion-inpainting"
-    assert set(PRESETS) >= {"shapes", "sd15", "sd15-lcm", "sd15-inpainting"}
+    assert set(PRESETS) >= {"shapes", "shapes-lcm", "sd15", "sd15-lcm", "sd15-inpainting"}
 
 
 def test_every_preset_names_known_schedulers():
@@ -125,6 +125,42 @@ def test_builtin_model_generates_in_two_steps():
     assert result.images[0].size == (64, 64) and result.params["model"] == "shapes"
     assert engine.unknown_words("a red circle on grass") == []
     assert engine.unknown_words("a red dragon") == ["dragon"]
+
+
+def test_distilled_builtin_model_runs_four_lcm_steps_without_a_cfg_pass():
+    """shapes-lcm: the built-in model distilled (training/train_lcm.py); the guidance scale goes into the U-Net, so
+    a step is one U-Net pass of batch 1, and the scale changes the image."""
+    from pipelines import txt2img
+    from pipelines.engine import Engine
+
+    preset = resolve_preset("shapes-lcm")
+    assert preset.is_builtin and Path(preset.base) == REPO_ROOT / "assets" / "models" / "shapes-lcm"
+    assert (preset.default_steps, preset.default_scheduler, preset.inpaint_model) == (4, "LCM", None)
+    engine = Engine(preset, device="cpu", threads=1)
+    assert engine.base.unet.config.time_cond_proj_dim
+    batches = []
+    hook = engine.base.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        first = txt2img.generate(engine, prompt="a red circle on grass", seed=0, steps=4, guidance=2.5)
+    finally:
+        hook.remove()
+    assert batches == [1, 1, 1, 1]  # one pass a step, no unconditional half
+    assert first.params["scheduler"] == "LCM" and first.params["model"] == "shapes-lcm"
+    other = txt2img.generate(engine, prompt="a red circle on grass", seed=0, steps=4, guidance=4.0)
+    assert first.images[0].tobytes() != other.images[0].tobytes()
+
+
+def test_a_folder_with_a_distilled_unet_defaults_to_lcm_steps(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "student"
+    shutil.copytree(BUILTIN, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "time_cond_proj_dim": 64}))
+    preset = resolve_preset(str(folder))
+    assert (preset.default_steps, preset.default_scheduler) == (4, "LCM") and "LCM" in preset.scheduler_names
+    assert resolve_preset(str(BUILTIN)).default_scheduler != "LCM"
 
 
 def _hub_engine(name):

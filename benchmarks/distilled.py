@@ -1,0 +1,199 @@
+"""10. The fast path: the distilled built-in model (`shapes-lcm`, 4 LCM steps, no CFG pass) on the ONNX backend,
+against plain diffusers running the built-in model at its defaults (20 DPM-Solver++ steps with CFG).
+
+- task path: the app's `pipelines.txt2img.generate` without HTTP, per image (64x64), at 1 and 2 threads, beside
+  the plain diffusers call at the same thread count, and each side at its best thread count; and the same task
+  path on the eager backend, which splits the gain between distillation and ONNX Runtime;
+- end to end: the running app's /txt2img through gradio_client (the app started on the distilled model with the
+  ONNX backend, as `python app.py --model shapes-lcm --backend onnx` does), next to gradio's floor (the same round
+  trip running no model, benchmark part 1).
+
+    python -m benchmarks.distilled [--lcm FOLDER] [--repeats N] [--quick]
+
+The distilled model is `assets/models/shapes-lcm`; while it does not exist, the trainer's latest export
+runs/lcm/pipeline is measured and the table says so. Its prompt following is scored by training/evaluate_lcm.py,
+not here.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from benchmarks.common import (
+    PROMPT,
+    REPO,
+    Options,
+    Row,
+    _private_copy,
+    cores,
+    interleaved_medians,
+    model_folder,
+    preset_for,
+    print_table,
+    quiet_libraries,
+    set_threads,
+    start_app,
+    txt2img_args,
+)
+
+PART = "10 distilled fast path"
+LCM_MODEL = REPO / "assets" / "models" / "shapes-lcm"
+LCM_EXPORT = REPO / "runs" / "lcm" / "pipeline"  # train_lcm's latest export (until the model ships)
+TASK_GOAL_S = 0.050  # issue goal: <= 50 ms per image on the task path, and >= 9x plain diffusers at 20 steps
+SPEEDUP_GOAL = 9.0
+END_TO_END_GOAL_S = 0.25
+
+
+def lcm_folder(path: str | None, notes: list[str]) -> str:
+    """A private copy of the distilled model folder (see common.model_folder for why a copy)."""
+    if path:
+        source = Path(path)
+    elif (LCM_MODEL / "model_index.json").is_file():
+        source = LCM_MODEL
+    elif (LCM_EXPORT / "model_index.json").is_file():
+        source = LCM_EXPORT
+        step = (source / "TRAINING_STEP").read_text().strip() if (source / "TRAINING_STEP").is_file() else "?"
+        notes.append(f"{PART}: {LCM_MODEL.relative_to(REPO)} does not exist yet: measured the trainer's export "
+                     f"runs/lcm/pipeline (training step {step})")
+    else:
+        raise SystemExit(f"no distilled model: neither {LCM_MODEL} nor {LCM_EXPORT} exists "
+                         "(python -m training.train_lcm)")
+    if not (source / "model_index.json").is_file():
+        raise SystemExit(f"--lcm {source}: not a diffusers pipeline folder (no model_index.json)")
+    return _private_copy(source)
+
+
+def _engines(folder: str, thread_counts: list[int]) -> dict:
+    """{(backend, threads): Engine} on the distilled model; the onnx ones share a private, cold export cache."""
+    from pipelines.engine import Engine
+
+    cache = tempfile.mkdtemp(prefix="lds-bench-onnx-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    saved = os.environ.get("LDS_ONNX_CACHE")
+    os.environ["LDS_ONNX_CACHE"] = cache
+    try:
+        return {(backend, n): Engine(preset_for(folder), device="cpu", threads=n, backend=backend)
+                for n in thread_counts for backend in ("onnx", "eager")}
+    finally:
+        if saved is None:
+            os.environ.pop("LDS_ONNX_CACHE", None)
+        else:
+            os.environ["LDS_ONNX_CACHE"] = saved
+
+
+def _plain(base_folder: str, threads: int, steps: int):
+    """A function making one image the plain diffusers way: the built-in model at its preset's defaults (scheduler,
+    guidance, 20 steps), on the app's model thread (see benchmarks/app_overhead.py) at `threads` threads."""
+    import torch
+
+    from benchmarks.app_overhead import raw_pipeline
+    from pipelines.compute import model_thread
+
+    preset = preset_for(base_folder)
+    thread = model_thread()
+    pipe = thread.run_threads(threads, raw_pipeline, base_folder, SimpleNamespace(preset=preset))  # its scheduler
+
+    def once():
+        with torch.inference_mode():
+            pipe(PROMPT, num_inference_steps=steps, guidance_scale=preset.default_guidance,
+                 width=preset.default_size, height=preset.default_size,
+                 generator=[torch.Generator("cpu").manual_seed(7)])
+
+    return lambda: thread.run_threads(threads, once)
+
+
+def run(opts: Options, lcm: str | None = None) -> list[Row]:
+    from pipelines import txt2img
+
+    base_folder, note = model_folder(opts)
+    if note:
+        opts.notes.append(note)
+    folder = lcm_folder(lcm, opts.notes)
+    thread_counts = [1, 2] if cores() >= 2 else [1]
+    engines = _engines(folder, thread_counts)
+    any_engine = engines["onnx", thread_counts[0]]
+    preset = any_engine.preset
+    steps = 2 if opts.quick else preset.default_steps
+    settings = dict(prompt=PROMPT, seed=7, steps=steps, guidance=preset.default_guidance,
+                    scheduler=preset.default_scheduler)
+
+    def task(engine):
+        return lambda: txt2img.generate(engine, **settings)
+
+    calls = {("task", backend, n): task(engine) for (backend, n), engine in engines.items()}
+    calls.update({("plain", "eager", n): _plain(base_folder, n, opts.steps) for n in thread_counts})
+    repeats = max(5, opts.repeats * 3)  # each call is short: more repeats for a steady median
+    times = interleaved_medians(calls, repeats=repeats, warmup=2)
+
+    what = f"txt2img {preset.default_size}x{preset.default_size}"
+    plain_what = f"plain diffusers, built-in model, {opts.steps} steps"
+    rows = []
+    for n in thread_counts:
+        fast, plain = times["task", "onnx", n], times["plain", "eager", n]
+        rows.append(Row(PART, f"{what}: distilled {steps} steps on onnx vs {plain_what}, {n} thread(s) (time ratio)",
+                        fast / plain, detail=f"{fast * 1e3:.1f} ms vs {plain * 1e3:.1f} ms, median of {repeats} "
+                                             f"(the app's task path, no HTTP)"))
+    best_fast = min(thread_counts, key=lambda n: times["task", "onnx", n])
+    best_plain = min(thread_counts, key=lambda n: times["plain", "eager", n])
+    fast, plain = times["task", "onnx", best_fast], times["plain", "eager", best_plain]
+    rows.append(Row(PART, f"{what}: the fast path per image, at its best thread count", fast, unit="s",
+                    goal=f"<= {TASK_GOAL_S:g}", detail=f"{fast * 1e3:.1f} ms at {best_fast} thread(s), median of "
+                                                      f"{repeats}"))
+    rows.append(Row(PART, f"{what}: the fast path's speed-up over {plain_what}, each at its best", plain / fast,
+                    goal=f">= {SPEEDUP_GOAL:g}", detail=f"{plain * 1e3:.1f} ms plain at {best_plain} thread(s) vs "
+                                                       f"{fast * 1e3:.1f} ms at {best_fast} thread(s)"))
+    for n in thread_counts:
+        onnx, eager = times["task", "onnx", n], times["task", "eager", n]
+        rows.append(Row(PART, f"{what}: distilled {steps} steps, onnx vs eager backend, {n} thread(s) (time ratio)",
+                        onnx / eager, detail=f"{onnx * 1e3:.1f} ms vs {eager * 1e3:.1f} ms"))
+    rows += _end_to_end_rows(engines["onnx", best_fast], steps, opts)
+    return rows
+
+
+def _end_to_end_rows(engine, steps: int, opts: Options) -> list[Row]:
+    from benchmarks.app_overhead import gradio_floor
+
+    args = txt2img_args(engine, seed=7, steps=steps)
+    server = start_app(engine)
+    try:
+        client = server.client()
+        shown: dict[str, str] = {}
+
+        def app_call():
+            shown["png"] = client.predict(**args, api_name="/txt2img")[1][0]["image"]
+
+        repeats = max(5, opts.repeats * 3)
+        app_s = interleaved_medians({"app": app_call}, repeats=repeats, warmup=2)["app"]
+        floor = gradio_floor(repeats, shown["png"])
+    finally:
+        server.close()
+    return [
+        Row(PART, f"API /txt2img end to end (gradio_client), distilled on onnx, {engine.threads} thread(s)", app_s,
+            unit="s", goal=f"<= {END_TO_END_GOAL_S:g}",
+            detail=f"median of {repeats}; gradio's floor (same outputs, no model) {floor:.3f} s, so the model and "
+                   f"the app's own work take {app_s - floor:.3f} s"),
+    ]
+
+
+def main(argv=None) -> int:
+    from benchmarks.common import add_arguments, machine_line, options_from
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--lcm", default=None, help="distilled model folder (default: assets/models/shapes-lcm)")
+    args = parser.parse_args(argv)
+    opts = options_from(args)
+    quiet_libraries()
+    threads = set_threads(opts)
+    rows = run(opts, args.lcm)
+    print_table(rows, opts.notes, title=f"{PART} ({machine_line(threads)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
