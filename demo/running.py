@@ -24,6 +24,10 @@ from pipelines.common import (
 from pipelines.settings import PREVIEW_EVERY_S
 
 HEARTBEAT_S = 0.5  # a running request's generator hands control back to gradio at least this often
+# A run sends no status or step update before this: one that ends sooner (a distilled image, a small run on the fast
+# backend) sends only its result, since each update is one more message through gradio's queue and the page, as
+# long as the model work itself at these speeds (README, Performance: the web layer's share)
+QUIET_START_S = 0.25
 
 
 def save_pngs(result, out_dir: Path, task_name: str) -> list[tuple[str, str]]:
@@ -123,12 +127,16 @@ def run_task(engine, studio: Studio, tab: str, fn: Callable, kwargs: dict[str, A
         if run.cancelled_before_start:
             yield (gr.skip(), gr.skip(), gr.skip(), "Cancelled before it started.")
             return
-        yield (gr.skip(), gr.skip(), gr.skip(), "Waiting for the model…")
+        waiting_shown = False
         for reports in run.batches(PREVIEW_EVERY_S):
-            if not reports:
-                yield (gr.skip(),) * 4
+            if reports:
+                step, total, _ = reports[-1]
+            if time.perf_counter() - started < QUIET_START_S:
                 continue
-            step, total, _ = reports[-1]
+            if not reports:
+                yield (gr.skip(),) * 3 + (gr.skip() if waiting_shown or step else "Waiting for the model…",)
+                waiting_shown = True
+                continue
             latest_preview = next((preview for *_, preview in reversed(reports) if preview is not None), None)
             if progress is not None and total:
                 progress((step, total), desc=f"Denoising step {step}/{total}")
