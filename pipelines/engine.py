@@ -129,7 +129,9 @@ class Engine:
         self._annotators: dict[str, Callable] = {}
         self._inpaint_unet: Any = None
         self.fast_unet: fast_backend.OnnxUNet | None = None  # backend "onnx": built below, once the weights are final
-        self.fast_vae: fast_backend.OnnxDecoder | None = None  # backend "onnx": the VAE whose decode runs ONNX
+        # The VAE request views decode with, when not the base VAE itself: the preset's tiny decoder
+        # (fast_backend.TinyDecoding), and with backend "onnx" the ONNX stand-in over whichever decodes
+        self.fast_vae: Any = None
         self._preview_fit: tuple[torch.Tensor, torch.Tensor] | None = None
         self.preview_every_s = (
             PREVIEW_EVERY_S  # live previews at most this often (0: every step); see run.PreviewClock
@@ -159,10 +161,13 @@ class Engine:
         self._task_pipes[("txt2img", ())] = self.base
         # 3. The ONNX stand-in for the base U-Net (its weights final now: the preset's LoRA is fused), which
         # request views call instead of it; exported once per weights, later starts load the cached file
+        decoding = self._tiny_decoding() or self.base.vae
         if self.backend == "onnx":
             self.fast_unet = self._build_fast_unet()
-            self.fast_vae = self.compute.run(fast_backend.build_decoder, self.base.vae, threads=self.threads,
+            self.fast_vae = self.compute.run(fast_backend.build_decoder, decoding, threads=self.threads,
                                              cache_dir=onnx_cache_dir())
+        elif decoding is not self.base.vae:
+            self.fast_vae = decoding
 
     # --- loading -------------------------------------------------------------------------------------
 
@@ -188,6 +193,20 @@ class Engine:
 
     def _build_fast_unet(self):
         return self.compute.run(fast_backend.build, self.base.unet, threads=self.threads, cache_dir=onnx_cache_dir())
+
+    def _tiny_decoding(self):
+        """The base VAE decoding through the preset's tiny decoder, or None (no fast decoder, or not loadable:
+        then the VAE's own decoder decodes, and the log says why)."""
+        if not self.preset.fast_decoder:
+            return None
+        from diffusers import AutoencoderTiny
+
+        try:
+            tiny = self._load_model(AutoencoderTiny, self.preset.fast_decoder, "fast decoder")
+        except ModelNotAvailable as error:
+            logger.warning("%s; images are decoded by the VAE's own decoder", error)
+            return None
+        return fast_backend.TinyDecoding(self.base.vae, tiny.eval())
 
     def _load_model(self, cls, model_id: str, what: str, **kwargs):
         try:

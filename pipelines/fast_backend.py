@@ -374,7 +374,8 @@ class OnnxDecoder(torch.nn.Module):
         self.session = session
         self.info = info
         self.calls = {"onnx": 0, "eager": 0}
-        self._modules_seen = tuple(eager.modules())
+        # a TinyDecoding also reports the full VAE's modules: hooks there (Explain's) send decode to the full VAE
+        self._modules_seen = tuple(getattr(eager, "watched_modules", eager.modules)())
         self._params = tuple(eager.parameters())
         self._versions = sum(p._version for p in self._params)
         self._channels = int(eager.config.latent_channels)
@@ -430,3 +431,69 @@ class OnnxDecoder(torch.nn.Module):
         if any(m._forward_hooks or m._forward_pre_hooks for m in self._modules_seen):
             return False
         return sum(p._version for p in self._params) == self._versions
+
+
+class TinyDecoding(torch.nn.Module):
+    """The full VAE with its decode done by a tiny decoder (diffusers AutoencoderTiny, training/train_tiny_vae.py):
+    the fast path's decoder (a preset's `fast_decoder`). Encode, config, tiling and everything else are the full
+    VAE's. The full VAE decodes instead whenever something watches it (a hook on any of its modules: Explain's
+    timers and probes), or tiling or slicing is on, so Explain shows and times the model's own decoder.
+
+    The tiny model takes the latents the U-Net works on (its scaling_factor is 1.0, as TAESD's), so the pipelines'
+    `decode(latents / scaling_factor)` is scaled back first. Held like OnnxUNet holds its U-Net: the full VAE
+    outside torch's module tree, the tiny one inside it (its weights key the ONNX export of this decoding)."""
+
+    def __init__(self, full: torch.nn.Module, tiny: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "eager", full)
+        self.tiny = tiny
+        self.calls = {"tiny": 0, "full": 0}
+        self._full_modules = tuple(full.modules())
+
+    @property
+    def config(self):
+        return self.eager.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.eager.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.eager.device
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            eager = self.__dict__.get("eager")
+            if eager is None:
+                raise
+            return getattr(eager, name)
+
+    def watched_modules(self) -> tuple:
+        return (*self._full_modules, *self.modules())
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.eager(*args, **kwargs)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **kwargs: Any):
+        if kwargs or self._full_watched():
+            self.calls["full"] += 1
+            return self.eager.decode(z, return_dict=return_dict, generator=generator, **kwargs)
+        self.calls["tiny"] += 1
+        image = self.tiny.decode(z * self.eager.config.scaling_factor, return_dict=False)[0]
+        if not return_dict:
+            return (image,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=image)
+
+    def _full_watched(self) -> bool:
+        from torch.nn.modules import module as torch_module
+
+        if getattr(self.eager, "use_tiling", False) or getattr(self.eager, "use_slicing", False):
+            return True
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._full_modules)

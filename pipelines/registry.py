@@ -37,6 +37,9 @@ class ModelPreset:
     # well at; the canvas around an outpainted picture scales with it); None: only the size limit applies
     inpaint_size: int | None = None
     lora: str | None = None  # optional LoRA fused into the U-Net at load time (LCM-LoRA)
+    # optional tiny decoder (diffusers AutoencoderTiny folder, as TAESD) that decodes instead of the VAE's own
+    # (pipelines/fast_backend.TinyDecoding); the VAE still encodes
+    fast_decoder: str | None = None
     style_presets: dict[str, str] = field(default_factory=dict)  # style name -> prompt suffix
     annotators: str | None = None  # hub id (controlnet_aux) or local folder of the depth/pose annotators
     example_prompts: tuple[str, ...] = ()
@@ -115,6 +118,8 @@ PRESETS = MappingProxyType(
             default_scheduler="LCM",
             scheduler_names=("LCM",) + COMMON_SCHEDULERS,
             inpaint_model=None,
+            # At 64x64 the VAE decoder costs more than 4 distilled steps: a tiny one (training/train_tiny_vae.py)
+            fast_decoder=str(MODELS_DIR / "shapes-tiny-vae"),
         ),
         "sd15": ModelPreset(
             name="sd15",

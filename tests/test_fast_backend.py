@@ -275,3 +275,83 @@ def test_the_backend_flag_reaches_the_engine(monkeypatch):
     assert resolve_backend(None, {}) == DEFAULT_BACKEND == "eager"
     assert resolve_backend(None, {"LDS_BACKEND": "ONNX"}) == "onnx"
     assert resolve_backend("eager", {"LDS_BACKEND": "x"}) == "eager"  # the flag wins over the variable
+
+
+# --- the tiny decoder (a preset's fast_decoder) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """An AutoencoderTiny of the trainer's shape with random weights (what matters here is who decodes)."""
+    from training.train_tiny_vae import TinyConfig, make_tiny
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-vae") / "model"
+    make_tiny(TinyConfig(), 4).save_pretrained(folder)
+    return folder
+
+
+def _with_tiny(folder, backend: str, cache_dir):
+    import dataclasses
+
+    from pipelines.engine import Engine
+
+    saved = os.environ.get("LDS_ONNX_CACHE")
+    os.environ["LDS_ONNX_CACHE"] = str(cache_dir)
+    try:
+        return Engine(dataclasses.replace(BUILTIN, fast_decoder=str(folder)), device="cpu", threads=1,
+                      backend=backend)
+    finally:
+        if saved is None:
+            os.environ.pop("LDS_ONNX_CACHE", None)
+        else:
+            os.environ["LDS_ONNX_CACHE"] = saved
+
+
+def test_a_fast_decoder_decodes_requests_and_explain_keeps_the_full_vae(tiny_folder, eager, cache_dir):
+    from diffusers import AutoencoderTiny
+
+    from pipelines.fast_backend import TinyDecoding
+
+    engine = _with_tiny(tiny_folder, "eager", cache_dir)
+    vae = engine.fast_vae
+    assert isinstance(vae, TinyDecoding) and engine.pipeline("txt2img").vae is vae and engine.base.vae is not vae
+    image = txt2img.generate(engine, **SETTINGS).images[0]
+    assert vae.calls["tiny"] == 1
+    # the same run's latents through the tiny model by hand: the very bytes
+    view = engine.pipeline("txt2img")
+    latents = engine.compute.run(lambda: view(
+        SETTINGS["prompt"], num_inference_steps=SETTINGS["steps"], guidance_scale=SETTINGS["guidance"],
+        generator=[torch.Generator().manual_seed(SETTINGS["seed"])], output_type="latent").images)
+    tiny = AutoencoderTiny.from_pretrained(tiny_folder).eval()
+    with torch.inference_mode():
+        decoded = tiny.decode(latents).sample  # the tiny model takes the U-Net's (scaled) latents
+    by_hand = view.image_processor.postprocess(decoded, output_type="pil")[0]
+    assert by_hand.tobytes() == image.tobytes()
+    assert image.tobytes() != txt2img.generate(eager, **SETTINGS).images[0].tobytes()  # not the full decoder
+    # Explain watches the full VAE's decoder: it decodes with it, as an engine without the fast decoder does
+    settings = {**SETTINGS, "steps": 3}
+    alone = dict(guidance_strip=(settings["guidance"],))
+    before = vae.calls["full"]
+    assert _bytes(explain.explain(engine, **settings, **alone)) == _bytes(explain.explain(eager, **settings, **alone))
+    assert vae.calls["full"] > before
+    with torch.inference_mode():  # encoding is the full VAE's
+        x = torch.zeros(1, 3, 64, 64)
+        assert torch.equal(vae.encode(x).latent_dist.mean, engine.base.vae.encode(x).latent_dist.mean)
+
+
+def test_the_onnx_backend_exports_the_fast_decoder(tiny_folder, cache_dir):
+    from pipelines.fast_backend import OnnxDecoder, TinyDecoding
+
+    engine = _with_tiny(tiny_folder, "onnx", cache_dir)
+    assert isinstance(engine.fast_vae, OnnxDecoder) and isinstance(engine.fast_vae.eager, TinyDecoding)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got = engine.fast_vae.decode(latents).sample
+        want = engine.fast_vae.eager.decode(latents).sample
+    assert engine.fast_vae.calls["onnx"] == 1
+    assert float((got - want).abs().max()) <= UNET_TOLERANCE
+
+
+def test_a_missing_fast_decoder_falls_back_to_the_vae(tmp_path, cache_dir):
+    engine = _with_tiny(tmp_path / "nowhere", "eager", cache_dir)
+    assert engine.fast_vae is None and engine.pipeline("txt2img").vae is engine.base.vae
