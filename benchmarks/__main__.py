@@ -1,15 +1,16 @@
 """Run every benchmark and print one table of ratios next to their goals.
 
-    python -m benchmarks                 # all eight parts: a few minutes on 2 CPU cores, plus the soak's 500 requests
+    python -m benchmarks                 # all ten parts: a few minutes on 2 CPU cores, plus the soak's 500 requests
     python -m benchmarks --quick         # tiny smoke run (tests/test_benchmarks.py)
     python -m benchmarks --only 1,3      # some parts
     python -m benchmarks.gpu             # SD1.5-shaped it/s on a CUDA GPU (separate; exits cleanly without one)
 
 Parts: 1 app overhead, 2 sharing (memory), 3 throughput, 4 latency, 5 LDM FLOPs claim, 6 soak (disk and
 memory per request over hundreds of requests), 7 a Compare grid (5x5 of 64x64 at 20 steps), 8 the fast backend
-(U-Net steps on ONNX Runtime vs eager: start cost, step and end-to-end times, what differs). Each part is also a
-module of its own (`python -m benchmarks.app_overhead`, ...). Absolute times depend on the machine and its
-load; the ratios are what to compare.
+(U-Net steps on ONNX Runtime vs eager: start cost, step and end-to-end times, what differs), 9 Live mode in Chromium,
+10 the fast path (the distilled model with its tiny decoder on ONNX Runtime vs plain diffusers at 20 steps). Each
+part is also a module of its own (`python -m benchmarks.app_overhead`, ...). Absolute times depend on the machine
+and its load; the ratios are what to compare.
 """
 from __future__ import annotations
 
@@ -18,7 +19,18 @@ import sys
 import time
 import traceback
 
-from benchmarks import app_overhead, compare_grid, fast_path, latency, ldm_flops, live_mode, memory, soak, throughput
+from benchmarks import (
+    app_overhead,
+    compare_grid,
+    distilled,
+    fast_path,
+    latency,
+    ldm_flops,
+    live_mode,
+    memory,
+    soak,
+    throughput,
+)
 from benchmarks.common import Row, add_arguments, machine_line, options_from, print_table, quiet_libraries, set_threads
 
 PARTS = {
@@ -31,13 +43,14 @@ PARTS = {
     "7": ("compare grid", compare_grid.run),
     "8": ("fast path", fast_path.run),
     "9": ("live mode", live_mode.run),
+    "10": ("distilled fast path", distilled.run),
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts to run (1-8)")
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts to run (1-10)")
     args = parser.parse_args(argv)
     opts = options_from(args)
     quiet_libraries()
