@@ -152,7 +152,35 @@ def run(opts: Options, lcm: str | None = None) -> list[Row]:
         rows.append(Row(PART, f"{what}: distilled {steps} steps, onnx vs eager backend, {n} thread(s) (time ratio)",
                         onnx / eager, detail=f"{onnx * 1e3:.1f} ms vs {eager * 1e3:.1f} ms"))
     rows += _end_to_end_rows(engines["onnx", best_fast], steps, opts)
+    rows += _cold_start_rows("shapes-lcm" if Path(lcm or LCM_MODEL) == LCM_MODEL and LCM_MODEL.is_dir() else folder,
+                             steps)
     return rows
+
+
+def _cold_start_rows(model: str, steps: int) -> list[Row]:
+    """A fresh python that imports the app, builds the engine with the ONNX backend and makes one image: first with
+    an empty export cache (the one-time exports), then again with the cache it left."""
+    from benchmarks.latency import cold_start
+
+    cache = tempfile.mkdtemp(prefix="lds-bench-onnx-cold-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    saved = {name: os.environ.get(name) for name in ("LDS_BACKEND", "LDS_ONNX_CACHE")}
+    os.environ.update(LDS_BACKEND="onnx", LDS_ONNX_CACHE=cache)
+    try:
+        first = cold_start(model, steps, threads=1)
+        later = cold_start(model, steps, threads=1)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return [
+        Row(PART, "cold start, first after install: fresh python, import app, engine on onnx (exports), one image",
+            first[0], unit="s", goal="<= 10", detail=f"model {Path(model).name}; {first[1]} s inside the process"),
+        Row(PART, "cold start, later: the same with the cached exports", later[0], unit="s", goal="<= 10",
+            detail=f"{later[1]} s inside the process"),
+    ]
 
 
 def _end_to_end_rows(engine, steps: int, opts: Options) -> list[Row]:

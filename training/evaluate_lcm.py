@@ -67,6 +67,9 @@ def main(argv=None):
     parser.add_argument("--steps", default=",".join(str(s) for s in GRID_STEPS), help="distilled step counts")
     parser.add_argument("--guidance", default=None,
                         help="distilled guidance scales, comma-separated (default: the built-in preset's)")
+    parser.add_argument("--fast-decoder", type=Path, default=None,
+                        help="also score the distilled rows decoded by this AutoencoderTiny folder (the fast path's "
+                             "decoder, training/train_tiny_vae.py)")
     parser.add_argument("--no-undistilled", dest="undistilled", action="store_false",
                         help="skip the rows of the base U-Net under LCMScheduler")
     parser.add_argument("--threads", type=int, default=None)
@@ -89,6 +92,12 @@ def main(argv=None):
         "verdicts": reference["verdicts"], "s_per_image": reference["seconds"] / len(expectations)}}
     undistilled = type(base).from_pipe(base, scheduler=lcm_scheduler(base.scheduler.config))
     distilled = StableDiffusionPipeline.from_pretrained(args.model)
+    fast = None
+    if args.fast_decoder:
+        from diffusers import AutoencoderTiny
+
+        # the tiny model takes the U-Net's latents (scaling_factor 1.0): a drop-in `vae` for decoding
+        fast = type(distilled).from_pipe(distilled, vae=AutoencoderTiny.from_pretrained(args.fast_decoder).eval())
     for steps in step_counts:
         if args.undistilled:
             runs[f"base U-Net, LCMScheduler, {steps} steps"] = following(undistilled, expectations, steps=steps,
@@ -100,6 +109,9 @@ def main(argv=None):
         for scale in scales:
             runs[f"distilled, {steps} steps, guidance {scale:g}"] = following(distilled, expectations, steps=steps,
                                                                               guidance=scale)
+            if fast is not None:
+                runs[f"distilled, {steps} steps, guidance {scale:g}, tiny decoder"] = following(
+                    fast, expectations, steps=steps, guidance=scale)
     rows = {name: summary(run) for name, run in runs.items()}
     unseen_rows = {name: summary(run, unseen) for name, run in runs.items()}
     print(table(rows, f"{args.split}: {args.count} prompts"))
