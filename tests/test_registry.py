@@ -43,7 +43,7 @@ def test_every_preset_names_known_schedulers():
 
 
 def test_unknown_names_are_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown model 'sd99': use one of the presets shapes, sd15"):
+    with pytest.raises(ValueError, match=r"unknown model 'sd99': use one of the presets shapes, shapes-lcm, sd15"):
         resolve_preset("sd99")
     with pytest.raises(ValueError, match="without model_index.json"):
         resolve_preset(str(tmp_path))
