@@ -76,3 +76,56 @@ def test_two_steps_resume_and_export(tmp_path):
     image = pipe("a red circle", num_inference_steps=2, guidance_scale=2.5, generator=torch.Generator().manual_seed(0),
                  output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_tiny_autoencoder_trains_resumes_exports_and_drops_in(tmp_path):
+    """training/train_tiny_vae.py: 2 steps, resume to 3, export with its card; the folder is an AutoencoderTiny
+    that a pipeline takes as its `vae` (it works on the U-Net's scaled latents)."""
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    from training import train_tiny_vae
+
+    out = tmp_path / "run"
+    args = ["--base", str(BASE), "--out", str(out), "--pool-size", "16", "--batch-size", "4", "--log-every", "1",
+            "--save-every", "2", "--eval-scenes", "8", "--threads", "1"]
+    train_tiny_vae.main(args + ["--max-steps", "2"])
+    assert (out / "samples" / "step-000002.png").is_file() and (out / "images.npy").is_file()
+    train_tiny_vae.main(args + ["--max-steps", "3"])
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    folder = tmp_path / "tiny"
+    train_tiny_vae.main(["--out", str(out), "--export", str(folder)])
+    record = json.loads((folder / "training.json").read_text())
+    assert record["step"] == 3 and "--max-steps 3" in record["command"]
+    assert set(record["held_out"]) == {"psnr_base_decoder", "psnr_tiny_decoder", "psnr_tiny_vs_base_decoder",
+                                       "psnr_tiny_round_trip"}
+    card = (folder / "README.md").read_text()
+    assert f"| tiny decoder vs the render | {record['held_out']['psnr_tiny_decoder']:.2f} dB |" in card
+    tiny = AutoencoderTiny.from_pretrained(folder)
+    assert tiny.config.scaling_factor == 1.0
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, vae=tiny, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 4
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=2.5, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+
+def test_shipped_fast_path_cards_are_what_their_writers_make(tmp_path):
+    """The distilled model's and the tiny decoder's cards, rewritten from their records, are the shipped bytes."""
+    import shutil
+
+    from training import evaluate_lcm, train_tiny_vae
+
+    tiny = tmp_path / "shapes-tiny-vae"
+    shutil.copytree(SHIPPED / "shapes-tiny-vae", tiny, ignore=shutil.ignore_patterns("*.safetensors"))
+    train_tiny_vae.write_card(tiny, "assets/models/shapes-tiny-vae")
+    assert (tiny / "README.md").read_text() == (SHIPPED / "shapes-tiny-vae" / "README.md").read_text()
+    lcm = tmp_path / "shapes-lcm"
+    shutil.copytree(SHIPPED / "shapes-lcm", lcm, ignore=shutil.ignore_patterns("*.safetensors"))
+    scores = json.loads((lcm / "scores.json").read_text())
+    evaluate_lcm.write_card(lcm, scores["test"], scores["validation"], "assets/models/shapes-lcm")
+    assert (lcm / "README.md").read_text() == (SHIPPED / "shapes-lcm" / "README.md").read_text()
+    assert (lcm / "scores.json").read_text() == (SHIPPED / "shapes-lcm" / "scores.json").read_text()

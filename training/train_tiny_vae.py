@@ -62,6 +62,7 @@ class TinyConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    eval_scenes: int = EVAL_SCENES
 
 
 def make_tiny(config: TinyConfig, latent_channels: int):
@@ -127,6 +128,65 @@ def export_run(tiny, target: Path, *, step: int, base: Path, config: TinyConfig,
     (target / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def write_card(folder: Path, shown_as: str | None = None) -> Path:
+    """The model card of an exported folder, from its training.json alone (rewriting it gives the same bytes);
+    `shown_as`: the folder's path in the card (default: relative to the repository)."""
+    folder = Path(folder)
+    shown = shown_as or repo_relative(folder)
+    record = json.loads((folder / "training.json").read_text())
+    config, held = record["config"], record["held_out"]
+    lines = [
+        "# Shapes tiny autoencoder (built-in fast decoder)",
+        "",
+        "A TAESD-style `AutoencoderTiny` for the latent space of the built-in model (`assets/models/shapes-ldm`'s "
+        "VAE, f = 4): the decoder of the fast path (`--model shapes-lcm`, `pipelines/fast_backend.TinyDecoding`). "
+        "It takes and gives the latents the U-Net works on (`scaling_factor` 1.0), so it also drops in as a "
+        "pipeline's `vae`. Made by `training/train_tiny_vae.py`.",
+        "",
+        "## Architecture and training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| decoder | channels {tuple(config['decoder_block_out_channels'])}, blocks "
+        f"{tuple(config['num_decoder_blocks'])} (coarse to fine) |",
+        f"| encoder | channels {tuple(config['encoder_block_out_channels'])}, blocks "
+        f"{tuple(config['num_encoder_blocks'])} |",
+        f"| data | the base model's {config['pool_size']:,} training scenes: decoder from posterior samples to the "
+        f"render (L1 + MSE), encoder from the render to the posterior mean (MSE) |",
+        f"| steps | {record['step']:,} at batch {config['batch_size']}, learning rate {config['learning_rate']:g} |",
+        f"| base | `{record['base']}` |",
+        "",
+        f"## Held-out reconstruction ({config.get('eval_scenes', EVAL_SCENES)} scenes from seed {HELD_OUT_SEED:,})",
+        "",
+        "| decode of the base VAE's latents | PSNR |",
+        "|---|---|",
+        f"| base VAE decoder vs the render | {held['psnr_base_decoder']:.2f} dB |",
+        f"| tiny decoder vs the render | {held['psnr_tiny_decoder']:.2f} dB |",
+        f"| tiny decoder vs the base VAE decoder | {held['psnr_tiny_vs_base_decoder']:.2f} dB |",
+        f"| tiny encoder + tiny decoder vs the render | {held['psnr_tiny_round_trip']:.2f} dB |",
+        "",
+        "What it costs in prompt following, and what it saves in time, is measured with the distilled model it serves "
+        "(`assets/models/shapes-lcm/README.md`; README, Performance: the fast path).",
+        "",
+        "## Limits",
+        "",
+        "- Softer than the base decoder: small objects lose their corners first. The app decodes with it only on the "
+        "fast path, and Explain (which watches the VAE) always decodes with the base decoder.",
+        "- The built-in latent space only: retraining the base VAE invalidates it.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"{record['command']} --threads 1",
+        f"python -m training.train_tiny_vae --out runs/tiny-vae --export {shown}",
+        "```",
+        "",
+    ]
+    card = folder / "README.md"
+    card.write_text("\n".join(lines))
+    return card
+
+
 def train(base: Path, out_dir: Path, max_steps: int, config: TinyConfig, *, log_every=50, save_every=250, seed=0):
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -170,7 +230,7 @@ def train(base: Path, out_dir: Path, max_steps: int, config: TinyConfig, *, log_
             checkpoint.save({"tiny": tiny.state_dict(), "opt": opt.state_dict(), "step": step,
                              "config": asdict(config)})
             tiny.eval()
-            scores = held_out_scores(tiny, vae)
+            scores = held_out_scores(tiny, vae, config.eval_scenes)
             tiny.train()
             truth, decoded_base, decoded_tiny = scores.pop("images")
             grid = np.concatenate([truth, decoded_base, decoded_tiny])
@@ -189,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--pool-size", type=int, default=TinyConfig.pool_size)
     parser.add_argument("--batch-size", type=int, default=TinyConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=TinyConfig.learning_rate)
+    parser.add_argument("--eval-scenes", type=int, default=EVAL_SCENES, help="held-out scenes scored at every save")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
@@ -202,10 +263,11 @@ def main(argv=None):
         if args.export.exists():
             shutil.rmtree(args.export)
         shutil.copytree(source, args.export)
-        print(f"exported {source} -> {args.export}")
+        print(f"exported {source} -> {args.export}; card {write_card(args.export)}")
         return
     set_threads(args.threads)
-    config = TinyConfig(pool_size=args.pool_size, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    config = TinyConfig(pool_size=args.pool_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                        eval_scenes=args.eval_scenes)
     started = time.time()
     train(args.base, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every)
     print(f"done in {time.time() - started:.0f} s")
