@@ -118,8 +118,6 @@ PRESETS = MappingProxyType(
             default_scheduler="LCM",
             scheduler_names=("LCM",) + COMMON_SCHEDULERS,
             inpaint_model=None,
-            # At 64x64 the VAE decoder costs more than 4 distilled steps: a tiny one (training/train_tiny_vae.py)
-            fast_decoder=str(MODELS_DIR / "shapes-tiny-vae"),
         ),
         "sd15": ModelPreset(
             name="sd15",

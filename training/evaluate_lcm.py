@@ -91,8 +91,7 @@ def write_card(folder: Path, test: dict, validation: dict | None = None, shown_a
         "U-Net that takes the guidance scale as an input (`time_cond_proj_dim` "
         f"{record['guidance_embedding_dim']}), so a step is one U-Net pass without an unconditional one. VAE, text "
         "encoder and tokenizer are the base model's. The app's preset `shapes-lcm` runs it with LCMScheduler at "
-        f"{chosen.get('steps', 4)} steps, guidance {chosen.get('guidance', 2.5):g}, and decodes with the tiny "
-        "decoder in `assets/models/shapes-tiny-vae`.",
+        f"{chosen.get('steps', 4)} steps, guidance {chosen.get('guidance', 2.5):g}.",
         "",
         "```python",
         "from diffusers import StableDiffusionPipeline",
@@ -138,10 +137,10 @@ def write_card(folder: Path, test: dict, validation: dict | None = None, shown_a
         f"{record['command']} --threads 1",
         f"python -m training.train_lcm --out {record['out']} --export {shown}",
         f"python -m training.evaluate_lcm --model {shown} --split validation --count "
-        f"{validation['count'] if validation else 200} --guidance 1.5,2.5,4 --fast-decoder "
-        "assets/models/shapes-tiny-vae --json runs/lcm/validation.json",
-        f"python -m training.evaluate_lcm --model {shown} --count {test['count']} --guidance "
-        f"{chosen.get('guidance', 2.5):g} --fast-decoder assets/models/shapes-tiny-vae --json runs/lcm/test.json "
+        f"{validation['count'] if validation else 200} --steps 2,4 --guidance 1.5,2.5,4 "
+        "--json runs/lcm/validation.json",
+        f"python -m training.evaluate_lcm --model {shown} --count {test['count']} --steps "
+        f"{chosen.get('steps', 4)} --guidance {chosen.get('guidance', 2.5):g} --json runs/lcm/test.json "
         f"--write-card {shown} --validation runs/lcm/validation.json",
         "```",
         "",
