@@ -157,7 +157,7 @@ def run(opts: Options) -> list[Row]:
     engine = build_engine(folder)
     edits = 3 if opts.quick else EDITS
     rounds = 1 if opts.quick else max(3, opts.repeats)
-    steps = opts.steps
+    steps = 2 if opts.quick else engine.preset.default_steps  # the model's own: 20 built-in, 4 distilled
     server = start_app(engine)
     timeout_ms = 120_000
     try:

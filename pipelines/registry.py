@@ -113,8 +113,9 @@ PRESETS = MappingProxyType(
             SHAPES,
             name="shapes-lcm",
             base=str(MODELS_DIR / "shapes-lcm"),
+            # chosen on the validation split by evaluate_lcm's rule (assets/models/shapes-lcm/README.md)
             default_steps=4,
-            default_guidance=2.5,
+            default_guidance=1.5,
             default_scheduler="LCM",
             scheduler_names=("LCM",) + COMMON_SCHEDULERS,
             inpaint_model=None,
