@@ -35,6 +35,9 @@ ROWS = [
     "5 LDM claim    | SD1.5: U-Net FLOPs per step",
     "7 compare grid | 2x2 grid of 64x64, 2 steps",
     "7 compare grid | grid vs the same images as single txt2img runs",
+    "10 distilled fast path | txt2img 64x64: the fast path per image, at its best thread count",
+    "10 distilled fast path | API /txt2img end to end (gradio_client), distilled on onnx",
+    "10 distilled fast path | cold start, later: the same with the cached exports",
 ]
 
 
