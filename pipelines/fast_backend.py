@@ -232,35 +232,15 @@ def build_decoder(vae: torch.nn.Module, *, threads: int, cache_dir: Path) -> "On
 
 # --- the stand-ins ---------------------------------------------------------------------------------------------
 
-class OnnxUNet(torch.nn.Module):
-    """Called like UNet2DConditionModel by the diffusers pipelines; runs ONNX Runtime where the export is exact
-    and the eager U-Net everywhere else (see the module docstring). `calls` counts both, for tests and benchmarks.
+class _StandIn(torch.nn.Module):
+    """What the stand-ins share: the module they stand in for (`eager`) held outside torch's module tree, so `.to()`,
+    `.modules()` or a state_dict of the stand-in never reach the shared module; its `.config`, `.dtype` and `.device`
+    as their own, and anything else read from it."""
 
-    The eager U-Net is held outside torch's module tree: `.to()`, `.modules()` or a state_dict of this wrapper
-    never reach the shared U-Net, and hooks or processors are only ever set on the eager U-Net itself."""
-
-    def __init__(self, eager: torch.nn.Module, session, info: BuildInfo):
+    def __init__(self, eager: torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "eager", eager)
-        self.session = session
-        self.info = info
-        self.calls = {"onnx": 0, "eager": 0}
-        from diffusers.models.attention_processor import Attention
 
-        self._modules_seen = tuple(eager.modules())
-        # The processors at export time: Explain and prompt-to-prompt swap them per request (then put them back)
-        self._processors = tuple((m, m.processor) for m in self._modules_seen if isinstance(m, Attention))
-        # In-place changes to the weights bump these counters (an optimiser step, `param.add_`): the export
-        # would then be stale, so such a U-Net runs eager
-        self._params = tuple(eager.parameters())
-        self._versions = self._weight_versions()
-        # The exported graph holds the branch taken for latents divisible by the U-Net's total upsampling
-        self._multiple = 2 ** int(eager.num_upsamplers)
-        self._channels = int(eager.config.in_channels)
-        self._text_dim = int(eager.config.cross_attention_dim)
-        self._cond_dim = cond_dim(eager)
-
-    # What the pipelines read from a U-Net: its own config, dtype and device; anything else from the eager U-Net
     @property
     def config(self):
         return self.eager.config
@@ -281,6 +261,63 @@ class OnnxUNet(torch.nn.Module):
             if eager is None:
                 raise
             return getattr(eager, name)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.eager(*args, **kwargs)
+
+
+def _hooked(modules) -> bool:
+    """A forward hook on any of `modules`, or a global one: someone watches the eager module's calls."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _weight_versions(params) -> int:
+    """In-place changes to the weights bump these counters (an optimiser step, `param.add_`)."""
+    return sum(p._version for p in params)
+
+
+def _tiled(vae) -> bool:
+    return bool(getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False))
+
+
+def _decoder_output(image: torch.Tensor, return_dict: bool):
+    if not return_dict:
+        return (image,)
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    return DecoderOutput(sample=image)
+
+
+class OnnxUNet(_StandIn):
+    """Called like UNet2DConditionModel by the diffusers pipelines; runs ONNX Runtime where the export is exact
+    and the eager U-Net everywhere else (see the module docstring). `calls` counts both, for tests and benchmarks.
+
+    The eager U-Net is held outside torch's module tree: `.to()`, `.modules()` or a state_dict of this wrapper
+    never reach the shared U-Net, and hooks or processors are only ever set on the eager U-Net itself."""
+
+    def __init__(self, eager: torch.nn.Module, session, info: BuildInfo):
+        super().__init__(eager)
+        self.session = session
+        self.info = info
+        self.calls = {"onnx": 0, "eager": 0}
+        from diffusers.models.attention_processor import Attention
+
+        self._modules_seen = tuple(eager.modules())
+        # The processors at export time: Explain and prompt-to-prompt swap them per request (then put them back)
+        self._processors = tuple((m, m.processor) for m in self._modules_seen if isinstance(m, Attention))
+        # In-place changes to the weights bump these counters (an optimiser step, `param.add_`): the export
+        # would then be stale, so such a U-Net runs eager
+        self._params = tuple(eager.parameters())
+        self._versions = _weight_versions(self._params)
+        # The exported graph holds the branch taken for latents divisible by the U-Net's total upsampling
+        self._multiple = 2 ** int(eager.num_upsamplers)
+        self._channels = int(eager.config.in_channels)
+        self._text_dim = int(eager.config.cross_attention_dim)
+        self._cond_dim = cond_dim(eager)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
                 *args: Any, return_dict: bool = True, **kwargs: Any):
@@ -336,22 +373,15 @@ class OnnxUNet(torch.nn.Module):
 
     def _plain_unet(self) -> bool:
         """No hook, no swapped processor, no active LoRA layer and no in-place weight change on the eager U-Net."""
-        from torch.nn.modules import module as torch_module
-
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return False
         peft = getattr(self.eager, "_hf_peft_config_loaded", False)
         modules = tuple(self.eager.modules()) if peft else self._modules_seen  # LoRA adds modules
-        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        if _hooked(modules):
             return False
         if any(m.processor is not original for m, original in self._processors):
             return False
         if peft and _lora_active(modules):
             return False
-        return self._weight_versions() == self._versions
-
-    def _weight_versions(self) -> int:
-        return sum(p._version for p in self._params)
+        return _weight_versions(self._params) == self._versions
 
 
 def _lora_active(modules) -> bool:
@@ -365,7 +395,7 @@ def _lora_active(modules) -> bool:
                for m in modules)
 
 
-class OnnxDecoder(torch.nn.Module):
+class OnnxDecoder(_StandIn):
     """Stands in for the AutoencoderKL in a request's pipeline view: `decode` of plain float32 CPU latents runs
     ONNX Runtime, everything else (encode for img2img and inpainting, tiling, other dtypes, a call with grad, a
     VAE whose weights changed or that has hooks) runs the eager VAE. Held outside torch's module tree, as OnnxUNet
@@ -373,40 +403,15 @@ class OnnxDecoder(torch.nn.Module):
     convolutions at full resolution, where ONNX Runtime's kernels beat eager PyTorch's (README, Fast backend)."""
 
     def __init__(self, eager: torch.nn.Module, session, info: BuildInfo):
-        super().__init__()
-        object.__setattr__(self, "eager", eager)
+        super().__init__(eager)
         self.session = session
         self.info = info
         self.calls = {"onnx": 0, "eager": 0}
         # a TinyDecoding also reports the full VAE's modules: hooks there (Explain's) send decode to the full VAE
         self._modules_seen = tuple(getattr(eager, "watched_modules", eager.modules)())
         self._params = tuple(eager.parameters())
-        self._versions = sum(p._version for p in self._params)
+        self._versions = _weight_versions(self._params)
         self._channels = int(eager.config.latent_channels)
-
-    @property
-    def config(self):
-        return self.eager.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.eager.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.eager.device
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            eager = self.__dict__.get("eager")
-            if eager is None:
-                raise
-            return getattr(eager, name)
-
-    def forward(self, *args: Any, **kwargs: Any):
-        return self.eager(*args, **kwargs)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **kwargs: Any):
         if kwargs or not self._covers(z):
@@ -414,30 +419,20 @@ class OnnxDecoder(torch.nn.Module):
             return self.eager.decode(z, return_dict=return_dict, generator=generator, **kwargs)
         self.calls["onnx"] += 1
         image = torch.from_numpy(self.session.run(None, {"latents": z.detach().contiguous().numpy()})[0])
-        if not return_dict:
-            return (image,)
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        return DecoderOutput(sample=image)
+        return _decoder_output(image, return_dict)
 
     def _covers(self, z) -> bool:
-        from torch.nn.modules import module as torch_module
-
         if not torch.is_tensor(z) or torch.is_grad_enabled() or z.device.type != "cpu" or z.dtype != torch.float32:
             return False
         if z.ndim != 4 or z.shape[0] == 0 or z.shape[1] != self._channels:
             return False
         # tiling or slicing switched on, hooks anywhere, or weights changed in place: the eager VAE decides
-        if getattr(self.eager, "use_tiling", False) or getattr(self.eager, "use_slicing", False):
+        if _tiled(self.eager) or _hooked(self._modules_seen):
             return False
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self._modules_seen):
-            return False
-        return sum(p._version for p in self._params) == self._versions
+        return _weight_versions(self._params) == self._versions
 
 
-class TinyDecoding(torch.nn.Module):
+class TinyDecoding(_StandIn):
     """The full VAE with its decode done by a tiny decoder (diffusers AutoencoderTiny, training/train_tiny_vae.py):
     the fast path's decoder (a preset's `fast_decoder`). Encode, config, tiling and everything else are the full
     VAE's. The full VAE decodes instead whenever something watches it (a hook on any of its modules: Explain's
@@ -448,38 +443,13 @@ class TinyDecoding(torch.nn.Module):
     outside torch's module tree, the tiny one inside it (its weights key the ONNX export of this decoding)."""
 
     def __init__(self, full: torch.nn.Module, tiny: torch.nn.Module):
-        super().__init__()
-        object.__setattr__(self, "eager", full)
+        super().__init__(full)
         self.tiny = tiny
         self.calls = {"tiny": 0, "full": 0}
         self._full_modules = tuple(full.modules())
 
-    @property
-    def config(self):
-        return self.eager.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.eager.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.eager.device
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            eager = self.__dict__.get("eager")
-            if eager is None:
-                raise
-            return getattr(eager, name)
-
     def watched_modules(self) -> tuple:
         return (*self._full_modules, *self.modules())
-
-    def forward(self, *args: Any, **kwargs: Any):
-        return self.eager(*args, **kwargs)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **kwargs: Any):
         if kwargs or self._full_watched():
@@ -487,17 +457,7 @@ class TinyDecoding(torch.nn.Module):
             return self.eager.decode(z, return_dict=return_dict, generator=generator, **kwargs)
         self.calls["tiny"] += 1
         image = self.tiny.decode(z * self.eager.config.scaling_factor, return_dict=False)[0]
-        if not return_dict:
-            return (image,)
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        return DecoderOutput(sample=image)
+        return _decoder_output(image, return_dict)
 
     def _full_watched(self) -> bool:
-        from torch.nn.modules import module as torch_module
-
-        if getattr(self.eager, "use_tiling", False) or getattr(self.eager, "use_slicing", False):
-            return True
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._full_modules)
+        return _tiled(self.eager) or _hooked(self._full_modules)
