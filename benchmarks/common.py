@@ -171,6 +171,28 @@ def preset_for(folder_or_name: str):
     return resolve_preset(folder_or_name)
 
 
+@contextlib.contextmanager
+def environment(**values: str):
+    """These environment variables set for the block, each put back as it was (or removed) afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def empty_onnx_cache() -> str:
+    """A private, empty ONNX export cache (LDS_ONNX_CACHE) removed at exit: exports are measured from cold."""
+    cache = tempfile.mkdtemp(prefix="lds-bench-onnx-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    return cache
+
+
 def build_engine(folder_or_name: str):
     from pipelines.engine import Engine
 

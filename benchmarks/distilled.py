@@ -17,10 +17,6 @@ not here.
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +27,8 @@ from benchmarks.common import (
     Row,
     _private_copy,
     cores,
+    empty_onnx_cache,
+    environment,
     interleaved_medians,
     model_folder,
     preset_for,
@@ -40,6 +38,7 @@ from benchmarks.common import (
     start_app,
     txt2img_args,
 )
+from benchmarks.fast_path import engines_by_backend
 
 PART = "10 distilled fast path"
 LCM_MODEL = REPO / "assets" / "models" / "shapes-lcm"
@@ -66,24 +65,6 @@ def lcm_folder(path: str | None, notes: list[str]) -> str:
     if not (source / "model_index.json").is_file():
         raise SystemExit(f"--lcm {source}: not a diffusers pipeline folder (no model_index.json)")
     return _private_copy(source)
-
-
-def _engines(folder: str, thread_counts: list[int]) -> dict:
-    """{(backend, threads): Engine} on the distilled model; the onnx ones share a private, cold export cache."""
-    from pipelines.engine import Engine
-
-    cache = tempfile.mkdtemp(prefix="lds-bench-onnx-")
-    atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    saved = os.environ.get("LDS_ONNX_CACHE")
-    os.environ["LDS_ONNX_CACHE"] = cache
-    try:
-        return {(backend, n): Engine(preset_for(folder), device="cpu", threads=n, backend=backend)
-                for n in thread_counts for backend in ("onnx", "eager")}
-    finally:
-        if saved is None:
-            os.environ.pop("LDS_ONNX_CACHE", None)
-        else:
-            os.environ["LDS_ONNX_CACHE"] = saved
 
 
 def _plain(base_folder: str, threads: int, steps: int):
@@ -115,7 +96,7 @@ def run(opts: Options, lcm: str | None = None) -> list[Row]:
         opts.notes.append(note)
     folder = lcm_folder(lcm, opts.notes)
     thread_counts = [1, 2] if cores() >= 2 else [1]
-    engines = _engines(folder, thread_counts)
+    engines, _ = engines_by_backend(folder, thread_counts)  # onnx and eager at each count, a cold export cache
     any_engine = engines["onnx", thread_counts[0]]
     preset = any_engine.preset
     steps = 2 if opts.quick else preset.default_steps
@@ -162,19 +143,9 @@ def _cold_start_rows(model: str, steps: int) -> list[Row]:
     an empty export cache (the one-time exports), then again with the cache it left."""
     from benchmarks.latency import cold_start
 
-    cache = tempfile.mkdtemp(prefix="lds-bench-onnx-cold-")
-    atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    saved = {name: os.environ.get(name) for name in ("LDS_BACKEND", "LDS_ONNX_CACHE")}
-    os.environ.update(LDS_BACKEND="onnx", LDS_ONNX_CACHE=cache)
-    try:
+    with environment(LDS_BACKEND="onnx", LDS_ONNX_CACHE=empty_onnx_cache()):
         first = cold_start(model, steps, threads=1)
         later = cold_start(model, steps, threads=1)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return [
         Row(PART, "cold start, first after install: fresh python, import app, engine on onnx (exports), one image",
             first[0], unit="s", goal="<= 10", detail=f"model {Path(model).name}; {first[1]} s inside the process"),

@@ -15,10 +15,6 @@ Every engine here reads its export from a private temporary cache, so the export
 """
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -28,6 +24,8 @@ from benchmarks.common import (
     Options,
     Row,
     cores,
+    empty_onnx_cache,
+    environment,
     interleaved_medians,
     model_folder,
     preset_for,
@@ -38,28 +36,19 @@ PART = "8 fast path"
 BACKENDS = ("eager", "onnx")
 
 
-def _engines(folder: str, thread_counts: list[int]) -> tuple[dict, dict]:
+def engines_by_backend(folder: str, thread_counts: list[int]) -> tuple[dict, dict]:
     """{(backend, threads): Engine} and {(backend, threads): seconds its start took}; the first onnx engine exports
     into an empty cache, the later ones load that export."""
     from pipelines.engine import Engine
 
-    cache = tempfile.mkdtemp(prefix="lds-bench-onnx-")
-    atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    saved = os.environ.get("LDS_ONNX_CACHE")
-    os.environ["LDS_ONNX_CACHE"] = cache
     engines, starts = {}, {}
-    try:
+    with environment(LDS_ONNX_CACHE=empty_onnx_cache()):
         for threads in thread_counts:
             for backend in BACKENDS:
                 started = time.perf_counter()
                 engines[backend, threads] = Engine(preset_for(folder), device="cpu", threads=threads,
                                                    backend=backend)
                 starts[backend, threads] = time.perf_counter() - started
-    finally:
-        if saved is None:
-            os.environ.pop("LDS_ONNX_CACHE", None)
-        else:
-            os.environ["LDS_ONNX_CACHE"] = saved
     return engines, starts
 
 
@@ -164,7 +153,7 @@ def run(opts: Options) -> list[Row]:
     if note:
         opts.notes.append(note)
     thread_counts = [1, 2] if cores() >= 2 else [1]
-    engines, starts = _engines(folder, thread_counts)
+    engines, starts = engines_by_backend(folder, thread_counts)
     first_onnx = engines["onnx", thread_counts[0]].fast_unet.info
     later_onnx = engines["onnx", thread_counts[-1]].fast_unet.info
     size_mb = first_onnx.path.stat().st_size / 2**20

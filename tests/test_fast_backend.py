@@ -27,18 +27,12 @@ IMAGE_LEVELS = 4
 SETTINGS = dict(prompt="a red circle left of a blue square", seed=7, steps=4, guidance=2.5, scheduler="DPM++ 2M")
 
 
-def _engine(backend: str, cache_dir):
+def _engine(backend: str, cache_dir, preset=BUILTIN):
+    from benchmarks.common import environment
     from pipelines.engine import Engine
 
-    saved = os.environ.get("LDS_ONNX_CACHE")
-    os.environ["LDS_ONNX_CACHE"] = str(cache_dir)
-    try:
-        return Engine(BUILTIN, device="cpu", threads=1, backend=backend)
-    finally:
-        if saved is None:
-            os.environ.pop("LDS_ONNX_CACHE", None)
-        else:
-            os.environ["LDS_ONNX_CACHE"] = saved
+    with environment(LDS_ONNX_CACHE=str(cache_dir)):
+        return Engine(preset, device="cpu", threads=1, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -293,18 +287,7 @@ def tiny_folder(tmp_path_factory):
 def _with_tiny(folder, backend: str, cache_dir):
     import dataclasses
 
-    from pipelines.engine import Engine
-
-    saved = os.environ.get("LDS_ONNX_CACHE")
-    os.environ["LDS_ONNX_CACHE"] = str(cache_dir)
-    try:
-        return Engine(dataclasses.replace(BUILTIN, fast_decoder=str(folder)), device="cpu", threads=1,
-                      backend=backend)
-    finally:
-        if saved is None:
-            os.environ.pop("LDS_ONNX_CACHE", None)
-        else:
-            os.environ["LDS_ONNX_CACHE"] = saved
+    return _engine(backend, cache_dir, dataclasses.replace(BUILTIN, fast_decoder=str(folder)))
 
 
 def test_a_fast_decoder_decodes_requests_and_explain_keeps_the_full_vae(tiny_folder, eager, cache_dir):

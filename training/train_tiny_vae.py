@@ -97,15 +97,12 @@ def rendered_pool(count: int, cache: Path, chunk: int = 1000) -> np.ndarray:
     return images
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255.0**2 / max(mse, 1e-10))
-
-
 @torch.no_grad()
 def held_out_scores(tiny, vae, count: int = EVAL_SCENES) -> dict:
     """PSNR against the held-out renders: tiny decoder vs base decoder (both from the base VAE's posterior mean),
     tiny decoder vs base decoder output, and a tiny-encoder round trip."""
+    from training.train_vae import psnr
+
     truth, _ = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + count))
     x = images_to_tensor(truth)
     scaled = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
