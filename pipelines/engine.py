@@ -165,7 +165,7 @@ class Engine:
         if self.backend == "onnx":
             self.fast_unet = self._build_fast_unet()
             self.fast_vae = self.compute.run(fast_backend.build_decoder, decoding, threads=self.threads,
-                                             cache_dir=onnx_cache_dir())
+                                             cache_dir=onnx_cache_dir(), int8=self.preset.int8_decoder)
         elif decoding is not self.base.vae:
             self.fast_vae = decoding
 

@@ -40,6 +40,9 @@ class ModelPreset:
     # optional tiny decoder (diffusers AutoencoderTiny folder, as TAESD) that decodes instead of the VAE's own
     # (pipelines/fast_backend.TinyDecoding); the VAE still encodes
     fast_decoder: str | None = None
+    # with backend "onnx": the decoder's convolutions in int8 (pipelines/fast_backend.export_decoder_int8), for a
+    # preset whose decode is most of an image's time; its model card says what it costs in prompt following
+    int8_decoder: bool = False
     style_presets: dict[str, str] = field(default_factory=dict)  # style name -> prompt suffix
     annotators: str | None = None  # hub id (controlnet_aux) or local folder of the depth/pose annotators
     example_prompts: tuple[str, ...] = ()

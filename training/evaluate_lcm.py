@@ -163,6 +163,9 @@ def main(argv=None):
     parser.add_argument("--fast-decoder", type=Path, default=None,
                         help="also score the distilled rows decoded by this AutoencoderTiny folder (the fast path's "
                              "decoder, training/train_tiny_vae.py)")
+    parser.add_argument("--int8-decoder", action="store_true",
+                        help="also score the distilled rows decoded by the int8 ONNX decoder (a preset's "
+                             "int8_decoder on the onnx backend, pipelines/fast_backend.export_decoder_int8)")
     parser.add_argument("--no-undistilled", dest="undistilled", action="store_false",
                         help="skip the rows of the base U-Net under LCMScheduler")
     parser.add_argument("--threads", type=int, default=None)
@@ -195,6 +198,16 @@ def main(argv=None):
 
         # the tiny model takes the U-Net's latents (scaling_factor 1.0): a drop-in `vae` for decoding
         fast = type(distilled).from_pipe(distilled, vae=AutoencoderTiny.from_pretrained(args.fast_decoder).eval())
+    int8 = None
+    if args.int8_decoder:
+        import tempfile
+
+        from pipelines import fast_backend
+
+        # the app's own stand-in, exported into a scratch cache: decode runs the int8 graph, encode stays eager
+        decoder = fast_backend.build_decoder(distilled.vae, threads=torch.get_num_threads(),
+                                             cache_dir=Path(tempfile.mkdtemp(prefix="lds-int8-")), int8=True)
+        int8 = type(distilled).from_pipe(distilled, vae=decoder)
     settings: dict[str, tuple[int, float]] = {}  # distilled rows (full decoder): (steps, guidance)
     for steps in step_counts:
         if args.undistilled:
@@ -211,6 +224,9 @@ def main(argv=None):
             if fast is not None:
                 runs[f"distilled, {steps} steps, guidance {scale:g}, tiny decoder"] = following(
                     fast, expectations, steps=steps, guidance=scale)
+            if int8 is not None:
+                runs[f"distilled, {steps} steps, guidance {scale:g}, int8 decoder"] = following(
+                    int8, expectations, steps=steps, guidance=scale)
     rows = {name: summary(run) for name, run in runs.items()}
     unseen_rows = {name: summary(run, unseen) for name, run in runs.items()}
     print(table(rows, f"{args.split}: {args.count} prompts"))

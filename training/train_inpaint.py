@@ -58,6 +58,14 @@ class InpaintConfig:
     # conv_in learns at this multiple of the learning rate: its 5 added channels start at zero and carry all
     # the U-Net knows of the picture around the hole, while every other weight starts trained
     conv_in_lr_scale: float = 1.0
+    # conv_in's four original (noisy-latent) input channels learn at this multiple instead; None: as the added
+    # ones. Every layer after conv_in reads their features, so a fast rate there rewrites what the whole U-Net
+    # was trained on (at x10 they moved by half their norm, and the U-Net drew fewer shapes whole).
+    base_channels_lr_scale: float | None = None
+    # Share of each batch replaced by whole-image examples (everything masked, a caption of the whole scene)
+    # whose target is the base U-Net's own prediction: with nothing to copy, the 9-channel U-Net should compute
+    # what the base does, which keeps the base's drawing while the rest of the batch teaches the mask.
+    teacher_share: float = 0.0
     # Share of each batch drawn from examples whose caption names an object that only the mask's area can hold
     # (add / replace: the rarest lesson, and the one that needs the prompt); 0: as often as the pool has them
     add_share: float = 0.0
@@ -148,7 +156,9 @@ def build_pool(
             parts.append(torch.load(path, weights_only=False))
     if part is not None:
         return None
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "modes"}
+    pool = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "modes"}
+    pool["modes"] = [mode for p in parts for mode in p["modes"]]
+    return pool
 
 
 def validation_examples(count: int = GRID_EXAMPLES) -> list[inpaint_data.InpaintExample]:
@@ -216,6 +226,7 @@ def train(
         m.eval().requires_grad_(False) if hasattr(m, "eval") else m
         for m in (pipe.vae, pipe.text_encoder, pipe.tokenizer)
     )
+    teacher = pipe.unet.eval().requires_grad_(False)  # the base U-Net, for --teacher-share
     unet = inflate_unet(pipe.unet).train()
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     conv_in = list(unet.conv_in.parameters())
@@ -254,6 +265,7 @@ def train(
     scaling = vae.config.scaling_factor
     latent_size = tuple(pool["target_mean"].shape[-2:])
     weights = sampling_weights(len(pool["ids"]), config.add_share, config.masks)
+    whole = whole_image_examples(vae, pool, config) if config.teacher_share else None
     log = LossLog(out_dir, ["loss", "lr"])
     generator = torch.Generator().manual_seed(seed + step)
     print(
@@ -277,6 +289,18 @@ def train(
             + pool["masked_std"][index] * torch.randn(pool["masked_mean"][index].shape, generator=generator)
         ) * scaling  # (B, 4, 16, 16)
         mask = latent_mask(pool["mask"][index].float(), latent_size)  # (B, 1, 16, 16)
+        taught = round(config.teacher_share * config.batch_size)  # the batch's last `taught` are whole-image
+        if taught:
+            # a whole-scene caption over its own scene's latents, everything masked: nothing left to copy
+            index[-taught:] = whole["index"][torch.randint(0, len(whole["index"]), (taught,), generator=generator)]
+            latents[-taught:] = (
+                pool["target_mean"][index[-taught:]]
+                + pool["target_std"][index[-taught:]] * torch.randn((taught, *latents.shape[1:]), generator=generator)
+            ) * scaling
+            masked[-taught:] = (
+                whole["grey_mean"] + whole["grey_std"] * torch.randn((taught, *masked.shape[1:]), generator=generator)
+            ) * scaling
+            mask[-taught:] = 1.0
         with torch.no_grad():
             hidden = text_encoder(pool["ids"][index]).last_hidden_state  # (B, 24, 128)
 
@@ -292,6 +316,9 @@ def train(
             if noise_scheduler.config.prediction_type == "epsilon"
             else noise_scheduler.get_velocity(latents, noise, timesteps)
         )
+        if taught:
+            with torch.no_grad():  # what the base predicts for the whole-image examples is their target
+                target[-taught:] = teacher(noisy[-taught:], timesteps[-taught:], hidden[-taught:]).sample
         error = F.mse_loss(prediction, target, reduction="none")  # (B, 4, 16, 16)
         area = 1 + (config.mask_loss_weight - 1) * mask  # (B, 1, 16, 16): the hole at its weight
         per_sample = (error * area).mean(dim=(1, 2, 3)) / area.mean(dim=(1, 2, 3))
@@ -304,7 +331,16 @@ def train(
         lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"]  # conv_in at its multiple: optimizer_step leaves the rates as they are
+        base_channels = unet.conv_in.weight[:, :4].detach().clone()
         optimizer_step(opt, loss, clip=unet.parameters())
+        if config.base_channels_lr_scale is not None:
+            # Adam's update is element-wise, so scaling this step's change of the four original channels is
+            # exactly a learning rate of their own
+            with torch.no_grad():
+                moved = unet.conv_in.weight[:, :4] - base_channels
+                unet.conv_in.weight[:, :4] = base_channels + moved * (
+                    config.base_channels_lr_scale / config.conv_in_lr_scale
+                )
         step += 1
         decay = min(config.ema_decay, (1 + step - first_step) / (10 + step - first_step))
         with torch.no_grad():
@@ -335,6 +371,19 @@ def train(
             )
             sample_grid(pipe, ema_unet.eval(), out_dir / "samples" / f"step-{step:06d}.png")
     return ema_unet
+
+
+@torch.no_grad()
+def whole_image_examples(vae, pool: dict, config: InpaintConfig) -> dict:
+    """For --teacher-share: the pool examples whose caption names their whole scene, and the posterior of an
+    all-masked picture (mid grey), which is what the 9-channel U-Net is shown when everything is masked."""
+    index = torch.tensor([i for i, mode in enumerate(pool["modes"]) if mode == "scene"])
+    if not len(index):
+        raise SystemExit("--teacher-share: the pool holds no example captioned with its whole scene")
+    size = pool["mask"].shape[-1]
+    grey = inpaint_data.masked_source(np.zeros((size, size, 3), np.uint8), np.ones((size, size), bool))
+    posterior = vae.encode(torch.from_numpy(grey).permute(2, 0, 1)[None]).latent_dist
+    return {"index": index, "grey_mean": posterior.mean[0], "grey_std": posterior.std[0]}
 
 
 def init_weights(source: Path) -> tuple[dict, int]:
@@ -393,6 +442,10 @@ def command(record: dict) -> str:
     ]
     if record.get("add_share"):
         parts.append(f"--add-share {record['add_share']:g}")
+    if record.get("base_channels_lr_scale") is not None:
+        parts.append(f"--base-channels-lr-scale {record['base_channels_lr_scale']:g}")
+    if record.get("teacher_share"):
+        parts.append(f"--teacher-share {record['teacher_share']:g}")
     if record.get("mask_loss_weight", 1) != 1:
         parts.append(f"--mask-loss-weight {record['mask_loss_weight']:g}")
     if record.get("init_from"):
@@ -444,6 +497,18 @@ def main(argv=None):
         help="learning-rate multiple for conv_in (whose added channels start at zero)",
     )
     parser.add_argument(
+        "--base-channels-lr-scale",
+        type=float,
+        default=InpaintConfig.base_channels_lr_scale,
+        help="learning-rate multiple for conv_in's four original input channels (default: --conv-in-lr-scale)",
+    )
+    parser.add_argument(
+        "--teacher-share",
+        type=float,
+        default=InpaintConfig.teacher_share,
+        help="share of each batch made whole-image examples whose target is the base U-Net's prediction",
+    )
+    parser.add_argument(
         "--add-share",
         type=float,
         default=InpaintConfig.add_share,
@@ -493,6 +558,8 @@ def main(argv=None):
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         conv_in_lr_scale=args.conv_in_lr_scale,
+        base_channels_lr_scale=args.base_channels_lr_scale,
+        teacher_share=args.teacher_share,
         add_share=args.add_share,
         masks=args.masks,
         mask_loss_weight=args.mask_loss_weight,
