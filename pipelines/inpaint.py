@@ -40,9 +40,11 @@ def inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = "", seed
     images, request, kind = run_inpaint(engine, original, binary, settings=settings, strength=strength,
                                         on_step=on_step, cancel=cancel)
 
-    # 3. Composite: generated pixels only inside the (feathered) mask, the input everywhere else
+    # 3. Composite: generated pixels only inside the (feathered) mask, the input everywhere else, after the
+    # generated picture's colours are matched to the input's along the mask's edge
     soft = preprocess.feather(binary, mask_blur)
-    images = [preprocess.composite(original, generated, soft) for generated in images]
+    images = [preprocess.composite(original, preprocess.match_edges(original, generated, binary), soft)
+              for generated in images]
     params = {**base_params(engine, "inpaint", request), "strength": strength, "mask_blur": mask_blur,
               "inpaint_unet": kind, "image_size": list(original.size), **method_notes(engine, kind)}
     return GenerationResult(images=images, params=params, previews=[binary])

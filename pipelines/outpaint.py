@@ -52,7 +52,8 @@ def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bott
                                         picture_size=original.size,
                                         on_step=on_step, cancel=cancel)
     soft = preprocess.feather(binary, OVERLAP)  # (H', W'): 0 on the original, 255 from the old border out
-    images = [preprocess.composite(canvas, generated, soft) for generated in images]
+    images = [preprocess.composite(canvas, preprocess.match_edges(canvas, generated, binary), soft)
+              for generated in images]
     params = {**base_params(engine, "outpaint", request), **sides, "fill": fill, "strength": strength,
               "inpaint_unet": kind, "image_size": list(original.size), "canvas_size": list(canvas.size),
               **method_notes(engine, kind)}

@@ -122,6 +122,8 @@ PRESETS = MappingProxyType(
             default_scheduler="LCM",
             scheduler_names=("LCM",) + COMMON_SCHEDULERS,
             inpaint_model=None,
+            # kept within the goals of prompt following on the validation split (the model card has both rows)
+            int8_decoder=True,
         ),
         "sd15": ModelPreset(
             name="sd15",

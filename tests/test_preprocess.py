@@ -175,6 +175,51 @@ def test_feather_stays_inside_the_mask():
     assert 0 < soft[10, 20] < soft[12, 20] < 255 and soft[20, 20] == 255 and soft[15, 20] == 255
 
 
+def _gradient_picture(size: int) -> np.ndarray:
+    """A sky-like vertical gradient with a horizontal ripple: an input whose colours change along the mask's edge."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return np.clip(np.stack([80 + yy, 120 + 10 * np.sin(xx / 5), 200 - yy / 2], -1), 0, 255).astype(np.uint8)
+
+
+def test_match_edges_removes_a_colour_drift_and_keeps_what_was_drawn():
+    original = _gradient_picture(64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 20:52] = 255
+    # what a model gives back: the input a few levels off everywhere (as a VAE does) and a sharp square drawn inside
+    generated = original.astype(np.int16) + np.array([6, -5, 4], np.int16)
+    generated[26:38, 30:42] = (220, 40, 40)
+    generated = np.clip(generated, 0, 255).astype(np.uint8)
+    matched = np.asarray(preprocess.match_edges(Image.fromarray(original), Image.fromarray(generated),
+                                                Image.fromarray(mask))).astype(int)
+    inside = mask > 0
+    edge_in = inside & ~np.pad(inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2]
+                               & inside[1:-1, 2:], 1)
+    before = np.abs(generated.astype(int)[edge_in] - original.astype(int)[edge_in]).mean()
+    after = np.abs(matched[edge_in] - original.astype(int)[edge_in]).mean()
+    assert before >= 4 and after <= 1.5  # the drift is gone on the mask's edge
+    assert np.array_equal(matched[~inside], original[~inside])  # outside: the input itself
+    square = matched[26:38, 30:42]
+    assert (np.abs(square - (220, 40, 40)) <= 7).all()  # what was drawn keeps its colour (the drift taken off)
+    assert abs(matched[32, 41, 1] - matched[32, 42, 1]) > 80  # and its edge stays sharp
+
+
+def test_match_edges_on_a_mask_at_the_border_and_at_any_size():
+    for size in (40, 97, 300):
+        original = _gradient_picture(size)
+        mask = np.zeros((size, size), np.uint8)
+        mask[:, : size // 3] = 255  # an outpainted side: the mask touches the picture's border
+        generated = np.clip(original.astype(np.int16) - 9, 0, 255).astype(np.uint8)
+        matched = np.asarray(preprocess.match_edges(Image.fromarray(original), Image.fromarray(generated),
+                                                    Image.fromarray(mask))).astype(int)
+        assert matched.shape == original.shape
+        assert np.abs(matched[:, size // 3 - 1] - original[:, size // 3 - 1].astype(int)).max() <= 2
+        assert np.abs(matched[:, 0] - original[:, 0].astype(int)).max() <= 2  # a constant drift: gone everywhere
+    blank, full = Image.new("L", (32, 32), 0), Image.new("L", (32, 32), 255)
+    picture, other = Image.fromarray(_gradient_picture(32)), Image.new("RGB", (32, 32), "red")
+    assert preprocess.match_edges(picture, other, blank).tobytes() == other.tobytes()  # no edge: unchanged
+    assert preprocess.match_edges(picture, other, full).tobytes() == other.tobytes()
+
+
 def test_canny():
     image = Image.new("RGB", (64, 64), "black")
     image.paste((255, 255, 255), (16, 16, 48, 48))

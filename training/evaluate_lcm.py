@@ -26,6 +26,7 @@ from training.common import repo_relative
 from training.train_lcm import DEFAULT_BASE, GRID_STEPS, default_guidance, lcm_scheduler
 
 KEYS = ("colour", "shape", "position", "binding", "held_out_pair")
+INT8_ROW = "int8 decoder"  # how a row decoded by the int8 ONNX decoder (--int8-decoder) ends
 
 
 def following(pipe, expectations, *, steps: int, guidance: float, batch: int = 25, seed: int = 0) -> dict:
@@ -77,6 +78,8 @@ def write_card(folder: Path, test: dict, validation: dict | None = None, shown_a
     record = json.loads((folder / "training.json").read_text())
     (folder / "scores.json").write_text(json.dumps({"test": test, "validation": validation}, indent=2) + "\n")
     chosen = validation.get("chosen", {}) if validation else {}
+    int8 = any(INT8_ROW in name for name in test["rows"])
+    int8_flag = " --int8-decoder" if int8 else ""
 
     def scores(result: dict, title: str) -> list[str]:
         return [table(result["rows"], f"{result['split']}: {result['count']} prompts"), "",
@@ -115,7 +118,10 @@ def write_card(folder: Path, test: dict, validation: dict | None = None, shown_a
         "",
         "The test prompts of `training/splits.py` (never used for a choice), the checker of `training/evaluate.py`, "
         "the same seeds in every row. Binding and held-out pairs rest on 40% and 20% of the prompts: a few prompts "
-        "move them by several points.",
+        "move them by several points."
+        + (f" Rows ending in \"{INT8_ROW}\" decode with the int8 ONNX decoder that the preset uses with the ONNX "
+           "backend (`--backend onnx`: `pipelines/fast_backend.export_decoder_int8`); the other rows decode with the "
+           "VAE's own decoder, as the eager backend does." if int8 else ""),
         "",
         *scores(test, "test"),
     ]
@@ -137,10 +143,10 @@ def write_card(folder: Path, test: dict, validation: dict | None = None, shown_a
         f"{record['command']} --threads 1",
         f"python -m training.train_lcm --out {record['out']} --export {shown}",
         f"python -m training.evaluate_lcm --model {shown} --split validation --count "
-        f"{validation['count'] if validation else 200} --steps 2,4 --guidance 1.5,2.5,4 "
+        f"{validation['count'] if validation else 200} --steps 2,4 --guidance 1.5,2.5,4{int8_flag} "
         "--json runs/lcm/validation.json",
         f"python -m training.evaluate_lcm --model {shown} --count {test['count']} --steps "
-        f"{chosen.get('steps', 4)} --guidance {chosen.get('guidance', 2.5):g} --json runs/lcm/test.json "
+        f"{chosen.get('steps', 4)} --guidance {chosen.get('guidance', 2.5):g}{int8_flag} --json runs/lcm/test.json "
         f"--write-card {shown} --validation runs/lcm/validation.json",
         "```",
         "",
@@ -225,7 +231,7 @@ def main(argv=None):
                 runs[f"distilled, {steps} steps, guidance {scale:g}, tiny decoder"] = following(
                     fast, expectations, steps=steps, guidance=scale)
             if int8 is not None:
-                runs[f"distilled, {steps} steps, guidance {scale:g}, int8 decoder"] = following(
+                runs[f"distilled, {steps} steps, guidance {scale:g}, {INT8_ROW}"] = following(
                     int8, expectations, steps=steps, guidance=scale)
     rows = {name: summary(run) for name, run in runs.items()}
     unseen_rows = {name: summary(run, unseen) for name, run in runs.items()}
