@@ -132,10 +132,35 @@ def run(opts: Options, lcm: str | None = None) -> list[Row]:
         onnx, eager = times["task", "onnx", n], times["task", "eager", n]
         rows.append(Row(PART, f"{what}: distilled {steps} steps, onnx vs eager backend, {n} thread(s) (time ratio)",
                         onnx / eager, detail=f"{onnx * 1e3:.1f} ms vs {eager * 1e3:.1f} ms"))
+    rows += _decoder_rows(engines, thread_counts, repeats)
     rows += _end_to_end_rows(engines["onnx", best_fast], steps, opts)
     rows += _cold_start_rows("shapes-lcm" if Path(lcm or LCM_MODEL) == LCM_MODEL and LCM_MODEL.is_dir() else folder,
                              steps)
     return rows
+
+
+def _decoder_rows(engines: dict, thread_counts: list[int], repeats: int) -> list[Row]:
+    """One image's VAE decode on the fast path's ONNX decoder against the float ONNX decoder, when the preset
+    decodes in int8 (`int8_decoder`): what the quantized convolutions save."""
+    import torch
+
+    from pipelines import fast_backend
+
+    if not engines["onnx", thread_counts[0]].preset.int8_decoder:
+        return []
+    calls = {}
+    for n in thread_counts:
+        engine = engines["onnx", n]
+        full = fast_backend.build_decoder(engine.base.vae, threads=n, cache_dir=Path(empty_onnx_cache()))
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        for name, decoder in (("int8", engine.fast_vae), ("float", full)):
+            calls[name, n] = lambda decoder=decoder: decoder.decode(latents)
+    with torch.inference_mode():
+        times = interleaved_medians(calls, repeats=repeats, warmup=2)
+    return [Row(PART, f"VAE decode of one 64x64 image: int8 vs float ONNX decoder, {n} thread(s) (time ratio)",
+                times["int8", n] / times["float", n],
+                detail=f"{times['int8', n] * 1e3:.1f} ms vs {times['float', n] * 1e3:.1f} ms, median of {repeats}")
+            for n in thread_counts]
 
 
 def _cold_start_rows(model: str, steps: int) -> list[Row]:
