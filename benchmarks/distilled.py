@@ -157,10 +157,29 @@ def _decoder_rows(engines: dict, thread_counts: list[int], repeats: int) -> list
             calls[name, n] = lambda decoder=decoder: decoder.decode(latents)
     with torch.inference_mode():
         times = interleaved_medians(calls, repeats=repeats, warmup=2)
-    return [Row(PART, f"VAE decode of one 64x64 image: int8 vs float ONNX decoder, {n} thread(s) (time ratio)",
+    rows = [Row(PART, f"VAE decode of one 64x64 image: int8 vs float ONNX decoder, {n} thread(s) (time ratio)",
                 times["int8", n] / times["float", n],
                 detail=f"{times['int8', n] * 1e3:.1f} ms vs {times['float', n] * 1e3:.1f} ms, median of {repeats}")
             for n in thread_counts]
+    return rows + [_decoder_quality_row(engines["onnx", thread_counts[0]], full, scenes=32 if repeats <= 5 else 256)]
+
+
+def _decoder_quality_row(engine, float_decoder, scenes: int) -> Row:
+    """PSNR of the int8 decode from the float decode, and of each from the rendered scene, on held-out scenes of the
+    built-in world (the base VAE's posterior means)."""
+    import torch
+
+    from training import shapes
+    from training.common import HELD_OUT_SEED, images_to_tensor, tensor_to_images
+    from training.train_vae import psnr
+
+    truth, _ = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + scenes))
+    with torch.inference_mode():
+        latents = engine.base.vae.encode(images_to_tensor(truth)).latent_dist.mean
+        int8, full = [tensor_to_images(torch.cat([decoder.decode(z[None]).sample for z in latents]))
+                      for decoder in (engine.fast_vae, float_decoder)]
+    return Row(PART, f"int8 decode vs float decode, {scenes} held-out scenes (PSNR)", psnr(int8, full), unit="dB",
+               detail=f"from the rendered scenes: int8 {psnr(int8, truth):.2f} dB, float {psnr(full, truth):.2f} dB")
 
 
 def _cold_start_rows(model: str, steps: int) -> list[Row]:
