@@ -69,7 +69,8 @@ def build_tab(engine, *, studio: Studio | None = None) -> None:
                     maximum=MASK_BLUR_MAX,
                     step=1,
                     value=DEFAULT_MASK_BLUR,
-                    info="pixels inside the mask's edge where the result fades into the picture",
+                    info="pixels inside the mask's edge where the result fades into the picture (its colours are "
+                    "first matched to the picture's along the edge)",
                 )
             gr.Markdown(method_note(engine), elem_id=f"{TAB}-method")
             with gr.Accordion("Upload a mask instead of painting", open=False):

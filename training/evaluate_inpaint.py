@@ -440,6 +440,13 @@ def curve(logs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _original_channels_scale(record: dict) -> float:
+    """The learning-rate multiple conv_in's 4 original input channels trained at in a run (train_inpaint's
+    base_channels_lr_scale; before that option, the added channels' multiple)."""
+    scale = record.get("base_channels_lr_scale")
+    return record.get("conv_in_lr_scale", 1) if scale is None else scale
+
+
 def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation: dict | None) -> Path:
     """README.md of the shipped inpainting model: what it is, how it was made, its held-out scores."""
     folder = Path(folder)
@@ -467,17 +474,24 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "",
         "## Training",
         "- Initialised from the base U-Net; the 5 added input channels start at zero, so at step 0 it computes "
-        "exactly what the base does. Batch 64, AdamW, warm-up then cosine to 0 in each run, conv_in (whose added "
-        "channels start at zero) at a multiple of the rate, EMA of the weights, v-prediction with the base's min-SNR "
-        "weights; the text encoder frozen. The runs, each going on from the one before:",
+        "exactly what the base does. Batch 64, AdamW, warm-up then cosine to 0 in each run, conv_in's added "
+        "channels at a multiple of the rate and its 4 original ones at their own (every later layer reads what they "
+        "compute), EMA of the weights, v-prediction with the base's min-SNR weights; the text encoder frozen. A "
+        "share of each batch can be whole-image examples (everything masked, the whole scene's caption) whose "
+        "target is the base U-Net's own prediction, so the U-Net keeps drawing as the base does where it has "
+        "nothing to copy. "
+        + ("The runs, each going on from the one before:" if len(runs) > 1 else "One run:"),
         "",
-        "| run | steps | mask recipe | pool | learning rate | conv_in rate | batches naming a hidden object |",
-        "|---|---|---|---|---|---|---|",
+        "| run | steps | mask recipe | pool | learning rate | conv_in rate: added / original channels "
+        "| batches naming a hidden object | whole-image examples taught by the base |",
+        "|---|---|---|---|---|---|---|---|",
         *[
             f"| {r.get('out', '?')} | {r['parent']['step'] if r.get('parent') else 0} -> {r['step']} "
             f"| {r.get('masks', 'tight')} "
-            f"| {r['pool_size']} | {r['learning_rate']:g} | x{r.get('conv_in_lr_scale', 1):g} | "
-            f"{'as in the pool' if not r.get('add_share') else format(r['add_share'], '.0%')} |"
+            f"| {r['pool_size']} | {r['learning_rate']:g} | x{r.get('conv_in_lr_scale', 1):g} / "
+            f"x{_original_channels_scale(r):g} | "
+            f"{'as in the pool' if not r.get('add_share') else format(r['add_share'], '.0%')} | "
+            f"{format(r.get('teacher_share') or 0, '.0%')} |"
             for r in runs
         ],
         "",
@@ -506,8 +520,9 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         f"Test split, {count} cases per task, the tabs' defaults ({preset.default_steps} DPM-Solver++ steps, "
         f"guidance {preset.default_guidance:g}, mask blur {DEFAULT_MASK_BLUR:g} px, "
         f"outpaint overlap {OVERLAP} px). Scenes and masks come from seeds the trainer never used (the script "
-        "checks it), and prompts never say where: the mask does. Baseline: the same app path with latent blending "
-        "on the base U-Net.",
+        "checks it), and prompts never say where: the mask does. Both rows go through the app's own path: the "
+        "picture's colours matched to the input along the mask's edge (`pipelines/preprocess.match_edges`), then "
+        "composited with the feathered mask. Baseline: the same app path with latent blending on the base U-Net.",
         "",
         table(test),
         "",
