@@ -6,7 +6,10 @@ against plain diffusers running the built-in model at its defaults (20 DPM-Solve
   path on the eager backend, which splits the gain between distillation and ONNX Runtime;
 - end to end: the running app's /txt2img through gradio_client (the app started on the distilled model with the
   ONNX backend, as `python app.py --model shapes-lcm --backend onnx` does), next to gradio's floor (the same round
-  trip running no model, benchmark part 1).
+  trip running no model, benchmark part 1);
+- the decoder: one image's decode on the int8 ONNX decoder (a preset's `int8_decoder`) beside the float one, and
+  the int8 decode's PSNR on held-out scenes;
+- Live mode in Chromium on the same engine (part 9's measurement), and the cold start.
 
     python -m benchmarks.distilled [--lcm FOLDER] [--repeats N] [--quick]
 
@@ -20,6 +23,7 @@ import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks import live_mode
 from benchmarks.common import (
     PROMPT,
     REPO,
@@ -46,6 +50,7 @@ LCM_EXPORT = REPO / "runs" / "lcm" / "pipeline"  # train_lcm's latest export (un
 TASK_GOAL_S = 0.050  # issue goal: <= 50 ms per image on the task path, and >= 9x plain diffusers at 20 steps
 SPEEDUP_GOAL = 9.0
 END_TO_END_GOAL_S = 0.25
+LIVE_GOAL_S = 0.3  # issue goal: the final prompt's image shown <= 0.3 s after the last keystroke
 
 
 def lcm_folder(path: str | None, notes: list[str]) -> str:
@@ -134,6 +139,8 @@ def run(opts: Options, lcm: str | None = None) -> list[Row]:
                         onnx / eager, detail=f"{onnx * 1e3:.1f} ms vs {eager * 1e3:.1f} ms"))
     rows += _decoder_rows(engines, thread_counts, repeats)
     rows += _end_to_end_rows(engines["onnx", best_fast], steps, opts)
+    # Live mode on the same fast path, so every figure of the fast path comes from one run
+    rows += live_mode.measure(engines["onnx", best_fast], opts, part=PART, goal=f"<= {LIVE_GOAL_S:g}")
     rows += _cold_start_rows("shapes-lcm" if Path(lcm or LCM_MODEL) == LCM_MODEL and LCM_MODEL.is_dir() else folder,
                              steps)
     return rows

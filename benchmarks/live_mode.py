@@ -148,13 +148,18 @@ def set_settings(page, seed: int, steps: int, attempts: int = 4) -> None:
 
 
 def run(opts: Options) -> list[Row]:
-    if not CHROMIUM.exists():
-        return [Row(PART, "last keystroke -> final image shown", float("nan"), "s",
-                    detail=f"not measured: {CHROMIUM} is missing (apt-get install chromium)")]
     folder, note = model_folder(opts)
     if note:
         opts.notes.append(note)
-    engine = build_engine(folder)
+    return measure(build_engine(folder), opts)
+
+
+def measure(engine, opts: Options, part: str = PART, goal: str = "") -> list[Row]:
+    """The rows of this part for `engine` (part 10 measures the distilled model on the fast path with it, against
+    `goal` for the wait)."""
+    if not CHROMIUM.exists():
+        return [Row(part, "last keystroke -> final image shown", float("nan"), "s",
+                    detail=f"not measured: {CHROMIUM} is missing (apt-get install chromium)")]
     edits = 3 if opts.quick else EDITS
     rounds = 1 if opts.quick else max(3, opts.repeats)
     steps = 2 if opts.quick else engine.preset.default_steps  # the model's own: 20 built-in, 4 distilled
@@ -188,13 +193,13 @@ def run(opts: Options) -> list[Row]:
         server.close()
     latency = statistics.median(latencies)
     return [
-        Row(PART, f"last keystroke -> final image shown, {edits} edits {TYPING_DELAY_MS} ms apart "
-                  f"(median of {rounds})", latency, "s", "",
+        Row(part, f"last keystroke -> final image shown, {edits} edits {TYPING_DELAY_MS} ms apart "
+                  f"(median of {rounds})", latency, "s", goal,
             f"rounds: {', '.join(f'{t:.2f}' for t in latencies)} s; {live_images} live images shown in all; "
             f"{steps} steps, {engine.preset.default_size}x{engine.preset.default_size}"),
-        Row(PART, "that wait vs one /txt2img call of the same settings", latency / plain_s, "x", "",
+        Row(part, "that wait vs one /txt2img call of the same settings", latency / plain_s, "x", "",
             f"live {latency:.3f} s vs /txt2img {plain_s:.3f} s (gradio_client, median of {rounds})"),
-        Row(PART, "stale images shown after the last keystroke", stale, "images", "<= 0",
+        Row(part, "stale images shown after the last keystroke", stale, "images", "<= 0",
             f"in {rounds} round(s): images for an older prompt that appeared after the newest edit"),
     ]
 

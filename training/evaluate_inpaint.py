@@ -558,9 +558,10 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "- Adding an object beside two shapes or a person (the add rows by scene above) is a composition the "
         "world's own scenes never show, only the `compose` examples do. Added objects are drawn flat unless "
         "the prompt names a style, and their size follows the prompt's size word or, without one, the mask. In new "
-        "places they often come out rounded, take the wrong form or fill the painted area to its edges, which is "
-        "most of the seam above: a wider mask blur hides it (3 px met the seam goal on validation) but fades the "
-        "objects too.",
+        "places they often come out rounded or take the wrong form (most of the add and replace misses), or fill "
+        "the painted area to its edges. The seam is what is left after the edge's colours are matched: the "
+        "tab's mask blur (3 px, the smallest that met the seam goal on validation) softens it and fades added "
+        "objects a little (the validation table).",
         "- Background words that contradict the picture are not always overruled (outpaint_other_background).",
         "- The Shapes world only: on photos use `--model sd15` (its own inpainting model).",
         "- Retraining the base U-Net invalidates this model: re-derive it with the command below.",
