@@ -25,7 +25,7 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
     txt2img.generate(engine, *, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
                      width=None, height=None, batch_size=1, on_step=None, cancel=None)
     inpaint.inpaint(engine, *, image, mask, prompt, negative_prompt="", seed, steps, guidance, scheduler=None,
-                    strength=1.0, mask_blur=3, batch_size=1, on_step=None, cancel=None)
+                    strength=1.0, mask_blur=2, batch_size=1, on_step=None, cancel=None)
     outpaint.outpaint(engine, *, image, left=0, right=0, top=0, bottom=0, prompt, negative_prompt="", seed, steps,
                       guidance, scheduler=None, fill="edge", strength=1.0, batch_size=1, on_step=None, cancel=None)
         outpaint.FILLS = ("edge", "blur", "noise")
@@ -44,7 +44,7 @@ Public API (keyword-only after `engine`; every task returns `GenerationResult(im
         -> ExplainResult (a GenerationResult, batch 1, the image bit-identical to txt2img.generate) whose
         .explanation holds per step z_t, x̂0 (+ decoded), σ/ᾱ/t, ε̂ cond/uncond, per-token cross-attention,
         the guidance strip, FLOPs latent vs pixel, stage timings and a reproducing diffusers script
-    explain.explain_inpaint(engine, *, image, mask, prompt, ..., strength=1.0, mask_blur=3) -> ExplainResult
+    explain.explain_inpaint(engine, *, image, mask, prompt, ..., strength=1.0, mask_blur=2) -> ExplainResult
         (inpaint.inpaint watched: the mask on the latent grid, z_t and x̂0 per step)
     explain.Probe(engine, *, cfg, attention=True, keep_tokens=None): context manager holding engine.lock that
         wraps the shared U-Net's cross-attention processors and hooks U-Net/text encoder/VAE decoder; all undone

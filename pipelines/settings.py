@@ -79,9 +79,10 @@ PREVIEW_EVERY_S = 0.15
 
 # Inpainting: pixels over which the result fades into the input inside the mask's edge (pipelines.preprocess.feather);
 # outside the mask nothing changes whatever the blur. Chosen on the built-in model's validation split
-# (assets/models/shapes-inpaint/README.md) as the smallest blur whose seam meets the goal (within 1.2x of the
-# ground truth's) once the edge's colours are matched (pipelines.preprocess.match_edges): 3 px.
-DEFAULT_MASK_BLUR = 3
+# (assets/models/shapes-inpaint/README.md): with the edge's colours matched (pipelines.preprocess.match_edges),
+# 3 px brought the seam within the goal where 2 px missed it narrowly, but it fades what is drawn near the mask's
+# edge: the Inpaint tab's own example ("a big green star") lost its star's points in every seed at 3 px.
+DEFAULT_MASK_BLUR = 2
 
 # What runs the U-Net's denoising steps (--backend / LDS_BACKEND; pipelines/fast_backend.py): "eager" PyTorch, or
 # "onnx", the base U-Net exported once to ONNX and run by ONNX Runtime on the CPU. Eager by default: ONNX Runtime's
