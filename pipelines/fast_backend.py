@@ -287,13 +287,18 @@ class _StandIn(torch.nn.Module):
     def config(self):
         return self.eager.config
 
+    # `dtype` and `device` as diffusers' own lookups answer them without layerwise casting or group offloading
+    # (the engine enables neither): the first floating-point weight's. Those lookups first walk every module for
+    # such hooks, ~1 ms a call, and a pipeline call asks each component several times.
     @property
     def dtype(self) -> torch.dtype:
-        return self.eager.dtype
+        if getattr(self.eager, "_keep_in_fp32_modules", None):
+            return self.eager.dtype  # some weights kept in fp32 on purpose: diffusers' rule skips them
+        return next((p.dtype for p in self.eager.parameters() if p.is_floating_point()), None) or self.eager.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.eager.device
+        return next(self.eager.parameters()).device
 
     def __getattr__(self, name: str) -> Any:
         try:
