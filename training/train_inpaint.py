@@ -265,7 +265,7 @@ def train(
     scaling = vae.config.scaling_factor
     latent_size = tuple(pool["target_mean"].shape[-2:])
     weights = sampling_weights(len(pool["ids"]), config.add_share, config.masks)
-    whole = whole_image_examples(vae, pool, config) if config.teacher_share else None
+    whole = whole_image_examples(vae, pool) if config.teacher_share else None
     log = LossLog(out_dir, ["loss", "lr"])
     generator = torch.Generator().manual_seed(seed + step)
     print(
@@ -280,26 +280,20 @@ def train(
             index = torch.randint(0, len(pool["ids"]), (config.batch_size,), generator=generator)
         else:
             index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
-        latents = (
-            pool["target_mean"][index]
-            + pool["target_std"][index] * torch.randn(pool["target_mean"][index].shape, generator=generator)
-        ) * scaling  # (B, 4, 16, 16)
-        masked = (
-            pool["masked_mean"][index]
-            + pool["masked_std"][index] * torch.randn(pool["masked_mean"][index].shape, generator=generator)
-        ) * scaling  # (B, 4, 16, 16)
+        latents = scaled_sample(pool["target_mean"][index], pool["target_std"][index], scaling, generator)
+        masked = scaled_sample(pool["masked_mean"][index], pool["masked_std"][index], scaling, generator)
         mask = latent_mask(pool["mask"][index].float(), latent_size)  # (B, 1, 16, 16)
         taught = round(config.teacher_share * config.batch_size)  # the batch's last `taught` are whole-image
         if taught:
             # a whole-scene caption over its own scene's latents, everything masked: nothing left to copy
             index[-taught:] = whole["index"][torch.randint(0, len(whole["index"]), (taught,), generator=generator)]
-            latents[-taught:] = (
-                pool["target_mean"][index[-taught:]]
-                + pool["target_std"][index[-taught:]] * torch.randn((taught, *latents.shape[1:]), generator=generator)
-            ) * scaling
-            masked[-taught:] = (
-                whole["grey_mean"] + whole["grey_std"] * torch.randn((taught, *masked.shape[1:]), generator=generator)
-            ) * scaling
+            latents[-taught:] = scaled_sample(
+                pool["target_mean"][index[-taught:]], pool["target_std"][index[-taught:]], scaling, generator
+            )
+            grey = (taught, *whole["grey_mean"].shape)
+            masked[-taught:] = scaled_sample(
+                whole["grey_mean"].expand(grey), whole["grey_std"].expand(grey), scaling, generator
+            )
             mask[-taught:] = 1.0
         with torch.no_grad():
             hidden = text_encoder(pool["ids"][index]).last_hidden_state  # (B, 24, 128)
@@ -331,9 +325,10 @@ def train(
         lr *= 0.5 * (1 + math.cos(math.pi * (step - first_step) / max(1, max_steps - first_step)))
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"]  # conv_in at its multiple: optimizer_step leaves the rates as they are
-        base_channels = unet.conv_in.weight[:, :4].detach().clone()
+        own_rate = config.base_channels_lr_scale is not None
+        base_channels = unet.conv_in.weight[:, :4].detach().clone() if own_rate else None
         optimizer_step(opt, loss, clip=unet.parameters())
-        if config.base_channels_lr_scale is not None:
+        if own_rate:
             # Adam's update is element-wise, so scaling this step's change of the four original channels is
             # exactly a learning rate of their own
             with torch.no_grad():
@@ -373,8 +368,13 @@ def train(
     return ema_unet
 
 
+def scaled_sample(mean: torch.Tensor, std: torch.Tensor, scaling: float, generator: torch.Generator) -> torch.Tensor:
+    """Latents drawn from the VAE posteriors (mean, std), scaled as the U-Net sees them."""
+    return (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+
+
 @torch.no_grad()
-def whole_image_examples(vae, pool: dict, config: InpaintConfig) -> dict:
+def whole_image_examples(vae, pool: dict) -> dict:
     """For --teacher-share: the pool examples whose caption names their whole scene, and the posterior of an
     all-masked picture (mid grey), which is what the 9-channel U-Net is shown when everything is masked."""
     index = torch.tensor([i for i, mode in enumerate(pool["modes"]) if mode == "scene"])
