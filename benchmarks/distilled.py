@@ -157,9 +157,10 @@ def _decoder_rows(engines: dict, thread_counts: list[int], repeats: int) -> list
         return []
     calls = {}
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cache = Path(empty_onnx_cache())  # the float decoder exported once, loaded at each thread count
     for n in thread_counts:
         engine = engines["onnx", n]
-        full = fast_backend.build_decoder(engine.base.vae, threads=n, cache_dir=Path(empty_onnx_cache()))
+        full = fast_backend.build_decoder(engine.base.vae, threads=n, cache_dir=cache)
         for name, decoder in (("int8", engine.fast_vae), ("float", full)):
             calls[name, n] = lambda decoder=decoder: decoder.decode(latents)
     with torch.inference_mode():

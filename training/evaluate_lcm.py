@@ -214,8 +214,10 @@ def main(argv=None):
         from pipelines import fast_backend
 
         # the app's own stand-in, exported into a scratch cache: decode runs the int8 graph, encode stays eager
-        decoder = fast_backend.build_decoder(distilled.vae, threads=torch.get_num_threads(),
-                                             cache_dir=Path(tempfile.mkdtemp(prefix="lds-int8-")), int8=True)
+        # (the session holds the graph once opened, so the scratch folder goes at once)
+        with tempfile.TemporaryDirectory(prefix="lds-int8-") as cache:
+            decoder = fast_backend.build_decoder(distilled.vae, threads=torch.get_num_threads(), cache_dir=Path(cache),
+                                                 int8=True)
         int8 = type(distilled).from_pipe(distilled, vae=decoder)
     settings: dict[str, tuple[int, float]] = {}  # distilled rows (full decoder): (steps, guidance)
     for steps in step_counts:
