@@ -90,10 +90,9 @@ def parse_options(description: str, argv=None) -> Options:
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
+    from pipelines.compute import usable_cores
+
+    return usable_cores()
 
 
 def set_threads(opts: Options) -> int:

@@ -36,19 +36,24 @@ PART = "8 fast path"
 BACKENDS = ("eager", "onnx")
 
 
-def engines_by_backend(folder: str, thread_counts: list[int]) -> tuple[dict, dict]:
+APP_DEFAULT = "default"  # engines_by_backend's key for an onnx engine at the app's own thread counts
+
+
+def engines_by_backend(folder: str, thread_counts: list[int], *, app_default: bool = False) -> tuple[dict, dict]:
     """{(backend, threads): Engine} and {(backend, threads): seconds its start took}; the first onnx engine exports
-    into an empty cache, the later ones load that export."""
+    into an empty cache, the later ones load that export. With `app_default`, also ("onnx", APP_DEFAULT): the
+    engine the app builds when no thread count is given (its U-Net threads and its decode's differ)."""
     from pipelines.engine import Engine
 
+    configs = [(backend, threads) for threads in thread_counts for backend in BACKENDS]
+    configs += [("onnx", APP_DEFAULT)] if app_default else []
     engines, starts = {}, {}
     with environment(LDS_ONNX_CACHE=empty_onnx_cache()):
-        for threads in thread_counts:
-            for backend in BACKENDS:
-                started = time.perf_counter()
-                engines[backend, threads] = Engine(preset_for(folder), device="cpu", threads=threads,
-                                                   backend=backend)
-                starts[backend, threads] = time.perf_counter() - started
+        for backend, threads in configs:
+            started = time.perf_counter()
+            engines[backend, threads] = Engine(preset_for(folder), device="cpu", backend=backend,
+                                               threads=None if threads == APP_DEFAULT else threads)
+            starts[backend, threads] = time.perf_counter() - started
     return engines, starts
 
 

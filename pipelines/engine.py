@@ -25,7 +25,7 @@ from pipelines import fast_backend
 from pipelines.adapters import AdapterSet, prompt_words
 from pipelines.batching import RequestBatcher
 from pipelines.common import InputError, ModelNotAvailable, check_choice
-from pipelines.compute import EngineCompute, default_threads, model_thread
+from pipelines.compute import EngineCompute, default_decode_threads, default_threads, model_thread
 from pipelines.loading import is_local, load_errors, not_available
 from pipelines.registry import CONTROL_TYPES, ModelPreset
 from pipelines.schedulers import LCM_ONLY, SCHEDULERS, make_scheduler
@@ -107,7 +107,7 @@ def pick_device(device: str | None, dtype: str | None, *, builtin: bool) -> tupl
 class Engine:
     def __init__(self, preset: ModelPreset, *, device: str | None = None, dtype: str | None = None,
                  attention_slicing: bool = False, vae_tiling: bool = False, cpu_offload: bool = False,
-                 threads: int | None = None, backend: str | None = None):
+                 threads: int | None = None, backend: str | None = None, decode_threads: int | None = None):
         self.preset = preset
         self.device, self.torch_dtype = pick_device(device, dtype, builtin=preset.is_builtin)
         self.backend = resolve_backend(backend)  # what runs U-Net steps: "eager" or "onnx" (pipelines/fast_backend.py)
@@ -119,6 +119,9 @@ class Engine:
         # threads: intra-op threads of every model call (None: all usable cores but one on CPU;
         # compute.default_threads)
         self.threads = int(threads) if threads else default_threads(self.device)
+        # decode_threads: the ONNX backend's VAE decode (None: `threads` when those were set, else every usable
+        # core on CPU; compute.default_decode_threads)
+        self.decode_threads = int(decode_threads or threads or default_decode_threads(self.device))
         self.compute = EngineCompute(model_thread(), self.threads)
         env_limits = Limits.from_env()
         max_size = min(preset.max_size, env_limits.max_size) if env_limits.max_size else preset.max_size
@@ -164,7 +167,7 @@ class Engine:
         decoding = self._tiny_decoding() or self.base.vae
         if self.backend == "onnx":
             self.fast_unet = self._build_fast_unet()
-            self.fast_vae = self.compute.run(fast_backend.build_decoder, decoding, threads=self.threads,
+            self.fast_vae = self.compute.run(fast_backend.build_decoder, decoding, threads=self.decode_threads,
                                              cache_dir=onnx_cache_dir(), int8=self.preset.int8_decoder)
         elif decoding is not self.base.vae:
             self.fast_vae = decoding
@@ -192,7 +195,10 @@ class Engine:
         return pipe
 
     def _build_fast_unet(self):
-        return self.compute.run(fast_backend.build, self.base.unet, threads=self.threads, cache_dir=onnx_cache_dir())
+        common = fast_backend.common_call(self.base.unet, self.preset.default_size // self.base.vae_scale_factor,
+                                          self.base.tokenizer.model_max_length)
+        return self.compute.run(fast_backend.build, self.base.unet, threads=self.threads, cache_dir=onnx_cache_dir(),
+                                common=common)
 
     def _tiny_decoding(self):
         """The base VAE decoding through the preset's tiny decoder, or None (no fast decoder, or not loadable:
@@ -275,6 +281,7 @@ class Engine:
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "threads": self.threads,
             "backend": self.backend,
+            "decode_threads": self.decode_threads if self.backend == "onnx" else None,
             "default_size": self.preset.default_size,
             "max_size": self.limits.max_size,
             "size_multiple": self.size_multiple,
@@ -313,12 +320,12 @@ class Engine:
             )
         with self.lock:
             cached = self._task_pipeline(task, controls)
-            fresh = make_scheduler(scheduler, self.base.scheduler.config)
-            view = _view(cached, fresh)
-            if self.fast_unet is not None and view.unet is self.base.unet:  # not the 9-channel inpainting U-Net
-                view.register_modules(unet=self.fast_unet)  # falls back to the eager U-Net call by call
-            if self.fast_vae is not None and view.vae is self.base.vae:
-                view.register_modules(vae=self.fast_vae)  # decode on ONNX Runtime; encode and the rest eager
+            swaps = {"scheduler": make_scheduler(scheduler, self.base.scheduler.config)}
+            if self.fast_unet is not None and cached.unet is self.base.unet:  # not the 9-channel inpainting U-Net
+                swaps["unet"] = self.fast_unet  # falls back to the eager U-Net call by call
+            if self.fast_vae is not None and cached.vae is self.base.vae:
+                swaps["vae"] = self.fast_vae  # decode on ONNX Runtime; encode and the rest eager
+            view = _view(cached, **swaps)
         view.set_progress_bar_config(disable=True)
         return view
 
@@ -479,20 +486,22 @@ class Engine:
             torch.mps.empty_cache()
 
 
-def _view(pipe, scheduler):
-    """A request-scoped pipeline over `pipe`'s modules with its own scheduler.
+def _view(pipe, **modules):
+    """A request-scoped pipeline over `pipe`'s modules with its own scheduler (and any other `modules`: the
+    fast backend's stand-ins).
 
     A shallow copy: a new pipeline object with its own attributes and config, holding the very same module
-    objects; the scheduler is registered on the copy only. `from_pipe(pipe, scheduler=...)` makes the same
-    thing but first re-casts every shared module to the dtype, a walk over every parameter and hook on every
-    request that costs far more than the copy (README, Performance: cheap request views).
+    objects; `modules` are registered on the copy only, in one call (each call rebuilds the config).
+    `from_pipe(pipe, scheduler=...)` makes the same thing but first re-casts every shared module to the dtype, a
+    walk over every parameter and hook on every request that costs far more than the copy (README, Performance:
+    cheap request views).
     The copy leaves the model-offload bookkeeping behind, as from_pipe would: `Engine.after_run` offloads
     through the base pipeline.
     """
     view = copy.copy(pipe)
     for name in ("_all_hooks", "_offload_device", "_offload_gpu_id"):
         view.__dict__.pop(name, None)
-    view.register_modules(scheduler=scheduler)
+    view.register_modules(**modules)
     return view
 
 

@@ -224,9 +224,18 @@ def cached_export(model: torch.nn.Module, cache_dir: Path, kind: str = "unet") -
     return path, time.perf_counter() - started
 
 
-def open_session(path: Path, threads: int):
+def common_call(unet: torch.nn.Module, latent_size: int, tokens: int) -> dict[str, int]:
+    """The export's free dimensions (its dynamic axes) in the call an engine makes most: one image at the model's
+    default size with the prompt at the tokenizer's length, a batch of 2 with classifier-free guidance, or of 1 for
+    a U-Net that takes the guidance scale as an input (a distilled one: no unconditional pass)."""
+    return {"batch": 1 if cond_dim(unet) else 2, "height": latent_size, "width": latent_size, "tokens": tokens}
+
+
+def open_session(path: Path, threads: int, fixed: dict[str, int] | None = None):
     """An ONNX Runtime CPU session with `threads` intra-op threads (the engine's model threads) and no inter-op
-    pool: one U-Net call at a time runs on the engine's model thread."""
+    pool: one U-Net call at a time runs on the engine's model thread. `fixed`: free dimensions given a size, so
+    the session only takes that shape, and ONNX Runtime folds away the shape arithmetic of the dynamic axes,
+    hundreds of tiny nodes that cost time at every step of a small U-Net (README, Fast backend)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -238,6 +247,8 @@ def open_session(path: Path, threads: int):
     # the cores from each other and from the web server (distilled model, 2 threads: 128 ms an image spinning,
     # 79 ms not; 1 thread unchanged)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for name, value in (fixed or {}).items():
+        options.add_free_dimension_override_by_name(name, int(value))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -249,15 +260,18 @@ class BuildInfo:
     threads: int
 
 
-def build(unet: torch.nn.Module, *, threads: int, cache_dir: Path) -> "OnnxUNet":
-    """The ONNX-backed stand-in for `unet`, exporting it first when the cache has no file for these weights."""
+def build(unet: torch.nn.Module, *, threads: int, cache_dir: Path, common: dict[str, int] | None = None
+          ) -> "OnnxUNet":
+    """The ONNX-backed stand-in for `unet`, exporting it first when the cache has no file for these weights.
+    `common` (see common_call): the session opened now takes only that shape, the fastest for the calls made
+    most; one for every other shape opens at the first such call."""
     path, export_s = cached_export(unet, cache_dir)
     started = time.perf_counter()
-    session = open_session(path, threads)
+    session = open_session(path, threads, fixed=common)
     info = BuildInfo(path=path, export_s=export_s, load_s=time.perf_counter() - started, threads=threads)
     logger.info("ONNX U-Net %s: %s, session opened in %.2f s", path,
                 "loaded from the cache" if export_s is None else f"exported in {export_s:.1f} s", info.load_s)
-    return OnnxUNet(unet, session, info)
+    return OnnxUNet(unet, session, info, common=common)
 
 
 def build_decoder(vae: torch.nn.Module, *, threads: int, cache_dir: Path, int8: bool = False) -> "OnnxDecoder":
@@ -346,11 +360,14 @@ class OnnxUNet(_StandIn):
     The eager U-Net is held outside torch's module tree: `.to()`, `.modules()` or a state_dict of this wrapper
     never reach the shared U-Net, and hooks or processors are only ever set on the eager U-Net itself."""
 
-    def __init__(self, eager: torch.nn.Module, session, info: BuildInfo):
+    def __init__(self, eager: torch.nn.Module, session, info: BuildInfo, common: dict[str, int] | None = None):
         super().__init__(eager)
-        self.session = session
         self.info = info
         self.calls = {"onnx": 0, "eager": 0}
+        # (batch, latent height, latent width, tokens) that `common_session` takes, or None: `session` takes all
+        self.common = tuple(common[name] for name in ("batch", "height", "width", "tokens")) if common else None
+        self.common_session = session if common else None
+        self._any_session = None if common else session
         from diffusers.models.attention_processor import Attention
 
         self._modules_seen = tuple(eager.modules())
@@ -380,12 +397,20 @@ class OnnxUNet(_StandIn):
                 "encoder_hidden_states": encoder_hidden_states.detach().contiguous().numpy()}
         if self._cond_dim:
             feed[COND_INPUT] = kwargs["timestep_cond"].detach().contiguous().numpy()
-        noise_pred = torch.from_numpy(self.session.run(None, feed)[0])
+        common = (batch, sample.shape[2], sample.shape[3], encoder_hidden_states.shape[1]) == self.common
+        noise_pred = torch.from_numpy((self.common_session if common else self.session).run(None, feed)[0])
         if not return_dict:
             return (noise_pred,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=noise_pred)
+
+    @property
+    def session(self):
+        """The session for any shape (opened at the first call that is not the common one)."""
+        if self._any_session is None:
+            self._any_session = open_session(self.info.path, self.info.threads)
+        return self._any_session
 
     # --- when the export is exact ---------------------------------------------------------------------------
 

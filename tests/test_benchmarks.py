@@ -37,7 +37,8 @@ ROWS = [
     "7 compare grid | grid vs the same images as single txt2img runs",
     "10 distilled fast path | txt2img 64x64: the fast path per image, at its best thread count",
     "10 distilled fast path | API /txt2img end to end (gradio_client), distilled on onnx",
-    "10 distilled fast path | cold start, later: the same with the cached exports",
+    "10 distilled fast path | cold start: fresh python, import app, engine on onnx with the cached exports",
+    "10 distilled fast path | first start after install: the same, exporting first",
 ]
 
 

@@ -53,15 +53,17 @@ def test_model_work_uses_the_engines_thread_count_whoever_calls(tiny_presets, mo
 
     import torch
 
-    from pipelines.compute import default_threads
+    from pipelines.compute import default_decode_threads, default_threads
     from pipelines.engine import Engine
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert default_threads("cpu") == 3
+    assert default_threads("cpu") == 3 and default_decode_threads("cpu") == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert default_threads("cpu") == 1
+    assert default_threads("cpu") == 1 and default_decode_threads("cpu") == 1
     engine = Engine(tiny_presets["shapes"], device="cpu", threads=2)
     assert engine.threads == 2 and engine.info()["threads"] == 2
+    assert engine.decode_threads == 2  # an explicit count sets the decode's too
+    assert engine.info()["decode_threads"] is None  # only the onnx backend decodes on its own threads
     assert engine.compute.run(torch.get_num_threads) == 2
     assert engine.compute.thread.run(torch.get_num_threads) == torch.get_num_threads()  # a plain job: the caller's
 

@@ -80,6 +80,35 @@ def test_onnx_unet_equals_eager_within_tolerance(fast, batch, height, width):
     assert float((got - want).abs().max()) <= UNET_TOLERANCE
 
 
+def test_the_common_call_runs_a_session_fixed_to_its_shape_and_others_the_general_one(fast, cache_dir):
+    """The engine's most common U-Net call (CFG batch 2 at the default size, the prompt at the tokenizer's length)
+    runs a session whose free dimensions are fixed (pipelines/fast_backend.common_call); any other shape opens the
+    general session at its first call. Both equal eager within the tolerance, and each gives the same bytes again."""
+    from pipelines import fast_backend
+
+    tokens = fast.base.tokenizer.model_max_length
+    assert fast.fast_unet.common == (2, 16, 16, tokens)
+    fresh = fast_backend.build(fast.base.unet, threads=1, cache_dir=cache_dir,
+                               common=fast_backend.common_call(fast.base.unet, 16, tokens))
+    assert fresh._any_session is None  # not opened until a call needs it
+    sample, t, _ = _inputs(2, 16, 16)
+    hidden = torch.randn(2, tokens, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = fast.base.unet(sample, t, encoder_hidden_states=hidden).sample
+        common = fresh(sample, t, encoder_hidden_states=hidden).sample
+        assert fresh._any_session is None
+        assert torch.equal(fresh(sample, t, encoder_hidden_states=hidden).sample, common)
+        other = fresh(sample[:1], t, encoder_hidden_states=hidden[:1]).sample  # batch 1: the general session
+        assert fresh._any_session is not None
+        general = torch.from_numpy(fresh.session.run(None, {
+            "sample": sample.numpy(), "timestep": t.reshape(1).expand(2).float().numpy(),
+            "encoder_hidden_states": hidden.numpy()})[0])
+    assert fresh.calls == {"onnx": 3, "eager": 0}
+    for got in (common, general):
+        assert float((got - want).abs().max()) <= UNET_TOLERANCE
+    assert float((other - want[:1]).abs().max()) <= UNET_TOLERANCE
+
+
 def test_calls_the_export_does_not_cover_run_the_eager_unet_exactly(fast):
     """Latents not divisible by the U-Net's upsampling (a 72-pixel side), attention kwargs, a float64 sample:
     the eager U-Net's own output, bit for bit."""
@@ -215,6 +244,25 @@ def test_the_cache_is_reused_by_a_second_engine(fast, cache_dir):
     assert sorted(p.name for p in cache_dir.iterdir()) == folders
     assert fast.fast_vae.info.path.parent.name.startswith("vae-decoder-")
     assert _bytes(txt2img.generate(second, **SETTINGS)) == _bytes(txt2img.generate(fast, **SETTINGS))
+
+
+def test_the_default_engine_decodes_on_every_core_and_a_seed_gives_the_same_bytes(fast, cache_dir, monkeypatch):
+    """Threads not set: the U-Net on every core but one, the ONNX decode on all (pipelines/compute.py); an explicit
+    count sets both. The decode's thread count changes no pixel: the same seed gives the same bytes as at 1 thread."""
+    from benchmarks.common import environment
+    from pipelines.engine import Engine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with environment(LDS_ONNX_CACHE=str(cache_dir)):
+        default = Engine(BUILTIN, device="cpu", backend="onnx")
+    assert (default.threads, default.decode_threads) == (1, 2) and fast.decode_threads == 1
+    assert default.fast_vae.info.threads == 2 and default.fast_unet.info.threads == 1
+    assert default.fast_vae.session.get_session_options().intra_op_num_threads == 2
+    assert default.info()["decode_threads"] == 2
+    before = default.fast_vae.calls["onnx"]
+    first = _bytes(txt2img.generate(default, **SETTINGS))
+    assert default.fast_vae.calls["onnx"] == before + 1
+    assert _bytes(txt2img.generate(default, **SETTINGS)) == first == _bytes(txt2img.generate(fast, **SETTINGS))
 
 
 # --- what must stay eager --------------------------------------------------------------------------------------
