@@ -47,13 +47,17 @@ def test_examples_are_deterministic_and_follow_the_rule():
     assert seen_modes == set(inpaint_data.CAPTION_MODES)
 
 
-def test_compose_examples_put_the_named_new_object_inside_the_mask():
+@pytest.mark.parametrize("recipe", ["compose", "compose-free"])
+def test_compose_examples_put_the_named_new_object_inside_the_mask(recipe, monkeypatch):
     from training import inpaint_data, shapes
     from training.evaluate import EVAL_BACKGROUNDS, find_objects
 
+    drawn = []  # the kind of every mask drawn around an object
+    object_mask = inpaint_data.object_mask
+    monkeypatch.setattr(inpaint_data, "object_mask", lambda kind, *a: drawn.append(kind) or object_mask(kind, *a))
     kinds = {}
     for seed in range(300):
-        example = inpaint_data.training_example(seed, seed, "compose")
+        example = inpaint_data.training_example(seed, seed, recipe)
         kinds[example.mask_kind] = kinds.get(example.mask_kind, 0) + 1
         if example.mask_kind not in inpaint_data.NEW_OBJECT_KINDS:
             continue
@@ -73,8 +77,10 @@ def test_compose_examples_put_the_named_new_object_inside_the_mask():
         ]
         assert named[0] in {(f.colour, f.shape) for f in inside}, (seed, example.caption)
     # every kind of the recipe is drawn, new objects often: the lesson the world's own scenes never give
-    assert set(kinds) == set(inpaint_data.MASK_RECIPES["compose"])
+    assert set(kinds) == set(inpaint_data.MASK_RECIPES[recipe])
     assert kinds["add"] + kinds["swap"] >= 60
+    # "compose-free" never draws a mask shaped like the object it holds (its outline would decide the new shape)
+    assert ("object-shape" in drawn) == (recipe == "compose")
 
 
 def test_masked_source_is_what_diffusers_shows_the_unet():

@@ -51,6 +51,9 @@ PASS_SHARE = 0.9  # remove and outpaint: share of pixels that must match
 CENTRE_SLACK_PX = 2  # an object's centre may sit this close outside the mask and still count as inside
 OBJECT_SLACK_PX = 6  # outpaint: a continued object's centre within this of the ground truth's
 TASKS = ("add", "replace", "remove", "outpaint")
+# Case.mask_kind -> how the breakdown rows name it
+_MASK_NAMES = {"box": "a box", "ellipse": "an ellipse", "object-box": "a box around it",
+               "object-shape": "its outline grown", "object-scribble": "a scribble"}
 # The settings the tabs' defaults were chosen from, on the validation split (the card shows the table)
 VALIDATION_SWEEPS = {"guidance": "1.5,2.5,4", "mask_blur": "0,1,2,3"}
 
@@ -67,6 +70,7 @@ class Case:
     want: tuple[str, str] | None = None  # (colour, shape) that must appear
     truth: np.ndarray | None = None  # (64, 64, 3) ground-truth render of the finished scene
     wrong_background: bool = False
+    mask_kind: str = ""  # how the mask was drawn: "box" or "ellipse" (add), inpaint_data's object kinds
 
 
 # ----------------------------------------------------------------------------- held-out cases
@@ -151,13 +155,15 @@ def build_cases(split: str, count: int) -> list[Case]:
             box = _free_box(scene, rng, int(rng.integers(26, 31)) if big else int(rng.integers(18, 23)))
             if box is None:
                 continue
-            mask = _blob(box, rng) if rng.random() < 0.4 else box
+            mask_kind = "ellipse" if rng.random() < 0.4 else "box"
+            mask = _blob(box, rng) if mask_kind == "ellipse" else box
             want = _other_pair(rng, ("", ""))
             ys, xs = np.nonzero(mask)
             truth = _with_object(scene, *want, "big" if big else "small", (xs.mean(), ys.mean()))
             words = (["big"] if big else []) + list(want)
             prompt = f"{shapes.article(words[0])} {' '.join(words)}"
-            cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth))
+            cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth,
+                                    mask_kind=mask_kind))
         elif task in ("replace", "remove"):
             if not shapes_in_scene:
                 continue
@@ -171,10 +177,11 @@ def build_cases(split: str, count: int) -> list[Case]:
                 words = ([obj.size] if sized else []) + list(want)
                 prompt = f"{shapes.article(words[0])} {' '.join(words)}"
                 truth = _with_object(scene, *want, obj.size, obj.centre, drop=index)
-                cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth))
+                cases[task].append(Case(task, seed, scene, sample.image, prompt, mask=mask, want=want, truth=truth,
+                                        mask_kind=kind))
             else:
                 truth = inpaint_data.render_without(scene, [index])
-                cases[task].append(Case(task, seed, scene, sample.image, bg, mask=mask, truth=truth))
+                cases[task].append(Case(task, seed, scene, sample.image, bg, mask=mask, truth=truth, mask_kind=kind))
         else:
             sides = {}
             for side in rng.choice(["left", "right", "top", "bottom"], size=int(rng.integers(1, 3)), replace=False):
@@ -240,6 +247,8 @@ def judge_inpaint(case: Case, result: np.ndarray) -> dict:
             people = any(o.kind == "person" for o in case.scene.objects)
             holds = "a person" if people else f"{len(case.scene.objects)} shape(s)"
             verdict[f"add to {holds}"] = verdict["add"]
+        # by the mask's outline: a brush-painted ellipse must not make the object round
+        verdict[f"{case.task} under {_MASK_NAMES[case.mask_kind]}"] = verdict[case.task]
     else:
         inside = _found_inside(result, case.scene.background, case.mask)
         close = np.abs(result.astype(np.int16) - case.truth.astype(np.int16)).max(axis=2) <= REMOVE_TOLERANCE
@@ -344,10 +353,13 @@ def truth_scores(cases: list[Case]) -> tuple[dict[str, float], list[dict]]:
 def summarise(verdicts: list[dict]) -> dict[str, float]:
     out = {}
     add_kinds = sorted({k for v in verdicts for k in v if k.startswith("add to ")})
+    under = {task: sorted({k for v in verdicts for k in v if k.startswith(f"{task} under ")}) for task in TASKS}
     keys = (
         "add",
         *add_kinds,
+        *under["add"],
         "replace",
+        *under["replace"],
         "remove",
         "keep",
         "outpaint",
