@@ -143,7 +143,7 @@ def default_decode_threads(device: str) -> int:
 
     A decode is a few large convolutions at the image's resolution, which split over cores where the U-Net's
     thousands of small ops do not, and the web layer has nothing to do while the last step of a run decodes
-    (the built-in model's int8 decode at 64x64 took 16 ms on 2 threads and 21.5 ms on 1: README, Fast backend).
+    (measurements: README, Fast backend).
     """
     return usable_cores() if device == "cpu" else default_threads(device)
 

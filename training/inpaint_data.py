@@ -44,8 +44,8 @@ COMPOSE_MASKS = {
     "swap": 0.1,
 }
 # "compose-free": "compose" without masks shaped like the object they hold (its silhouette grown). With them the
-# U-Net learned to draw the outline it is given, so a round brush blob turned a requested star into a disc: on the
-# validation split, additions under ellipse masks were found 56% of the time and under boxes 74%.
+# U-Net may learn to draw the outline it is given, so that a round brush blob turns a requested star into a disc
+# (assets/models/shapes-inpaint/README.md, Limits).
 COMPOSE_FREE_MASKS = {**{k: v for k, v in COMPOSE_MASKS.items() if k != "object-shape"},
                       "object-loose": COMPOSE_MASKS["object-loose"] + COMPOSE_MASKS["object-shape"]}
 MASK_RECIPES = {
