@@ -248,7 +248,8 @@ def judge_inpaint(case: Case, result: np.ndarray) -> dict:
             holds = "a person" if people else f"{len(case.scene.objects)} shape(s)"
             verdict[f"add to {holds}"] = verdict["add"]
         # by the mask's outline: a brush-painted ellipse must not make the object round
-        verdict[f"{case.task} under {_MASK_NAMES[case.mask_kind]}"] = verdict[case.task]
+        if case.mask_kind:
+            verdict[f"{case.task} under {_MASK_NAMES[case.mask_kind]}"] = verdict[case.task]
     else:
         inside = _found_inside(result, case.scene.background, case.mask)
         close = np.abs(result.astype(np.int16) - case.truth.astype(np.int16)).max(axis=2) <= REMOVE_TOLERANCE
