@@ -94,6 +94,11 @@ def _plain(base_folder: str, threads: int, steps: int):
     return lambda: thread.run_threads(threads, once)
 
 
+def _widest(engine) -> int:
+    """The most threads an engine's model work uses (its U-Net's or its decode's)."""
+    return max(engine.threads, engine.decode_threads)
+
+
 def _threads_label(engine) -> str:
     if engine.decode_threads == engine.threads:
         return f"{engine.threads} thread(s)"
@@ -120,9 +125,7 @@ def run(opts: Options, lcm: str | None = None) -> list[Row]:
         return lambda: txt2img.generate(engine, **settings)
 
     calls = {("task", backend, n): task(engine) for (backend, n), engine in engines.items()}
-    default = engines["onnx", APP_DEFAULT]
-    widest = max(default.threads, default.decode_threads)  # what the app's default engine uses at most
-    plain_counts = sorted({*thread_counts, widest})
+    plain_counts = sorted({*thread_counts, _widest(engines["onnx", APP_DEFAULT])})
     calls.update({("plain", "eager", n): _plain(base_folder, n, opts.steps) for n in plain_counts})
     repeats = max(5, opts.repeats * 3)  # each call is short: more repeats for a steady median
     times = interleaved_medians(calls, repeats=repeats, warmup=2)
@@ -133,12 +136,12 @@ def run(opts: Options, lcm: str | None = None) -> list[Row]:
     # each fast configuration beside plain diffusers at the most threads it uses
     for n in [*thread_counts, APP_DEFAULT]:
         engine = engines["onnx", n]
-        fast, plain = times["task", "onnx", n], times["plain", "eager", max(engine.threads, engine.decode_threads)]
+        widest = _widest(engine)
+        fast, plain = times["task", "onnx", n], times["plain", "eager", widest]
         label = _threads_label(engine) + (" (the app's default)" if n == APP_DEFAULT else "")
         rows.append(Row(PART, f"{what}: distilled {steps} steps on onnx vs {plain_what}, {label} (time ratio)",
-                        fast / plain, detail=f"{fast * 1e3:.1f} ms vs {plain * 1e3:.1f} ms at "
-                                             f"{max(engine.threads, engine.decode_threads)} thread(s), median of "
-                                             f"{repeats} (the app's task path, no HTTP)"))
+                        fast / plain, detail=f"{fast * 1e3:.1f} ms vs {plain * 1e3:.1f} ms at {widest} thread(s), "
+                                             f"median of {repeats} (the app's task path, no HTTP)"))
     best_fast = min([*thread_counts, APP_DEFAULT], key=lambda n: times["task", "onnx", n])
     best_plain = min(plain_counts, key=lambda n: times["plain", "eager", n])
     fast, plain = times["task", "onnx", best_fast], times["plain", "eager", best_plain]

@@ -354,7 +354,8 @@ def truth_scores(cases: list[Case]) -> tuple[dict[str, float], list[dict]]:
 def summarise(verdicts: list[dict]) -> dict[str, float]:
     out = {}
     add_kinds = sorted({k for v in verdicts for k in v if k.startswith("add to ")})
-    under = {task: sorted({k for v in verdicts for k in v if k.startswith(f"{task} under ")}) for task in TASKS}
+    under = {task: sorted({k for v in verdicts for k in v if k.startswith(f"{task} under ")})
+             for task in ("add", "replace")}
     keys = (
         "add",
         *add_kinds,

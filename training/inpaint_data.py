@@ -43,11 +43,19 @@ COMPOSE_MASKS = {
     "add": 0.22,
     "swap": 0.1,
 }
-# "compose-free": "compose" without masks shaped like the object they hold (its silhouette grown). With them the
-# U-Net may learn to draw the outline it is given, so that a round brush blob turns a requested star into a disc
-# (assets/models/shapes-inpaint/README.md, Limits).
-COMPOSE_FREE_MASKS = {**{k: v for k, v in COMPOSE_MASKS.items() if k != "object-shape"},
-                      "object-loose": COMPOSE_MASKS["object-loose"] + COMPOSE_MASKS["object-shape"]}
+
+
+def outline_free(masks: dict[str, float]) -> dict[str, float]:
+    """`masks` without "object-shape" (a mask shaped like the object it holds: its silhouette grown), its share
+    given to "object-loose". With such masks the U-Net may learn to draw the outline it is given, so that a round
+    brush blob turns a requested star into a disc (assets/models/shapes-inpaint/README.md, Limits)."""
+    out = {k: v for k, v in masks.items() if k != "object-shape"}
+    out["object-loose"] += masks.get("object-shape", 0.0)
+    return out
+
+
+# "compose-free": "compose" with outline_free masks, for the scene's own objects and for new ones
+COMPOSE_FREE_MASKS = outline_free(COMPOSE_MASKS)
 MASK_RECIPES = {
     "tight": {
         "object-box": 0.22,
@@ -80,7 +88,7 @@ MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
 NEW_OBJECT_KINDS = ("add", "swap")
 # Masks drawn around a new object by "add" and "swap", with their shares (object_mask's kinds)
 NEW_OBJECT_MASKS = {"object-box": 0.35, "object-loose": 0.4, "object-scribble": 0.15, "object-shape": 0.1}
-NEW_OBJECT_MASKS_BY_RECIPE = {"compose-free": {"object-box": 0.35, "object-loose": 0.5, "object-scribble": 0.15}}
+NEW_OBJECT_MASKS_BY_RECIPE = {"compose-free": outline_free(NEW_OBJECT_MASKS)}
 NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their phrase then names
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
