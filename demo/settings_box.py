@@ -69,7 +69,7 @@ def common_settings(
             steps = Slider(label="Steps", minimum=1, maximum=limits.max_steps, step=1, value=preset.default_steps,
                            elem_id=f"{tab}-steps")
             guidance = Slider(label="Guidance (CFG)", minimum=0.0, maximum=limits.max_guidance, step=0.5,
-                                 value=preset.default_guidance, elem_id=f"{tab}-guidance")
+                                 value=preset.guidance_for(tab), elem_id=f"{tab}-guidance")
         with gr.Row():
             scheduler = Dropdown(
                 label="Scheduler",

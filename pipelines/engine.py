@@ -287,6 +287,7 @@ class Engine:
             "size_multiple": self.size_multiple,
             "default_steps": self.preset.default_steps,
             "default_guidance": self.preset.default_guidance,
+            "tab_guidance": dict(self.preset.tab_guidance),
             "default_scheduler": self.preset.default_scheduler,
             "schedulers": list(self.scheduler_names),
             "controls": list(self.control_types),

@@ -29,6 +29,8 @@ class ModelPreset:
     max_size: int = 768  # longest side allowed (LDS_MAX_SIZE may lower it)
     default_steps: int = 25
     default_guidance: float = 7.5
+    # A tab's own default where that tab's held-out measure chose another guidance than default_guidance
+    tab_guidance: dict[str, float] = field(default_factory=dict)  # tab name ("outpaint", ...) -> guidance
     default_scheduler: str = "DPM++ 2M Karras"
     scheduler_names: tuple[str, ...] = COMMON_SCHEDULERS
     controlnets: dict[str, str] = field(default_factory=dict)  # control type ("canny"|"depth"|"pose") -> id or path
@@ -46,6 +48,10 @@ class ModelPreset:
     style_presets: dict[str, str] = field(default_factory=dict)  # style name -> prompt suffix
     annotators: str | None = None  # hub id (controlnet_aux) or local folder of the depth/pose annotators
     example_prompts: tuple[str, ...] = ()
+
+    def guidance_for(self, tab: str) -> float:
+        """The guidance a tab starts at: its own default if the preset has one, else default_guidance."""
+        return self.tab_guidance.get(tab, self.default_guidance)
 
     def __hash__(self) -> int:  # dict fields make the generated hash fail; name + base identify a preset
         return hash((self.name, self.base))
@@ -92,6 +98,9 @@ SHAPES = ModelPreset(
     # The best two-object binding on a held-out prompt set; from about 5 up this small model oversaturates
     # and loses colours (the sweep is in assets/models/shapes-ldm/README.md)
     default_guidance=2.5,
+    # Outpainting with the inpainting U-Net: chosen on training.evaluate_inpaint's validation split, where less
+    # guidance let the picture overrule the prompt's background words more often (the model card has the sweep)
+    tab_guidance={"outpaint": 1.5},
     default_scheduler="DPM++ 2M",
     controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
     inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base
@@ -122,6 +131,7 @@ PRESETS = MappingProxyType(
             default_scheduler="LCM",
             scheduler_names=("LCM",) + COMMON_SCHEDULERS,
             inpaint_model=None,
+            tab_guidance={},  # the outpainting default was chosen for the inpainting U-Net, which this preset lacks
             # kept within the goals of prompt following on the validation split (the model card has both rows)
             int8_decoder=True,
         ),

@@ -166,3 +166,17 @@ def test_controlnet_one_and_two_controls(client, images, live_app):
     )
     two = pixels(gallery_paths(gallery)[0])
     assert two.shape == (64, 64, 3) and not np.array_equal(one, two)
+
+
+def test_outpaint_starts_at_its_own_guidance(client):
+    """The Outpaint tab's guidance default is the preset's own for it (chosen on inpainting validation), the other
+    tabs keep the preset's; an API call that leaves guidance out gets the tab's default."""
+    from pipelines.registry import resolve_preset
+
+    preset = resolve_preset("shapes")
+    assert preset.guidance_for("outpaint") != preset.default_guidance == preset.guidance_for("inpaint")
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    defaults = {name: {p["parameter_name"]: p.get("parameter_default") for p in endpoints[name]["parameters"]}
+                for name in ("/outpaint", "/inpaint", "/txt2img")}
+    assert defaults["/outpaint"]["guidance"] == preset.guidance_for("outpaint")
+    assert defaults["/inpaint"]["guidance"] == defaults["/txt2img"]["guidance"] == preset.default_guidance

@@ -47,7 +47,7 @@ def test_examples_are_deterministic_and_follow_the_rule():
     assert seen_modes == set(inpaint_data.CAPTION_MODES)
 
 
-@pytest.mark.parametrize("recipe", ["compose", "compose-free"])
+@pytest.mark.parametrize("recipe", ["compose", "compose-free", "compose-centred"])
 def test_compose_examples_put_the_named_new_object_inside_the_mask(recipe, monkeypatch):
     from training import inpaint_data, shapes
     from training.evaluate import EVAL_BACKGROUNDS, find_objects
@@ -80,7 +80,9 @@ def test_compose_examples_put_the_named_new_object_inside_the_mask(recipe, monke
     assert set(kinds) == set(inpaint_data.MASK_RECIPES[recipe])
     assert kinds["add"] + kinds["swap"] >= 60
     # "compose-free" never draws a mask shaped like the object it holds (its outline would decide the new shape)
-    assert ("object-shape" in drawn) == (recipe == "compose")
+    assert ("object-shape" in drawn) == (recipe != "compose-free")
+    # "compose-centred" draws every wide mask centred on its object, the others may put it anywhere inside
+    assert ("object-around" in drawn) == (recipe == "compose-centred") != ("object-loose" in drawn)
 
 
 def test_masked_source_is_what_diffusers_shows_the_unet():

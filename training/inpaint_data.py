@@ -54,6 +54,13 @@ def outline_free(masks: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def centred(masks: dict[str, float]) -> dict[str, float]:
+    """`masks` with "object-loose" (the object anywhere inside a wide hole) replaced by "object-around" (a wide box
+    or ellipse centred on the object). A hole that may hold its object anywhere leaves the U-Net unsure where in
+    it to draw, and unsure drawing averages into a rounded blob; people paint around where they want the object."""
+    return {("object-around" if k == "object-loose" else k): v for k, v in masks.items()}
+
+
 # "compose-free": "compose" with outline_free masks, for the scene's own objects and for new ones
 COMPOSE_FREE_MASKS = outline_free(COMPOSE_MASKS)
 MASK_RECIPES = {
@@ -82,13 +89,16 @@ MASK_RECIPES = {
     # people prompt an inpainting tab.
     "compose": COMPOSE_MASKS,
     "compose-free": COMPOSE_FREE_MASKS,
+    # "compose-centred": "compose" with every wide mask centred on its object (centred)
+    "compose-centred": centred(COMPOSE_MASKS),
 }
 MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
 # Mask kinds that put a new object into the scene (the caption names it; the source does not show it)
 NEW_OBJECT_KINDS = ("add", "swap")
 # Masks drawn around a new object by "add" and "swap", with their shares (object_mask's kinds)
 NEW_OBJECT_MASKS = {"object-box": 0.35, "object-loose": 0.4, "object-scribble": 0.15, "object-shape": 0.1}
-NEW_OBJECT_MASKS_BY_RECIPE = {"compose-free": outline_free(NEW_OBJECT_MASKS)}
+NEW_OBJECT_MASKS_BY_RECIPE = {"compose-free": outline_free(NEW_OBJECT_MASKS),
+                              "compose-centred": centred(NEW_OBJECT_MASKS)}
 NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their phrase then names
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
@@ -96,7 +106,7 @@ NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their ph
 CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
 # Share of captions whose background words contradict the picture (the picture wins), by recipe: "compose" names
 # a wrong background more often, as people outpaint with a prompt that names another background
-WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25, "compose-free": 0.25}
+WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25, "compose-free": 0.25, "compose-centred": 0.25}
 
 
 @dataclass
@@ -200,10 +210,12 @@ def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator) ->
         return box_mask(x0 - m[0], y0 - m[1], x1 + m[2], y1 + m[3])
     if kind == "object-shape":
         return grow(solid, int(rng.integers(2, 6)))
-    if kind == "object-loose":
+    if kind in ("object-loose", "object-around"):
         w, h = (x1 - x0) + rng.uniform(4, 18), (y1 - y0) + rng.uniform(4, 18)
-        cx = (x0 + x1) / 2 + rng.uniform(-1, 1) * (w - (x1 - x0)) / 2  # the object anywhere inside
-        cy = (y0 + y1) / 2 + rng.uniform(-1, 1) * (h - (y1 - y0)) / 2
+        # "object-loose": the object anywhere inside; "object-around": centred, within a pixel as a hand paints
+        slack = (rng.uniform(-1, 1, size=2) * [(w - (x1 - x0)) / 2, (h - (y1 - y0)) / 2] if kind == "object-loose"
+                 else rng.uniform(-1, 1, size=2))
+        cx, cy = (x0 + x1) / 2 + slack[0], (y0 + y1) / 2 + slack[1]
         if rng.random() < 0.4:
             canvas = np.zeros(solid.shape, np.uint8)
             # an ellipse holding the box's corners: semi-axes sqrt(2) x half the box
