@@ -42,6 +42,8 @@ INPUTS = ("sample", "timestep", "encoder_hidden_states")
 # A distilled (LCM) U-Net also takes the guidance scale's embedding (`time_cond_proj_dim`): its export has a fourth
 # input, and a call without it runs eager
 COND_INPUT = "timestep_cond"
+# The exports' free dimensions (dynamic axes), in the order OnnxUNet compares a call's shape with its common call
+BATCH, HEIGHT, WIDTH, TOKENS = FREE_DIMS = ("batch", "height", "width", "tokens")
 EXAMPLE_TOKENS = 77  # the text length of the traced example; the exported graph takes any length
 # Keyword arguments the wrapper passes over when they hold nothing (the pipelines pass them as None); any other
 # value of any keyword sends the call to the eager U-Net.
@@ -103,12 +105,12 @@ def export(unet: torch.nn.Module, path: Path) -> None:
     sample = torch.randn(2, int(config.in_channels), size, size)  # batch 2: a CFG step
     timestep = torch.full((2,), 500.0)  # float: the graph takes every scheduler's timesteps (int or float)
     hidden = torch.randn(2, EXAMPLE_TOKENS, int(config.cross_attention_dim))
-    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-            "encoder_hidden_states": {0: "batch", 1: "tokens"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}}
+    axes = {"sample": {0: BATCH, 2: HEIGHT, 3: WIDTH}, "timestep": {0: BATCH},
+            "encoder_hidden_states": {0: BATCH, 1: TOKENS}, "noise_pred": {0: BATCH, 2: HEIGHT, 3: WIDTH}}
     inputs, names = (sample, timestep, hidden), list(INPUTS)
     if cond_dim(unet):
         inputs, names = (*inputs, torch.randn(2, cond_dim(unet))), [*names, COND_INPUT]
-        axes[COND_INPUT] = {0: "batch"}
+        axes[COND_INPUT] = {0: BATCH}
     was_training = unet.training
     unet.eval()
     try:
@@ -137,7 +139,7 @@ def export_decoder(vae: torch.nn.Module, path: Path) -> None:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = max(1, int(vae.config.sample_size) // factor)
     latents = torch.randn(1, int(vae.config.latent_channels), size, size)
-    axes = {"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "height", 3: "width"}}
+    axes = {"latents": {0: BATCH, 2: HEIGHT, 3: WIDTH}, "image": {0: BATCH, 2: HEIGHT, 3: WIDTH}}
     was_training = vae.training
     vae.eval()
     try:
@@ -228,7 +230,7 @@ def common_call(unet: torch.nn.Module, latent_size: int, tokens: int) -> dict[st
     """The export's free dimensions (its dynamic axes) in the call an engine makes most: one image at the model's
     default size with the prompt at the tokenizer's length, a batch of 2 with classifier-free guidance, or of 1 for
     a U-Net that takes the guidance scale as an input (a distilled one: no unconditional pass)."""
-    return {"batch": 1 if cond_dim(unet) else 2, "height": latent_size, "width": latent_size, "tokens": tokens}
+    return dict(zip(FREE_DIMS, (1 if cond_dim(unet) else 2, latent_size, latent_size, tokens)))
 
 
 def open_session(path: Path, threads: int, fixed: dict[str, int] | None = None):
@@ -365,7 +367,7 @@ class OnnxUNet(_StandIn):
         self.info = info
         self.calls = {"onnx": 0, "eager": 0}
         # (batch, latent height, latent width, tokens) that `common_session` takes, or None: `session` takes all
-        self.common = tuple(common[name] for name in ("batch", "height", "width", "tokens")) if common else None
+        self.common = tuple(common[name] for name in FREE_DIMS) if common else None
         self.common_session = session if common else None
         self._any_session = None if common else session
         from diffusers.models.attention_processor import Attention
