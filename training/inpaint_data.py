@@ -56,8 +56,9 @@ def outline_free(masks: dict[str, float]) -> dict[str, float]:
 
 def centred(masks: dict[str, float]) -> dict[str, float]:
     """`masks` with "object-loose" (the object anywhere inside a wide hole) replaced by "object-around" (a wide box
-    or ellipse centred on the object). A hole that may hold its object anywhere leaves the U-Net unsure where in
-    it to draw, and unsure drawing averages into a rounded blob; people paint around where they want the object."""
+    or ellipse centred on the object), as people paint around where they want an object. It tests whether holes
+    that may hold their object anywhere make the U-Net draw rounded blobs; going on with it did not raise the
+    share of added objects (assets/models/shapes-inpaint/README.md, Limits)."""
     return {("object-around" if k == "object-loose" else k): v for k, v in masks.items()}
 
 
@@ -89,7 +90,7 @@ MASK_RECIPES = {
     # people prompt an inpainting tab.
     "compose": COMPOSE_MASKS,
     "compose-free": COMPOSE_FREE_MASKS,
-    # "compose-centred": "compose" with every wide mask centred on its object (centred)
+    # "compose-centred": "compose" with every wide mask centred on its object
     "compose-centred": centred(COMPOSE_MASKS),
 }
 MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
