@@ -62,8 +62,9 @@ def centred(masks: dict[str, float]) -> dict[str, float]:
     return {("object-around" if k == "object-loose" else k): v for k, v in masks.items()}
 
 
-# "compose-free": "compose" with outline_free masks, for the scene's own objects and for new ones
-COMPOSE_FREE_MASKS = outline_free(COMPOSE_MASKS)
+# Variants of "compose": each passes compose's mask tables, for the scene's own objects and for new ones, through
+# one rule ("compose-free": outline_free; "compose-centred": every wide mask centred on its object)
+COMPOSE_VARIANTS = {"compose-free": outline_free, "compose-centred": centred}
 MASK_RECIPES = {
     "tight": {
         "object-box": 0.22,
@@ -89,17 +90,14 @@ MASK_RECIPES = {
     # for another of a different colour and shape ("swap"), each with a caption naming only the new object, as
     # people prompt an inpainting tab.
     "compose": COMPOSE_MASKS,
-    "compose-free": COMPOSE_FREE_MASKS,
-    # "compose-centred": "compose" with every wide mask centred on its object
-    "compose-centred": centred(COMPOSE_MASKS),
+    **{name: rule(COMPOSE_MASKS) for name, rule in COMPOSE_VARIANTS.items()},
 }
 MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
 # Mask kinds that put a new object into the scene (the caption names it; the source does not show it)
 NEW_OBJECT_KINDS = ("add", "swap")
 # Masks drawn around a new object by "add" and "swap", with their shares (object_mask's kinds)
 NEW_OBJECT_MASKS = {"object-box": 0.35, "object-loose": 0.4, "object-scribble": 0.15, "object-shape": 0.1}
-NEW_OBJECT_MASKS_BY_RECIPE = {"compose-free": outline_free(NEW_OBJECT_MASKS),
-                              "compose-centred": centred(NEW_OBJECT_MASKS)}
+NEW_OBJECT_MASKS_BY_RECIPE = {name: rule(NEW_OBJECT_MASKS) for name, rule in COMPOSE_VARIANTS.items()}
 NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their phrase then names
 # How a caption is made: the whole scene's; only what the mask hides; what remains after removing the hidden
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
@@ -107,7 +105,8 @@ NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their ph
 CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
 # Share of captions whose background words contradict the picture (the picture wins), by recipe: "compose" names
 # a wrong background more often, as people outpaint with a prompt that names another background
-WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25, "compose-free": 0.25, "compose-centred": 0.25}
+WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25}
+WRONG_BACKGROUND_SHARES.update({name: WRONG_BACKGROUND_SHARES["compose"] for name in COMPOSE_VARIANTS})
 
 
 @dataclass
