@@ -349,3 +349,16 @@ def test_uploads_above_the_inpaint_size_keep_their_size(builtin_engines):
     out, original = np.asarray(result.images[0]), np.asarray(picture.convert("RGB"))
     outside = np.asarray(mask)[..., 3] == 0
     assert np.array_equal(out[outside], original[outside])  # the upload's own pixels outside the mask, at 256 px
+
+
+def test_from_truth_diagnosis_scores_the_finished_scene_and_each_method():
+    """--from-truth: the finished scene passes its own judge, and each method is scored on the same cases started
+    from it (at strength 0.05: one denoising step)."""
+    from training import evaluate_inpaint
+
+    scores = evaluate_inpaint.from_truth("validation", 3, 0.05)
+    assert scores["finished scene"] == {"add": 1.0, "replace": 1.0}
+    assert set(scores) == {"finished scene", "its VAE round trip", "inpainting U-Net, strength 0.05",
+                           "latent blending, strength 0.05"}
+    for name, row in scores.items():
+        assert 0.0 <= row["add"] <= 1.0 and 0.0 <= row["replace"] <= 1.0
