@@ -6,6 +6,13 @@ The VAE's encoder is frozen once its adversarial phase starts (see train_vae), s
 longer than the encoder the U-Net learned on (train_vae's decoder phase, or train_decoder's deeper
 decoder) decodes the same latents better. This script refuses a
 VAE whose encoder differs from the one the LDM was trained with.
+
+    python -m training.package --ldm assets/models/shapes-ldm --vocabulary 2 --out assets/models/shapes-ldm
+
+`--vocabulary 2` grows the tokenizer and text encoder to world 2's vocabulary (docs/MODEL_V2.md: world 1's
+words with their ids, plus the generic word "shape"): every old caption encodes bit for bit as before, and the
+new word starts as the mean of the shape words and "person" (text.grow_text_encoder), so a ControlNet prompt
+can leave the form to its map before the U-Net has been trained on world 2.
 """
 from __future__ import annotations
 
@@ -31,8 +38,15 @@ def same_encoder(a: AutoencoderKL, b: AutoencoderKL) -> bool:
     return torch.equal(first.mean, second.mean) and torch.equal(first.std, second.std)
 
 
-def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
+def package(ldm: Path, vae: Path | None, out: Path, vocabulary: int | None = None) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(ldm)
+    if vocabulary == 2:
+        from training import shapes, text
+
+        tokenizer = text.build_tokenizer(shapes.vocabulary_v2())
+        added = text.grow_text_encoder(pipe.text_encoder, tokenizer)
+        pipe.register_modules(tokenizer=tokenizer)
+        print(f"vocabulary grown by: {', '.join(added) or 'nothing (already world 2)'}")
     if vae is not None:
         newer = AutoencoderKL.from_pretrained(vae)
         if not same_encoder(pipe.vae, newer):
@@ -42,16 +56,17 @@ def package(ldm: Path, vae: Path | None, out: Path) -> StableDiffusionPipeline:
         # The U-Net learned latents scaled by the factor measured when it was trained; keep exactly that.
         newer.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
         pipe.register_modules(vae=newer)
-    card = out / "README.md"
-    kept_card = card.read_text() if card.exists() else None
+    # The folder's own files (its card, the step, figures) survive a rewrite, even one in place (--out = --ldm)
+    kept = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "model_index.json"} \
+        if out.exists() else {}
+    step = Path(ldm) / "TRAINING_STEP"
+    if step.exists():
+        kept["TRAINING_STEP"] = step.read_bytes()
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    for extra in ("TRAINING_STEP",):
-        if (Path(ldm) / extra).exists():
-            shutil.copy(Path(ldm) / extra, out / extra)
-    if kept_card is not None:
-        card.write_text(kept_card)
+    for name, data in kept.items():
+        (out / name).write_bytes(data)
     return pipe
 
 
@@ -62,8 +77,10 @@ def main(argv=None):
         "--vae", type=Path, default=None, help="a VAE folder with the same encoder and a newer decoder"
     )
     parser.add_argument("--out", type=Path, default=Path("assets/models/shapes-ldm"))
+    parser.add_argument("--vocabulary", type=int, choices=(1, 2), default=None,
+                        help="2: grow the tokenizer and text encoder to world 2's vocabulary (old ids unchanged)")
     args = parser.parse_args(argv)
-    package(args.ldm, args.vae, args.out)
+    package(args.ldm, args.vae, args.out, args.vocabulary)
     print(f"wrote {args.out}")
 
 
