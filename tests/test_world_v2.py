@@ -186,6 +186,39 @@ def test_a_grown_text_encoder_reads_old_captions_exactly_as_before():
     assert text.grow_text_encoder(encoder, new) == []  # already grown
 
 
+def test_package_grows_the_shipped_model_to_the_world_2_vocabulary(tmp_path):
+    """`training.package --vocabulary 2` on the shipped model: the word "shape" is known, every old caption gives
+    the same text embeddings (and so the same pictures), and the folder's card and step stay; twice is a no-op."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from training import package
+    from training.common import REPO
+
+    source = REPO / "assets" / "models" / "shapes-ldm"
+    out = tmp_path / "grown"
+    shutil.copytree(source, out)
+    package.main(["--ldm", str(out), "--vocabulary", "2", "--out", str(out)])
+    package.main(["--ldm", str(out), "--vocabulary", "2", "--out", str(out)])
+    old, new = StableDiffusionPipeline.from_pretrained(source), StableDiffusionPipeline.from_pretrained(out)
+    captions = ["a big red circle left of a blue star in striped style on grass", "", "a green person waving"]
+
+    def embed(pipe, texts):
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            return ids, pipe.text_encoder(ids)[0]
+
+    assert all(torch.equal(a, b) for a, b in zip(embed(old, captions), embed(new, captions)))
+    assert new.tokenizer.unk_token_id not in embed(new, ["a green shape"])[0][0].tolist()
+    assert old.tokenizer.unk_token_id in embed(old, ["a green shape"])[0][0].tolist()
+    for name in ("README.md", "TRAINING_STEP"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert all(torch.equal(a, b) for a, b in zip(old.unet.state_dict().values(), new.unet.state_dict().values()))
+
+
 def test_person_scenes_are_the_same_seeds_in_both_worlds():
     # train_controlnet's pose seeds (annotators.person_seeds) read world 1's grammar; world 2 draws the same kinds
     for seed in range(400):
