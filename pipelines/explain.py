@@ -631,7 +631,7 @@ def explain_inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = 
 # the shared U-Net for one request under engine.lock and removed before the lock is released (`_EditContext`),
 # like the Probe: no other request ever runs through it.
 
-DEFAULT_TAU = 0.8  # share of the steps with the original's attention injected (chosen by training.evaluate_p2p)
+DEFAULT_TAU = 0.6  # share of the steps with the original's attention injected (chosen by training.evaluate_p2p)
 MAX_WEIGHT = 5.0  # a word's attention is scaled by at most this (0 removes it)
 MAX_WEIGHTS = 8  # re-weighted words per request
 SELF_INJECT_MAX_POSITIONS = 32 * 32  # self-attention maps copied in a swap only at levels up to this many positions

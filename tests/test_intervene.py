@@ -221,19 +221,23 @@ def test_intervene_in_the_browser(live_app, test_output):
 
 def test_p2p_layout_measures_on_ground_truth():
     """The evaluation's layout measures, scored on perfect swaps (ground-truth renders): a colour swap keeps its
-    mask; a shape swap at the same centre and size keeps its mask for almost no pair (a circle and a square) and its
-    box only for some pairs, which is why the evaluation prints that ceiling beside its figures."""
+    mask; a shape swap keeps its placement for every pair of shapes at both sizes, and loses it when the new shape
+    moves by 3 px or takes the other size."""
     from training import evaluate_p2p, shapes
 
-    def render(colour, shape):
-        scene = shapes.Scene("", "grass", [shapes.SceneObject(shape, colour, "big", (32.0, 32.0))])
-        return shapes.render(scene).image
-
+    render = evaluate_p2p.render_one
     item = dict(kind="colour", background="grass", new="blue")
-    assert evaluate_p2p.judge(render("red", "star"), render("blue", "star"), item) == dict(
-        mask=True, box=True, attribute=True)
+    assert evaluate_p2p.judge(render("star", "big"), render("star", "big", "blue"), item) == dict(
+        mask=True, attribute=True)
     pairs = [(a, b) for a in shapes.SHAPES for b in shapes.SHAPES if a != b]
-    scores = np.array([evaluate_p2p.shape_ceiling(a, b) for a, b in pairs])
-    kept = scores >= evaluate_p2p.IOU_GOAL
-    assert kept[:, 0].mean() <= 0.1 and 0 < kept[:, 1].mean() < 1
-    assert "box IoU >= 0.8 in 40% of shape pairs" in evaluate_p2p.ceiling_note()
+    for size, other in (("small", "big"), ("big", "small")):
+        for a, b in pairs:
+            verdict = evaluate_p2p.judge(render(a, size), render(b, size), dict(
+                kind="shape", background="grass", old=a, new=b))
+            assert verdict["placement"] and verdict["attribute"], (a, b, size)
+            moved = evaluate_p2p.judge(render(a, size), render(b, size, centre=(34.0, 33.0)), dict(
+                kind="shape", background="grass", old=a, new=b))
+            resized = evaluate_p2p.judge(render(a, size), render(b, other), dict(
+                kind="shape", background="grass", old=a, new=b))
+            assert not moved["placement"] and not resized["placement"], (a, b, size)
+    assert "placement IoU >= 0.8 in 100%" in evaluate_p2p.ground_truth_note()
