@@ -119,7 +119,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 def finetune_defaults(builtin: bool) -> FineTuneDefaults:
-    if builtin:  # a 1.9 M-parameter U-Net and a 51-word vocabulary: large steps, "in X style" as the world says it
+    if builtin:  # a 1.9 M-parameter U-Net and a 52-word vocabulary: large steps, "in X style" as the world says it
         # Steps, batch and LoRA rate: what textured the most held-out samples in the texture evaluation
         # (training.evaluate_finetune) while a fine-tune stays a few minutes on a CPU; figures in the README.
         return FineTuneDefaults(steps=1200, learning_rate_lora=2e-3, learning_rate_full=2e-4,

@@ -186,23 +186,29 @@ def test_a_grown_text_encoder_reads_old_captions_exactly_as_before():
     assert text.grow_text_encoder(encoder, new) == []  # already grown
 
 
-def test_package_grows_the_shipped_model_to_the_world_2_vocabulary(tmp_path):
-    """`training.package --vocabulary 2` on the shipped model: the word "shape" is known, every old caption gives
-    the same text embeddings (and so the same pictures), and the folder's card and step stay; twice is a no-op."""
+def test_package_grows_a_world_1_model_into_the_shipped_one(tmp_path):
+    """`training.package --vocabulary 2` is how the shipped model got the word "shape": on the shipped model cut back
+    to world 1's vocabulary it gives the shipped text encoder bit for bit; every old caption reads as before, the
+    new word is known, the U-Net is untouched and the folder's card and step stay; a second run changes nothing."""
     import shutil
 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from training import package
+    from training import package, text
     from training.common import REPO
 
-    source = REPO / "assets" / "models" / "shapes-ldm"
-    out = tmp_path / "grown"
-    shutil.copytree(source, out)
+    shipped = REPO / "assets" / "models" / "shapes-ldm"
+    out = tmp_path / "model"
+    shutil.copytree(shipped, out)
+    world1 = StableDiffusionPipeline.from_pretrained(shipped)
+    world1.text_encoder.resize_token_embeddings(len(text.build_tokenizer()), mean_resizing=False)
+    world1.text_encoder.save_pretrained(out / "text_encoder")
+    text.build_tokenizer().save_pretrained(out / "tokenizer")
+    old = StableDiffusionPipeline.from_pretrained(out)
     package.main(["--ldm", str(out), "--vocabulary", "2", "--out", str(out)])
     package.main(["--ldm", str(out), "--vocabulary", "2", "--out", str(out)])
-    old, new = StableDiffusionPipeline.from_pretrained(source), StableDiffusionPipeline.from_pretrained(out)
+    new, reference = StableDiffusionPipeline.from_pretrained(out), StableDiffusionPipeline.from_pretrained(shipped)
     captions = ["a big red circle left of a blue star in striped style on grass", "", "a green person waving"]
 
     def embed(pipe, texts):
@@ -212,11 +218,15 @@ def test_package_grows_the_shipped_model_to_the_world_2_vocabulary(tmp_path):
             return ids, pipe.text_encoder(ids)[0]
 
     assert all(torch.equal(a, b) for a, b in zip(embed(old, captions), embed(new, captions)))
-    assert new.tokenizer.unk_token_id not in embed(new, ["a green shape"])[0][0].tolist()
     assert old.tokenizer.unk_token_id in embed(old, ["a green shape"])[0][0].tolist()
+    assert new.tokenizer.unk_token_id not in embed(new, ["a green shape"])[0][0].tolist()
+    assert all(torch.equal(a, b) for a, b in zip(new.text_encoder.state_dict().values(),
+                                                 reference.text_encoder.state_dict().values()))
+    assert new.tokenizer.get_vocab() == reference.tokenizer.get_vocab()
     for name in ("README.md", "TRAINING_STEP"):
-        assert (out / name).read_bytes() == (source / name).read_bytes()
-    assert all(torch.equal(a, b) for a, b in zip(old.unet.state_dict().values(), new.unet.state_dict().values()))
+        assert (out / name).read_bytes() == (shipped / name).read_bytes()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        shipped / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 def test_person_scenes_are_the_same_seeds_in_both_worlds():
