@@ -96,10 +96,12 @@ def build_tab(engine, *, studio: Studio | None = None) -> None:
             settings = common_settings(engine, tab=TAB, size=False)
             examples = example_files("scene_a.png", "person.png", "control_pose.png", "control_canny.png")
             if len(examples) == 4:
-                gr.Examples([[examples[0], "canny", "canny", "a red circle at the top"],
-                             [examples[1], "pose", "pose", "a pink person sitting on the right at night"],
+                # The prompts leave the form and the pose to the map ("shape", no pose word), as the ControlNets
+                # were trained: what is drawn comes from the control, the colour and background from the prompt
+                gr.Examples([[examples[0], "canny", "canny", "a green shape at the top"],
+                             [examples[1], "pose", "pose", "a blue person on sand"],
                              [examples[2], "pose", NONE, "a blue person on grass"],
-                             [examples[3], "canny", NONE, "a yellow circle at the top"]],
+                             [examples[3], "canny", NONE, "a yellow shape at the top"]],
                             inputs=[image, control_type, preprocessor, prompt], label="Examples")
         with gr.Column(scale=3):
             panel = output_panel(TAB, studio)

@@ -110,3 +110,31 @@ def test_control_following_scores_a_controlnet(smoke_run, tiny_ldm):
 
     card = cards.write_controlnet_card(smoke_run[0] / "controlnet", "canny", scores).read_text()
     assert "edge_f1_without_controlnet" in card and "--control canny" in card and "(16, 32, 96)" in card
+
+
+def test_controlnet_card_shows_world_2_figures_and_how_they_were_made(tmp_path):
+    """A world-2 ControlNet's card: its data and caption mode, the world-2 table (this ControlNet, the one it
+    replaced, none) from evaluate_v2 reports, and the commands that train and measure it again."""
+    import json
+    import shutil
+
+    from training import cards
+    from training.common import REPO
+
+    folder = tmp_path / "shapes-controlnet-depth"
+    shutil.copytree(REPO / "assets" / "models" / "shapes-controlnet-depth", folder,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    record = json.loads((folder / "training.json").read_text())
+    record["config"].update(world=2, captions="control")
+    (folder / "training.json").write_text(json.dumps(record))
+
+    def report(iou):
+        return {"split": "test", **{f"silhouette depth {c}": {"iou": iou, "iou_without_controlnet": 0.25, "maps": 7}
+                                    for c in ("form-free", "named")}}
+
+    scores = cards.world2_scores("depth", report(0.8125), report(0.5))
+    (folder / cards.WORLD2_SCORES).write_text(json.dumps(scores))
+    card = cards.write_controlnet_card(folder, "depth", {"depth_pearson": 0.9}).read_text()
+    assert "| form left to the map (\"a green shape\") | 7 | 0.812 | 0.500 | 0.250 |" in card
+    assert "--world 2 --captions control" in card and "world-2 Shapes-world scenes" in card
+    assert "python -m training.cards --world2 depth=" in card and "--measures silhouette" in card

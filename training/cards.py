@@ -170,7 +170,8 @@ def _controlnet_options(info: dict) -> str:
     from training.train_controlnet import ControlNetConfig
 
     flags = {"train_scenes": "--train-scenes", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
-             "caption_dropout": "--caption-dropout", "sample_steps": "--sample-steps"}
+             "caption_dropout": "--caption-dropout", "sample_steps": "--sample-steps", "world": "--world",
+             "captions": "--captions"}
     recorded, default = info.get("config", {}), ControlNetConfig()
     return "".join(f" {flag} {recorded[name]}" for name, flag in flags.items()
                    if name in recorded and recorded[name] != getattr(default, name))
@@ -201,8 +202,16 @@ def write_controlnet_card(folder: Path, control: str, scores: dict) -> Path:
             "(threshold 0.1 x max side of the control person's box)."
         ),
     }[control]
+    world, captions = train.get("world", 1), train.get("captions", "caption")
     data = ("Shapes-world scenes with a person (seeds from 0 up whose scene holds a person)"
             if control == "pose" else "Shapes-world scenes (seeds 0..)")
+    if world == 2:
+        data = data.replace("Shapes-world", "world-2 Shapes-world") + (
+            ", people with free joint angles around and between the named poses (docs/MODEL_V2.md)"
+            if control == "pose" else "")
+    if captions == "control":
+        data += (", captions without pose words (the map decides the pose)" if control == "pose" else
+                 ', captions that leave the form to the map ("a green shape on the left in snow")')
     base_line, base_commands, base_folder = _controlnet_base(info)
     text = f"""# Shapes-world {control} ControlNet
 
@@ -226,8 +235,8 @@ min(SNR, {train.get('min_snr_gamma', 5.0)}) + 1 for v), caption dropout {train.g
 Stable Diffusion's noise schedule.
 - Steps: {info.get('steps', '?')}; training time {info.get('train_seconds', 0) / 60:.0f} min on CPU.
 
-## Held-out control following
-Control maps of held-out scenes (seeds from `training.common.HELD_OUT_SEED` up) with their captions,
+## Held-out control following on world-1 maps
+Control maps of held-out world-1 scenes (seeds from `training.common.HELD_OUT_SEED` up) with their captions,
 {scores.get('steps', 20)} DPM-Solver++ steps, guidance {scores.get('guidance', 4.0)}. Metric: {metric}
 `_reference` scores the held-out renders themselves (the ceiling of the measure); `_without_controlnet`
 the LDM alone on the same captions and seeds (what the text alone gives).
@@ -237,7 +246,7 @@ the LDM alone on the same captions and seeds (what the text alone gives).
 |---|---|
 {_format(scores)}
 
-## Limits
+{_world2_section(folder, control)}## Limits
 - Shapes-world maps at 64x64 (the app allows up to 128x128, where following is looser).
 - Depth and pose following are measured with the learned Shapes annotators, so their errors count too.
 
@@ -246,11 +255,70 @@ the LDM alone on the same captions and seeds (what the text alone gives).
 {base_commands}python -m training.train_controlnet --control {control} --ldm {base_folder} \
 --out runs/controlnet-{control} --max-steps {info.get('steps', 2000)}{_controlnet_options(info)} --threads 1
 cp -r runs/controlnet-{control}/controlnet/. assets/models/shapes-controlnet-{control}/
-python -m training.evaluate --controls --write-cards
+{_world2_commands(folder, control)}python -m training.evaluate --controls --write-cards
 ```
 """
     (folder / "README.md").write_text(text)
     return folder / "README.md"
+
+
+WORLD2_SCORES = "scores-world2.json"  # a ControlNet folder's figures on world-2 maps (training.evaluate_v2)
+
+
+def _world2_section(folder: Path, control: str) -> str:
+    """The card's table of world-2 control following, from the folder's WORLD2_SCORES (what
+    `python -m training.evaluate_v2 --world 2 --measures pose,silhouette` measured on the test split), if any."""
+    path = Path(folder) / WORLD2_SCORES
+    if not path.is_file():
+        return ""
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    lines = [f"## Control following on world-2 maps ({report['split']} split)",
+             f"{report['note']}", "",
+             "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row.values()) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n"
+
+
+def _world2_commands(folder: Path, control: str) -> str:
+    """Reproduce lines for the world-2 table, when the card has one."""
+    if not (Path(folder) / WORLD2_SCORES).is_file():
+        return ""
+    measure = "pose" if control == "pose" else "silhouette"
+    report = f"runs/eval-v2/controlnet-{control}-test.json"
+    return (f"python -m training.evaluate_v2 --world 2 --split test --measures {measure} --count 60 "
+            f"--controlnet {control}=assets/models/shapes-controlnet-{control} --json {report}\n"
+            f"python -m training.cards --world2 {control}={report}\n")
+
+
+def world2_scores(control: str, report: dict, previous: dict | None = None) -> dict:
+    """WORLD2_SCORES for one ControlNet from `training.evaluate_v2 --world 2 --json` reports: `report` measured
+    this ControlNet, `previous` (optional) the ControlNet it replaces on the same split, maps and seeds."""
+    def pick(source, key, field):
+        return f"{source[key][field]:.3f}" if source and key in source else "-"
+
+    goal = "PCK@0.1 >= 0.8 and >= 0.3 above without" if control == "pose" else "IoU >= 0.7 and >= 0.3 above without"
+    if control == "pose":
+        keys, field, label = [("pose", "without pose words")], "pck", "PCK@0.1"
+    else:
+        keys = [(f"silhouette {control} form-free", 'form left to the map ("a green shape")'),
+                (f"silhouette {control} named", "the form named")]
+        field, label = "iou", "silhouette IoU"
+    rows = []
+    for key, captions in keys:
+        row = {"captions": captions, "maps": report[key]["maps"], f"{label}: this ControlNet": pick(report, key, field)}
+        if previous is not None:
+            row[f"{label}: the previous one (world 1)"] = pick(previous, key, field)
+        row[f"{label}: without a ControlNet"] = pick(report, key, f"{field}_without_controlnet")
+        if control == "pose":
+            row[f"{label}: the renders themselves"] = pick(report, key, "pck_renders")
+        rows.append(row)
+    split = report.get("split", "test")
+    note = (f"Control maps of {split}-split world-2 scenes, 64x64, {report.get('steps', 20)} DPM-Solver++ steps, "
+            f"guidance {report.get('guidance', 2.5):g}, one seed per "
+            f"map (`python -m training.evaluate_v2 --world 2 --split {split} --measures "
+            f"{'pose' if control == 'pose' else 'silhouette'}`; docs/MODEL_V2.md). Goal: {goal}.")
+    return {"split": split, "note": note, "rows": rows}
 
 
 def scores_from_card(card: Path) -> dict:
@@ -284,7 +352,17 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--models", type=Path, default=SHIPPED_LDM.parent, help="the folder holding the models")
+    parser.add_argument("--world2", action="append", default=[], metavar="KIND=REPORT[:PREVIOUS]",
+                        help="first write shapes-controlnet-KIND/" + WORLD2_SCORES + " from evaluate_v2 --json "
+                             "reports: this ControlNet's, and optionally the one it replaced")
     args = parser.parse_args(argv)
+    for item in args.world2:
+        kind, _, paths = item.partition("=")
+        report, _, previous = paths.partition(":")
+        folder = args.models / f"shapes-controlnet-{kind}"
+        scores = world2_scores(kind, json.loads(Path(report).read_text()),
+                               json.loads(Path(previous).read_text()) if previous else None)
+        (folder / WORLD2_SCORES).write_text(json.dumps(scores, indent=2) + "\n")
     for control in ("canny", "depth", "pose"):
         folder = args.models / f"shapes-controlnet-{control}"
         if (folder / "README.md").is_file():
