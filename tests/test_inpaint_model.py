@@ -360,5 +360,5 @@ def test_from_truth_diagnosis_scores_the_finished_scene_and_each_method():
     assert scores["finished scene"] == {"add": 1.0, "replace": 1.0}
     assert set(scores) == {"finished scene", "its VAE round trip", "inpainting U-Net, strength 0.05",
                            "latent blending, strength 0.05"}
-    for name, row in scores.items():
+    for row in scores.values():
         assert 0.0 <= row["add"] <= 1.0 and 0.0 <= row["replace"] <= 1.0

@@ -306,7 +306,8 @@ def world2_scores(control: str, report: dict, previous: dict | None = None) -> d
         field, label = "iou", "silhouette IoU"
     rows = []
     for key, captions in keys:
-        row = {"captions": captions, "maps": report[key]["maps"], f"{label}: this ControlNet": pick(report, key, field)}
+        row = {"captions": captions, "maps": report[key]["maps"],
+               f"{label}: this ControlNet": pick(report, key, field)}
         if previous is not None:
             row[f"{label}: the previous one (world 1)"] = pick(previous, key, field)
         row[f"{label}: without a ControlNet"] = pick(report, key, f"{field}_without_controlnet")

@@ -422,7 +422,8 @@ def evaluate(
     return results
 
 
-def from_truth(split: str, count: int, strength: float, *, inpaint_model=None, threads=1) -> dict[str, dict[str, float]]:
+def from_truth(split: str, count: int, strength: float, *, inpaint_model=None,
+               threads=1) -> dict[str, dict[str, float]]:
     """Add and replace started from the finished scene (the requested object already drawn in the mask), noised to
     `strength`: how often each method keeps an object it only has to refine. Beside it, the same judge on the
     finished scene itself and on its VAE round trip (the ceiling of anything the model decodes)."""
@@ -634,13 +635,14 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "starting at zero so the U-Net began as this one), trained on for 1,500 steps on the compose pool: on "
         "validation add 63.3%, replace 85.0%, remove 93.3%, outpaint 90.0%; more capacity there did not make the "
         "added shapes take their form.",
-        "- The form is lost in the last steps as well, not only where the layout is decided. Started from the finished "
-        "scene itself (the requested object already drawn in the mask) and noised to strength 0.3, the tab's defaults "
-        "keep it in add 68.3% and replace 83.3% of validation cases (latent blending: 50.0% and 66.7%), where the "
-        "finished scene scores 98.3% / 100% and its VAE round trip 93.3% / 91.7% (`python -m training.evaluate_inpaint "
-        "--split validation --from-truth 0.3`). Even at strength 0.05 (one step from t = 50) objects come out rounded "
-        "or with stray texture. So the U-Net redraws an object it should only refine: the misses are in its drawing "
-        "of small forms, which its retraining on the next base (docs/MODEL_V2.md) has to fix.",
+        "- The form is lost in the last steps as well, not only where the layout is decided. Started from the "
+        "finished scene itself (the requested object already drawn in the mask) and noised to strength 0.3, the tab's"
+        " defaults keep it in add 68.3% and replace 83.3% of validation cases (latent blending: 50.0% and 66.7%), "
+        "where the finished scene scores 98.3% / 100% and its VAE round trip 93.3% / 91.7% (`python -m "
+        "training.evaluate_inpaint --split validation --from-truth 0.3`). Even at strength 0.05 (one step from t = "
+        "50) objects come out rounded or with stray texture. So the U-Net redraws an object it should only refine: "
+        "the misses are in its drawing of small forms, which its retraining on the next base (docs/MODEL_V2.md) has "
+        "to fix.",
         "- The Shapes world only: on photos use `--model sd15` (its own inpainting model).",
         "- Retraining the base U-Net invalidates this model: re-derive it with the command below.",
         "",

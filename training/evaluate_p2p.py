@@ -176,8 +176,8 @@ def table(results: dict, items: list[dict], taus, title: str) -> str:
 
 
 def choose_tau(results: dict, items: list[dict], taus) -> float:
-    """Most layout kept (colour mask and shape placement shares together) among taus whose attribute shares reach the goal;
-    else the tau with the best attribute share."""
+    """Most layout kept (colour mask and shape placement shares together) among taus whose attribute shares reach the
+    goal; else the tau with the best attribute share."""
     def scores(tau):
         c, s = shares(results[tau], items, "colour"), shares(results[tau], items, "shape")
         return min(c["attribute"], s["attribute"]), c["mask"] + s["placement"]
