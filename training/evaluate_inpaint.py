@@ -641,8 +641,10 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "where the finished scene scores 98.3% / 100% and its VAE round trip 93.3% / 91.7% (`python -m "
         "training.evaluate_inpaint --split validation --from-truth 0.3`). Even at strength 0.05 (one step from t = "
         "50) objects come out rounded or with stray texture. So the U-Net redraws an object it should only refine: "
-        "the misses are in its drawing of small forms, which its retraining on the next base (docs/MODEL_V2.md) has "
-        "to fix.",
+        "the misses are in its drawing of small forms. It is not the fast rate of conv_in's original channels (x10, "
+        "which moved them by 55% of their norm): a re-derivation that kept them at x1 (from the base, `--base-"
+        "channels-lr-scale 1`, stopped at step 2,500 of 5,000) kept the object in add 71.7% and replace 85.0% from "
+        "the same start. Its retraining on the next base (docs/MODEL_V2.md) has to fix it.",
         "- The Shapes world only: on photos use `--model sd15` (its own inpainting model).",
         "- Retraining the base U-Net invalidates this model: re-derive it with the command below.",
         "",
