@@ -280,13 +280,17 @@ def _world2_section(folder: Path, control: str) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _world2_measure(control: str) -> str:
+    """The training.evaluate_v2 measure that scores a ControlNet of this kind."""
+    return "pose" if control == "pose" else "silhouette"
+
+
 def _world2_commands(folder: Path, control: str) -> str:
     """Reproduce lines for the world-2 table, when the card has one."""
     if not (Path(folder) / WORLD2_SCORES).is_file():
         return ""
-    measure = "pose" if control == "pose" else "silhouette"
     report = f"runs/eval-v2/controlnet-{control}-test.json"
-    return (f"python -m training.evaluate_v2 --world 2 --split test --measures {measure} --count 60 "
+    return (f"python -m training.evaluate_v2 --world 2 --split test --measures {_world2_measure(control)} --count 60 "
             f"--controlnet {control}=assets/models/shapes-controlnet-{control} --json {report}\n"
             f"python -m training.cards --world2 {control}={report}\n")
 
@@ -317,8 +321,8 @@ def world2_scores(control: str, report: dict, previous: dict | None = None) -> d
     split = report.get("split", "test")
     note = (f"Control maps of {split}-split world-2 scenes, 64x64, {report.get('steps', 20)} DPM-Solver++ steps, "
             f"guidance {report.get('guidance', 2.5):g}, one seed per "
-            f"map (`python -m training.evaluate_v2 --world 2 --split {split} --measures "
-            f"{'pose' if control == 'pose' else 'silhouette'}`; docs/MODEL_V2.md). Goal: {goal}.")
+            f"map (`python -m training.evaluate_v2 --world 2 --split {split} --measures {_world2_measure(control)}`; "
+            f"docs/MODEL_V2.md). Goal: {goal}.")
     return {"split": split, "note": note, "rows": rows}
 
 

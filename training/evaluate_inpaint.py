@@ -315,7 +315,8 @@ def make_engines(inpaint_model: str | None, threads: int):
     }
 
 
-def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | None, steps: int | None) -> np.ndarray:
+def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | None, steps: int | None,
+             strength: float = 1.0) -> np.ndarray:
     from pipelines.inpaint import inpaint
     from pipelines.outpaint import outpaint
     from pipelines.settings import DEFAULT_MASK_BLUR
@@ -335,6 +336,7 @@ def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | N
             image=Image.fromarray(case.image),
             mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
             mask_blur=DEFAULT_MASK_BLUR if mask_blur is None else mask_blur,
+            strength=strength,
             **settings,
         )
     return np.asarray(result.images[0].convert("RGB"))
@@ -427,7 +429,6 @@ def from_truth(split: str, count: int, strength: float, *, inpaint_model=None,
     """Add and replace started from the finished scene (the requested object already drawn in the mask), noised to
     `strength`: how often each method keeps an object it only has to refine. Beside it, the same judge on the
     finished scene itself and on its VAE round trip (the ceiling of anything the model decodes)."""
-    from pipelines.inpaint import inpaint
     from training.evaluate import vae_round_trip
 
     cases = [c for c in build_cases(split, count) if c.task in ("add", "replace")]
@@ -440,10 +441,8 @@ def from_truth(split: str, count: int, strength: float, *, inpaint_model=None,
     }
     for name, engine in engines.items():
         results[f"{name}, strength {strength:g}"] = [
-            judge_inpaint(case, np.asarray(inpaint(
-                engine, image=Image.fromarray(case.truth), mask=Image.fromarray(case.mask.astype(np.uint8) * 255),
-                prompt=case.prompt, seed=case.seed % 100_000, steps=engine.preset.default_steps,
-                guidance=engine.preset.guidance_for("inpaint"), strength=strength).images[0].convert("RGB")))
+            judge_inpaint(case, run_case(engine, replace(case, image=case.truth), guidance=None, mask_blur=None,
+                                         steps=None, strength=strength))
             for case in cases]
     return {name: {task: float(np.mean([v[task] for v in verdicts if task in v])) for task in ("add", "replace")}
             for name, verdicts in results.items()}
