@@ -308,6 +308,32 @@ def test_train_decoder_smoke_run_keeps_the_encoder_and_resumes(tmp_path):
         assert not torch.equal(trained.decoder.conv_out.weight, source.decoder.conv_out.weight)
 
 
+def test_train_decoder_with_an_encoder_anchor_trains_the_encoder_near_its_source(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training import train_decoder, train_vae
+
+    vae_dir = tmp_path / "vae"
+    train_vae.main(["--out", str(vae_dir), "--max-steps", "1", "--batch-size", "2", "--log-every", "1"])
+    with pytest.raises(SystemExit):
+        train_decoder.main(["--vae", str(vae_dir / "vae"), "--encoder-anchor", "-1"])
+    source = AutoencoderKL.from_pretrained(vae_dir / "vae")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    drift = {}
+    for weight in (1e-3, 1e3):
+        out = tmp_path / f"anchor-{weight:g}"
+        train_decoder.main(["--vae", str(vae_dir / "vae"), "--out", str(out), "--layers-per-block", "1",
+                            "--batch-size", "4", "--world2-share", "0.5", "--encoder-anchor", str(weight),
+                            "--learning-rate", "1e-3", "--log-every", "1", "--max-steps", "4"])
+        log = (out / "log.csv").read_text().splitlines()
+        assert log[0].split(",")[4] == "anchor" and len(log) == 5
+        trained = AutoencoderKL.from_pretrained(out / "vae")
+        assert trained.config.scaling_factor == source.config.scaling_factor  # the U-Net's units stay
+        with torch.no_grad():
+            drift[weight] = (trained.encode(images).latent_dist.mean - source.encode(images).latent_dist.mean).abs().mean()
+    assert drift[1e-3] > 0  # the encoder trained
+    assert drift[1e3] < drift[1e-3]  # and the anchor held it nearer its source
+
 
 def test_decoder_batches_mix_the_worlds_by_share():
     from training import shapes

@@ -289,3 +289,21 @@ def test_train_ldm_on_world_2_canvas_buckets_from_the_shipped_pipeline(tmp_path)
     image = pipe("a green shape on the left", width=128, height=64, num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 128, 3)
+    with pytest.raises(SystemExit, match="needs --sizes"):
+        train_ldm.main(["--world", "2", "--pixel-budget"])
+
+
+def test_pixel_budget_batches_hold_about_the_pixels_of_a_64x64_batch():
+    import torch
+
+    from training.train_ldm import MIN_BUCKET_BATCH, bucket_batch, bucket_batch_size
+
+    assert bucket_batch_size(64, 64, 64) == 64 and bucket_batch_size(64, 128, 128) == 16
+    assert bucket_batch_size(64, 128, 64) == 32 and bucket_batch_size(64, 96, 96) == 28
+    assert bucket_batch_size(16, 128, 128) == MIN_BUCKET_BATCH  # never below the floor
+    buckets = [{"size": (128, 128), "mean": torch.zeros(3, 4, 32, 32), "std": torch.ones(3, 4, 32, 32),
+                "captions": ["a"] * 3, "ids": torch.zeros(3, 24, dtype=torch.long)}]
+    latents, ids = bucket_batch(buckets, 64, torch.Generator().manual_seed(0), pixel_budget=True)
+    assert latents.shape == (16, 4, 32, 32) and len(ids) == 16
+    latents, _ = bucket_batch(buckets, 64, torch.Generator().manual_seed(0))
+    assert latents.shape[0] == 64  # without the budget, every canvas gets the whole batch

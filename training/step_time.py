@@ -1,6 +1,7 @@
 """Seconds per training step of the Shapes LDM's U-Net and text encoder at given canvas sizes (one thread):
 
     python -m training.step_time --sizes 64x64,128x128,128x64 --batch-size 64 --steps 3
+    python -m training.step_time --sizes 64x64,128x128,128x64 --pixel-budget   # train_ldm --pixel-budget's batches
 
 What train_ldm does per step, on random latents: text encoder and U-Net forward, v-prediction loss, backward,
 AdamW update (the shipped architecture: channels 32, 64, 64 and cross-attention in the last up block). The
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from training import shapes, text
-from training.train_ldm import LDMConfig, build_unet, parse_sizes
+from training.train_ldm import LDMConfig, bucket_batch_size, build_unet, parse_sizes
 
 
 def seconds_per_step(size: tuple[int, int], *, batch_size: int, steps: int) -> float:
@@ -47,13 +48,15 @@ def main(argv=None):
     parser.add_argument("--sizes", default="64x64,128x128")
     parser.add_argument("--batch-size", type=int, default=LDMConfig.batch_size)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--pixel-budget", action="store_true",
+                        help="--batch-size is the 64x64 batch; each canvas gets as many pixels (train_ldm's option)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for size in parse_sizes(args.sizes):
-        per_step = seconds_per_step(size, batch_size=args.batch_size, steps=args.steps)
-        print(f"{size[0]}x{size[1]}, batch {args.batch_size}: {per_step:.2f} s/step (median of {args.steps})",
-              flush=True)
+        batch = bucket_batch_size(args.batch_size, *size) if args.pixel_budget else args.batch_size
+        per_step = seconds_per_step(size, batch_size=batch, steps=args.steps)
+        print(f"{size[0]}x{size[1]}, batch {batch}: {per_step:.2f} s/step (median of {args.steps})", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,15 @@ grows the decoder:
   within 50 steps; on 32x32 crops with edge weight 4 it fell over the first 150 steps.
 
     python -m training.train_decoder --vae runs/vae/vae --out runs/decoder --max-steps 1500
+    python -m training.train_decoder --vae runs/decoder-w2/vae --out runs/vae-w2 --world2-share 0.5 \
+        --encoder-anchor 1.0        # the encoder learns world 2's textures too; world-1 latents held in place
     python -m training.train_decoder --checkered assets/models/shapes-ldm/vae   # textures through a VAE, then stop
+
+With a frozen encoder, world 2's dots and glows level off near 80% recognisable after a round trip
+(docs/MODEL_V2.md): the encoder never learnt to put them in the latent. `--encoder-anchor W` trains the encoder
+as well, with W times the squared distance between its latent means and the source encoder's on the batch's
+world-1 pictures (in the U-Net's units: scaled by the scaling factor), plus the usual small KL term. World 1's
+latents, which every trained U-Net reads, then stay where they were, while world 2's textures may take new codes.
 
 Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's scaling factor.
 """
@@ -48,6 +56,10 @@ class DecoderConfig:
     # Share of each batch drawn from world 2 (its coarser textures: docs/MODEL_V2.md), the rest from world 1, whose
     # pictures every shipped model still makes
     world2_share: float = 0.0
+    # 0: the encoder stays frozen (the latent space is the source's to the last bit). Above 0 the encoder trains
+    # too, held to the source's latents on world-1 pictures with this weight
+    encoder_anchor: float = 0.0
+    kl_weight: float = 1e-6  # train_vae's (the LDM's KL-f4), used only when the encoder trains
 
 
 def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
@@ -84,6 +96,10 @@ def decoder_parameters(vae: AutoencoderKL) -> list[torch.nn.Parameter]:
     )
 
 
+def encoder_parameters(vae: AutoencoderKL) -> list[torch.nn.Parameter]:
+    return list(vae.encoder.parameters()) + (list(vae.quant_conv.parameters()) if vae.quant_conv is not None else [])
+
+
 def edge_weights(target: torch.Tensor, extra: float) -> torch.Tensor:
     """1 everywhere, 1 + extra within one pixel of a colour edge of the target."""
     dx = (target[..., :, 1:] - target[..., :, :-1]).abs().amax(1, keepdim=True)
@@ -110,6 +126,11 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     vae = grow(AutoencoderKL.from_pretrained(source), config.layers_per_block)
     vae.requires_grad_(False)
     trainable = decoder_parameters(vae)
+    anchor = None
+    if config.encoder_anchor > 0:
+        anchor = grow(AutoencoderKL.from_pretrained(source), config.layers_per_block).eval()
+        anchor.requires_grad_(False)
+        trainable += encoder_parameters(vae)
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
@@ -120,32 +141,50 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed from {checkpoint.path} at step {step}")
-    log = LossLog(out_dir, ["l1", "mse", "psnr"] + (["psnr_world2"] if config.world2_share else []))
+    log = LossLog(out_dir, ["l1", "mse"] + (["anchor"] if anchor is not None else []) + ["psnr"]
+                  + (["psnr_world2"] if config.world2_share else []))
     held_out = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 64))[0]
     held_out_v2 = shapes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 64), world=2)[0] if config.world2_share else None
     crop_generator = torch.Generator().manual_seed(seed + step)
-    vae.encoder.eval()  # frozen: no dropout or norm statistics to update, but say so
+    if anchor is None:
+        vae.encoder.eval()  # frozen: no dropout or norm statistics to update, but say so
+    world2_count = int(round(config.batch_size * config.world2_share))  # training_images puts world 2 first
 
     while step < max_steps:
         seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
         images = images_to_tensor(training_images(seeds, config))
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.sample()
+        extra = {}
+        if anchor is None:
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample()
+            regulariser = 0.0
+        else:
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.sample()
+            regulariser = config.kl_weight * posterior.kl().mean()
+            if world2_count < len(images):
+                with torch.no_grad():
+                    held_mean = anchor.encode(images[world2_count:]).latent_dist.mean
+                drift = ((posterior.mean[world2_count:] - held_mean) * vae.config.scaling_factor).pow(2).mean()
+                regulariser = regulariser + config.encoder_anchor * drift
+                extra["anchor"] = drift.item()
         z, x = latent_crops(latents, images, config.latent_crop, crop_generator)
         recon = vae.decode(z).sample
         weights = edge_weights(x, config.edge_weight)
         l1 = ((recon - x).abs() * weights).mean() / weights.mean()
         mse = (((recon - x) ** 2) * weights).mean() / weights.mean()
-        loss = l1 + config.mse_weight * mse
+        loss = l1 + config.mse_weight * mse + regulariser
         common.optimizer_step(opt, loss)
         step += 1
         if common.due(step, log_every, max_steps):
-            vae.decoder.eval()
+            vae.eval()
             held = {"psnr": psnr(held_out, reconstruct(vae, held_out))}
             if held_out_v2 is not None:
                 held["psnr_world2"] = psnr(held_out_v2, reconstruct(vae, held_out_v2))
             vae.decoder.train()
-            log.write(step, l1=l1.item(), mse=mse.item(), **held)
+            if anchor is not None:
+                vae.encoder.train()
+            log.write(step, l1=l1.item(), mse=mse.item(), **extra, **held)
         if common.due(step, save_every, max_steps):
             checkpoint.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(config)})
             save_grid(
@@ -208,6 +247,9 @@ def main(argv=None):
                         help="share of each batch from world 2 (0-1; the rest from world 1)")
     parser.add_argument("--latent-crop", type=int, default=DecoderConfig.latent_crop,
                         help="training crop in latents (16 = whole 64x64 images)")
+    parser.add_argument("--encoder-anchor", type=float, default=DecoderConfig.encoder_anchor,
+                        help="train the encoder too, held to the source's world-1 latents with this weight "
+                             "(0: encoder frozen)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -225,7 +267,10 @@ def main(argv=None):
         parser.error("--vae is required (the source VAE folder) unless --checkered is given")
     config = DecoderConfig(layers_per_block=args.layers_per_block, batch_size=args.batch_size,
                            learning_rate=args.learning_rate, edge_weight=args.edge_weight,
-                           latent_crop=args.latent_crop, world2_share=args.world2_share)
+                           latent_crop=args.latent_crop, world2_share=args.world2_share,
+                           encoder_anchor=args.encoder_anchor)
+    if config.encoder_anchor < 0:
+        parser.error(f"--encoder-anchor {config.encoder_anchor:g}: a weight of 0 or more")
     if not 0 <= config.world2_share <= 1:
         parser.error(f"--world2-share {config.world2_share:g}: a share from 0 to 1")
     if args.export_only:

@@ -69,6 +69,13 @@ class LDMConfig:
     # Canvas sizes (width, height) of world-2 scenes: each scene is drawn at shapes.canvas_of(seed, sizes) and
     # every batch comes from one size (a bucket), so a batch is one tensor. Empty: 64x64 only.
     sizes: tuple = ()
+    # With several canvases: batch_size is the batch at 64x64 and a bucket's batch holds about as many pixels
+    # (128x128: a quarter, at least MIN_BUCKET_BATCH), so every step costs about what a 64x64 step does. A
+    # batch of 64 at 128x128 cost 7.5x the 64x64 step (docs/MODEL_V2.md, "Step time").
+    pixel_budget: bool = False
+
+
+MIN_BUCKET_BATCH = 8  # the smallest batch a large canvas gets under pixel_budget
 
 
 def build_unet(config: LDMConfig) -> UNet2DConditionModel:
@@ -253,7 +260,7 @@ def train(
     while step < last_step:
         # 4. A batch: sample latents from the posterior, drop 10% of captions.
         if buckets is not None:  # world 2 / several canvases: one bucket (one size) per batch
-            latents, batch_ids = bucket_batch(buckets, config.batch_size, generator)
+            latents, batch_ids = bucket_batch(buckets, config.batch_size, generator, config.pixel_budget)
             latents = latents * scaling
         else:
             if sampling_weights is None:  # the default draws exactly as before the option existed
@@ -264,13 +271,14 @@ def train(
                 mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
             ) * scaling  # (B, 4, 16, 16)
             batch_ids = ids[index].clone()
-        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        batch_size = len(latents)
+        drop = torch.rand(batch_size, generator=generator) < config.caption_dropout
         batch_ids[drop] = empty_ids
 
         # 5. Noise at random timesteps and predict it.
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
+            0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
         )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(batch_ids).last_hidden_state  # (B, 24, 128)
@@ -383,18 +391,28 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def bucket_batch(
-    buckets: list[dict], batch_size: int, generator: torch.Generator
+    buckets: list[dict], batch_size: int, generator: torch.Generator, pixel_budget: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents sampled from the posterior, caption ids) of one batch from one bucket, the bucket drawn in
-    proportion to its scenes; within it uniformly, or by its two-object weights."""
+    proportion to its scenes; within it uniformly, or by its two-object weights. `pixel_budget`: `batch_size`
+    is the batch at 64x64, and a bucket's batch holds about as many pixels (LDMConfig.pixel_budget)."""
     counts = torch.tensor([len(b["captions"]) for b in buckets], dtype=torch.float)
     bucket = buckets[int(torch.multinomial(counts, 1, generator=generator))]
+    if pixel_budget:
+        width, height = bucket["size"]
+        batch_size = bucket_batch_size(batch_size, width, height)
     if bucket.get("weights") is None:
         index = torch.randint(0, len(bucket["captions"]), (batch_size,), generator=generator)
     else:
         index = torch.multinomial(bucket["weights"], batch_size, replacement=True, generator=generator)
     mean, std = bucket["mean"][index], bucket["std"][index]
     return mean + std * torch.randn(mean.shape, generator=generator), bucket["ids"][index].clone()
+
+
+def bucket_batch_size(batch_size: int, width: int, height: int) -> int:
+    """The batch at a `width` x `height` canvas holding about the pixels of `batch_size` 64x64 scenes."""
+    side = shapes.IMAGE_SIZE
+    return max(MIN_BUCKET_BATCH, min(batch_size, round(batch_size * side * side / (width * height))))
 
 
 def load_source(init_from: Path) -> dict:
@@ -524,6 +542,8 @@ def main(argv=None):
                         help="the Shapes world's version (2: docs/MODEL_V2.md)")
     parser.add_argument("--sizes", default=None,
                         help="world-2 canvases WIDTHxHEIGHT,... (or 'all'); each batch from one size (default 64x64)")
+    parser.add_argument("--pixel-budget", action="store_true",
+                        help="with --sizes: --batch-size is the 64x64 batch; larger canvases get as many pixels")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -541,7 +561,10 @@ def main(argv=None):
         attention_16x16_up=args.attention_16x16_up,
         world=args.world,
         sizes=sizes,
+        pixel_budget=args.pixel_budget,
     )
+    if config.pixel_budget and not sizes:
+        raise SystemExit("--pixel-budget: needs --sizes (one 64x64 canvas has nothing to budget)")
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from, stop_at=args.stop_at)
 
