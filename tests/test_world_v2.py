@@ -307,3 +307,12 @@ def test_pixel_budget_batches_hold_about_the_pixels_of_a_64x64_batch():
     assert latents.shape == (16, 4, 32, 32) and len(ids) == 16
     latents, _ = bucket_batch(buckets, 64, torch.Generator().manual_seed(0))
     assert latents.shape[0] == 64  # without the budget, every canvas gets the whole batch
+
+
+def test_step_time_reports_the_batch_each_canvas_gets(capsys):
+    from training import step_time
+
+    step_time.main(["--sizes", "64x64,128x64", "--batch-size", "32", "--steps", "1", "--pixel-budget"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["64x64, batch 32", "128x64, batch 16"]
+    assert all(float(line.split(": ")[1].split(" s/step")[0]) > 0 for line in lines)
