@@ -17,14 +17,14 @@ grows the decoder:
 
     python -m training.train_decoder --vae runs/vae/vae --out runs/decoder --max-steps 1500
     python -m training.train_decoder --vae runs/decoder-w2/vae --out runs/vae-w2 --world2-share 0.5 \
-        --encoder-anchor 1.0        # the encoder learns world 2's textures too; world-1 latents held in place
+        --encoder-anchor 1.0        # the encoder trains too; world-1 latents held in place
     python -m training.train_decoder --checkered assets/models/shapes-ldm/vae   # textures through a VAE, then stop
 
-With a frozen encoder, world 2's dots and glows level off near 80% recognisable after a round trip
-(docs/MODEL_V2.md): the encoder never learnt to put them in the latent. `--encoder-anchor W` trains the encoder
-as well, with W times the squared distance between its latent means and the source encoder's on the batch's
-world-1 pictures (in the U-Net's units: scaled by the scaling factor), plus the usual small KL term. World 1's
-latents, which every trained U-Net reads, then stay where they were, while world 2's textures may take new codes.
+With a frozen encoder, world 2's dots and glows level off near 80% recognisable after a round trip. To tell
+whether the encoder is what limits them, `--encoder-anchor W` trains the encoder as well, with W times the squared
+distance between its latent means and the source encoder's on the batch's world-1 pictures (in the U-Net's units:
+scaled by the scaling factor), plus the usual small KL term. World 1's latents, which every trained U-Net reads,
+then stay where they were, while world 2's textures may take new codes. (It did not lift them: docs/MODEL_V2.md.)
 
 Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's scaling factor.
 """
