@@ -31,6 +31,7 @@ Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's sc
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,8 +129,7 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     trainable = decoder_parameters(vae)
     anchor = None
     if config.encoder_anchor > 0:
-        anchor = grow(AutoencoderKL.from_pretrained(source), config.layers_per_block).eval()
-        anchor.requires_grad_(False)
+        anchor = copy.deepcopy(vae).eval()  # the source's encoder, before any training (frozen: no grad)
         trainable += encoder_parameters(vae)
     for p in trainable:
         p.requires_grad_(True)
@@ -148,7 +148,7 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     crop_generator = torch.Generator().manual_seed(seed + step)
     if anchor is None:
         vae.encoder.eval()  # frozen: no dropout or norm statistics to update, but say so
-    world2_count = int(round(config.batch_size * config.world2_share))  # training_images puts world 2 first
+    first_world1 = world2_count(config.batch_size, config)  # training_images puts world 2 first
 
     while step < max_steps:
         seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
@@ -162,10 +162,10 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
             posterior = vae.encode(images).latent_dist
             latents = posterior.sample()
             regulariser = config.kl_weight * posterior.kl().mean()
-            if world2_count < len(images):
+            if first_world1 < len(images):
                 with torch.no_grad():
-                    held_mean = anchor.encode(images[world2_count:]).latent_dist.mean
-                drift = ((posterior.mean[world2_count:] - held_mean) * vae.config.scaling_factor).pow(2).mean()
+                    held_mean = anchor.encode(images[first_world1:]).latent_dist.mean
+                drift = ((posterior.mean[first_world1:] - held_mean) * vae.config.scaling_factor).pow(2).mean()
                 regulariser = regulariser + config.encoder_anchor * drift
                 extra["anchor"] = drift.item()
         z, x = latent_crops(latents, images, config.latent_crop, crop_generator)
@@ -197,11 +197,16 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
 def training_images(seeds: range, config: DecoderConfig) -> np.ndarray:
     """(N, 64, 64, 3) uint8: the batch's scenes, its first `world2_share` from world 2 (same seeds, that world's
     scenes), the rest from world 1."""
-    second = int(round(len(seeds) * config.world2_share))
+    second = world2_count(len(seeds), config)
     parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)[0]] if second else []
     if second < len(seeds):
         parts.append(shapes.batch(seeds[second:], allow_unseen_styles=config.all_styles)[0])
     return np.concatenate(parts)
+
+
+def world2_count(batch: int, config: DecoderConfig) -> int:
+    """How many of a batch's pictures come from world 2 (they come first)."""
+    return int(round(batch * config.world2_share))
 
 
 def export(vae: AutoencoderKL, out_dir: Path) -> Path:
