@@ -276,11 +276,14 @@ def test_train_ldm_on_world_2_canvas_buckets_from_the_shipped_pipeline(tmp_path)
     out = tmp_path / "ldm"
     train_ldm.main(["--vae", f"{SHIPPED}/vae", "--out", str(out), "--init-from", SHIPPED, "--attention-16x16-up",
                     "--world", "2", "--sizes", "64x64,128x64", "--train-scenes", "12", "--batch-size", "2",
-                    "--max-steps", "42502", "--log-every", "1", "--save-every", "2", "--eval-every", "0"])
+                    "--max-steps", "42502", "--log-every", "1", "--save-every", "2", "--eval-every", "0",
+                    "--base-canvas-share", "0.5"])
     cache = torch.load(out / "latents-world2.pt", weights_only=False)
     assert {tuple(b["size"]): tuple(b["mean"].shape[2:]) for b in cache["buckets"]} == {(64, 64): (16, 16),
                                                                                         (128, 64): (16, 32)}
     assert sum(len(b["captions"]) for b in cache["buckets"]) == 12
+    base = torch.load(out / "latents-world2-64x64.pt", weights_only=False)["buckets"]  # every scene, at 64x64
+    assert [(tuple(b["size"]), len(b["captions"])) for b in base] == [((64, 64), 12)]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 42502  # went on from the shipped step
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.tokenizer.convert_tokens_to_ids("shape") == 54 and pipe.text_encoder.config.vocab_size == 55
@@ -307,6 +310,34 @@ def test_pixel_budget_batches_hold_about_the_pixels_of_a_64x64_batch():
     assert latents.shape == (16, 4, 32, 32) and len(ids) == 16
     latents, _ = bucket_batch(buckets, 64, torch.Generator().manual_seed(0))
     assert latents.shape[0] == 64  # without the budget, every canvas gets the whole batch
+
+
+def test_a_bucket_with_a_share_is_drawn_that_share_of_the_time():
+    import torch
+
+    from training.train_ldm import bucket_batch
+
+    def bucket(size, count, **extra):
+        shape = (count, 4, size[1] // 4, size[0] // 4)
+        return {"size": size, "mean": torch.zeros(shape), "std": torch.ones(shape),
+                "captions": ["a"] * count, "ids": torch.zeros(count, 24, dtype=torch.long), **extra}
+
+    # Two mixed canvases of 30 and 10 scenes, and a 64x64 bucket of 40 drawn a third of the time.
+    buckets = [bucket((128, 128), 30), bucket((96, 64), 10), bucket((64, 64), 40, share=1 / 3)]
+    generator = torch.Generator().manual_seed(0)
+    drawn = [tuple(bucket_batch(buckets, 4, generator)[0].shape[2:]) for _ in range(3000)]
+    shares = {size: drawn.count(size) / len(drawn) for size in set(drawn)}
+    assert abs(shares[(16, 16)] - 1 / 3) < 0.03  # the share, not the 40 / 80 its scene count would give
+    assert abs(shares[(32, 32)] - 2 / 3 * 0.75) < 0.03 and abs(shares[(16, 24)] - 2 / 3 * 0.25) < 0.03
+
+
+def test_base_canvas_share_needs_sizes_and_a_share_below_one():
+    from training import train_ldm
+
+    with pytest.raises(SystemExit, match="--base-canvas-share 0.3: needs --sizes"):
+        train_ldm.main(["--world", "2", "--base-canvas-share", "0.3"])
+    with pytest.raises(SystemExit, match="--base-canvas-share 1: needs"):
+        train_ldm.main(["--world", "2", "--sizes", "all", "--base-canvas-share", "1"])
 
 
 def test_step_time_reports_the_batch_each_canvas_gets(capsys):

@@ -15,7 +15,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,11 @@ class LDMConfig:
     # (128x128: a quarter, at least MIN_BUCKET_BATCH), so every step costs about what a 64x64 step does. A
     # batch of 64 at 128x128 cost 7.5x the 64x64 step (docs/MODEL_V2.md, "Step time").
     pixel_budget: bool = False
+    # With several canvases: the share of batches drawn at 64x64, the app's default canvas, from every training
+    # scene drawn at 64x64 (a second cache); the rest come from the mixed canvases as before. 0: 64x64 gets only
+    # its 1/25 of the canvases, and at that share a run from the shipped model lost 64x64 binding (62% -> 25%,
+    # docs/MODEL_V2.md).
+    base_canvas_share: float = 0.0
 
 
 MIN_BUCKET_BATCH = 8  # the smallest batch a large canvas gets under pixel_budget
@@ -187,6 +192,9 @@ def train(
         mean, std, captions = encode_scenes(vae, config.train_scenes, out_dir / "latents.pt")
     else:
         buckets = encode_buckets(vae, config, out_dir / f"latents-world{config.world}.pt")
+        if config.base_canvas_share > 0:
+            base = encode_buckets(vae, replace(config, sizes=()), out_dir / f"latents-world{config.world}-64x64.pt")
+            buckets += [{**bucket, "share": config.base_canvas_share} for bucket in base]
         captions = [c for bucket in buckets for c in bucket["captions"]]
     scaling = vae.config.scaling_factor
 
@@ -395,9 +403,13 @@ def bucket_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents sampled from the posterior, caption ids) of one batch from one bucket, the bucket drawn in
     proportion to its scenes; within it uniformly, or by its two-object weights. `pixel_budget`: `batch_size`
-    is the batch at 64x64, and a bucket's batch holds about as many pixels (LDMConfig.pixel_budget)."""
+    is the batch at 64x64, and a bucket's batch holds about as many pixels (LDMConfig.pixel_budget). A bucket
+    with a "share" is drawn that share of the time, the others in proportion to their scenes in the rest."""
     counts = torch.tensor([len(b["captions"]) for b in buckets], dtype=torch.float)
-    bucket = buckets[int(torch.multinomial(counts, 1, generator=generator))]
+    shared = torch.tensor(["share" in b for b in buckets])
+    draw = counts / counts[~shared].sum() * (1 - sum(b.get("share", 0.0) for b in buckets))
+    draw[shared] = torch.tensor([b["share"] for b in buckets if "share" in b], dtype=torch.float)
+    bucket = buckets[int(torch.multinomial(draw, 1, generator=generator))]
     if pixel_budget:
         width, height = bucket["size"]
         batch_size = bucket_batch_size(batch_size, width, height)
@@ -544,6 +556,8 @@ def main(argv=None):
                         help="world-2 canvases WIDTHxHEIGHT,... (or 'all'); each batch from one size (default 64x64)")
     parser.add_argument("--pixel-budget", action="store_true",
                         help="with --sizes: --batch-size is the 64x64 batch; larger canvases get as many pixels")
+    parser.add_argument("--base-canvas-share", type=float, default=LDMConfig.base_canvas_share,
+                        help="with --sizes: share of batches at 64x64 from every training scene drawn at 64x64")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -562,9 +576,12 @@ def main(argv=None):
         world=args.world,
         sizes=sizes,
         pixel_budget=args.pixel_budget,
+        base_canvas_share=args.base_canvas_share,
     )
     if config.pixel_budget and not sizes:
         raise SystemExit("--pixel-budget: needs --sizes (one 64x64 canvas has nothing to budget)")
+    if not 0 <= config.base_canvas_share < 1 or (config.base_canvas_share and not sizes):
+        raise SystemExit(f"--base-canvas-share {config.base_canvas_share:g}: needs --sizes and a share in [0, 1)")
     train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
           eval_every=args.eval_every, init_from=args.init_from, stop_at=args.stop_at)
 
