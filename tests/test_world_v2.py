@@ -277,7 +277,7 @@ def test_train_ldm_on_world_2_canvas_buckets_from_the_shipped_pipeline(tmp_path)
     train_ldm.main(["--vae", f"{SHIPPED}/vae", "--out", str(out), "--init-from", SHIPPED, "--attention-16x16-up",
                     "--world", "2", "--sizes", "64x64,128x64", "--train-scenes", "12", "--batch-size", "2",
                     "--max-steps", "42502", "--log-every", "1", "--save-every", "2", "--eval-every", "0",
-                    "--base-canvas-share", "0.5"])
+                    "--base-canvas-share", "0.5", "--freeze-text-encoder"])
     cache = torch.load(out / "latents-world2.pt", weights_only=False)
     assert {tuple(b["size"]): tuple(b["mean"].shape[2:]) for b in cache["buckets"]} == {(64, 64): (16, 16),
                                                                                         (128, 64): (16, 32)}
@@ -289,6 +289,10 @@ def test_train_ldm_on_world_2_canvas_buckets_from_the_shipped_pipeline(tmp_path)
     assert pipe.tokenizer.convert_tokens_to_ids("shape") == 54 and pipe.text_encoder.config.vocab_size == 55
     shipped = StableDiffusionPipeline.from_pretrained(SHIPPED)
     assert all(pipe.tokenizer.convert_tokens_to_ids(w) == i for w, i in shipped.tokenizer.get_vocab().items())
+    # --freeze-text-encoder: the U-Net trained, the text encoder is the shipped one, so the shipped ControlNets and
+    # inpainting U-Net read the same text states
+    assert all(torch.equal(v, shipped.text_encoder.state_dict()[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert not all(torch.equal(v, shipped.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
     image = pipe("a green shape on the left", width=128, height=64, num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 128, 3)

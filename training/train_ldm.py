@@ -78,6 +78,10 @@ class LDMConfig:
     # its 1/25 of the canvases, and at that share a run from the shipped model lost 64x64 binding (62% -> 25%,
     # docs/MODEL_V2.md).
     base_canvas_share: float = 0.0
+    # False: the text encoder stays as loaded (--init-from) and only the U-Net trains. The shipped ControlNets,
+    # inpainting U-Net and their cards read the base's text states, so a base whose text encoder is unchanged
+    # is a drop-in U-Net for them.
+    train_text_encoder: bool = True
 
 
 MIN_BUCKET_BATCH = 8  # the smallest batch a large canvas gets under pixel_budget
@@ -210,7 +214,8 @@ def train(
     # 3. Models, optimiser, EMA; resume if a checkpoint exists.
     text_encoder = text.build_text_encoder(tokenizer, hidden_size=config.text_hidden_size, layers=config.text_layers)
     unet = build_unet(config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
+    text_encoder.requires_grad_(config.train_text_encoder)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=config.prediction_type)
@@ -289,7 +294,8 @@ def train(
             0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
         )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(batch_ids).last_hidden_state  # (B, 24, 128)
+        with torch.set_grad_enabled(config.train_text_encoder):
+            hidden = text_encoder(batch_ids).last_hidden_state  # (B, 24, 128)
         prediction = unet(noisy, timesteps, hidden).sample
         target = (
             noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -558,6 +564,8 @@ def main(argv=None):
                         help="with --sizes: --batch-size is the 64x64 batch; larger canvases get as many pixels")
     parser.add_argument("--base-canvas-share", type=float, default=LDMConfig.base_canvas_share,
                         help="with --sizes: share of batches at 64x64 from every training scene drawn at 64x64")
+    parser.add_argument("--freeze-text-encoder", action="store_true",
+                        help="train the U-Net only; the text encoder stays as --init-from has it")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -577,6 +585,7 @@ def main(argv=None):
         sizes=sizes,
         pixel_budget=args.pixel_budget,
         base_canvas_share=args.base_canvas_share,
+        train_text_encoder=not args.freeze_text_encoder,
     )
     if config.pixel_budget and not sizes:
         raise SystemExit("--pixel-budget: needs --sizes (one 64x64 canvas has nothing to budget)")
