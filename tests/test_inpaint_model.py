@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO
+from training.common import folder_step
 
 INPAINT_MODEL = REPO / "assets" / "models" / "shapes-inpaint"
 needs_model = pytest.mark.skipif(
@@ -169,6 +170,7 @@ def test_train_inpaint_runs_resumes_and_exports(tmp_path):
     assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3"]
     record = json.loads((run / "model" / "training.json").read_text())
     assert record["step"] == 3 and record["base"] == "assets/models/shapes-ldm" and record["base_step"].isdigit()
+    assert record["base_text_step"] == folder_step(REPO / "assets" / "models" / "shapes-ldm", text=True)
     assert (run / "samples" / "step-000002.png").is_file()
     train_inpaint.main(["--out", str(run), "--export", str(tmp_path / "shipped")])
     config = json.loads((tmp_path / "shipped" / "unet" / "config.json").read_text())
@@ -211,10 +213,12 @@ def test_builtin_preset_inpaints_with_the_nine_channel_unet():
 
     preset = resolve_preset("shapes")
     assert preset.inpaint_model == str(INPAINT_MODEL)
+    # It reads the base's text states at every step: the base's text encoder must be the one it was trained with
+    # (a base U-Net trained on with its text encoder frozen keeps it; training.common.folder_step)
     record = json.loads((INPAINT_MODEL / "training.json").read_text())
-    base_step = (REPO / "assets" / "models" / "shapes-ldm" / "TRAINING_STEP").read_text().strip()
-    assert record["base_step"] == base_step, (
-        "the inpainting model was derived from another base U-Net: re-run train_inpaint"
+    text_step = folder_step(REPO / "assets" / "models" / "shapes-ldm", text=True)
+    assert record.get("base_text_step", record["base_step"]) == text_step, (
+        "the inpainting model reads another text encoder than the base's: re-run train_inpaint"
     )
 
 

@@ -293,6 +293,17 @@ def test_train_ldm_on_world_2_canvas_buckets_from_the_shipped_pipeline(tmp_path)
     # inpainting U-Net read the same text states
     assert all(torch.equal(v, shipped.text_encoder.state_dict()[k]) for k, v in pipe.text_encoder.state_dict().items())
     assert not all(torch.equal(v, shipped.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    # ... and the export says so: its step, and the step its text encoder is from, which packaging keeps and a
+    # later package of a pipeline without the marker drops
+    from training.common import folder_step
+    from training.package import package
+
+    assert folder_step(out / "pipeline") == "42502" and folder_step(out / "pipeline", text=True) == "42500"
+    package(out / "pipeline", None, tmp_path / "shipped")
+    assert folder_step(tmp_path / "shipped") == "42502" and folder_step(tmp_path / "shipped", text=True) == "42500"
+    (out / "pipeline" / "TEXT_ENCODER_STEP").unlink()
+    package(out / "pipeline", None, tmp_path / "shipped")
+    assert folder_step(tmp_path / "shipped", text=True) == "42502"
     image = pipe("a green shape on the left", width=128, height=64, num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 128, 3)

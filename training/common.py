@@ -25,6 +25,20 @@ def repo_relative(path: Path) -> str:
         return str(path)
 
 
+# A pipeline folder's training step, and the step its text encoder last changed at (absent: the same). Models that
+# read the base's text states (the inpainting U-Net, the ControlNets) fit any base whose text step is theirs.
+STEP_FILE, TEXT_STEP_FILE = "TRAINING_STEP", "TEXT_ENCODER_STEP"
+
+
+def folder_step(folder: Path, *, text: bool = False) -> str:
+    """A pipeline folder's TRAINING_STEP (`text`: its TEXT_ENCODER_STEP, else the same), or "?" if it has none."""
+    for name in ((TEXT_STEP_FILE, STEP_FILE) if text else (STEP_FILE,)):
+        path = Path(folder) / name
+        if path.exists():
+            return path.read_text().strip()
+    return "?"
+
+
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+from training.common import STEP_FILE, TEXT_STEP_FILE
+
 
 def same_encoder(a: AutoencoderKL, b: AutoencoderKL) -> bool:
     """Whether both encode world scenes to the same latents, bit for bit.
@@ -59,9 +61,12 @@ def package(ldm: Path, vae: Path | None, out: Path, vocabulary: int | None = Non
     # The folder's own files (its card, the step, figures) survive a rewrite, even one in place (--out = --ldm)
     kept = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "model_index.json"} \
         if out.exists() else {}
-    step = Path(ldm) / "TRAINING_STEP"
-    if step.exists():
-        kept["TRAINING_STEP"] = step.read_bytes()
+    # The step files are the LDM's: its step, and the step its text encoder last changed at if earlier (a marker
+    # the LDM lacks is dropped: its text encoder trained up to its own step)
+    kept.pop(TEXT_STEP_FILE, None)
+    for name in (STEP_FILE, TEXT_STEP_FILE):
+        if (Path(ldm) / name).exists():
+            kept[name] = (Path(ldm) / name).read_bytes()
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)

@@ -34,6 +34,7 @@ from training.common import (
     Checkpoint,
     LossLog,
     due,
+    folder_step,
     optimizer_step,
     repo_relative,
     save_grid,
@@ -255,7 +256,7 @@ def train(
             module.load_state_dict(start)
         first_step = step
         print(f"initialised from {init_from} at step {step}")
-    base_step = (Path(base) / "TRAINING_STEP").read_text().strip() if (Path(base) / "TRAINING_STEP").exists() else "?"
+    base_step = folder_step(base)
 
     # 2. The example pool, encoded once.
     if pool_part is not None:
@@ -419,10 +420,12 @@ def names_hidden_object(example: inpaint_data.InpaintExample) -> bool:
 def export_run(
     unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig, init_from: Path | None = None
 ) -> None:
-    """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder and its step."""
+    """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder, its step and its text
+    encoder's (the text states this U-Net reads at every step)."""
     unet.save_pretrained(Path(target) / "unet", safe_serialization=True)
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
-    record = {"base": repo_relative(base), "base_step": base_step, "step": step, **asdict(config)}
+    record = {"base": repo_relative(base), "base_step": base_step, "base_text_step": folder_step(base, text=True),
+              "step": step, **asdict(config)}
     if init_from is not None:  # the run it went on from, with that run's own record: the whole history
         record["init_from"] = repo_relative(Path(init_from))
         parent = Path(init_from) / "model" / "training.json"  # a run folder's, else a model folder's own

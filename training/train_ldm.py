@@ -29,7 +29,18 @@ from diffusers import (
 )
 
 from training import shapes, text
-from training.common import Checkpoint, LossLog, due, images_to_tensor, optimizer_step, save_grid, set_threads
+from training.common import (
+    STEP_FILE,
+    TEXT_STEP_FILE,
+    Checkpoint,
+    LossLog,
+    due,
+    folder_step,
+    images_to_tensor,
+    optimizer_step,
+    save_grid,
+    set_threads,
+)
 
 # The noise schedule of Stable Diffusion: every diffusers scheduler then behaves as it does on SD,
 # so the app's scheduler menu, img2img strength and ControlNet code need no special case.
@@ -220,6 +231,7 @@ def train(
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=config.prediction_type)
     step = first_step = 0  # first_step: where this run's warm-ups (learning rate, EMA) started
+    text_step = None  # with a frozen text encoder: the step it was trained to (its source's), kept in the export
     checkpoint = Checkpoint(out_dir)
     state = checkpoint.load()
     if state is not None:
@@ -230,6 +242,7 @@ def train(
         opt.load_state_dict(state["opt"])
         step = state["step"]
         first_step = state.get("first_step", 0)
+        text_step = state.get("text_step")
         print(f"resumed from {checkpoint.path} at step {step}")
     elif init_from is not None:
         # A new run that starts from another run's weights (e.g. a change of prediction type): the
@@ -258,6 +271,8 @@ def train(
         else:
             step = first_step = source["step"]
             print(f"initialised from {init_from} (step {step}, {source['config'].get('prediction_type', 'epsilon')})")
+    if state is None and init_from is not None and not config.train_text_encoder:
+        text_step = source["step"] if source.get("text_step") is None else source["text_step"]
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"U-Net {n_unet / 1e6:.2f} M parameters, text encoder {n_text / 1e6:.2f} M, {len(captions)} scenes")
@@ -336,6 +351,7 @@ def train(
                     "opt": opt.state_dict(),
                     "step": step,
                     "first_step": first_step,
+                    "text_step": text_step,
                     "config": asdict(config),
                 }
             )
@@ -343,6 +359,7 @@ def train(
                 assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type),
                 out_dir / "pipeline",
                 step,
+                text_step,
             )
     return assemble_pipeline(vae, ema_text, tokenizer, ema_unet, config.prediction_type)
 
@@ -441,11 +458,12 @@ def load_source(init_from: Path) -> dict:
         return torch.load(init_from, map_location="cpu", weights_only=False)
     from transformers import CLIPTextModel
 
-    step_file = init_from / "TRAINING_STEP"
+    step = folder_step(init_from)
     return {
         "ema_unet": UNet2DConditionModel.from_pretrained(init_from / "unet").state_dict(),
         "ema_text": CLIPTextModel.from_pretrained(init_from / "text_encoder").state_dict(),
-        "step": int(step_file.read_text()) if step_file.exists() else 0,
+        "step": int(step) if step != "?" else 0,
+        "text_step": int(folder_step(init_from, text=True)) if step != "?" else 0,
         "config": {"prediction_type": json.loads((init_from / "scheduler" / "scheduler_config.json").read_text())
                    .get("prediction_type", "epsilon")},
     }
@@ -512,9 +530,15 @@ def quick_scores(pipe: StableDiffusionPipeline, grid_path: Path, count: int = 48
     return {k: result["scores"][k] for k in ("colour", "shape", "position", "binding")}
 
 
-def export(pipe: StableDiffusionPipeline, target: Path, step: int) -> None:
+def export(pipe: StableDiffusionPipeline, target: Path, step: int, text_step: int | None = None) -> None:
+    """The pipeline, its step and, when its text encoder last changed at an earlier step, that step."""
     pipe.save_pretrained(target, safe_serialization=True)
-    (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
+    (Path(target) / STEP_FILE).write_text(f"{step}\n")
+    marker = Path(target) / TEXT_STEP_FILE
+    if text_step is not None and text_step != step:
+        marker.write_text(f"{text_step}\n")
+    else:
+        marker.unlink(missing_ok=True)
 
 
 def main(argv=None):
