@@ -362,3 +362,32 @@ def test_step_time_reports_the_batch_each_canvas_gets(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["64x64, batch 32", "128x64, batch 16"]
     assert all(float(line.split(": ")[1].split(" s/step")[0]) > 0 for line in lines)
+
+
+def test_the_v2_unet_candidate_makes_a_pipeline_with_the_shipped_parts(tmp_path):
+    """assets/models/shapes-ldm-v2 holds only a U-Net: with the shipped VAE, tokenizer and text encoder (which its
+    run kept frozen) it is a whole pipeline, as its card's "Use it" assembles it."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from training.common import folder_step
+
+    candidate = Path(SHIPPED).parent / "shapes-ldm-v2"
+    if not (candidate / "unet").is_dir():
+        pytest.skip("assets/models/shapes-ldm-v2 is not here")
+    assert folder_step(candidate, text=True) == folder_step(SHIPPED, text=True)  # the text states it learned on
+    assert int(folder_step(candidate)) > int(folder_step(SHIPPED))
+    folder = tmp_path / "v2"
+    shutil.copytree(SHIPPED, folder)
+    shutil.rmtree(folder / "unet")
+    shutil.copytree(candidate / "unet", folder / "unet")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    shipped = StableDiffusionPipeline.from_pretrained(SHIPPED)
+    assert pipe.unet.config.in_channels == shipped.unet.config.in_channels == 4
+    assert not torch.equal(pipe.unet.conv_in.weight, shipped.unet.conv_in.weight)
+    image = pipe("a red circle on grass", width=128, height=64, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 128, 3) and image.std() > 0.01
