@@ -119,7 +119,9 @@ def model_folder(opts: Options) -> tuple[str, str | None]:
         source, note = path, None
     elif path.resolve() == BUILTIN_MODEL.resolve() and (TRAINING_EXPORT / "model_index.json").is_file():
         source = TRAINING_EXPORT
-        step = (source / "TRAINING_STEP").read_text().strip() if (source / "TRAINING_STEP").is_file() else "?"
+        from training.common import folder_step
+
+        step = folder_step(source)
         note = (f"{BUILTIN_MODEL.relative_to(REPO)} does not exist yet: measured a copy of the training export "
                 f"runs/ldm/pipeline (training step {step})")
     else:

@@ -62,7 +62,9 @@ def lcm_folder(path: str | None, notes: list[str]) -> str:
         source = LCM_MODEL
     elif (LCM_EXPORT / "model_index.json").is_file():
         source = LCM_EXPORT
-        step = (source / "TRAINING_STEP").read_text().strip() if (source / "TRAINING_STEP").is_file() else "?"
+        from training.common import folder_step
+
+        step = folder_step(source)
         notes.append(f"{PART}: {LCM_MODEL.relative_to(REPO)} does not exist yet: measured the trainer's export "
                      f"runs/lcm/pipeline (training step {step})")
     else:

@@ -361,7 +361,6 @@ def train(
                 out_dir / "model",
                 step=step,
                 base=base,
-                base_step=base_step,
                 config=config,
                 init_from=init_from,
             )
@@ -418,14 +417,14 @@ def names_hidden_object(example: inpaint_data.InpaintExample) -> bool:
 
 
 def export_run(
-    unet, target: Path, *, step: int, base: Path, base_step: str, config: InpaintConfig, init_from: Path | None = None
+    unet, target: Path, *, step: int, base: Path, config: InpaintConfig, init_from: Path | None = None
 ) -> None:
     """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder, its step and its text
     encoder's (the text states this U-Net reads at every step)."""
     unet.save_pretrained(Path(target) / "unet", safe_serialization=True)
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
-    record = {"base": repo_relative(base), "base_step": base_step, "base_text_step": folder_step(base, text=True),
-              "step": step, **asdict(config)}
+    record = {"base": repo_relative(base), "base_step": folder_step(base),
+              "base_text_step": folder_step(base, text=True), "step": step, **asdict(config)}
     if init_from is not None:  # the run it went on from, with that run's own record: the whole history
         record["init_from"] = repo_relative(Path(init_from))
         parent = Path(init_from) / "model" / "training.json"  # a run folder's, else a model folder's own

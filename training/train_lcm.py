@@ -30,7 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.common import REPO, Checkpoint, LossLog, due, optimizer_step, repo_relative, save_grid, set_threads
+from training.common import (
+    REPO,
+    Checkpoint,
+    LossLog,
+    due,
+    folder_step,
+    optimizer_step,
+    repo_relative,
+    save_grid,
+    set_threads,
+)
 from training.train_ldm import LDMConfig, encode_scenes, tokenize
 
 DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
@@ -219,10 +229,9 @@ def export_run(pipe, unet, target: Path, *, step: int, base: Path, config: LCMCo
     """A pipeline folder (safetensors) plus TRAINING_STEP and training.json (what made it, and the command)."""
     assemble_pipeline(pipe, unet).save_pretrained(target, safe_serialization=True)
     (Path(target) / "TRAINING_STEP").write_text(f"{step}\n")
-    base_step = Path(base) / "TRAINING_STEP"
     record = {
         "base": repo_relative(base),
-        "base_step": base_step.read_text().strip() if base_step.exists() else "?",
+        "base_step": folder_step(base),
         "step": step,
         "out": repo_relative(out_dir),
         **asdict(config),
