@@ -204,6 +204,63 @@ def test_train_inpaint_goes_on_from_an_exported_model_with_the_hole_weighted(tmp
         train_inpaint.init_weights(tmp_path)
 
 
+def test_rebase_adds_what_the_base_moved_and_keeps_the_added_channels():
+    from training.train_inpaint import rebase
+
+    def weights(conv_in, bias, out):
+        return {"conv_in.weight": conv_in, "conv_in.bias": bias, "out.weight": out}
+
+    old = weights(torch.zeros(2, 4, 3, 3), torch.zeros(2), torch.ones(3))
+    new = weights(torch.full((2, 4, 3, 3), 0.5), torch.ones(2), torch.zeros(3))
+    state = weights(torch.full((2, 9, 3, 3), 2.0), torch.ones(2), torch.ones(3))
+    moved = rebase(state, old=old, new=new)
+    assert torch.equal(moved["conv_in.weight"][:, :4], torch.full((2, 4, 3, 3), 2.5))
+    assert torch.equal(moved["conv_in.weight"][:, 4:], state["conv_in.weight"][:, 4:])  # mask and masked latents
+    assert torch.equal(moved["conv_in.bias"], torch.full((2,), 2.0))
+    assert torch.equal(moved["out.weight"], torch.zeros(3))
+    assert torch.equal(state["conv_in.weight"], torch.full((2, 9, 3, 3), 2.0))  # the start is not changed in place
+    with pytest.raises(SystemExit, match="no weight extra"):
+        rebase({**state, "extra": torch.zeros(1)}, old=old, new=new)
+    with pytest.raises(SystemExit, match="out.weight is"):
+        rebase({**state, "out.weight": torch.ones(4)}, old=old, new={**new, "out.weight": torch.zeros(3)})
+
+
+@needs_model
+def test_train_inpaint_rebases_the_shipped_model_onto_a_later_base(tmp_path):
+    """--rebase-from re-derives the inpainting U-Net after the base was trained on: the shipped model plus what the
+    base U-Net moved (here onto the v2 candidate), exported as is when --max-steps is the start's step, with a
+    record whose command makes it again."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from training import train_inpaint
+
+    shipped_base = REPO / "assets" / "models" / "shapes-ldm"
+    later = tmp_path / "later-base"
+    shutil.copytree(shipped_base, later)
+    shutil.rmtree(later / "unet")
+    shutil.copytree(REPO / "assets" / "models" / "shapes-ldm-v2" / "unet", later / "unet")
+    (later / "TRAINING_STEP").write_text((REPO / "assets" / "models" / "shapes-ldm-v2" / "TRAINING_STEP").read_text())
+    step = int((INPAINT_MODEL / "TRAINING_STEP").read_text())
+    run = tmp_path / "run"
+    train_inpaint.main(["--base", str(later), "--out", str(run), "--init-from", str(INPAINT_MODEL),
+                        "--rebase-from", str(shipped_base), "--max-steps", str(step), "--threads", "1"])
+    load = lambda folder: UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()  # noqa: E731
+    made, inpaint, old, new = load(run / "model"), load(INPAINT_MODEL), load(shipped_base), load(later)
+    name = "up_blocks.1.resnets.0.conv1.weight"
+    assert not torch.equal(old[name], new[name])  # the bases differ, so the test can tell
+    assert torch.allclose(made[name], inpaint[name] + new[name] - old[name])
+    assert torch.equal(made["conv_in.weight"][:, 4:], inpaint["conv_in.weight"][:, 4:])
+    record = json.loads((run / "model" / "training.json").read_text())
+    assert record["step"] == step and record["base_step"] == (later / "TRAINING_STEP").read_text().strip()
+    assert "--rebase-from assets/models/shapes-ldm " in train_inpaint.command(record)
+    assert not (run / "pool").exists()  # nothing trained, so no examples were encoded
+    with pytest.raises(SystemExit, match="give it with --init-from"):
+        train_inpaint.main(["--base", str(later), "--out", str(tmp_path / "x"), "--rebase-from", str(shipped_base),
+                            "--max-steps", "1"])
+
+
 # --- the engine and the tabs' tasks -------------------------------------------------------------------------------
 
 

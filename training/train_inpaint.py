@@ -215,6 +215,7 @@ def train(
     threads: int | None = None,
     init_from: Path | None = None,
     pool_part: tuple[int, int] | None = None,
+    rebase_from: Path | None = None,
 ):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -252,11 +253,20 @@ def train(
         # Go on from another run's weights with a fresh optimiser and schedule (e.g. another data mix); the
         # step count goes on, so the curve is one
         start, step = init_weights(Path(init_from))
+        if rebase_from is not None:
+            start = rebase(start, old=init_weights(Path(rebase_from))[0], new=teacher.state_dict())
         for module in (unet, ema_unet):
             module.load_state_dict(start)
         first_step = step
-        print(f"initialised from {init_from} at step {step}")
+        rebased = f", rebased from {rebase_from}" if rebase_from else ""
+        print(f"initialised from {init_from} at step {step}{rebased}")
+    elif rebase_from is not None:
+        raise SystemExit("--rebase-from moves an inpainting model: give it with --init-from")
     base_step = folder_step(base)
+    if step >= max_steps and init_from is not None:  # nothing to train: the (rebased) start is the model
+        export_run(ema_unet, out_dir / "model", step=step, base=base, config=config, init_from=init_from,
+                   rebase_from=rebase_from)
+        return ema_unet
 
     # 2. The example pool, encoded once.
     if pool_part is not None:
@@ -363,6 +373,7 @@ def train(
                 base=base,
                 config=config,
                 init_from=init_from,
+                rebase_from=rebase_from,
             )
             sample_grid(pipe, ema_unet.eval(), out_dir / "samples" / f"step-{step:06d}.png")
     return ema_unet
@@ -384,6 +395,26 @@ def whole_image_examples(vae, pool: dict) -> dict:
     grey = inpaint_data.masked_source(np.zeros((size, size, 3), np.uint8), np.ones((size, size), bool))
     posterior = vae.encode(torch.from_numpy(grey).permute(2, 0, 1)[None]).latent_dist
     return {"index": index, "grey_mean": posterior.mean[0], "grey_std": posterior.std[0]}
+
+
+def rebase(state: dict, *, old: dict, new: dict) -> dict:
+    """An inpainting U-Net derived from base U-Net `old`, moved onto base U-Net `new` (a later step of the same
+    run): every weight gets what the base's moved by, conv_in's four original input channels included. A base
+    trained on only changes by this much, so the move keeps what the inpainting run learnt and takes the new
+    base's drawing; a short run on from it settles the two."""
+    moved = {}
+    for name, weight in state.items():
+        if name not in old or name not in new:
+            raise SystemExit(f"--rebase-from: the bases have no weight {name}: not the same U-Net")
+        delta = new[name] - old[name]
+        if weight.shape == delta.shape:
+            moved[name] = weight + delta
+        elif name == "conv_in.weight" and weight.shape[1] > delta.shape[1]:
+            moved[name] = weight.clone()
+            moved[name][:, : delta.shape[1]] += delta  # the added channels (mask, masked latents) are its own
+        else:
+            raise SystemExit(f"--rebase-from: {name} is {tuple(weight.shape)} here, {tuple(delta.shape)} there")
+    return moved
 
 
 def init_weights(source: Path) -> tuple[dict, int]:
@@ -417,7 +448,14 @@ def names_hidden_object(example: inpaint_data.InpaintExample) -> bool:
 
 
 def export_run(
-    unet, target: Path, *, step: int, base: Path, config: InpaintConfig, init_from: Path | None = None
+    unet,
+    target: Path,
+    *,
+    step: int,
+    base: Path,
+    config: InpaintConfig,
+    init_from: Path | None = None,
+    rebase_from: Path | None = None,
 ) -> None:
     """`target/unet` (diffusers, safetensors) plus what made it: the step, the base folder, its step and its text
     encoder's (the text states this U-Net reads at every step)."""
@@ -431,6 +469,8 @@ def export_run(
         parent = parent if parent.is_file() else Path(init_from) / "training.json"
         if parent.is_file():
             record["parent"] = json.loads(parent.read_text())
+    if rebase_from is not None:  # the base the parent was derived from, whose U-Net's moves were added
+        record["rebase_from"] = repo_relative(Path(rebase_from))
     record["out"] = repo_relative(Path(target).parent)
     (Path(target) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -452,6 +492,8 @@ def command(record: dict) -> str:
         parts.append(f"--mask-loss-weight {record['mask_loss_weight']:g}")
     if record.get("init_from"):
         parts.append(f"--init-from {record['init_from']}")
+    if record.get("rebase_from"):
+        parts.append(f"--rebase-from {record['rebase_from']}")
     parts.append(f"--max-steps {record['step']} --threads 1")
     return " ".join(parts)
 
@@ -524,6 +566,13 @@ def main(argv=None):
         "schedule; the steps go on)",
     )
     parser.add_argument(
+        "--rebase-from",
+        type=Path,
+        default=None,
+        help="the base folder the --init-from model was derived from: add what the U-Net moved from it to --base "
+        "to the start (re-deriving after the base was trained on); --max-steps at the start's step exports it as is",
+    )
+    parser.add_argument(
         "--mask-loss-weight",
         type=float,
         default=InpaintConfig.mask_loss_weight,
@@ -575,6 +624,7 @@ def main(argv=None):
         save_every=args.save_every,
         threads=args.threads,
         init_from=args.init_from,
+        rebase_from=args.rebase_from,
         pool_part=tuple(int(v) for v in args.pool_part.split("/")) if args.pool_part else None,
     )
 
