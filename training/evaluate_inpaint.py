@@ -653,7 +653,14 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "channels-lr-scale 1`, stopped at step 2,500 of 5,000) kept the object in add 71.7% and replace 85.0% from "
         "the same start. Its retraining on the next base (docs/MODEL_V2.md) has to fix it.",
         "- The Shapes world only: on photos use `--model sd15` (its own inpainting model).",
-        "- Retraining the base U-Net invalidates this model: re-derive it with the command below.",
+        "- Moved onto the next base's U-Net (docs/MODEL_V2.md, step 49,000, which draws shapes better by text-to-"
+        "image) with `--rebase-from` (what the base U-Net moved added to this one's weights) and trained on for 500 "
+        "steps on the compose pool at 1e-4 (`--conv-in-lr-scale 1`): on validation add 66.7% (the same as this "
+        "model), replace 75.0%, remove 88.3%, outpaint 91.7%, seam 1.18; moved without training on: add 48.3%, "
+        "replace 73.3%. The better base did not carry over to forms drawn into a scene.",
+        "- It reads the base's VAE and text encoder, not its U-Net: a base whose text encoder changes invalidates it "
+        "(re-derive it with the command below); a base U-Net trained on with its text encoder frozen leaves it "
+        "valid, and `--rebase-from` moves it onto that U-Net.",
         "",
         "## Reproduce",
         "```bash",
