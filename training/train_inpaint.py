@@ -399,9 +399,9 @@ def whole_image_examples(vae, pool: dict) -> dict:
 
 def rebase(state: dict, *, old: dict, new: dict) -> dict:
     """An inpainting U-Net derived from base U-Net `old`, moved onto base U-Net `new` (a later step of the same
-    run): every weight gets what the base's moved by, conv_in's four original input channels included. A base
-    trained on only changes by this much, so the move keeps what the inpainting run learnt and takes the new
-    base's drawing; a short run on from it settles the two."""
+    run): every weight gets what the base's moved by, conv_in's four original input channels included, so a
+    re-derivation starts from what the inpainting run learnt rather than from the base alone; train on from it
+    (the model card's Limits say what it gave)."""
     moved = {}
     for name, weight in state.items():
         if name not in old or name not in new:
