@@ -186,8 +186,11 @@ def export_decoder_int8(vae: torch.nn.Module, path: Path) -> None:
         def get_next(self):
             return next(self.feeds, None)
 
+    # reduce_range: 7-bit weights, so that x86 CPUs without VNNI (AVX2 only) do not saturate the u8 x s8 products
+    # (onnxruntime's quantization notes); with 8-bit weights such a CPU decoded at 18.6 dB PSNR
     quantize_static(str(prepared), str(path), Latents(), quant_format=QuantFormat.QOperator, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv"])
     float_path.unlink()
     prepared.unlink()
 
