@@ -230,18 +230,13 @@ def test_train_inpaint_rebases_the_shipped_model_onto_a_later_base(tmp_path):
     """--rebase-from re-derives the inpainting U-Net after the base was trained on: the shipped model plus what the
     base U-Net moved (here onto the v2 candidate), exported as is when --max-steps is the start's step, with a
     record whose command makes it again."""
-    import shutil
-
     from diffusers import UNet2DConditionModel
 
+    from tests.conftest import assemble_v2_candidate
     from training import train_inpaint
 
     shipped_base = REPO / "assets" / "models" / "shapes-ldm"
-    later = tmp_path / "later-base"
-    shutil.copytree(shipped_base, later)
-    shutil.rmtree(later / "unet")
-    shutil.copytree(REPO / "assets" / "models" / "shapes-ldm-v2" / "unet", later / "unet")
-    (later / "TRAINING_STEP").write_text((REPO / "assets" / "models" / "shapes-ldm-v2" / "TRAINING_STEP").read_text())
+    later = assemble_v2_candidate(tmp_path / "later-base")
     step = int((INPAINT_MODEL / "TRAINING_STEP").read_text())
     run = tmp_path / "run"
     train_inpaint.main(["--base", str(later), "--out", str(run), "--init-from", str(INPAINT_MODEL),

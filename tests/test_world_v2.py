@@ -367,12 +367,12 @@ def test_step_time_reports_the_batch_each_canvas_gets(capsys):
 def test_the_v2_unet_candidate_makes_a_pipeline_with_the_shipped_parts(tmp_path):
     """assets/models/shapes-ldm-v2 holds only a U-Net: with the shipped VAE, tokenizer and text encoder (which its
     run kept frozen) it is a whole pipeline, as its card's "Use it" assembles it."""
-    import shutil
     from pathlib import Path
 
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from tests.conftest import assemble_v2_candidate
     from training.common import folder_step
 
     candidate = Path(SHIPPED).parent / "shapes-ldm-v2"
@@ -380,11 +380,7 @@ def test_the_v2_unet_candidate_makes_a_pipeline_with_the_shipped_parts(tmp_path)
         pytest.skip("assets/models/shapes-ldm-v2 is not here")
     assert folder_step(candidate, text=True) == folder_step(SHIPPED, text=True)  # the text states it learned on
     assert int(folder_step(candidate)) > int(folder_step(SHIPPED))
-    folder = tmp_path / "v2"
-    shutil.copytree(SHIPPED, folder)
-    shutil.rmtree(folder / "unet")
-    shutil.copytree(candidate / "unet", folder / "unet")
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(assemble_v2_candidate(tmp_path / "v2"))
     shipped = StableDiffusionPipeline.from_pretrained(SHIPPED)
     assert pipe.unet.config.in_channels == shipped.unet.config.in_channels == 4
     assert not torch.equal(pipe.unet.conv_in.weight, shipped.unet.conv_in.weight)
