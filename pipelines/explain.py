@@ -826,6 +826,10 @@ class _EditProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def _watch_only(module, args) -> None:
+    """A hook that changes nothing: it marks a module as watched."""
+
+
 class _EditContext:
     """Context manager: takes engine.lock, sets `_EditProcessor` on every cross-attention module of `unet`, and
     puts the original processors back on exit, whatever happened (error, Cancel), before releasing the lock.
@@ -860,6 +864,10 @@ class _EditContext:
                 # This U-Net also reads the prompt pooled into one vector added to the time embedding (the
                 # built-in model): the source's for the same steps, or the swapped word moves the whole layout
                 self._hooks.append(self.unet.add_embedding.register_forward_hook(self._pooled_text))
+            # The original and plain images are decoded by the eager VAE (the Probe watches its decoder); the
+            # edited one goes through the same decoder, so that the three differ by the edit alone and not by the
+            # fast backend's ONNX decoder's rounding (pipelines/fast_backend.OnnxDecoder decodes watched VAEs eagerly)
+            self._hooks.append(self.engine.base.vae.decoder.register_forward_pre_hook(_watch_only))
         except BaseException:
             self._restore()
             self.engine.lock.release()

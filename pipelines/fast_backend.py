@@ -195,8 +195,10 @@ def export_decoder_int8(vae: torch.nn.Module, path: Path) -> None:
     prepared.unlink()
 
 
-# cache-folder prefix -> what writes its .onnx
-EXPORTERS = {"unet": export, "vae-decoder": export_decoder, "vae-decoder-int8": export_decoder_int8}
+# cache-folder prefix -> what writes its .onnx. The int8 decoder's "w7": its 7-bit weights (reduce_range), so that a
+# cache written with 8-bit weights, which saturate on CPUs without VNNI, is never loaded again
+INT8_DECODER = "vae-decoder-int8w7"
+EXPORTERS = {"unet": export, "vae-decoder": export_decoder, INT8_DECODER: export_decoder_int8}
 
 
 def cached_export(model: torch.nn.Module, cache_dir: Path, kind: str = "unet") -> tuple[Path, float | None]:
@@ -282,7 +284,7 @@ def build(unet: torch.nn.Module, *, threads: int, cache_dir: Path, common: dict[
 def build_decoder(vae: torch.nn.Module, *, threads: int, cache_dir: Path, int8: bool = False) -> "OnnxDecoder":
     """The ONNX-backed stand-in for `vae` whose decode runs ONNX Runtime (encode stays eager); `int8`: its
     convolutions quantized (a preset's `int8_decoder`)."""
-    path, export_s = cached_export(vae, cache_dir, "vae-decoder-int8" if int8 else "vae-decoder")
+    path, export_s = cached_export(vae, cache_dir, INT8_DECODER if int8 else "vae-decoder")
     started = time.perf_counter()
     session = open_session(path, threads)
     info = BuildInfo(path=path, export_s=export_s, load_s=time.perf_counter() - started, threads=threads)
