@@ -22,7 +22,9 @@ fi
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # tests never reach the Hub; hub tests are deselected below
 status=0
-.venv/bin/python -m pytest -m "not hub" -p no:cacheprovider "$@" || status=$?
+# --durations: the slowest tests are listed at the end, to keep the whole suite well under 30 minutes on CI's
+# 2-core machine
+.venv/bin/python -m pytest -m "not hub" -p no:cacheprovider --durations=30 "$@" || status=$?
 # pytest exit code 5 = "no tests collected" (e.g. a -k filter that matches nothing): not a failure of the code
 if [ "$status" -eq 5 ]; then status=0; fi
 exit "$status"
