@@ -339,3 +339,24 @@ def test_empty_prompt_and_a_nine_channel_model(shapes_engine, sd_inpaint_engine)
     assert e.latents.shape[1] == 4 and e.tokens == ["a", "c", "a", "t"]  # CLIP BPE over single letters
     assert "StableDiffusionInpaintPipeline" in e.code
     compile(e.code, "snippet.py", "exec")
+
+
+def test_predict_x0_recovers_the_clean_latents_from_the_true_target():
+    """x̂0 from a U-Net output (Explain's side views, evaluate_inpaint --one-step): given the true v (or epsilon) it
+    must give back exactly what was noised, and a wrong prediction must not."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from pipelines.explain import predict_x0
+
+    for prediction_type in ("v_prediction", "epsilon"):
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  prediction_type=prediction_type)
+        clean, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+        for t in (20, 50, 400):
+            noisy = scheduler.add_noise(clean, noise, torch.tensor([t]))
+            target = scheduler.get_velocity(clean, noise, torch.tensor([t])) if prediction_type == "v_prediction" \
+                else noise
+            alpha_bar = float(scheduler.alphas_cumprod[t])
+            assert torch.allclose(predict_x0(noisy, target, alpha_bar, prediction_type), clean, atol=1e-4)
+            assert not torch.allclose(predict_x0(noisy, target + 0.5, alpha_bar, prediction_type), clean, atol=1e-2)

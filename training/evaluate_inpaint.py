@@ -459,6 +459,9 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
     import torch
     from diffusers import DDPMScheduler
 
+    from pipelines.explain import predict_x0
+    from training.common import tensor_to_images
+
     cases = [c for c in build_cases(split, count) if c.task in ("add", "replace")]
     engine = make_engines(inpaint_model, threads)["inpainting U-Net"]
     base, inpaint_unet = engine.base, engine.inpaint_unet()
@@ -486,22 +489,13 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
                 for name, prediction in (
                         ("inpainting U-Net", inpaint_unet(torch.cat([noisy, mask, masked], 1), step, hidden).sample),
                         ("base U-Net", base.unet(noisy, step, hidden).sample)):
-                    x0 = x0_from_prediction(scheduler, noisy, prediction, t)
-                    decoded = base.vae.decode(x0 / scaling).sample[0].permute(1, 2, 0).clamp(-1, 1)
-                    picture = ((decoded.numpy() + 1) * 127.5).round().astype(np.uint8)
+                    x0 = predict_x0(noisy, prediction, float(scheduler.alphas_cumprod[t]),
+                                    scheduler.config.prediction_type)
+                    picture = tensor_to_images(base.vae.decode(x0 / scaling).sample)[0]
                     verdicts.setdefault(f"{name}, t = {t}", []).append(
                         judge_inpaint(case, np.where(case.mask[..., None], picture, case.image)))
     return {name: {task: float(np.mean([v[task] for v in found if task in v])) for task in ("add", "replace")}
             for name, found in verdicts.items()}
-
-
-def x0_from_prediction(scheduler, noisy, prediction, t: int):
-    """The clean latents a U-Net's output at timestep `t` implies (v- or epsilon-prediction)."""
-    alpha = scheduler.alphas_cumprod[t] ** 0.5
-    sigma = (1 - scheduler.alphas_cumprod[t]) ** 0.5
-    if scheduler.config.prediction_type == "v_prediction":
-        return alpha * noisy - sigma * prediction
-    return (noisy - sigma * prediction) / alpha
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
