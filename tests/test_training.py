@@ -382,6 +382,28 @@ def test_attention_added_at_16x16_starts_as_an_identity():
     )  # not only attention
 
 
+def test_a_second_transformer_layer_starts_as_an_identity():
+    from training.train_ldm import LDMConfig, build_unet, load_matching, start_added_attention_as_identity
+
+    torch.manual_seed(0)
+    config = LDMConfig(attention_16x16_up=True)
+    source = build_unet(config).eval()
+    deeper = build_unet(LDMConfig(attention_16x16_up=True, transformer_layers=2)).eval()
+    fresh = load_matching(deeper, source.state_dict())
+    assert fresh and all(".transformer_blocks.1." in name for name in fresh)
+    latents, timesteps, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 24, 128)
+    with torch.no_grad():
+        assert not torch.equal(deeper(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
+        added = start_added_attention_as_identity(deeper, fresh)
+        assert added and all(name.endswith(".transformer_blocks.1") for name in added)
+        assert len(added) == sum(1 for name, _ in source.named_modules() if name.endswith(".transformer_blocks.0"))
+        assert torch.equal(deeper(latents, timesteps, text).sample, source(latents, timesteps, text).sample)
+    # Trained on, the new layers are no longer zero: they carry gradient at once (the zeroed output layers do)
+    deeper.train()
+    deeper(latents, timesteps, text).sample.square().mean().backward()
+    assert deeper.get_submodule(added[0] + ".ff.net.2").weight.grad.abs().sum() > 0
+
+
 def test_curve_shows_a_branch_copied_from_its_trunk_once(tmp_path):
     from training.evaluate import curve_markdown
 

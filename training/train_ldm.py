@@ -74,6 +74,10 @@ class LDMConfig:
     # Cross-attention also in the last up block (16x16): without it the 16x16 level hears the prompt only
     # through the pooled text, which cannot say which of two small shapes is the star. ~60% slower steps.
     attention_16x16_up: bool = False
+    # Transformer layers in every attention block (diffusers' transformer_layers_per_block). With --init-from a
+    # one-layer model, the added layers start as identities (start_added_attention_as_identity): more capacity
+    # where the prompt is read, the model computing exactly what its source did at the first step.
+    transformer_layers: int = 1
     # World 2 (training/shapes.py, docs/MODEL_V2.md): its textures, free poses and generic word; its tokenizer
     # extends world 1's (old ids unchanged), and a world-1 text encoder grows to it (text.grow_text_encoder).
     world: int = 1
@@ -111,6 +115,7 @@ def build_unet(config: LDMConfig) -> UNet2DConditionModel:
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1)
         + (("CrossAttnUpBlock2D",) if config.attention_16x16_up else ("UpBlock2D",)),
+        transformer_layers_per_block=config.transformer_layers,
         cross_attention_dim=config.text_hidden_size,
         attention_head_dim=config.attention_heads,  # diffusers' legacy name: this is the head count
         # Pooled text added to the time embedding: global conditioning makes colour and shape learn
@@ -503,20 +508,35 @@ def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> li
 
 
 def start_added_attention_as_identity(unet: torch.nn.Module, fresh: list[str]) -> list[str]:
-    """Zeroes the output projection of attention blocks that `fresh` holds entirely.
+    """Makes the attention that `fresh` holds pass its input through: whole new attention blocks and new
+    transformer layers inside existing blocks.
 
-    A `Transformer2DModel` adds its output to its input, so a zero `proj_out` makes a new block pass its
-    input through, and training grows it from there (as ControlNet's zero convolutions). Returns the
-    blocks' names if every fresh tensor belongs to one, else [] (and touches nothing)."""
+    A `Transformer2DModel` adds its output to its input, so a zero `proj_out` makes a new block an identity; a
+    `BasicTransformerBlock` adds each of its self-attention, cross-attention and feed-forward outputs to its
+    input, so zero output layers there make a new layer one. Training grows them from there (as ControlNet's
+    zero convolutions). Returns the blocks' and layers' names if every fresh tensor belongs to one, else [] (and
+    touches nothing)."""
     blocks = sorted({name.split(".proj_out.")[0] for name in fresh if ".attentions." in name and ".proj_out." in name})
-    if not blocks or not all(any(name.startswith(block + ".") for block in blocks) for name in fresh):
+    layers = sorted(
+        {
+            name.split(".attn1.to_out.")[0]
+            for name in fresh
+            if ".transformer_blocks." in name and ".attn1.to_out." in name
+            and not any(name.startswith(block + ".") for block in blocks)
+        }
+    )
+    added = blocks + layers
+    if not added or not all(any(name.startswith(part + ".") for part in added) for name in fresh):
         return []
+    outputs = [block + ".proj_out" for block in blocks] + [
+        layer + suffix for layer in layers for suffix in (".attn1.to_out.0", ".attn2.to_out.0", ".ff.net.2")
+    ]
     with torch.no_grad():
-        for block in blocks:
-            projection = unet.get_submodule(block + ".proj_out")
+        for name in outputs:
+            projection = unet.get_submodule(name)
             projection.weight.zero_()
             projection.bias.zero_()
-    return blocks
+    return added
 
 
 def quick_scores(pipe: StableDiffusionPipeline, grid_path: Path, count: int = 48) -> dict[str, float]:
@@ -580,6 +600,13 @@ def main(argv=None):
         action="store_true",
         help="cross-attention in the last up block too (16x16); with --init-from the new blocks start as identities",
     )
+    parser.add_argument(
+        "--transformer-layers",
+        type=int,
+        default=LDMConfig.transformer_layers,
+        help="transformer layers per attention block; with --init-from a one-layer model the added layers start as "
+        "identities",
+    )
     parser.add_argument("--world", type=int, choices=shapes.WORLDS, default=LDMConfig.world,
                         help="the Shapes world's version (2: docs/MODEL_V2.md)")
     parser.add_argument("--sizes", default=None,
@@ -605,6 +632,7 @@ def main(argv=None):
         block_out_channels=tuple(int(c) for c in args.channels.split(",")),
         two_object_share=args.two_object_share,
         attention_16x16_up=args.attention_16x16_up,
+        transformer_layers=args.transformer_layers,
         world=args.world,
         sizes=sizes,
         pixel_budget=args.pixel_budget,
