@@ -240,4 +240,10 @@ def test_p2p_layout_measures_on_ground_truth():
             resized = evaluate_p2p.judge(render(a, size), render(b, other), dict(
                 kind="shape", background="grass", old=a, new=b))
             assert not moved["placement"] and not resized["placement"], (a, b, size)
-    assert "placement IoU >= 0.8 in 100%" in evaluate_p2p.ground_truth_note()
+    note = evaluate_p2p.ground_truth_note()
+    assert "placement IoU >= 0.8 in 100%" in note
+    # Colour swaps: most perfect swaps keep their mask; one that cannot (white on snow) is counted as lost
+    assert "colour-swap layout on ground truth (1680 perfect swaps" in note and "mask IoU >= 0.8 in 96%" in note
+    white_on_snow = [evaluate_p2p.foreground(render("circle", "big", colour, background="snow"), "snow")
+                     for colour in ("red", "white")]
+    assert evaluate_p2p.iou(*white_on_snow) < 0.8

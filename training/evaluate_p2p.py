@@ -111,18 +111,30 @@ def placement_iou(before: np.ndarray, after: np.ndarray, old: str, new: str) -> 
 
 
 def ground_truth_note() -> str:
-    """The shape-swap layout measure on perfect swaps: every pair of the world's shapes drawn (rendered as scenes)
-    at the same centre and size, at both sizes. It must keep the layout of every one of them."""
+    """Both layout measures on perfect swaps. Shape swaps: every pair of the world's shapes drawn (rendered as
+    scenes) at the same centre and size, at both sizes; the measure must keep the layout of every one. Colour
+    swaps: every pair of colours, for every shape, size and background; the share kept is the ceiling of the
+    colour-swap figure (an object barely differing from its ground, as white on snow, has no mask to keep)."""
     pairs = [(a, b) for a in shapes.SHAPES for b in shapes.SHAPES if a != b]
     scores = [placement_iou(foreground(render_one(a, size), "grass"), foreground(render_one(b, size), "grass"), a, b)
               for size in shapes.SIZES for a, b in pairs]
+    kept = []
+    for background in shapes.BACKGROUNDS:
+        for shape in shapes.SHAPES:
+            for size in shapes.SIZES:
+                masks = [foreground(render_one(shape, size, colour, background=background), background)
+                         for colour in shapes.COLOURS]
+                kept += [iou(masks[i], masks[j]) >= IOU_GOAL for i in range(len(masks)) for j in range(i)]
     return (f"shape-swap layout on ground truth ({len(scores)} perfect swaps: every pair of shapes at both sizes): "
-            f"placement IoU >= {IOU_GOAL:g} in {np.mean(np.array(scores) >= IOU_GOAL):.0%}, lowest {min(scores):.2f}")
+            f"placement IoU >= {IOU_GOAL:g} in {np.mean(np.array(scores) >= IOU_GOAL):.0%}, lowest {min(scores):.2f}; "
+            f"colour-swap layout on ground truth ({len(kept)} perfect swaps: every pair of colours, shape, size and "
+            f"background): mask IoU >= {IOU_GOAL:g} in {np.mean(kept):.0%}")
 
 
-def render_one(shape: str, size: str, colour: str = "red", centre=(31.0, 33.0)) -> np.ndarray:
-    """A ground-truth render of one shape on grass."""
-    scene = shapes.Scene("", "grass", [shapes.SceneObject(shape, colour, size, centre)])
+def render_one(shape: str, size: str, colour: str = "red", centre=(31.0, 33.0), background: str = "grass"
+               ) -> np.ndarray:
+    """A ground-truth render of one shape (on grass unless told)."""
+    scene = shapes.Scene("", background, [shapes.SceneObject(shape, colour, size, centre)])
     return shapes.render(scene).image
 
 
