@@ -461,6 +461,7 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
 
     from pipelines.explain import predict_x0
     from training.common import tensor_to_images
+    from training.train_inpaint import latent_mask
 
     cases = [c for c in build_cases(split, count) if c.task in ("add", "replace")]
     engine = make_engines(inpaint_model, threads)["inpainting U-Net"]
@@ -480,8 +481,7 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
             hidden = base.text_encoder(ids).last_hidden_state
             clean = encode(case.truth.astype(np.float32) / 127.5 - 1)
             masked = encode(inpaint_data.masked_source(case.truth, case.mask))
-            mask = torch.nn.functional.interpolate(torch.from_numpy(case.mask.astype(np.float32))[None, None],
-                                                   size=clean.shape[-2:])
+            mask = latent_mask(torch.from_numpy(case.mask.astype(np.float32))[None, None], clean.shape[-2:])
             noise = torch.randn(clean.shape, generator=generator)
             for t in timesteps:
                 step = torch.tensor([t])
