@@ -225,6 +225,32 @@ def test_rebase_adds_what_the_base_moved_and_keeps_the_added_channels():
         rebase({**state, "out.weight": torch.ones(4)}, old=old, new={**new, "out.weight": torch.zeros(3)})
 
 
+@pytest.mark.slow
+def test_train_inpaint_widens_the_shipped_model_and_resumes_wide(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from training import train_inpaint
+
+    shipped = REPO / "assets" / "models" / "shapes-inpaint"
+    step = int((shipped / "TRAINING_STEP").read_text())
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--pool-size", "64", "--batch-size", "4", "--save-every", "1", "--threads", "1",
+            "--init-from", str(shipped), "--widen", "2", "--learning-rate", "0"]
+    train_inpaint.main(args + ["--max-steps", str(step + 1)])
+    train_inpaint.main(args + ["--max-steps", str(step + 2)])  # resumes the wide checkpoint
+    record = json.loads((run / "model" / "training.json").read_text())
+    assert record["step"] == step + 2 and record["widen"] == 2 and "--widen 2 " in train_inpaint.command(record)
+    narrow = UNet2DConditionModel.from_pretrained(shipped, subfolder="unet").eval()
+    wide = UNet2DConditionModel.from_pretrained(run / "model", subfolder="unet").eval()
+    assert list(wide.config.block_out_channels) == [2 * c for c in narrow.config.block_out_channels]
+    inputs = torch.randn(2, 9, 16, 16), torch.tensor([20, 700]), torch.randn(2, 24, 128)
+    with torch.no_grad():  # at learning rate 0 the widened model is the shipped one, exported in the new shape
+        assert torch.allclose(wide(*inputs).sample, narrow(*inputs).sample, atol=1e-4)
+    with pytest.raises(SystemExit, match="--widen 3"):
+        train_inpaint.main(["--out", str(tmp_path / "again"), "--pool-size", "64", "--batch-size", "4",
+                            "--init-from", str(run), "--widen", "3", "--max-steps", str(step + 3)])
+
+
 @needs_model
 def test_train_inpaint_rebases_the_shipped_model_onto_a_later_base(tmp_path):
     """--rebase-from re-derives the inpainting U-Net after the base was trained on: the shipped model plus what the

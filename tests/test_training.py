@@ -324,9 +324,9 @@ def test_train_decoder_with_an_encoder_anchor_trains_the_encoder_near_its_source
         out = tmp_path / f"anchor-{weight:g}"
         train_decoder.main(["--vae", str(vae_dir / "vae"), "--out", str(out), "--layers-per-block", "1",
                             "--batch-size", "4", "--world2-share", "0.5", "--encoder-anchor", str(weight),
-                            "--learning-rate", "1e-3", "--log-every", "1", "--max-steps", "4"])
-        log = (out / "log.csv").read_text().splitlines()
-        assert log[0].split(",")[4] == "anchor" and len(log) == 5
+                            "--learning-rate", "1e-3", "--log-every", "4", "--max-steps", "4"])
+        log = (out / "log.csv").read_text().splitlines()  # one row: each row costs two held-out round trips
+        assert log[0].split(",")[4] == "anchor" and len(log) == 2
         trained = AutoencoderKL.from_pretrained(out / "vae")
         assert trained.config.scaling_factor == source.config.scaling_factor  # the U-Net's units stay
         with torch.no_grad():
@@ -348,6 +348,34 @@ def test_decoder_batches_mix_the_worlds_by_share():
     assert (half[:2] == world2[:2]).all() and (half[2:] == world1[2:]).all()
     assert (training_images(seeds, DecoderConfig(world2_share=1.0)) == world2).all()
     assert not (world1 == world2).all()
+
+def test_decoder_learns_from_what_the_unet_makes_of_its_latents(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training import train_decoder
+    from training.train_decoder import DecoderConfig, UNetLatents, unet_latents_count
+
+    assert unet_latents_count(8, DecoderConfig()) == 0  # off by default: the shipped decoder's recipe
+    assert unet_latents_count(8, DecoderConfig(unet_latents_share=0.75)) == 6
+    assert unet_latents_count(8, DecoderConfig(unet_latents_share=1.0, world2_share=0.5)) == 4  # world 1's only
+    vae = AutoencoderKL.from_pretrained(SHIPPED_MODEL / "vae").eval()
+    seeds = range(8)
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(shapes.batch(seeds)[0]).permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean
+    scaling, generator = vae.config.scaling_factor, torch.Generator().manual_seed(0)
+    near = UNetLatents(SHIPPED_MODEL, DecoderConfig(unet_latents_max_t=2))(latents, seeds, scaling, generator)
+    far = UNetLatents(SHIPPED_MODEL, DecoderConfig(unet_latents_max_t=999))(latents, seeds, scaling, generator)
+    assert near.shape == latents.shape
+    # at t <= 2 the U-Net has little to redo; from up to t = 999 it draws the objects anew (the flat grounds it
+    # predicts well from the caption alone, so the mean moves about 3x, not more)
+    assert 0 < (near - latents).abs().mean() < 0.5 * (far - latents).abs().mean()
+    out = tmp_path / "decoder"
+    train_decoder.main(["--vae", str(SHIPPED_MODEL / "vae"), "--out", str(out), "--batch-size", "2",
+                        "--unet-latents-share", "0.5", "--max-steps", "1", "--log-every", "1"])
+    assert AutoencoderKL.from_pretrained(out / "vae").config.layers_per_block == vae.config.layers_per_block
+    with pytest.raises(SystemExit):
+        train_decoder.main(["--vae", str(SHIPPED_MODEL / "vae"), "--unet-latents-share", "1.5"])
+
 
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
 def test_vae_ceiling_scores_renders_and_their_round_trips():
@@ -402,6 +430,29 @@ def test_a_second_transformer_layer_starts_as_an_identity():
     deeper.train()
     deeper(latents, timesteps, text).sample.square().mean().backward()
     assert deeper.get_submodule(added[0] + ".ff.net.2").weight.grad.abs().sum() > 0
+
+
+def test_a_widened_unet_computes_what_it_was_and_its_copies_grow_apart():
+    from training.train_ldm import LDMConfig, build_unet, widen_unet
+
+    torch.manual_seed(0)
+    source = build_unet(LDMConfig(attention_16x16_up=True)).eval()
+    wide = widen_unet(source, 2).eval()
+    assert list(wide.config.block_out_channels) == [2 * c for c in source.config.block_out_channels]
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in source.parameters())
+    latents, timesteps, text = torch.randn(3, 4, 16, 16), torch.tensor([3, 400, 990]), torch.randn(3, 24, 128)
+    with torch.no_grad():
+        before, after = source(latents, timesteps, text).sample, wide(latents, timesteps, text).sample
+    assert (after - before).abs().max() < 1e-4 * before.abs().mean()  # the same function, to float rounding
+    # the two copies of a channel start equal and get different gradients, so training tells them apart
+    wide.train()
+    wide(latents, timesteps, text).sample.square().mean().backward()
+    rows = wide.conv_in.weight.grad
+    assert torch.equal(wide.conv_in.weight[0], wide.conv_in.weight[1]) and not torch.allclose(rows[0], rows[1])
+    shifted = build_unet(LDMConfig())
+    shifted.register_to_config(freq_shift=1)
+    with pytest.raises(SystemExit, match="freq_shift 0"):
+        widen_unet(shifted, 2)
 
 
 def test_curve_shows_a_branch_copied_from_its_trunk_once(tmp_path):

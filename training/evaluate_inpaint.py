@@ -43,6 +43,7 @@ from pipelines.outpaint import OVERLAP
 from training import inpaint_data, shapes
 from training.common import HELD_OUT_SEED, save_grid
 from training.evaluate import EVAL_BACKGROUNDS, find_objects
+from training.text import tokenize
 
 SPLITS = {"validation": HELD_OUT_SEED + 600_000, "test": HELD_OUT_SEED + 700_000}  # first scene seed of each
 SPLIT_SPAN = 100_000  # seeds per split
@@ -301,7 +302,9 @@ def judge_outpaint(case: Case, result: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
-def make_engines(inpaint_model: str | None, threads: int):
+def make_engines(inpaint_model: str | None, threads: int, vae: str | None = None):
+    """The two engines compared, at the built-in preset; `vae`: another VAE folder of the same architecture whose
+    weights replace the base's in place (every pipeline of the engine shares that module), e.g. a new decoder."""
     from pipelines.engine import Engine
     from pipelines.registry import resolve_preset
 
@@ -310,10 +313,17 @@ def make_engines(inpaint_model: str | None, threads: int):
         preset = replace(preset, inpaint_model=str(inpaint_model))
     if not preset.inpaint_model:
         raise SystemExit("no inpainting model: train one (python -m training.train_inpaint) or pass --inpaint-model")
-    return {
+    engines = {
         "inpainting U-Net": Engine(preset, device="cpu", threads=threads),
         "latent blending": Engine(replace(preset, inpaint_model=None), device="cpu", threads=threads),
     }
+    if vae:
+        from diffusers import AutoencoderKL
+
+        weights = AutoencoderKL.from_pretrained(vae).state_dict()
+        for engine in engines.values():
+            engine.base.vae.load_state_dict(weights)
+    return engines
 
 
 def run_case(engine, case: Case, *, guidance: float | None, mask_blur: float | None, steps: int | None,
@@ -393,9 +403,10 @@ def evaluate(
     threads=1,
     grid: Path | None = None,
     methods=None,
+    vae: str | None = None,
 ) -> dict[str, dict[str, float]]:
     cases = build_cases(split, count)
-    engines = make_engines(inpaint_model, threads)
+    engines = make_engines(inpaint_model, threads, vae)
     record_path = Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     check_split(
@@ -450,7 +461,7 @@ def from_truth(split: str, count: int, strength: float, *, inpaint_model=None,
 
 
 def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint_model=None,
-                        threads=1) -> dict[str, dict[str, float]]:
+                        threads=1, vae=None) -> dict[str, dict[str, float]]:
     """Add and replace judged on one U-Net prediction of the finished scene from its latents noised to each of
     `timesteps` (x0 from the predicted v, decoded, pasted into the mask): how much of a small form each U-Net keeps
     where it only has to clean up a little noise. The base U-Net reads the noisy latents alone (text-to-image);
@@ -464,7 +475,7 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
     from training.train_inpaint import latent_mask
 
     cases = [c for c in build_cases(split, count) if c.task in ("add", "replace")]
-    engine = make_engines(inpaint_model, threads)["inpainting U-Net"]
+    engine = make_engines(inpaint_model, threads, vae)["inpainting U-Net"]
     base, inpaint_unet = engine.base, engine.inpaint_unet()
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     scaling = base.vae.config.scaling_factor
@@ -476,9 +487,7 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
     verdicts: dict[str, list[dict]] = {}
     with torch.inference_mode():
         for case in cases:
-            ids = base.tokenizer([case.prompt], padding="max_length", max_length=base.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            hidden = base.text_encoder(ids).last_hidden_state
+            hidden = base.text_encoder(tokenize(base.tokenizer, [case.prompt])).last_hidden_state
             clean = encode(case.truth.astype(np.float32) / 127.5 - 1)
             masked = encode(inpaint_data.masked_source(case.truth, case.mask))
             mask = latent_mask(torch.from_numpy(case.mask.astype(np.float32))[None, None], clean.shape[-2:])
@@ -753,6 +762,8 @@ def main(argv=None):
     parser.add_argument("--mask-blur", type=float, default=None, help="default: the Inpaint tab's")
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vae", default=None,
+                        help="another VAE folder (same architecture, e.g. train_decoder's) in place of the base's")
     parser.add_argument("--only", choices=("inpainting U-Net", "latent blending"), default=None)
     parser.add_argument("--grid", type=Path, default=None, help="save (input, result) pairs of the first cases")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores as JSON")
@@ -783,7 +794,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.one_step is not None:
         results = one_step_from_truth(args.split, args.count, [int(t) for t in args.one_step.split(",")],
-                                      inpaint_model=args.inpaint_model, threads=args.threads)
+                                      inpaint_model=args.inpaint_model, threads=args.threads, vae=args.vae)
         print(f"split {args.split}, {args.count} cases per task, one prediction from the finished scene")
         print(table(results))
         return
@@ -840,6 +851,7 @@ def main(argv=None):
         threads=args.threads,
         grid=args.grid,
         methods=[args.only] if args.only else None,
+        vae=args.vae,
     )
     print(f"split {args.split}, {args.count} cases per task")
     print(table(results))

@@ -25,8 +25,7 @@ def seconds_per_step(size: tuple[int, int], *, batch_size: int, steps: int) -> f
     encoder = text.build_text_encoder(tokenizer, hidden_size=config.text_hidden_size, layers=config.text_layers)
     unet = build_unet(config)
     optimiser = torch.optim.AdamW(list(unet.parameters()) + list(encoder.parameters()), lr=1e-4)
-    ids = tokenizer(["a big red circle on the left in striped style on grass"] * batch_size, padding="max_length",
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = text.tokenize(tokenizer, ["a big red circle on the left in striped style on grass"] * batch_size)
     generator = torch.Generator().manual_seed(0)
     width, height = size
     timings = []

@@ -39,6 +39,14 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     )
 
 
+def tokenize(tokenizer, captions: list[str]):
+    """(N, model_max_length) token ids of `captions`, padded and cut to the text encoder's length: the one way
+    every trainer and evaluation feeds captions to the text encoder."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def build_text_encoder(
     tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 128, layers: int = 2, heads: int = 4
 ) -> CLIPTextModel:

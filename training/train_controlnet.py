@@ -44,6 +44,7 @@ from diffusers import (
 from training import common, shapes
 from training.annotators import person_seeds
 from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
+from training.text import tokenize
 from training.train_ldm import SCHEDULE, loss_weights
 
 CONTROLS = ("canny", "depth", "pose")
@@ -181,10 +182,7 @@ def encode_dataset(
 
 @torch.no_grad()
 def embed(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids).last_hidden_state  # (N, T, D)
+    return text_encoder(tokenize(tokenizer, captions)).last_hidden_state  # (N, T, D)
 
 
 def held_out_controls(control: str, count: int) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -26,6 +26,14 @@ distance between its latent means and the source encoder's on the batch's world-
 scaled by the scaling factor), plus the usual small KL term. World 1's latents, which every trained U-Net reads,
 then stay where they were, while world 2's textures may take new codes. (It did not lift them: docs/MODEL_V2.md.)
 
+`--unet-latents-share S` decodes a share S of each batch's world-1 pictures from what the base U-Net makes of their
+latents (noised to a timestep up to `--unet-latents-max-t`, then its one-step prediction of the clean latents)
+instead of the latents themselves, the target still the picture: the decoder learns to draw the forms a U-Net's
+slightly-off latents stand for, where the encoder's own latents never show it those errors.
+
+    python -m training.train_decoder --vae assets/models/shapes-ldm/vae --out runs/decoder-u \
+        --unet-latents-share 0.75 --unet-latents-max-t 200 --max-steps 600
+
 Exports `OUT/vae`, a plain diffusers `AutoencoderKL` folder with the source's scaling factor.
 """
 from __future__ import annotations
@@ -44,6 +52,8 @@ from training import common, shapes, train_vae
 from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
 from training.train_vae import psnr, reconstruct
 
+DEFAULT_UNET_FROM = common.REPO / "assets" / "models" / "shapes-ldm"  # --unet-latents-share's U-Net
+
 
 @dataclass
 class DecoderConfig:
@@ -61,6 +71,13 @@ class DecoderConfig:
     # too, held to the source's latents on world-1 pictures with this weight
     encoder_anchor: float = 0.0
     kl_weight: float = 1e-6  # train_vae's (the LDM's KL-f4), used only when the encoder trains
+    # Share of each batch's world-1 pictures decoded from what a U-Net makes of their latents instead of the
+    # latents themselves: the U-Net's one-step prediction of the clean latents from the latents noised to a
+    # timestep up to `unet_latents_max_t`. The decoder only ever sees latents a U-Net made, and those are a little
+    # off where small forms are (a star's points, a square's corners): decoded as they are, the form comes out a
+    # blob. Trained to draw the picture the latents came from, the decoder learns the world's forms back.
+    unet_latents_share: float = 0.0
+    unet_latents_max_t: int = 200
 
 
 def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
@@ -121,9 +138,10 @@ def latent_crops(latents, images, crop, generator):
 
 
 def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *, log_every: int = 50,
-          save_every: int = 250, seed: int = 0) -> AutoencoderKL:
+          save_every: int = 250, seed: int = 0, unet_from: Path = DEFAULT_UNET_FROM) -> AutoencoderKL:
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    predictor = UNetLatents(unet_from, config) if config.unet_latents_share else None
     vae = grow(AutoencoderKL.from_pretrained(source), config.layers_per_block)
     vae.requires_grad_(False)
     trainable = decoder_parameters(vae)
@@ -153,6 +171,7 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     while step < max_steps:
         seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
         images = images_to_tensor(training_images(seeds, config))
+        made = unet_latents_count(config.batch_size, config)  # the batch's last `made` get a U-Net's latents
         extra = {}
         if anchor is None:
             with torch.no_grad():
@@ -168,6 +187,9 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
                 drift = ((posterior.mean[first_world1:] - held_mean) * vae.config.scaling_factor).pow(2).mean()
                 regulariser = regulariser + config.encoder_anchor * drift
                 extra["anchor"] = drift.item()
+        if made:
+            made_latents = predictor(latents[-made:], seeds[-made:], vae.config.scaling_factor, crop_generator)
+            latents = torch.cat([latents[:-made], made_latents])
         z, x = latent_crops(latents, images, config.latent_crop, crop_generator)
         recon = vae.decode(z).sample
         weights = edge_weights(x, config.edge_weight)
@@ -202,6 +224,45 @@ def training_images(seeds: range, config: DecoderConfig) -> np.ndarray:
     if second < len(seeds):
         parts.append(shapes.batch(seeds[second:], allow_unseen_styles=config.all_styles)[0])
     return np.concatenate(parts)
+
+
+def unet_latents_count(batch: int, config: DecoderConfig) -> int:
+    """How many of a batch's world-1 pictures (the last ones) are decoded from a U-Net's prediction."""
+    return min(int(round(batch * config.unet_latents_share)), batch - world2_count(batch, config))
+
+
+class UNetLatents:
+    """What a text-to-image U-Net makes of latents: noised to a random timestep up to `unet_latents_max_t`, then
+    its one-step prediction of the clean latents, given the scene's own caption (unscaled latents in and out)."""
+
+    def __init__(self, folder: Path, config: DecoderConfig):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval().requires_grad_(False)
+        self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(Path(folder) / "tokenizer")
+        self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        self.max_t = config.unet_latents_max_t
+        self.all_styles = config.all_styles
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, seeds, scaling: float, generator: torch.Generator) -> torch.Tensor:
+        from training.text import tokenize
+
+        captions = shapes.batch(seeds, allow_unseen_styles=self.all_styles)[1]
+        hidden = self.text_encoder(tokenize(self.tokenizer, captions)).last_hidden_state
+        t = torch.randint(1, self.max_t + 1, (len(latents),), generator=generator)
+        clean = latents * scaling
+        noisy = self.scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), t)
+        prediction = self.unet(noisy, t, hidden).sample
+        a = self.scheduler.alphas_cumprod[t].sqrt()[:, None, None, None]
+        b = (1 - self.scheduler.alphas_cumprod[t]).sqrt()[:, None, None, None]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            x0 = a * noisy - b * prediction
+        else:  # epsilon
+            x0 = (noisy - b * prediction) / a
+        return x0 / scaling
 
 
 def world2_count(batch: int, config: DecoderConfig) -> int:
@@ -255,6 +316,13 @@ def main(argv=None):
     parser.add_argument("--encoder-anchor", type=float, default=DecoderConfig.encoder_anchor,
                         help="train the encoder too, held to the source's world-1 latents with this weight "
                              "(0: encoder frozen)")
+    parser.add_argument("--unet-latents-share", type=float, default=DecoderConfig.unet_latents_share,
+                        help="share of each batch's world-1 pictures decoded from a U-Net's one-step prediction of "
+                             "their noised latents (0-1)")
+    parser.add_argument("--unet-latents-max-t", type=int, default=DecoderConfig.unet_latents_max_t,
+                        help="the highest timestep those latents are noised to")
+    parser.add_argument("--unet-from", type=Path, default=DEFAULT_UNET_FROM,
+                        help="the pipeline folder whose U-Net, text encoder and scheduler make those latents")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -273,9 +341,12 @@ def main(argv=None):
     config = DecoderConfig(layers_per_block=args.layers_per_block, batch_size=args.batch_size,
                            learning_rate=args.learning_rate, edge_weight=args.edge_weight,
                            latent_crop=args.latent_crop, world2_share=args.world2_share,
-                           encoder_anchor=args.encoder_anchor)
+                           encoder_anchor=args.encoder_anchor, unet_latents_share=args.unet_latents_share,
+                           unet_latents_max_t=args.unet_latents_max_t)
     if config.encoder_anchor < 0:
         parser.error(f"--encoder-anchor {config.encoder_anchor:g}: a weight of 0 or more")
+    if not 0 <= config.unet_latents_share <= 1:
+        parser.error(f"--unet-latents-share {config.unet_latents_share:g}: a share from 0 to 1")
     if not 0 <= config.world2_share <= 1:
         parser.error(f"--world2-share {config.world2_share:g}: a share from 0 to 1")
     if args.export_only:
@@ -287,7 +358,8 @@ def main(argv=None):
         export(vae.eval(), args.out)
         print(f"(from the checkpoint at step {state['step']})")
         return
-    vae = train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every)
+    vae = train(args.vae, args.out, args.max_steps, config, log_every=args.log_every, save_every=args.save_every,
+                unet_from=args.unet_from)
     export(vae, args.out)
 
 

@@ -40,7 +40,8 @@ from training.common import (
     save_grid,
     set_threads,
 )
-from training.train_ldm import SCHEDULE, loss_weights
+from training.text import tokenize
+from training.train_ldm import SCHEDULE, loss_weights, widen_unet
 
 DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
 POOL_CHUNK = 1024  # examples per pool file: the pool is built (and resumed) a chunk at a time
@@ -75,6 +76,10 @@ class InpaintConfig:
     # masked image's latents; a hole of a few latent cells otherwise carries a small share of each example's loss
     # although it is all the model has to draw.
     mask_loss_weight: float = 1.0
+    # Channels of every block as a multiple of the base's. Above the start's width, the start is widened so
+    # that it first computes what it computed before (train_ldm.widen_unet); the added width is capacity for
+    # drawing small forms into a scene, which the base's width leaves underfitted.
+    widen: int = 1
 
 
 def inflate_unet(base_unet):
@@ -133,13 +138,7 @@ def build_pool(
                 target_std.append(t_post.std)
                 masked_mean.append(m_post.mean)
                 masked_std.append(m_post.std)
-            ids = tokenizer(
-                [e.caption for e in examples],
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+            ids = tokenize(tokenizer, [e.caption for e in examples])
             torch.save(
                 {
                     "target_mean": torch.cat(target_mean),
@@ -229,7 +228,29 @@ def train(
         for m in (pipe.vae, pipe.text_encoder, pipe.tokenizer)
     )
     teacher = pipe.unet.eval().requires_grad_(False)  # the base U-Net, for --teacher-share
-    unet = inflate_unet(pipe.unet).train()
+    unet = inflate_unet(pipe.unet)
+    step = first_step = 0  # first_step: where this run's warm-up and cosine started
+    checkpoint = Checkpoint(out_dir)
+    state = checkpoint.load()
+    start = None
+    if state is None and init_from is not None:
+        # Go on from another run's weights with a fresh optimiser and schedule (e.g. another data mix); the
+        # step count goes on, so the curve is one
+        start, step = init_weights(Path(init_from))
+        if rebase_from is not None:
+            start = rebase(start, old=init_weights(Path(rebase_from))[0], new=teacher.state_dict())
+        first_step = step
+    # the start's width (a checkpoint's is this run's), then this run's: widening keeps what the start computes
+    start_width = config.widen if state is not None else width_of(start, unet) if start is not None else 1
+    if config.widen % start_width:
+        raise SystemExit(f"--widen {config.widen}: the start is {start_width}x the base's width already")
+    if start_width > 1:
+        unet = widen_unet(unet, start_width)
+    if start is not None:
+        unet.load_state_dict(start)
+    if config.widen > start_width:
+        unet = widen_unet(unet, config.widen // start_width, seed=seed)
+    unet.train()
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     conv_in = list(unet.conv_in.parameters())
     rest = [p for n, p in unet.named_parameters() if not n.startswith("conv_in.")]
@@ -239,9 +260,6 @@ def train(
         weight_decay=1e-2,
     )
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=pipe.scheduler.config.prediction_type)
-    step = first_step = 0  # first_step: where this run's warm-up and cosine started
-    checkpoint = Checkpoint(out_dir)
-    state = checkpoint.load()
     if state is not None:
         unet.load_state_dict(state["unet"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -250,16 +268,9 @@ def train(
         first_step = state.get("first_step", 0)
         print(f"resumed from {checkpoint.path} at step {step}")
     elif init_from is not None:
-        # Go on from another run's weights with a fresh optimiser and schedule (e.g. another data mix); the
-        # step count goes on, so the curve is one
-        start, step = init_weights(Path(init_from))
-        if rebase_from is not None:
-            start = rebase(start, old=init_weights(Path(rebase_from))[0], new=teacher.state_dict())
-        for module in (unet, ema_unet):
-            module.load_state_dict(start)
-        first_step = step
         rebased = f", rebased from {rebase_from}" if rebase_from else ""
-        print(f"initialised from {init_from} at step {step}{rebased}")
+        widened = f", widened {config.widen // start_width}x" if config.widen > start_width else ""
+        print(f"initialised from {init_from} at step {step}{rebased}{widened}")
     elif rebase_from is not None:
         raise SystemExit("--rebase-from moves an inpainting model: give it with --init-from")
     base_step = folder_step(base)
@@ -417,6 +428,11 @@ def rebase(state: dict, *, old: dict, new: dict) -> dict:
     return moved
 
 
+def width_of(start: dict, unet) -> int:
+    """How many times the channels of `unet` (the base's width) the U-Net weights `start` have."""
+    return start["conv_in.weight"].shape[0] // unet.conv_in.weight.shape[0]
+
+
 def init_weights(source: Path) -> tuple[dict, int]:
     """The U-Net weights (the EMA's) and step to go on from: a run folder (its checkpoint.pt) or an exported
     model folder (unet/ and TRAINING_STEP, e.g. the shipped assets/models/shapes-inpaint)."""
@@ -490,6 +506,8 @@ def command(record: dict) -> str:
         parts.append(f"--teacher-share {record['teacher_share']:g}")
     if record.get("mask_loss_weight", 1) != 1:
         parts.append(f"--mask-loss-weight {record['mask_loss_weight']:g}")
+    if record.get("widen", 1) != 1:
+        parts.append(f"--widen {record['widen']}")
     if record.get("init_from"):
         parts.append(f"--init-from {record['init_from']}")
     if record.get("rebase_from"):
@@ -579,6 +597,12 @@ def main(argv=None):
         help="loss weight of the masked area's latents relative to the rest",
     )
     parser.add_argument(
+        "--widen",
+        type=int,
+        default=InpaintConfig.widen,
+        help="channels of every block as a multiple of the base's; a narrower start is widened keeping its function",
+    )
+    parser.add_argument(
         "--masks",
         choices=list(inpaint_data.MASK_RECIPES),
         default=InpaintConfig.masks,
@@ -614,6 +638,7 @@ def main(argv=None):
         add_share=args.add_share,
         masks=args.masks,
         mask_loss_weight=args.mask_loss_weight,
+        widen=args.widen,
     )
     train(
         args.base,

@@ -41,7 +41,8 @@ from training.common import (
     save_grid,
     set_threads,
 )
-from training.train_ldm import LDMConfig, encode_scenes, tokenize
+from training.text import tokenize
+from training.train_ldm import LDMConfig, encode_scenes
 
 DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
 # The teacher's DDIM solver takes steps of 1000 / SOLVER_STEPS timesteps. The exported LCMScheduler gets the same

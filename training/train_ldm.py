@@ -220,12 +220,8 @@ def train(
 
     # 2. Tokenizer and captions as ids, once.
     tokenizer = text.build_tokenizer(shapes.vocabulary_v2() if config.world == 2 else None)
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    empty_ids = tokenizer(
-        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
+    ids = text.tokenize(tokenizer, captions)
+    empty_ids = text.tokenize(tokenizer, [""])
 
     # 3. Models, optimiser, EMA; resume if a checkpoint exists.
     text_encoder = text.build_text_encoder(tokenizer, hidden_size=config.text_hidden_size, layers=config.text_layers)
@@ -284,7 +280,7 @@ def train(
     sampling_weights = scene_weights(captions, config.two_object_share) if buckets is None else None
     if buckets is not None:
         for bucket in buckets:
-            bucket["ids"] = tokenize(tokenizer, bucket["captions"])
+            bucket["ids"] = text.tokenize(tokenizer, bucket["captions"])
             bucket["weights"] = scene_weights(bucket["captions"], config.two_object_share)
     log = LossLog(out_dir, ["loss", "lr", "colour", "shape", "position", "binding"])
     generator = torch.Generator().manual_seed(seed + step)
@@ -420,12 +416,6 @@ def encode_buckets(vae: AutoencoderKL, config: LDMConfig, cache: Path, chunk: in
     return buckets
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
 def bucket_batch(
     buckets: list[dict], batch_size: int, generator: torch.Generator, pixel_budget: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,6 +495,52 @@ def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> li
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     module.load_state_dict(matching, strict=False)
     return [k for k in own if k not in matching]
+
+
+def widen_unet(unet: UNet2DConditionModel, factor: int, *, noise: float = 0.05, seed: int = 0):
+    """A U-Net with `factor` times the channels in every block that computes what `unet` computes.
+
+    Net2WiderNet (Chen et al. 2016): each channel becomes `factor` adjacent copies. A layer that writes channels
+    repeats its rows; a layer that reads them splits each column between the copies (1/factor each, plus noise
+    that sums to zero over the copies, so the output is unchanged while the copies get different gradients and
+    grow apart). Adjacent copies keep GroupNorm's groups (a group then holds the copies of the old group's
+    channels: the same mean and variance) and LayerNorm's statistics. The attention heads keep their count and
+    double their width, so each query is scaled by factor^-1/2 to keep the logits. The time embedding keeps its
+    width (`time_embedding_dim`); its sinusoidal input widens with the first block, and with a frequency shift of
+    0 every old frequency is one of the new ones, which is all linear_1 reads."""
+    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}  # else from_config resets them
+    old_time_dim = config["time_embedding_dim"] or config["block_out_channels"][0] * 4
+    if config["time_embedding_type"] != "positional" or config["freq_shift"] != 0:
+        raise SystemExit("widening needs the positional time embedding with freq_shift 0")
+    config["block_out_channels"] = [c * factor for c in config["block_out_channels"]]
+    config["time_embedding_dim"] = old_time_dim
+    wide = UNet2DConditionModel.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    old, state = unet.state_dict(), {}
+    for name, target in wide.state_dict().items():
+        weight = old[name]
+        if name == "time_embedding.linear_1.weight":  # columns: cos then sin of each frequency (flip_sin_to_cos)
+            half = weight.shape[1] // 2
+            state[name] = torch.zeros_like(target)
+            state[name][:, 0 : 2 * half : factor] = weight[:, :half]
+            state[name][:, 2 * half :: factor][:, :half] = weight[:, half:]
+            continue
+        for dim, (size, was) in enumerate(zip(target.shape, weight.shape)):
+            if size == was:
+                continue
+            if size != was * factor or dim > 1:
+                raise SystemExit(f"cannot widen {name}: {tuple(weight.shape)} -> {tuple(target.shape)}")
+            weight = weight.repeat_interleave(factor, dim=dim)
+            if dim == 1:  # reads widened channels: split between the copies, noise summing to zero over them
+                jitter = torch.randn(weight.shape, generator=generator) * noise * weight.std() / factor
+                grouped = jitter.unflatten(1, (-1, factor))
+                jitter = (grouped - grouped.mean(dim=2, keepdim=True)).flatten(1, 2)
+                weight = weight / factor + jitter
+        if ".attn" in name and ".to_q." in name and weight.shape[0] != old[name].shape[0]:
+            weight = weight * factor**-0.5  # head width x factor: logits q.k / sqrt(d) stay as they were
+        state[name] = weight
+    wide.load_state_dict(state)
+    return wide
 
 
 def start_added_attention_as_identity(unet: torch.nn.Module, fresh: list[str]) -> list[str]:
