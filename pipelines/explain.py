@@ -292,9 +292,10 @@ def _noise_levels(engine, scheduler_name: str, steps: int, timesteps: list[float
     return np.asarray(sigmas, dtype=np.float32), np.asarray(alpha_bars, dtype=np.float32)
 
 
-def predict_x0(z: torch.Tensor, model_output: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
-    """The clean latent the model implies at this step (z_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε)."""
-    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+def predict_x0(z: torch.Tensor, model_output: torch.Tensor, alpha_bar, prediction_type: str) -> torch.Tensor:
+    """The clean latent the model implies at this step (z_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε); `alpha_bar` a float, or a
+    tensor that broadcasts against z (one ᾱ per sample of a batch at mixed timesteps)."""
+    a, s = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
     if prediction_type == "v_prediction":
         return a * z - s * model_output
     if prediction_type == "sample":

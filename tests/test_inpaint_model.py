@@ -246,6 +246,9 @@ def test_train_inpaint_widens_the_shipped_model_and_resumes_wide(tmp_path):
     inputs = torch.randn(2, 9, 16, 16), torch.tensor([20, 700]), torch.randn(2, 24, 128)
     with torch.no_grad():  # at learning rate 0 the widened model is the shipped one, exported in the new shape
         assert torch.allclose(wide(*inputs).sample, narrow(*inputs).sample, atol=1e-4)
+    narrow_args = [a for a in args if a not in ("--widen", "2")]
+    with pytest.raises(SystemExit, match="resume with that"):  # the run's checkpoint is wide
+        train_inpaint.main(narrow_args + ["--max-steps", str(step + 3)])
     with pytest.raises(SystemExit, match="--widen 3"):
         train_inpaint.main(["--out", str(tmp_path / "again"), "--pool-size", "64", "--batch-size", "4",
                             "--init-from", str(run), "--widen", "3", "--max-steps", str(step + 3)])

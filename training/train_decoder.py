@@ -248,6 +248,7 @@ class UNetLatents:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, seeds, scaling: float, generator: torch.Generator) -> torch.Tensor:
+        from pipelines.explain import predict_x0
         from training.text import tokenize
 
         captions = shapes.batch(seeds, allow_unseen_styles=self.all_styles)[1]
@@ -255,13 +256,8 @@ class UNetLatents:
         t = torch.randint(1, self.max_t + 1, (len(latents),), generator=generator)
         clean = latents * scaling
         noisy = self.scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), t)
-        prediction = self.unet(noisy, t, hidden).sample
-        a = self.scheduler.alphas_cumprod[t].sqrt()[:, None, None, None]
-        b = (1 - self.scheduler.alphas_cumprod[t]).sqrt()[:, None, None, None]
-        if self.scheduler.config.prediction_type == "v_prediction":
-            x0 = a * noisy - b * prediction
-        else:  # epsilon
-            x0 = (noisy - b * prediction) / a
+        alpha_bar = self.scheduler.alphas_cumprod[t][:, None, None, None]
+        x0 = predict_x0(noisy, self.unet(noisy, t, hidden).sample, alpha_bar, self.scheduler.config.prediction_type)
         return x0 / scaling
 
 

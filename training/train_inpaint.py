@@ -240,6 +240,9 @@ def train(
         if rebase_from is not None:
             start = rebase(start, old=init_weights(Path(rebase_from))[0], new=teacher.state_dict())
         first_step = step
+    if state is not None and state["config"].get("widen", 1) != config.widen:
+        raise SystemExit(f"--widen {config.widen}: the checkpoint in {out_dir} is {state['config'].get('widen', 1)}x "
+                         "the base's width; resume with that")
     # the start's width (a checkpoint's is this run's), then this run's: widening keeps what the start computes
     start_width = config.widen if state is not None else width_of(start, unet) if start is not None else 1
     if config.widen % start_width:
