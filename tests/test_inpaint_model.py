@@ -456,3 +456,19 @@ def test_one_step_diagnosis_scores_both_u_nets_at_each_timestep():
     assert set(scores) == {f"{name}, t = {t}" for name in ("inpainting U-Net", "base U-Net") for t in (20, 400)}
     for row in scores.values():
         assert 0.0 <= row["add"] <= 1.0 and 0.0 <= row["replace"] <= 1.0
+
+
+def test_evaluation_engines_decode_through_another_vae_when_given_one(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training import evaluate_inpaint
+
+    other = AutoencoderKL.from_pretrained(REPO / "assets" / "models" / "shapes-ldm" / "vae")
+    with torch.no_grad():
+        other.decoder.conv_out.bias.fill_(0.25)  # a decoder that differs in one visible place
+    other.save_pretrained(tmp_path / "vae")
+    engines = evaluate_inpaint.make_engines(None, 1, vae=str(tmp_path / "vae"))
+    for engine in engines.values():  # both compared paths decode through it
+        assert torch.equal(engine.base.vae.decoder.conv_out.bias, torch.full_like(other.decoder.conv_out.bias, 0.25))
+    shipped = evaluate_inpaint.make_engines(None, 1)["inpainting U-Net"].base.vae.decoder.conv_out.bias
+    assert not torch.equal(shipped, other.decoder.conv_out.bias)
