@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from training.common import SHIPPED_BASE
 from training.evaluate import EDGE_TOLERANCE_PX, PCK_ALPHA
 
 LIMITS = """## Limits
@@ -140,15 +141,12 @@ python -m training.evaluate --controls --write-cards
     return folder / "README.md"
 
 
-SHIPPED_LDM = Path(__file__).resolve().parent.parent / "assets" / "models" / "shapes-ldm"
-
-
 def _controlnet_base(info: dict) -> tuple[str, str, str]:
     """(the card's sentence on the base model, the commands that fetch that base, its folder for --ldm) from
     training.json's ldm, ldm_step and ldm_commit. A ControlNet follows the U-Net it was trained against, so the
     Reproduce commands train against that step, taken from the commit that holds it."""
     step, commit, folder = info.get("ldm_step"), info.get("ldm_commit"), info.get("ldm", "assets/models/shapes-ldm")
-    step_file = SHIPPED_LDM / "TRAINING_STEP"
+    step_file = SHIPPED_BASE / "TRAINING_STEP"
     shipped = step_file.read_text().strip() if step_file.is_file() else None
     if step is None:
         return "", "", folder
@@ -356,7 +354,7 @@ def main(argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--models", type=Path, default=SHIPPED_LDM.parent, help="the folder holding the models")
+    parser.add_argument("--models", type=Path, default=SHIPPED_BASE.parent, help="the folder holding the models")
     parser.add_argument("--world2", action="append", default=[], metavar="KIND=REPORT[:PREVIOUS]",
                         help="first write shapes-controlnet-KIND/" + WORLD2_SCORES + " from evaluate_v2 --json "
                              "reports: this ControlNet's, and optionally the one it replaced")

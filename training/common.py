@@ -14,6 +14,7 @@ import torch
 # so no held-out image is ever seen in training.
 HELD_OUT_SEED = 1_000_000_000
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED_BASE = REPO / "assets" / "models" / "shapes-ldm"  # the built-in pipeline: what the trainers start from
 
 
 def repo_relative(path: Path) -> str:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from training import evaluate, splits
-from training.common import repo_relative
-from training.train_lcm import DEFAULT_BASE, GRID_STEPS, default_guidance, lcm_scheduler
+from training.common import SHIPPED_BASE, repo_relative
+from training.train_lcm import GRID_STEPS, default_guidance, lcm_scheduler
 
 KEYS = ("colour", "shape", "position", "binding", "held_out_pair")
 INT8_ROW = "int8 decoder"  # how a row decoded by the int8 ONNX decoder (--int8-decoder) ends
@@ -162,7 +162,7 @@ def write_card(folder: Path, test: dict, validation: dict | None = None, shown_a
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("runs/lcm/pipeline"), help="train_lcm's exported folder")
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    parser.add_argument("--base", type=Path, default=SHIPPED_BASE)
     parser.add_argument("--split", choices=splits.SPLITS, default="test",
                         help="validation: where steps and guidance are chosen; test: the reported figures")
     parser.add_argument("--count", type=int, default=200, help="prompts of the split")

@@ -49,10 +49,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from training import common, shapes, train_vae
-from training.common import HELD_OUT_SEED, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
+from training.common import HELD_OUT_SEED, SHIPPED_BASE, Checkpoint, LossLog, images_to_tensor, save_grid, set_threads
 from training.train_vae import psnr, reconstruct
-
-DEFAULT_UNET_FROM = common.REPO / "assets" / "models" / "shapes-ldm"  # --unet-latents-share's U-Net
 
 
 @dataclass
@@ -138,7 +136,7 @@ def latent_crops(latents, images, crop, generator):
 
 
 def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *, log_every: int = 50,
-          save_every: int = 250, seed: int = 0, unet_from: Path = DEFAULT_UNET_FROM) -> AutoencoderKL:
+          save_every: int = 250, seed: int = 0, unet_from: Path = SHIPPED_BASE) -> AutoencoderKL:
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     predictor = UNetLatents(unet_from, config) if config.unet_latents_share else None
@@ -317,7 +315,7 @@ def main(argv=None):
                              "their noised latents (0-1)")
     parser.add_argument("--unet-latents-max-t", type=int, default=DecoderConfig.unet_latents_max_t,
                         help="the highest timestep those latents are noised to")
-    parser.add_argument("--unet-from", type=Path, default=DEFAULT_UNET_FROM,
+    parser.add_argument("--unet-from", type=Path, default=SHIPPED_BASE,
                         help="the pipeline folder whose U-Net, text encoder and scheduler make those latents")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from training import inpaint_data
 from training.common import (
     HELD_OUT_SEED,
-    REPO,
+    SHIPPED_BASE,
     Checkpoint,
     LossLog,
     due,
@@ -43,7 +43,6 @@ from training.common import (
 from training.text import tokenize
 from training.train_ldm import SCHEDULE, loss_weights, widen_unet
 
-DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
 POOL_CHUNK = 1024  # examples per pool file: the pool is built (and resumed) a chunk at a time
 GRID_EXAMPLES = 16  # validation examples drawn in each sample grid
 VALIDATION_SEED = HELD_OUT_SEED + 500_000  # sample-grid scenes: outside the trainer's and the test split's seeds
@@ -544,7 +543,7 @@ def export(out_dir: Path, target: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--base", type=Path, default=DEFAULT_BASE, help="the base pipeline folder whose U-Net is inflated"
+        "--base", type=Path, default=SHIPPED_BASE, help="the base pipeline folder whose U-Net is inflated"
     )
     parser.add_argument(
         "--out", type=Path, default=Path("runs/inpaint"), help="run folder: pool, checkpoint, log, samples, model/"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from training.common import (
-    REPO,
+    SHIPPED_BASE,
     Checkpoint,
     LossLog,
     due,
@@ -44,7 +44,6 @@ from training.common import (
 from training.text import tokenize
 from training.train_ldm import LDMConfig, encode_scenes
 
-DEFAULT_BASE = REPO / "assets" / "models" / "shapes-ldm"
 # The teacher's DDIM solver takes steps of 1000 / SOLVER_STEPS timesteps. The exported LCMScheduler gets the same
 # number as `original_inference_steps`, so that the timesteps it samples at are the ones the student learned.
 SOLVER_STEPS = 50
@@ -335,7 +334,7 @@ def train(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the base pipeline folder (the teacher)")
+    parser.add_argument("--base", type=Path, default=SHIPPED_BASE, help="the base pipeline folder (the teacher)")
     parser.add_argument("--out", type=Path, default=Path("runs/lcm"),
                         help="run folder: latents, checkpoint, log, samples, pipeline/")
     parser.add_argument("--max-steps", type=int, default=3000,
