@@ -343,10 +343,12 @@ def test_decoder_batches_mix_the_worlds_by_share():
     seeds = range(40, 44)
     world1 = shapes.batch(seeds, allow_unseen_styles=True)[0]
     world2 = shapes.batch(seeds, allow_unseen_styles=True, world=2)[0]
-    assert (training_images(seeds, DecoderConfig()) == world1).all()  # the shipped decoder's data, unchanged
-    half = training_images(seeds, DecoderConfig(world2_share=0.5))
+    assert (training_images(seeds, DecoderConfig())[0] == world1).all()  # the shipped decoder's data, unchanged
+    half, captions = training_images(seeds, DecoderConfig(world2_share=0.5))
     assert (half[:2] == world2[:2]).all() and (half[2:] == world1[2:]).all()
-    assert (training_images(seeds, DecoderConfig(world2_share=1.0)) == world2).all()
+    assert captions == shapes.batch(seeds[:2], allow_unseen_styles=True, world=2)[1] + shapes.batch(
+        seeds[2:], allow_unseen_styles=True)[1]
+    assert (training_images(seeds, DecoderConfig(world2_share=1.0))[0] == world2).all()
     assert not (world1 == world2).all()
 
 def test_decoder_learns_from_what_the_unet_makes_of_its_latents(tmp_path):
@@ -359,12 +361,12 @@ def test_decoder_learns_from_what_the_unet_makes_of_its_latents(tmp_path):
     assert unet_latents_count(8, DecoderConfig(unet_latents_share=0.75)) == 6
     assert unet_latents_count(8, DecoderConfig(unet_latents_share=1.0, world2_share=0.5)) == 4  # world 1's only
     vae = AutoencoderKL.from_pretrained(SHIPPED_MODEL / "vae").eval()
-    seeds = range(8)
+    pictures, captions = shapes.batch(range(8))
     with torch.no_grad():
-        latents = vae.encode(torch.from_numpy(shapes.batch(seeds)[0]).permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean
+        latents = vae.encode(torch.from_numpy(pictures).permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean
     scaling, generator = vae.config.scaling_factor, torch.Generator().manual_seed(0)
-    near = UNetLatents(SHIPPED_MODEL, DecoderConfig(unet_latents_max_t=2))(latents, seeds, scaling, generator)
-    far = UNetLatents(SHIPPED_MODEL, DecoderConfig(unet_latents_max_t=999))(latents, seeds, scaling, generator)
+    near = UNetLatents(SHIPPED_MODEL, DecoderConfig(unet_latents_max_t=2))(latents, captions, scaling, generator)
+    far = UNetLatents(SHIPPED_MODEL, DecoderConfig(unet_latents_max_t=999))(latents, captions, scaling, generator)
     assert near.shape == latents.shape
     # at t <= 2 the U-Net has little to redo; from up to t = 999 it draws the objects anew (the flat grounds it
     # predicts well from the caption alone, so the mean moves about 3x, not more)

@@ -165,11 +165,12 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     if anchor is None:
         vae.encoder.eval()  # frozen: no dropout or norm statistics to update, but say so
     first_world1 = world2_count(config.batch_size, config)  # training_images puts world 2 first
+    made = unet_latents_count(config.batch_size, config)  # each batch's last `made` get a U-Net's latents
 
     while step < max_steps:
         seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
-        images = images_to_tensor(training_images(seeds, config))
-        made = unet_latents_count(config.batch_size, config)  # the batch's last `made` get a U-Net's latents
+        pictures, captions = training_images(seeds, config)
+        images = images_to_tensor(pictures)
         extra = {}
         if anchor is None:
             with torch.no_grad():
@@ -186,7 +187,7 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
                 regulariser = regulariser + config.encoder_anchor * drift
                 extra["anchor"] = drift.item()
         if made:
-            made_latents = predictor(latents[-made:], seeds[-made:], vae.config.scaling_factor, crop_generator)
+            made_latents = predictor(latents[-made:], captions[-made:], vae.config.scaling_factor, crop_generator)
             latents = torch.cat([latents[:-made], made_latents])
         z, x = latent_crops(latents, images, config.latent_crop, crop_generator)
         recon = vae.decode(z).sample
@@ -214,14 +215,14 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
     return vae.eval()
 
 
-def training_images(seeds: range, config: DecoderConfig) -> np.ndarray:
-    """(N, 64, 64, 3) uint8: the batch's scenes, its first `world2_share` from world 2 (same seeds, that world's
-    scenes), the rest from world 1."""
+def training_images(seeds: range, config: DecoderConfig) -> tuple[np.ndarray, list[str]]:
+    """(N, 64, 64, 3) uint8 and the captions: the batch's scenes, its first `world2_share` from world 2 (same seeds,
+    that world's scenes), the rest from world 1."""
     second = world2_count(len(seeds), config)
-    parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)[0]] if second else []
+    parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)] if second else []
     if second < len(seeds):
-        parts.append(shapes.batch(seeds[second:], allow_unseen_styles=config.all_styles)[0])
-    return np.concatenate(parts)
+        parts.append(shapes.batch(seeds[second:], allow_unseen_styles=config.all_styles))
+    return np.concatenate([images for images, _ in parts]), [c for _, captions in parts for c in captions]
 
 
 def unet_latents_count(batch: int, config: DecoderConfig) -> int:
@@ -231,7 +232,7 @@ def unet_latents_count(batch: int, config: DecoderConfig) -> int:
 
 class UNetLatents:
     """What a text-to-image U-Net makes of latents: noised to a random timestep up to `unet_latents_max_t`, then
-    its one-step prediction of the clean latents, given the scene's own caption (unscaled latents in and out)."""
+    its one-step prediction of the clean latents, given the scenes' own captions (unscaled latents in and out)."""
 
     def __init__(self, folder: Path, config: DecoderConfig):
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -242,14 +243,13 @@ class UNetLatents:
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(Path(folder) / "tokenizer")
         self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         self.max_t = config.unet_latents_max_t
-        self.all_styles = config.all_styles
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, seeds, scaling: float, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, captions: list[str], scaling: float,
+                 generator: torch.Generator) -> torch.Tensor:
         from pipelines.explain import predict_x0
         from training.text import tokenize
 
-        captions = shapes.batch(seeds, allow_unseen_styles=self.all_styles)[1]
         hidden = self.text_encoder(tokenize(self.tokenizer, captions)).last_hidden_state
         t = torch.randint(1, self.max_t + 1, (len(latents),), generator=generator)
         clean = latents * scaling
