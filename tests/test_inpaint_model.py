@@ -181,7 +181,7 @@ def test_train_inpaint_runs_resumes_and_exports(tmp_path):
 @pytest.mark.slow
 def test_train_inpaint_goes_on_from_an_exported_model_with_the_hole_weighted(tmp_path):
     """--init-from takes a model folder (as shipped in assets/models/), not only a run folder: the shipped model
-    is re-trained without its run; the mask loss weight reaches the record and the reproduce command."""
+    is re-trained without its run; the mask loss weight and the SNR cap reach the record and the reproduce command."""
     from diffusers import UNet2DConditionModel
 
     from training import train_inpaint
@@ -191,12 +191,15 @@ def test_train_inpaint_goes_on_from_an_exported_model_with_the_hole_weighted(tmp
     assert step == int((shipped / "TRAINING_STEP").read_text())
     run = tmp_path / "run"
     args = ["--out", str(run), "--pool-size", "64", "--batch-size", "4", "--save-every", "1", "--threads", "1"]
-    args += ["--init-from", str(shipped), "--mask-loss-weight", "4", "--max-steps", str(step + 1)]
+    args += ["--init-from", str(shipped), "--mask-loss-weight", "4", "--min-snr-gamma", "50"]
+    args += ["--max-steps", str(step + 1)]
     train_inpaint.main(args)
     record = json.loads((run / "model" / "training.json").read_text())
-    assert record["step"] == step + 1 and record["mask_loss_weight"] == 4
+    assert record["step"] == step + 1 and record["mask_loss_weight"] == 4 and record["min_snr_gamma"] == 50
     assert record["parent"]["step"] == step  # the shipped model's own history goes on
     assert "--mask-loss-weight 4" in train_inpaint.command(record)
+    assert "--min-snr-gamma 50" in train_inpaint.command(record)
+    assert "--min-snr-gamma" not in train_inpaint.command(record["parent"])  # the base's weighting: no flag
     trained = UNet2DConditionModel.from_pretrained(run / "model", subfolder="unet").state_dict()
     moved = max(float((trained[k] - state[k]).abs().max()) for k in state)
     assert 0 < moved < 0.05  # one small step from the shipped weights, not from the base

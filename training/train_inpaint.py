@@ -508,6 +508,8 @@ def command(record: dict) -> str:
         parts.append(f"--teacher-share {record['teacher_share']:g}")
     if record.get("mask_loss_weight", 1) != 1:
         parts.append(f"--mask-loss-weight {record['mask_loss_weight']:g}")
+    if record.get("min_snr_gamma", InpaintConfig.min_snr_gamma) != InpaintConfig.min_snr_gamma:
+        parts.append(f"--min-snr-gamma {record['min_snr_gamma']:g}")
     if record.get("widen", 1) != 1:
         parts.append(f"--widen {record['widen']}")
     if record.get("init_from"):
@@ -599,6 +601,13 @@ def main(argv=None):
         help="loss weight of the masked area's latents relative to the rest",
     )
     parser.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=InpaintConfig.min_snr_gamma,
+        help="cap on the SNR that weights the clean-latent error (train_ldm.loss_weights); higher values weigh "
+        "the last, low-noise steps more",
+    )
+    parser.add_argument(
         "--widen",
         type=int,
         default=InpaintConfig.widen,
@@ -640,6 +649,7 @@ def main(argv=None):
         add_share=args.add_share,
         masks=args.masks,
         mask_loss_weight=args.mask_loss_weight,
+        min_snr_gamma=args.min_snr_gamma,
         widen=args.widen,
     )
     train(
