@@ -351,6 +351,26 @@ def test_decoder_batches_mix_the_worlds_by_share():
     assert (training_images(seeds, DecoderConfig(world2_share=1.0))[0] == world2).all()
     assert not (world1 == world2).all()
 
+
+def test_decoder_batches_move_shapes_off_the_worlds_places_by_share():
+    from training import shapes
+    from training.train_decoder import MOVE_PX, DecoderConfig, moved_count, moved_sample, training_images
+
+    seeds = range(40, 48)
+    world1 = shapes.batch(seeds, allow_unseen_styles=True)[0]
+    pictures, captions = training_images(seeds, DecoderConfig(moved_share=0.5, unet_latents_share=0.25))
+    assert moved_count(8, DecoderConfig(moved_share=0.5, unet_latents_share=0.25)) == 4
+    assert moved_count(8, DecoderConfig(moved_share=1.0, unet_latents_share=0.25)) == 6  # not the U-Net's ones
+    assert (pictures[4:] == world1[4:]).all() and captions == shapes.batch(seeds, allow_unseen_styles=True)[1]
+    for seed, picture, original in zip(seeds[:4], pictures[:4], world1[:4]):
+        moved = moved_sample(seed)
+        assert (picture == moved.image).all() and not (picture == original).all()
+        before = shapes.sample(seed, allow_unseen_styles=True).scene.objects
+        for old, new in zip(before, moved.scene.objects):
+            shift = np.abs(np.subtract(new.centre, old.centre))
+            assert (shift <= MOVE_PX).all() and (old.kind, old.colour, old.size) == (new.kind, new.colour, new.size)
+            assert old.half_extent <= min(new.centre) and max(new.centre) <= shapes.IMAGE_SIZE - old.half_extent
+
 def test_decoder_learns_from_what_the_unet_makes_of_its_latents(tmp_path):
     from diffusers import AutoencoderKL
 

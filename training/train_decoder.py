@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,14 @@ class DecoderConfig:
     # blob. Trained to draw the picture the latents came from, the decoder learns the world's forms back.
     unet_latents_share: float = 0.0
     unet_latents_max_t: int = 200
+    # Share of each batch's world-1 pictures whose shapes are moved up to MOVE_PX off the nine places the world's
+    # scenes keep them near (within 3 px). The latents of a shape differ with where it falls on the 4-pixel latent
+    # grid; a decoder that saw only the nine places draws a small star elsewhere as a blob (an inpainted or
+    # generated object may sit anywhere).
+    moved_share: float = 0.0
+
+
+MOVE_PX = 10  # how far a moved picture's shapes may sit from their place, in each direction
 
 
 def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
@@ -217,17 +225,40 @@ def train(source: Path, out_dir: Path, max_steps: int, config: DecoderConfig, *,
 
 def training_images(seeds: range, config: DecoderConfig) -> tuple[np.ndarray, list[str]]:
     """(N, 64, 64, 3) uint8 and the captions: the batch's scenes, its first `world2_share` from world 2 (same seeds,
-    that world's scenes), the rest from world 1."""
+    that world's scenes), then `moved_share` from world 1 with their shapes moved, the rest from world 1."""
     second = world2_count(len(seeds), config)
+    third = second + moved_count(len(seeds), config)
     parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)] if second else []
-    if second < len(seeds):
-        parts.append(shapes.batch(seeds[second:], allow_unseen_styles=config.all_styles))
+    if third > second:
+        samples = [moved_sample(seed, config.all_styles) for seed in seeds[second:third]]
+        parts.append((np.stack([s.image for s in samples]), [s.caption for s in samples]))
+    if third < len(seeds):
+        parts.append(shapes.batch(seeds[third:], allow_unseen_styles=config.all_styles))
     return np.concatenate([images for images, _ in parts]), [c for _, captions in parts for c in captions]
+
+
+def moved_sample(seed: int, allow_unseen_styles: bool = True) -> shapes.Sample:
+    """World 1's scene of `seed` with every object moved by up to MOVE_PX each way, kept inside the picture."""
+    sample = shapes.sample(seed, allow_unseen_styles=allow_unseen_styles)
+    rng = np.random.default_rng(seed)
+    objects = []
+    for obj in sample.scene.objects:
+        low, high = obj.half_extent, shapes.IMAGE_SIZE - obj.half_extent
+        centre = np.clip(np.asarray(obj.centre) + rng.uniform(-MOVE_PX, MOVE_PX, size=2), low, high)
+        objects.append(replace(obj, centre=(float(centre[0]), float(centre[1]))))
+    return shapes.render(replace(sample.scene, objects=objects))
 
 
 def unet_latents_count(batch: int, config: DecoderConfig) -> int:
     """How many of a batch's world-1 pictures (the last ones) are decoded from a U-Net's prediction."""
     return min(int(round(batch * config.unet_latents_share)), batch - world2_count(batch, config))
+
+
+def moved_count(batch: int, config: DecoderConfig) -> int:
+    """How many of a batch's world-1 pictures (the first ones, before any decoded from a U-Net's prediction) have
+    their shapes moved."""
+    return min(int(round(batch * config.moved_share)),
+               batch - world2_count(batch, config) - unet_latents_count(batch, config))
 
 
 class UNetLatents:
@@ -317,6 +348,9 @@ def main(argv=None):
                         help="the highest timestep those latents are noised to")
     parser.add_argument("--unet-from", type=Path, default=SHIPPED_BASE,
                         help="the pipeline folder whose U-Net, text encoder and scheduler make those latents")
+    parser.add_argument("--moved-share", type=float, default=DecoderConfig.moved_share,
+                        help="share of each batch's world-1 pictures with their shapes moved off the world's places "
+                             "(0-1)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -336,13 +370,15 @@ def main(argv=None):
                            learning_rate=args.learning_rate, edge_weight=args.edge_weight,
                            latent_crop=args.latent_crop, world2_share=args.world2_share,
                            encoder_anchor=args.encoder_anchor, unet_latents_share=args.unet_latents_share,
-                           unet_latents_max_t=args.unet_latents_max_t)
+                           unet_latents_max_t=args.unet_latents_max_t, moved_share=args.moved_share)
     if config.encoder_anchor < 0:
         parser.error(f"--encoder-anchor {config.encoder_anchor:g}: a weight of 0 or more")
     if not 0 <= config.unet_latents_share <= 1:
         parser.error(f"--unet-latents-share {config.unet_latents_share:g}: a share from 0 to 1")
     if not 0 <= config.world2_share <= 1:
         parser.error(f"--world2-share {config.world2_share:g}: a share from 0 to 1")
+    if not 0 <= config.moved_share <= 1:
+        parser.error(f"--moved-share {config.moved_share:g}: a share from 0 to 1")
     if args.export_only:
         state = Checkpoint(args.out).load()
         if state is None:
