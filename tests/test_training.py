@@ -208,6 +208,27 @@ def test_train_ldm_stop_at_branches_mid_schedule(tmp_path):
 
 
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
+def test_train_ldm_goes_on_from_the_shipped_model_in_world_1_keeping_its_vocabulary(tmp_path):
+    """The shipped model was packaged with world 2's generic word: trained on in world 1, it keeps that word (its
+    text encoder and tokenizer unchanged), where a world-1 tokenizer would be one token short."""
+    from transformers import CLIPTextModel
+
+    from training import train_ldm
+    from training.train_ldm import knows_generic_word
+
+    assert knows_generic_word(SHIPPED_MODEL) and not knows_generic_word(tmp_path)
+    out = tmp_path / "run"
+    train_ldm.main(["--vae", str(SHIPPED_MODEL / "vae"), "--out", str(out), "--init-from", str(SHIPPED_MODEL),
+                    "--attention-16x16-up", "--freeze-text-encoder", "--train-scenes", "8", "--batch-size", "4",
+                    "--log-every", "1", "--eval-every", "0", "--max-steps", "42501"])
+    assert knows_generic_word(out / "pipeline")
+    assert (out / "pipeline" / "TRAINING_STEP").read_text().strip() == "42501"
+    shipped = CLIPTextModel.from_pretrained(SHIPPED_MODEL / "text_encoder").state_dict()
+    trained = CLIPTextModel.from_pretrained(out / "pipeline" / "text_encoder").state_dict()
+    assert all(torch.equal(shipped[k], trained[k]) for k in shipped)
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
 def test_shipped_model_loads_with_plain_diffusers_and_is_deterministic():
     import torch
     from diffusers import StableDiffusionPipeline

@@ -219,7 +219,10 @@ def train(
     scaling = vae.config.scaling_factor
 
     # 2. Tokenizer and captions as ids, once.
-    tokenizer = text.build_tokenizer(shapes.vocabulary_v2() if config.world == 2 else None)
+    # World 2's vocabulary adds the generic word; a model that has it (e.g. the shipped one, packaged with it) keeps it
+    # when trained on in world 1
+    larger = config.world == 2 or (init_from is not None and knows_generic_word(Path(init_from)))
+    tokenizer = text.build_tokenizer(shapes.vocabulary_v2() if larger else None)
     ids = text.tokenize(tokenizer, captions)
     empty_ids = text.tokenize(tokenizer, [""])
 
@@ -462,6 +465,12 @@ def load_source(init_from: Path) -> dict:
         "config": {"prediction_type": json.loads((init_from / "scheduler" / "scheduler_config.json").read_text())
                    .get("prediction_type", "epsilon")},
     }
+
+
+def knows_generic_word(source: Path) -> bool:
+    """Whether a pipeline folder's tokenizer has world 2's generic word (a checkpoint file: no)."""
+    vocabulary = source / "tokenizer" / "tokenizer.json"
+    return vocabulary.is_file() and shapes.GENERIC_WORD in json.loads(vocabulary.read_text())["model"]["vocab"]
 
 
 def load_text_encoder(module, state: dict, tokenizer) -> None:
