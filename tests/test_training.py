@@ -229,6 +229,28 @@ def test_train_ldm_goes_on_from_the_shipped_model_in_world_1_keeping_its_vocabul
 
 
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
+def test_train_ldm_moves_every_kth_scene_off_the_worlds_places(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training.common import images_to_tensor
+    from training.train_ldm import encode_scenes
+
+    vae = AutoencoderKL.from_pretrained(SHIPPED_MODEL / "vae").eval()
+    with torch.no_grad():
+        mean, _, captions = encode_scenes(vae, 4, tmp_path / "latents.pt", moved_every=2)
+        pictures = [shapes.sample(0).image, shapes.moved_sample(1).image, shapes.sample(2).image,
+                    shapes.moved_sample(3).image]
+        expected = vae.encode(images_to_tensor(np.stack(pictures))).latent_dist.mean
+        plain, _, _ = encode_scenes(vae, 4, tmp_path / "latents.pt")  # another setting: encoded again
+    assert torch.allclose(mean, expected, atol=1e-5) and captions == shapes.batch(range(4))[1]
+    assert torch.allclose(plain[::2], mean[::2], atol=1e-5) and not torch.allclose(plain[1::2], mean[1::2], atol=1e-2)
+    with pytest.raises(SystemExit):
+        from training import train_ldm
+
+        train_ldm.main(["--moved-every", "2", "--world", "2"])
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="assets/models/shapes-ldm is not built yet")
 def test_shipped_model_loads_with_plain_diffusers_and_is_deterministic():
     import torch
     from diffusers import StableDiffusionPipeline
@@ -375,7 +397,7 @@ def test_decoder_batches_mix_the_worlds_by_share():
 
 def test_decoder_batches_move_shapes_off_the_worlds_places_by_share():
     from training import shapes
-    from training.train_decoder import MOVE_PX, DecoderConfig, moved_count, moved_sample, training_images
+    from training.train_decoder import DecoderConfig, moved_count, training_images
 
     seeds = range(40, 48)
     world1 = shapes.batch(seeds, allow_unseen_styles=True)[0]
@@ -384,12 +406,13 @@ def test_decoder_batches_move_shapes_off_the_worlds_places_by_share():
     assert moved_count(8, DecoderConfig(moved_share=1.0, unet_latents_share=0.25)) == 6  # not the U-Net's ones
     assert (pictures[4:] == world1[4:]).all() and captions == shapes.batch(seeds, allow_unseen_styles=True)[1]
     for seed, picture, original in zip(seeds[:4], pictures[:4], world1[:4]):
-        moved = moved_sample(seed)
+        moved = shapes.moved_sample(seed, allow_unseen_styles=True)
         assert (picture == moved.image).all() and not (picture == original).all()
         before = shapes.sample(seed, allow_unseen_styles=True).scene.objects
         for old, new in zip(before, moved.scene.objects):
             shift = np.abs(np.subtract(new.centre, old.centre))
-            assert (shift <= MOVE_PX).all() and (old.kind, old.colour, old.size) == (new.kind, new.colour, new.size)
+            assert (shift <= shapes.MOVE_PX).all()
+            assert (old.kind, old.colour, old.size) == (new.kind, new.colour, new.size)
             assert old.half_extent <= min(new.centre) and max(new.centre) <= shapes.IMAGE_SIZE - old.half_extent
 
 def test_decoder_learns_from_what_the_unet_makes_of_its_latents(tmp_path):

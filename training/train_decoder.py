@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +76,13 @@ class DecoderConfig:
     # blob. Trained to draw the picture the latents came from, the decoder learns the world's forms back.
     unet_latents_share: float = 0.0
     unet_latents_max_t: int = 200
-    # Share of each batch's world-1 pictures whose shapes are moved up to MOVE_PX off the nine places the world's
-    # scenes keep them near (within 3 px). The latents of a shape differ with where it falls on the 4-pixel latent
-    # grid; a decoder that saw only the nine places draws a small star elsewhere as a blob (an inpainted or
-    # generated object may sit anywhere).
+    # Share of each batch's world-1 pictures whose shapes are moved up to shapes.MOVE_PX off the nine places the
+    # world's scenes keep them near (within 3 px). A shape's latents differ with where it falls on the 4-pixel
+    # latent grid, and the round trip through a decoder that saw only the nine places keeps fewer stars moved than
+    # at their places (an inpainted or generated object may sit anywhere).
     moved_share: float = 0.0
 
 
-MOVE_PX = 10  # how far a moved picture's shapes may sit from their place, in each direction
 
 
 def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
@@ -230,23 +229,11 @@ def training_images(seeds: range, config: DecoderConfig) -> tuple[np.ndarray, li
     third = second + moved_count(len(seeds), config)
     parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)] if second else []
     if third > second:
-        samples = [moved_sample(seed, config.all_styles) for seed in seeds[second:third]]
+        samples = [shapes.moved_sample(seed, allow_unseen_styles=config.all_styles) for seed in seeds[second:third]]
         parts.append((np.stack([s.image for s in samples]), [s.caption for s in samples]))
     if third < len(seeds):
         parts.append(shapes.batch(seeds[third:], allow_unseen_styles=config.all_styles))
     return np.concatenate([images for images, _ in parts]), [c for _, captions in parts for c in captions]
-
-
-def moved_sample(seed: int, allow_unseen_styles: bool = True) -> shapes.Sample:
-    """World 1's scene of `seed` with every object moved by up to MOVE_PX each way, kept inside the picture."""
-    sample = shapes.sample(seed, allow_unseen_styles=allow_unseen_styles)
-    rng = np.random.default_rng(seed)
-    objects = []
-    for obj in sample.scene.objects:
-        low, high = obj.half_extent, shapes.IMAGE_SIZE - obj.half_extent
-        centre = np.clip(np.asarray(obj.centre) + rng.uniform(-MOVE_PX, MOVE_PX, size=2), low, high)
-        objects.append(replace(obj, centre=(float(centre[0]), float(centre[1]))))
-    return shapes.render(replace(sample.scene, objects=objects))
 
 
 def unet_latents_count(batch: int, config: DecoderConfig) -> int:

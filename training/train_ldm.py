@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -71,6 +72,10 @@ class LDMConfig:
     # Share of each batch drawn from two-object scenes (0: as often as the data has them, 40%); binding is
     # learned only from those.
     two_object_share: float = 0.0
+    # World 1: every k-th training scene with its objects moved up to shapes.MOVE_PX off the nine places the world
+    # keeps them near (0: none). A U-Net trained only on those places draws forms best there; inpainting asks for
+    # them anywhere.
+    moved_every: int = 0
     # Cross-attention also in the last up block (16x16): without it the 16x16 level hears the prompt only
     # through the pooled text, which cannot say which of two small shapes is the star. ~60% slower steps.
     attention_16x16_up: bool = False
@@ -128,17 +133,20 @@ def build_unet(config: LDMConfig) -> UNet2DConditionModel:
 
 @torch.no_grad()
 def encode_scenes(
-    vae: AutoencoderKL, count: int, cache: Path, chunk: int = 256
+    vae: AutoencoderKL, count: int, cache: Path, chunk: int = 256, moved_every: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Posterior (mean, std) of `count` training scenes, cached on disk; (N, 4, 16, 16) each."""
+    """Posterior (mean, std) of `count` training scenes, cached on disk; (N, 4, 16, 16) each. `moved_every` = k > 0:
+    every k-th scene (seeds k - 1, 2k - 1, ...) with its objects moved off the world's places (shapes.moved_sample)."""
     if cache.exists():
         saved = torch.load(cache, weights_only=False)
-        if saved["mean"].shape[0] >= count:
+        if saved["mean"].shape[0] >= count and saved.get("moved_every", 0) == moved_every:
             return saved["mean"][:count], saved["std"][:count], saved["captions"][:count]
     means, stds, captions = [], [], []
     started = time.time()
     for first in range(0, count, chunk):
-        images, batch_captions = shapes.batch(range(first, min(first + chunk, count)))
+        samples = [shapes.moved_sample(seed) if moved_every and seed % moved_every == moved_every - 1
+                   else shapes.sample(seed) for seed in range(first, min(first + chunk, count))]
+        images, batch_captions = np.stack([s.image for s in samples]), [s.caption for s in samples]
         posterior = vae.encode(images_to_tensor(images)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
@@ -146,7 +154,7 @@ def encode_scenes(
         print(f"encoded {first + len(images)}/{count} scenes ({time.time() - started:.0f} s)", flush=True)
     mean, std = torch.cat(means), torch.cat(stds)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"mean": mean, "std": std, "captions": captions}, cache)
+    torch.save({"mean": mean, "std": std, "captions": captions, "moved_every": moved_every}, cache)
     return mean, std, captions
 
 
@@ -209,7 +217,8 @@ def train(
     vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
     buckets = None
     if config.world == 1 and not config.sizes:
-        mean, std, captions = encode_scenes(vae, config.train_scenes, out_dir / "latents.pt")
+        mean, std, captions = encode_scenes(vae, config.train_scenes, out_dir / "latents.pt",
+                                            moved_every=config.moved_every)
     else:
         buckets = encode_buckets(vae, config, out_dir / f"latents-world{config.world}.pt")
         if config.base_canvas_share > 0:
@@ -640,6 +649,9 @@ def main(argv=None):
                         help="U-Net block_out_channels of the 16x16, 8x8 and 4x4 latent levels, e.g. 64,64,64")
     parser.add_argument("--two-object-share", type=float, default=LDMConfig.two_object_share,
                         help="share of each batch from two-object scenes (0: as in the data)")
+    parser.add_argument("--moved-every", type=int, default=LDMConfig.moved_every,
+                        help="world 1: every k-th training scene with its objects moved off the world's nine places "
+                             "(0: none)")
     parser.add_argument(
         "--attention-16x16-up",
         action="store_true",
@@ -676,6 +688,7 @@ def main(argv=None):
         cosine_decay=args.cosine_decay,
         block_out_channels=tuple(int(c) for c in args.channels.split(",")),
         two_object_share=args.two_object_share,
+        moved_every=args.moved_every,
         attention_16x16_up=args.attention_16x16_up,
         transformer_layers=args.transformer_layers,
         world=args.world,
@@ -684,6 +697,8 @@ def main(argv=None):
         base_canvas_share=args.base_canvas_share,
         train_text_encoder=not args.freeze_text_encoder,
     )
+    if config.moved_every < 0 or (config.moved_every and (args.world != 1 or sizes)):
+        raise SystemExit(f"--moved-every {config.moved_every}: world 1's 64x64 scenes only, every k >= 1")
     if config.pixel_budget and not sizes:
         raise SystemExit("--pixel-budget: needs --sizes (one 64x64 canvas has nothing to budget)")
     if not 0 <= config.base_canvas_share < 1 or (config.base_canvas_share and not sizes):
