@@ -83,8 +83,6 @@ class DecoderConfig:
     moved_share: float = 0.0
 
 
-
-
 def grow(source: AutoencoderKL, layers_per_block: int) -> AutoencoderKL:
     """`source` with `layers_per_block` residual blocks per level; the added blocks are identities."""
     config = dict(source.config)
