@@ -232,6 +232,7 @@ def test_train_ldm_goes_on_from_the_shipped_model_in_world_1_keeping_its_vocabul
 def test_train_ldm_moves_every_kth_scene_off_the_worlds_places(tmp_path):
     from diffusers import AutoencoderKL
 
+    from training import train_ldm
     from training.common import images_to_tensor
     from training.train_ldm import encode_scenes
 
@@ -245,8 +246,6 @@ def test_train_ldm_moves_every_kth_scene_off_the_worlds_places(tmp_path):
     assert torch.allclose(mean, expected, atol=1e-5) and captions == shapes.batch(range(4))[1]
     assert torch.allclose(plain[::2], mean[::2], atol=1e-5) and not torch.allclose(plain[1::2], mean[1::2], atol=1e-2)
     with pytest.raises(SystemExit):
-        from training import train_ldm
-
         train_ldm.main(["--moved-every", "2", "--world", "2"])
 
 
@@ -414,6 +413,7 @@ def test_decoder_batches_move_shapes_off_the_worlds_places_by_share():
             assert (shift <= shapes.MOVE_PX).all()
             assert (old.kind, old.colour, old.size) == (new.kind, new.colour, new.size)
             assert old.half_extent <= min(new.centre) and max(new.centre) <= shapes.IMAGE_SIZE - old.half_extent
+
 
 def test_decoder_learns_from_what_the_unet_makes_of_its_latents(tmp_path):
     from diffusers import AutoencoderKL

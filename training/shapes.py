@@ -858,9 +858,15 @@ def _render_v2(scene: Scene) -> Sample:
 # ----------------------------------------------------------------------------- batches and CLI
 
 def batch(seeds, *, allow_unseen_styles: bool = False, world: int = DEFAULT_WORLD,
-          size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
-    """(N, H, W, 3) uint8 images (64x64 unless world 2's `size`) and their captions for a list of seeds."""
-    samples = [sample(int(s), allow_unseen_styles=allow_unseen_styles, world=world, size=size) for s in seeds]
+          size: tuple[int, int] | None = None, moved: bool = False) -> tuple[np.ndarray, list[str]]:
+    """(N, H, W, 3) uint8 images (64x64 unless world 2's `size`) and their captions for a list of seeds; `moved`:
+    world 1's scenes with their objects moved (moved_sample)."""
+    if moved:
+        if world != DEFAULT_WORLD or size is not None:
+            raise ValueError("moved scenes are world 1's, at 64x64")
+        samples = [moved_sample(int(s), allow_unseen_styles=allow_unseen_styles) for s in seeds]
+    else:
+        samples = [sample(int(s), allow_unseen_styles=allow_unseen_styles, world=world, size=size) for s in seeds]
     return np.stack([s.image for s in samples]), [s.caption for s in samples]
 
 

@@ -227,8 +227,7 @@ def training_images(seeds: range, config: DecoderConfig) -> tuple[np.ndarray, li
     third = second + moved_count(len(seeds), config)
     parts = [shapes.batch(seeds[:second], allow_unseen_styles=config.all_styles, world=2)] if second else []
     if third > second:
-        samples = [shapes.moved_sample(seed, allow_unseen_styles=config.all_styles) for seed in seeds[second:third]]
-        parts.append((np.stack([s.image for s in samples]), [s.caption for s in samples]))
+        parts.append(shapes.batch(seeds[second:third], allow_unseen_styles=config.all_styles, moved=True))
     if third < len(seeds):
         parts.append(shapes.batch(seeds[third:], allow_unseen_styles=config.all_styles))
     return np.concatenate([images for images, _ in parts]), [c for _, captions in parts for c in captions]
