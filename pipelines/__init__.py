@@ -59,10 +59,11 @@ Extensions to the contract (compatible): schedulers also include "DPM++ 2M" (non
 model's own); `ModelNotAvailable` subclasses `ModelError`, so a UI catching (InputError, ModelError,
 Cancelled) shows every error; `GenerationResult.image_params(i)` gives the params that redo image i alone.
 
-Sizes: image tasks run the model at `preprocess.working_size(...)` (long side within [default_size,
-max_size], multiples of 8) and map back: inpaint/outpaint return the input's own size with unmasked /
-original pixels byte-identical; style and ControlNet return the working size. params["width"/"height"]
-are the model's working size; params["image_size"] the input's.
+Sizes: image tasks run the model at `request.working_size(engine, size)` (the picture at most the preset's
+picture_height tall, then long side within [default_size, max_size], multiples of 8) and map back:
+inpaint/outpaint return the input's own size with unmasked / original pixels byte-identical; style and
+ControlNet return the working size. params["width"/"height"] are the model's working size; params["image_size"]
+the input's.
 
 Built-in learned annotators (depth, pose): the engine calls `pipelines.world.annotators.load_annotator(kind, folder)`
 with folder = assets/models/shapes-annotators/<kind>; it must return `callable(PIL.Image) -> PIL.Image`

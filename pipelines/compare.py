@@ -186,7 +186,7 @@ def compare(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
     far (`result.cancelled` says where it stopped).
     """
     from pipelines import controlnet, style, txt2img
-    from pipelines.request import check_settings, check_size
+    from pipelines.request import check_settings, check_size, working_size
 
     # 1. Check everything before the first cell: the shared settings, the axes, the combination, the limits
     settings = check_settings(engine, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
@@ -206,8 +206,7 @@ def compare(engine, *, prompt: str, negative_prompt: str = "", seed: int, steps:
         from pipelines import preprocess
 
         original = preprocess.load_image(image, max_pixels=engine.limits.max_image_pixels)
-        width, height = preprocess.working_size(original.size, engine.limits.max_size,
-                                                min_size=engine.preset.default_size)
+        width, height = working_size(engine, original.size)
         work = original.resize((width, height), Image.LANCZOS) if original.size != (width, height) else original
     check_grid(engine, x, y, width, height)
     if mode == "controlnet":

@@ -9,7 +9,7 @@ from PIL import Image
 from pipelines import preprocess as prep
 from pipelines.common import GenerationResult, InputError, check_choice, check_float
 from pipelines.registry import CONTROL_TYPES, NO_PREPROCESSOR, PREPROCESSORS
-from pipelines.request import Request, base_params, check_settings, check_size
+from pipelines.request import Request, base_params, check_settings, check_size, working_size
 from pipelines.run import run_pipeline
 
 MAX_CONTROLS = 2
@@ -22,7 +22,7 @@ def preprocess(engine, *, image, control_type: str, preprocessor: str | None = N
     check_choice("control_type", control_type, CONTROL_TYPES)
     preprocessor = check_choice("preprocessor", preprocessor or control_type, PREPROCESSORS)
     original = prep.load_image(image, max_pixels=engine.limits.max_image_pixels)
-    width, height = prep.working_size(original.size, engine.limits.max_size, min_size=engine.preset.default_size)
+    width, height = working_size(engine, original.size)
     work = original.resize((width, height), Image.LANCZOS) if original.size != (width, height) else original
     if preprocessor == NO_PREPROCESSOR:
         return work
@@ -76,7 +76,7 @@ def generate(engine, *, control_images, control_types, prompt: str, negative_pro
 
     # 2. Output size: given, else the first control map's working size; every map is resized to it
     if width is None or height is None:
-        width, height = prep.working_size(maps[0].size, engine.limits.max_size, min_size=engine.preset.default_size)
+        width, height = working_size(engine, maps[0].size)
     width, height = check_size(engine, width, height)
     maps = [m if m.size == (width, height) else m.resize((width, height), Image.BILINEAR) for m in maps]
 

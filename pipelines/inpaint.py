@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_float
-from pipelines.request import Request, base_params, check_settings
+from pipelines.request import Request, base_params, check_settings, working_size
 from pipelines.run import run_pipeline
 from pipelines.settings import DEFAULT_MASK_BLUR
 
@@ -62,7 +62,7 @@ def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, settings: d
                 cancel=None) -> tuple[list[Image.Image], Request, str]:
     """Shared by inpaint and outpaint: (canvas, binary mask) at any size -> (generated images at canvas size,
     the request that made them, how the mask was applied). `picture_size`: the user's picture inside the canvas
-    (outpainting), which sets the working scale (see working_size)."""
+    (outpainting), which sets the working scale (request.working_size)."""
     width, height = working_size(engine, canvas.size, picture_size)
     work_image = canvas.resize((width, height), Image.LANCZOS) if canvas.size != (width, height) else canvas
     # NEAREST then re-binarise: a resized mask must stay 0/255, the pipeline thresholds at 0.5 anyway.
@@ -74,17 +74,6 @@ def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, settings: d
         images = run_pipeline(engine, request, on_step=on_step, cancel=cancel)
     images = [im.resize(canvas.size, Image.LANCZOS) if im.size != canvas.size else im for im in images]
     return images, request, kind
-
-
-def working_size(engine, canvas_size: tuple[int, int], picture_size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The size a canvas is inpainted at: scaled so the user's picture (the whole canvas, or the original inside an
-    outpainting canvas) has its long side at most the preset's `inpaint_size`, the scale its inpainting knows;
-    then within the size limit, in whole latents."""
-    limit = engine.preset.inpaint_size
-    picture = picture_size or canvas_size
-    scale = min(1.0, limit / max(picture)) if limit else 1.0
-    target = (max(1, round(canvas_size[0] * scale)), max(1, round(canvas_size[1] * scale)))
-    return preprocess.working_size(target, engine.limits.max_size, min_size=engine.preset.default_size)
 
 
 def method_notes(engine, kind: str) -> dict:

@@ -35,9 +35,10 @@ class ModelPreset:
     scheduler_names: tuple[str, ...] = COMMON_SCHEDULERS
     controlnets: dict[str, str] = field(default_factory=dict)  # control type ("canny"|"depth"|"pose") -> id or path
     inpaint_model: str | None = None  # optional dedicated 9-channel inpainting model (its unet is used)
-    # Inpaint and Outpaint scale the user's picture so its long side is at most this (the scale the model inpaints
-    # well at; the canvas around an outpainted picture scales with it); None: only the size limit applies
-    inpaint_size: int | None = None
+    # Image tasks (Inpaint, Outpaint, Style transfer, ControlNet maps, Compare on a picture) scale the user's
+    # picture so it is at most this tall, the scale the model knows (request.working_size; the canvas around an
+    # outpainted picture scales with it); None: only the size limits apply
+    picture_height: int | None = None
     lora: str | None = None  # optional LoRA fused into the U-Net at load time (LCM-LoRA)
     # optional tiny decoder (diffusers AutoencoderTiny folder, as TAESD) that decodes instead of the VAE's own
     # (pipelines/fast_backend.TinyDecoding); the VAE still encodes
@@ -104,7 +105,7 @@ SHAPES = ModelPreset(
     default_scheduler="DPM++ 2M",
     controlnets={t: str(MODELS_DIR / f"shapes-controlnet-{t}") for t in CONTROL_TYPES},
     inpaint_model=str(MODELS_DIR / "shapes-inpaint"),  # training/train_inpaint.py derives it from the base
-    inpaint_size=64,  # trained on 64x64 scenes: a picture at another scale gets stray backgrounds
+    picture_height=64,  # trained on 64x64 scenes: a picture at another scale gets stray backgrounds and objects
     style_presets={s: f"in {s} style" for s in SHAPES_STYLES},
     annotators=str(MODELS_DIR / "shapes-annotators"),
     example_prompts=(

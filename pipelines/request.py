@@ -102,6 +102,21 @@ def check_size(engine, width, height) -> tuple[int, int]:
     return width, height
 
 
+def working_size(engine, size: tuple[int, int], picture_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The size the model runs at for an image task's canvas of `size`: scaled so the user's picture (the whole
+    canvas, or the original inside an outpainting canvas: `picture_size`) is at most the preset's `picture_height`
+    tall, the scale the model knows; then long side within [default_size, max_size], in whole latents. The height,
+    not the long side: the built-in model's scenes are that tall, with the horizon at a share of the height, and a
+    wider canvas only goes on sideways; a wide picture brought there by its long side would be shorter than any
+    scene the model saw (training.evaluate_inpaint --picture-sizes measures both)."""
+    from pipelines import preprocess
+
+    limit = engine.preset.picture_height
+    scale = min(1.0, limit / (picture_size or size)[1]) if limit else 1.0
+    target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    return preprocess.working_size(target, engine.limits.max_size, min_size=engine.preset.default_size)
+
+
 def generators(seed: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image, seeded seed + i, so image i can be regenerated alone with seed + i.
 

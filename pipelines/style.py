@@ -7,7 +7,7 @@ from PIL import Image
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_choice, check_float
 from pipelines.inpaint import check_denoising_steps
-from pipelines.request import Request, base_params, check_settings
+from pipelines.request import Request, base_params, check_settings, working_size
 from pipelines.run import run_pipeline
 
 MODES = ("img2img", "structure")
@@ -44,8 +44,8 @@ def stylize(engine, *, image, style: str = "", prompt: str = "", negative_prompt
         control = check_choice("control", control, engine.control_types or ("(no ControlNet for this model)",))
     original = preprocess.load_image(image, max_pixels=engine.limits.max_image_pixels)
 
-    # 2. Working size: long side within the model's range, multiples of 8
-    width, height = preprocess.working_size(original.size, engine.limits.max_size, min_size=engine.preset.default_size)
+    # 2. Working size: the scale the model knows, within its range, multiples of 8
+    width, height = working_size(engine, original.size)
     work = original.resize((width, height), Image.LANCZOS) if original.size != (width, height) else original
     previews: list[Image.Image] = []
     with engine.lock:

@@ -146,13 +146,11 @@ def tiny_engine_with_shipped_annotators(tmp_path_factory):
 def test_engine_annotator_hook_uses_the_shipped_annotators(kind, request):
     shipped(kind)
     engine = request.getfixturevalue("tiny_engine_with_shipped_annotators")
-    from pipelines.preprocess import working_size
+    from pipelines.request import working_size
 
     picture = Image.open(EXAMPLES / "person_256.png")
     out = _preprocess_with(engine, kind, picture)
-    assert out.mode == "RGB" and out.size == working_size(
-        picture.size, engine.limits.max_size, min_size=engine.preset.default_size
-    )
+    assert out.mode == "RGB" and out.size == working_size(engine, picture.size)
     assert np.asarray(out).max() > 0
 
 

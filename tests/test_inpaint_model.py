@@ -415,18 +415,24 @@ def test_explain_watches_the_inpainting_unet(builtin_engines):
 
 
 def test_pictures_are_inpainted_at_the_scale_the_model_knows(builtin_engines):
-    """The built-in model inpaints 64 px scenes: a 4x upload runs at 64 px, an outpainting canvas keeps the picture at
-    64 px and grows around it; a preset without inpaint_size keeps the plain size rule."""
-    from pipelines.inpaint import working_size
+    """The built-in model inpaints scenes 64 px tall: a 4x upload runs at 64 px, an outpainting canvas keeps the
+    picture at 64 px and grows around it, a wide picture keeps its height of 64 px (brought there by its long side
+    it would be 43 px tall, a height the model never saw) and a tall one comes down to it."""
+    from pipelines.request import working_size
 
     engine, _ = builtin_engines
-    assert engine.preset.inpaint_size == 64
+    assert engine.preset.picture_height == 64
     assert working_size(engine, (256, 256)) == (64, 64)
     assert working_size(engine, (64 + 2 * 32, 64), picture_size=(64, 64)) == (128, 64)
     assert working_size(engine, (256 + 2 * 64, 256), picture_size=(256, 256)) == (96, 64)
+    assert working_size(engine, (128, 64)) == (128, 64)  # the widest picture the app makes, as it is
+    assert working_size(engine, (300, 200)) == (96, 64)
+    assert working_size(engine, (300 + 2 * 48, 200), picture_size=(300, 200)) == (128, 64)
+    assert working_size(engine, (64, 128)) == (32, 64)
+    assert working_size(engine, (400, 100)) == (128, 32)  # wider than the size limit allows at 64 px tall
 
 
-def test_uploads_above_the_inpaint_size_keep_their_size(builtin_engines):
+def test_uploads_above_the_picture_height_keep_their_size(builtin_engines):
     from pipelines.inpaint import inpaint
 
     engine, _ = builtin_engines
@@ -475,3 +481,18 @@ def test_evaluation_engines_decode_through_another_vae_when_given_one(tmp_path):
         assert torch.equal(engine.base.vae.decoder.conv_out.bias, torch.full_like(other.decoder.conv_out.bias, 0.25))
     shipped = evaluate_inpaint.make_engines(None, 1)["inpainting U-Net"].base.vae.decoder.conv_out.bias
     assert not torch.equal(shipped, other.decoder.conv_out.bias)
+
+
+def test_picture_sizes_measure_trusts_ground_truth_and_scores_each_rule():
+    """--picture-sizes: the ground truth passes every outpaint and remove case, and each method is scored on the
+    same wide and tall pictures, at their size and larger."""
+    from training import evaluate_inpaint
+
+    scores = evaluate_inpaint.picture_sizes("validation", 1)
+    assert set(scores) == {"ground truth", "inpainting U-Net", "latent blending", "inpainting U-Net, long side at 64"}
+    rows = {f"{orient} {w}x{h}{scale}: {task}" for orient, (w, h) in evaluate_inpaint.PICTURE_CANVASES.items()
+            for scale in ("", f", {evaluate_inpaint.UPLOAD_SCALE}x upload") for task in ("outpaint", "remove")}
+    assert rows <= set(scores["ground truth"])
+    assert all(scores["ground truth"][row] == 1.0 for row in rows)
+    for row in scores.values():
+        assert all(0.0 <= value <= 1.0 for value in row.values())

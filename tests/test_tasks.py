@@ -194,6 +194,28 @@ def test_style_validation(shapes_engine):
         style.stylize(shapes_engine, image=scene(), style="flat", seed=1, steps=2, guidance=4.0, strength=0.3)
 
 
+def test_image_tasks_bring_pictures_to_the_presets_height(tiny_presets, shapes_engine):
+    """With picture_height (the built-in preset's 64: its scenes are 64 px tall), Style transfer and ControlNet run
+    a larger upload at that height and a wide picture at its own height, as Inpaint does; a preset without it
+    keeps only the size limits (the long side within [default_size, max_size])."""
+    from dataclasses import replace
+
+    from pipelines.engine import Engine
+
+    engine = Engine(replace(tiny_presets["shapes"], picture_height=64), device="cpu")
+    settings = dict(style="striped", prompt="a red circle", seed=1, steps=2, guidance=4.0, strength=0.5)
+    for picture, size in ((scene((256, 256)), (64, 64)), (scene((300, 200)), (96, 64)), (scene((48, 48)), (64, 64))):
+        result = style.stylize(engine, image=picture, **settings)
+        assert (result.params["width"], result.params["height"]) == size and result.images[0].size == size
+        edges = controlnet.preprocess(engine, image=picture, control_type="canny", preprocessor="canny")
+        assert edges.size == size
+        made = controlnet.generate(engine, control_images=picture, control_types="canny", **RUN)
+        assert made.images[0].size == size
+    assert style.stylize(shapes_engine, image=scene((256, 256)), **settings).images[0].size == (128, 128)
+    assert controlnet.preprocess(shapes_engine, image=scene((300, 200)), control_type="canny",
+                                 preprocessor="canny").size == (128, 88)
+
+
 # --- ControlNet --------------------------------------------------------------------------------------------
 
 def test_controlnet_canny_preprocess_and_generate(shapes_engine):

@@ -187,8 +187,10 @@ def text_to_image_styles(pipe, classifier, split: str, count_per_style: int, *, 
 
 
 def style_transfer(engine, classifier, split: str, count: int, *, world: int, steps: int, guidance: float,
-                   modes=("img2img", "structure"), control: str = "canny") -> dict:
-    """The Style transfer tab on `count` held-out flat one-shape pictures, every TRANSFER_STYLES style, each mode."""
+                   modes=("img2img", "structure"), control: str = "canny", upload_scale: int = 1) -> dict:
+    """The Style transfer tab on `count` held-out flat one-shape pictures, every TRANSFER_STYLES style, each mode;
+    `upload_scale`: each picture given that many times larger (an upload from elsewhere), the result judged at the
+    picture's own size."""
     from PIL import Image
 
     from pipelines.style import stylize
@@ -202,10 +204,12 @@ def style_transfer(engine, classifier, split: str, count: int, *, world: int, st
             recognised, kept, outputs = [], [], []
             for i, content in enumerate(contents):
                 prompt = content.caption.replace(" in flat style", "")
-                out = stylize(engine, image=Image.fromarray(content.image), style=style, prompt=prompt, seed=i,
-                              steps=steps, guidance=guidance, strength=TRANSFER_STRENGTH[mode], mode=mode,
-                              control=control)
-                picture = np.asarray(out.images[0].convert("RGB"))
+                height, width = content.image.shape[:2]
+                upload = Image.fromarray(content.image).resize((width * upload_scale, height * upload_scale),
+                                                               Image.LANCZOS)
+                out = stylize(engine, image=upload, style=style, prompt=prompt, seed=i, steps=steps,
+                              guidance=guidance, strength=TRANSFER_STRENGTH[mode], mode=mode, control=control)
+                picture = np.asarray(out.images[0].convert("RGB").resize((width, height), Image.BOX))
                 outputs.append(picture)
                 background = content.scene.background
                 recognised.append(classifier.classify(picture[None], [background])[0] == style)
@@ -216,7 +220,8 @@ def style_transfer(engine, classifier, split: str, count: int, *, world: int, st
     for mode in modes:
         rows = [v for k, v in result.items() if k.startswith(mode + " ")]
         result[f"{mode} mean"] = {key: float(np.mean([r[key] for r in rows])) for key in ("style", "content_kept")}
-    return {"scores": {**result, "contents": count, "strength": TRANSFER_STRENGTH, "control": control},
+    return {"scores": {**result, "contents": count, "strength": TRANSFER_STRENGTH, "control": control,
+                       "upload_scale": upload_scale},
             "images": pictures, "contents": np.stack([c.image for c in contents])}
 
 
@@ -450,6 +455,8 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=40, help="prompts / maps / contents per measure")
     parser.add_argument("--style-count", type=int, default=20, help="prompts per style (styles)")
     parser.add_argument("--transfer-count", type=int, default=10, help="content pictures per style and mode")
+    parser.add_argument("--upload-scale", type=int, default=1,
+                        help="transfer: give each content picture this many times larger, as an upload from elsewhere")
     parser.add_argument("--steps", type=int, default=None, help="default: the built-in model's (the app's)")
     parser.add_argument("--guidance", type=float, default=None, help="default: the built-in model's (the app's)")
     parser.add_argument("--ground-truth", action="store_true", help="only validate the measures on renders")
@@ -520,7 +527,7 @@ def main(argv=None):
 
         engine = Engine(resolve_preset("shapes"), device="cpu", threads=args.threads)
         out = timed("transfer", style_transfer, engine, classifier, args.split, args.transfer_count,
-                    world=args.world, steps=steps, guidance=guidance)
+                    world=args.world, steps=steps, guidance=guidance, upload_scale=args.upload_scale)
         grids["transfer"] = np.concatenate([out["contents"][:5]] + [v[:5] for v in out["images"].values()])
     if {"pose", "silhouette"} & set(measures):
         from diffusers import ControlNetModel
