@@ -46,8 +46,8 @@ def inpaint(engine, *, image, mask, prompt: str, negative_prompt: str = "", seed
     images = [preprocess.composite(original, preprocess.match_edges(original, generated, binary), soft)
               for generated in images]
     params = {**base_params(engine, "inpaint", request), "strength": strength, "mask_blur": mask_blur,
-              "inpaint_unet": kind, "image_size": list(original.size), **method_notes(engine, kind)}
-    return GenerationResult(images=images, params=params, previews=[binary])
+              "inpaint_unet": kind, "image_size": list(original.size)}
+    return GenerationResult(images=images, params=with_method_notes(engine, kind, params), previews=[binary])
 
 
 def check_denoising_steps(steps: int, strength: float) -> None:
@@ -76,8 +76,9 @@ def run_inpaint(engine, canvas: Image.Image, binary: Image.Image, *, settings: d
     return images, request, kind
 
 
-def method_notes(engine, kind: str) -> dict:
-    """{"warnings": [...]} saying that the mask was applied by latent blending, else {}: the tabs show it."""
+def with_method_notes(engine, kind: str, params: dict) -> dict:
+    """`params` with a warning that the mask was applied by latent blending, when it was: the tabs show it."""
     if kind != LATENT_BLENDING:
-        return {}
-    return {"warnings": [LATENT_BLENDING_NOTE.format(model=engine.preset.name, f=engine.vae_scale_factor)]}
+        return params
+    note = LATENT_BLENDING_NOTE.format(model=engine.preset.name, f=engine.vae_scale_factor)
+    return {**params, "warnings": [*params.get("warnings", []), note]}

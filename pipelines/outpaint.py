@@ -6,7 +6,7 @@ from PIL import Image, ImageFilter
 
 from pipelines import preprocess
 from pipelines.common import GenerationResult, InputError, check_choice, check_float, check_int
-from pipelines.inpaint import check_denoising_steps, method_notes, run_inpaint
+from pipelines.inpaint import check_denoising_steps, run_inpaint, with_method_notes
 from pipelines.request import base_params, check_settings
 from pipelines.settings import OUTPAINT_FILLS
 
@@ -55,9 +55,8 @@ def outpaint(engine, *, image, left: int = 0, right: int = 0, top: int = 0, bott
     images = [preprocess.composite(canvas, preprocess.match_edges(canvas, generated, binary), soft)
               for generated in images]
     params = {**base_params(engine, "outpaint", request), **sides, "fill": fill, "strength": strength,
-              "inpaint_unet": kind, "image_size": list(original.size), "canvas_size": list(canvas.size),
-              **method_notes(engine, kind)}
-    return GenerationResult(images=images, params=params, previews=[canvas, binary])
+              "inpaint_unet": kind, "image_size": list(original.size), "canvas_size": list(canvas.size)}
+    return GenerationResult(images=images, params=with_method_notes(engine, kind, params), previews=[canvas, binary])
 
 
 def prefill(image: Image.Image, *, left: int, right: int, top: int, bottom: int, fill: str, seed: int) -> Image.Image:

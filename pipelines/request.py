@@ -18,6 +18,9 @@ from pipelines.common import InputError, check_float, check_int, check_text
 
 # img2img pipelines take the size from their input image and have no width/height arguments
 SIZE_FROM_IMAGE = ("img2img", "controlnet_img2img")
+# A model that knows one scene height (ModelPreset.picture_height) asked for another: the README has its figures
+SIZE_NOTE = ("{model} draws scenes {tall} px tall; at {height} px tall it often draws the horizon twice, stretches "
+             "the scene or adds stray objects")
 
 
 @dataclass(eq=False)
@@ -127,9 +130,13 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
 
 
 def base_params(engine, task: str, request: Request) -> dict[str, Any]:
-    """The params every result carries (written into its PNGs): enough to make the same images again."""
+    """The params every result carries (written into its PNGs): enough to make the same images again, and the
+    "warnings" the tabs show under it."""
     params = {"task": task, "model": engine.preset.name, **request.settings, "width": request.width,
               "height": request.height}
     if request.adapters:
         params["adapters"] = list(request.adapters)  # which fine-tunes made the image: needed to make it again
+    tall = engine.preset.picture_height
+    if tall and request.height != tall:
+        params["warnings"] = [SIZE_NOTE.format(model=engine.preset.name, tall=tall, height=request.height)]
     return params

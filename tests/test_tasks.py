@@ -216,6 +216,26 @@ def test_image_tasks_bring_pictures_to_the_presets_height(tiny_presets, shapes_e
                                  preprocessor="canny").size == (128, 88)
 
 
+def test_a_height_the_model_does_not_know_is_said_with_the_result(tiny_presets, shapes_engine):
+    """A preset with picture_height warns (in params["warnings"], which the tabs show) when a run's height is
+    another; a wide canvas at that height does not; inpainting by latent blending keeps its own warning too."""
+    from dataclasses import replace
+
+    from pipelines.engine import Engine
+
+    engine = Engine(replace(tiny_presets["shapes"], picture_height=64), device="cpu")
+    tall = txt2img.generate(engine, **RUN, width=64, height=128)
+    assert tall.params["warnings"] == [
+        "tiny-shapes draws scenes 64 px tall; at 128 px tall it often draws the horizon twice, stretches the scene "
+        "or adds stray objects"]
+    assert "warnings" not in txt2img.generate(engine, **RUN, width=128, height=64).params
+    assert "warnings" not in txt2img.generate(shapes_engine, **RUN, width=64, height=128).params
+    brought = inpaint.inpaint(engine, image=scene((64, 128)), mask=centre_mask((64, 128)), **RUN)  # run at 32x64
+    assert [note.split(" ")[1] for note in brought.params["warnings"]] == ["has"]  # only: no 9-channel U-Net
+    taller = outpaint.outpaint(engine, image=scene(), top=32, **RUN)  # the canvas grows to 64x96 around it
+    assert [note.split(" ")[1] for note in taller.params["warnings"]] == ["draws", "has"]
+
+
 # --- ControlNet --------------------------------------------------------------------------------------------
 
 def test_controlnet_canny_preprocess_and_generate(shapes_engine):
