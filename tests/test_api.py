@@ -180,3 +180,21 @@ def test_outpaint_starts_at_its_own_guidance(client):
                 for name in ("/outpaint", "/inpaint", "/txt2img")}
     assert defaults["/outpaint"]["guidance"] == preset.guidance_for("outpaint")
     assert defaults["/inpaint"]["guidance"] == defaults["/txt2img"]["guidance"] == preset.default_guidance
+
+
+def test_pictures_run_at_the_models_height_and_other_heights_are_said(client, images, live_app):
+    """On the built-in model (scenes 64 px tall): a 256 px upload to Style transfer runs at 64 px, and text to
+    image 128 px tall says under the result that the model may draw the horizon twice; 128x64 says nothing."""
+    if not live_app.engine.preset.picture_height:
+        pytest.skip("this model has no picture height (the tiny random model)")
+    style = next(iter(live_app.engine.preset.style_presets))
+    _, gallery, params, _ = client.predict(image=handle_file(str(images["scene_256.png"])), style=style,
+                                           prompt="a circle", strength=0.6, mode="img2img", control="canny",
+                                           conditioning_scale=1.0, **common_args(), api_name="/style")
+    assert pixels(gallery_paths(gallery)[0]).shape == (64, 64, 3) and (params["width"], params["height"]) == (64, 64)
+    _, _, params, status = client.predict(prompt="a red circle", width=64, height=128, **common_args(),
+                                          api_name="/txt2img")
+    assert "64 px tall; at 128 px tall it often draws the horizon twice" in status and len(params["warnings"]) == 1
+    _, _, params, status = client.predict(prompt="a red circle", width=128, height=64, **common_args(),
+                                          api_name="/txt2img")
+    assert "⚠" not in status and "warnings" not in params
