@@ -4,6 +4,7 @@
     python -m training.evaluate_inpaint --split validation     # the split settings are chosen on
     python -m training.evaluate_inpaint --inpaint-model runs/inpaint/model --count 40
     python -m training.evaluate_inpaint --split validation --one-step 20,50   # a diagnosis: one U-Net prediction
+    python -m training.evaluate_inpaint --picture-sizes --count 30             # wide and tall pictures, uploads
 
 Every case runs `pipelines.inpaint.inpaint` / `pipelines.outpaint.outpaint` on an `Engine`, as the Inpaint and
 Outpaint tabs do, once with the built-in inpainting U-Net and once with latent blending (the same engine
@@ -527,6 +528,7 @@ def _long_side_rule():
         target = (max(1, round(canvas_size[0] * scale)), max(1, round(canvas_size[1] * scale)))
         return preprocess.working_size(target, engine.limits.max_size, min_size=engine.preset.default_size)
 
+    # run_inpaint looks the rule up in pipelines.inpaint's namespace, so replacing it there reaches both tabs
     app_rule, module.working_size = module.working_size, long_side
     try:
         yield
