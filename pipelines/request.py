@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipelines import preprocess
 from pipelines.common import InputError, check_float, check_int, check_text
 
 # img2img pipelines take the size from their input image and have no width/height arguments
@@ -112,8 +113,6 @@ def working_size(engine, size: tuple[int, int], picture_size: tuple[int, int] | 
     not the long side: the built-in model's scenes are that tall, with the horizon at a share of the height, and a
     wider canvas only goes on sideways; a wide picture brought there by its long side would be shorter than any
     scene the model saw (training.evaluate_inpaint --picture-sizes measures both)."""
-    from pipelines import preprocess
-
     limit = engine.preset.picture_height
     scale = min(1.0, limit / (picture_size or size)[1]) if limit else 1.0
     target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))

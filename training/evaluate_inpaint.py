@@ -537,7 +537,7 @@ def _long_side_rule():
 
 
 def _resized(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:
-    return image.convert("RGB").resize(size, resample) if image.size != size else image.convert("RGB")
+    return image.convert("RGB").resize(size, resample)
 
 
 def _picture_results(engine, sample: shapes.Sample, seed: int, new: np.ndarray, hole: np.ndarray, scale: int,
@@ -583,6 +583,21 @@ def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1) -> d
     seeds = [s for s in range(first, first + 20 * count)
              if shapes.sample(s).scene.background in EVAL_BACKGROUNDS][:count]
     check_split(seeds, [inpaint_data.HELD_OUT_MASK_SEED + s for s in seeds], None)
+    # Each canvas's scenes, its outpainted area and the masks, made once for every method
+    canvases = {}
+    for orient, (width, height) in PICTURE_CANVASES.items():
+        new = np.ones((height, width), bool)  # the outpainted area
+        if width > height:
+            new[:, PICTURE_BAND:width - PICTURE_BAND] = False
+        else:
+            new[PICTURE_BAND:height - PICTURE_BAND] = False
+        scenes = []
+        for seed in seeds:
+            sample = shapes.sample(seed, world=2, size=(width, height))
+            empty = shapes.background_image(sample.scene.background, (width, height))[0].round()
+            objects = np.abs(sample.image - empty).max(axis=2) > 12
+            scenes.append((seed, sample, empty, inpaint_data.grow(objects, 3), new & ~inpaint_data.grow(objects, 2)))
+        canvases[f"{orient} {width}x{height}"] = (new, scenes)
     engines = make_engines(inpaint_model, threads)
     methods = {"ground truth": (None, False), "inpainting U-Net": (engines["inpainting U-Net"], False),
                "latent blending": (engines["latent blending"], False),
@@ -590,24 +605,14 @@ def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1) -> d
     results: dict[str, dict[str, float]] = {}
     for name, (engine, long_side) in methods.items():
         verdicts: dict[str, list[bool]] = {}
-        for orient, (width, height) in PICTURE_CANVASES.items():
-            new = np.ones((height, width), bool)  # the outpainted area
-            if width > height:
-                new[:, PICTURE_BAND:width - PICTURE_BAND] = False
-            else:
-                new[PICTURE_BAND:height - PICTURE_BAND] = False
+        for canvas, (new, scenes) in canvases.items():
             for scale in (1, UPLOAD_SCALE):
-                row = f"{orient} {width}x{height}" + (f", {scale}x upload" if scale > 1 else "")
-                for seed in seeds:
-                    sample = shapes.sample(seed, world=2, size=(width, height))
-                    empty = shapes.background_image(sample.scene.background, (width, height))[0].round()
-                    objects = np.abs(sample.image - empty).max(axis=2) > 12
-                    hole = inpaint_data.grow(objects, 3)
+                row = canvas + (f", {scale}x upload" if scale > 1 else "")
+                for seed, sample, empty, hole, background in scenes:
                     if engine is None:
                         outpainted, removed = sample.image, empty.astype(np.uint8)
                     else:
                         outpainted, removed = _picture_results(engine, sample, seed, new, hole, scale, long_side)
-                    background = new & ~inpaint_data.grow(objects, 2)
                     close = np.abs(outpainted.astype(np.int16) - sample.image).max(axis=2) <= CONTINUITY_TOLERANCE
                     verdicts.setdefault(f"{row}: outpaint", []).append(float(close[background].mean()) >= PASS_SHARE)
                     close = np.abs(removed - empty).max(axis=2) <= REMOVE_TOLERANCE
