@@ -86,6 +86,46 @@ def test_compose_examples_put_the_named_new_object_inside_the_mask(recipe, monke
     assert ("object-around" in drawn) == (recipe == "compose-centred") != ("object-loose" in drawn)
 
 
+def test_canvas_examples_are_world_2_scenes_on_the_canvases_the_app_works_at():
+    """Examples on canvases that are not 64x64 follow the same rule as the 64x64 ones, on world 2's scenes drawn
+    with world 1's textures and captioned in world 1's words; border bands reach half the canvas across."""
+    from training import inpaint_data, shapes
+    from training.evaluate import EVAL_BACKGROUNDS, find_objects
+
+    sizes = inpaint_data.CANVAS_SIZES
+    assert sizes and all(min(size) == 64 and size != (64, 64) for size in sizes)
+    known = set(shapes.vocabulary())
+    kinds, widest_band, added = {}, 0, 0
+    for seed in range(160):
+        width, height = size = inpaint_data.CANVAS_SIZES[seed % len(inpaint_data.CANVAS_SIZES)]
+        example = inpaint_data.training_example(seed, seed, "canvas", size)
+        kinds[example.mask_kind] = kinds.get(example.mask_kind, 0) + 1
+        assert example.source.shape == example.target.shape == (height, width, 3)
+        assert example.mask.shape == (height, width) and example.mask.any()
+        assert set(example.caption.split()) <= known, example.caption
+        sample = inpaint_data.canvas_sample(seed, size)
+        assert sample.scene.world == 2 and sample.scene.style_params == shapes.STYLE_PARAMS_V1
+        assert np.array_equal(example.source, sample.image)
+        if example.mode not in ("remove", "empty"):
+            assert np.array_equal(example.target[~example.mask], example.source[~example.mask])
+        hidden = inpaint_data.hidden_objects(sample.scene, example.mask)
+        if example.mode in ("remove", "empty") and hidden and example.mask_kind not in inpaint_data.NEW_OBJECT_KINDS:
+            assert np.array_equal(example.target, inpaint_data.render_without(sample.scene, hidden))
+        if example.mask_kind == "band" and width > height:
+            columns = example.mask.all(axis=0)
+            widest_band = max(widest_band, int(columns[: width // 2].sum()), int(columns[width // 2 :].sum()))
+        if example.mask_kind == "add" and "style" not in example.caption.split() \
+                and sample.scene.background in EVAL_BACKGROUNDS:
+            words = example.caption.split()
+            named = [(c, s) for c, s in zip(words, words[1:]) if c in shapes.COLOURS and s in shapes.SHAPES]
+            inside = {(f.colour, f.shape) for f in find_objects(example.target, sample.scene.background)
+                      if example.mask[int(round(f.centroid[1])), int(round(f.centroid[0]))]}
+            assert named[0] in inside, (seed, example.caption)
+            added += 1
+    assert set(kinds) == {k for k, share in inpaint_data.MASK_RECIPES["canvas"].items() if share}
+    assert widest_band > 32 and added >= 5
+
+
 def test_masked_source_is_what_diffusers_shows_the_unet():
     from diffusers.image_processor import VaeImageProcessor
 
@@ -175,6 +215,33 @@ def test_train_inpaint_runs_resumes_and_exports(tmp_path):
     train_inpaint.main(["--out", str(run), "--export", str(tmp_path / "shipped")])
     config = json.loads((tmp_path / "shipped" / "unet" / "config.json").read_text())
     assert config["in_channels"] == 9
+
+
+def test_train_inpaint_trains_on_the_other_canvases(tmp_path, monkeypatch):
+    """--canvas-share: batches from world-2 pools on the canvases that are not 64x64, one canvas per batch with as
+    many pixels as a 64x64 batch; the setting reaches the record and the reproduce command."""
+    from training import train_inpaint
+
+    shapes_seen = []
+    unet_class = train_inpaint.inflate_unet
+
+    def inflate(base):
+        unet = unet_class(base)
+        unet.register_forward_pre_hook(lambda module, args: shapes_seen.append(tuple(args[0].shape)))
+        return unet
+    monkeypatch.setattr(train_inpaint, "inflate_unet", inflate)
+    run = tmp_path / "run"
+    train_inpaint.main(["--out", str(run), "--pool-size", "64", "--batch-size", "8", "--canvas-share", "0.9",
+                        "--canvas-pool-size", "16", "--save-every", "8", "--threads", "1", "--max-steps", "8"])
+    training_shapes = [s for s in shapes_seen if s[0] > 1][:8]  # the sample grid runs the U-Net on batch 1 or 2
+    canvases = {(s[3] * 4, s[2] * 4) for s in training_shapes}
+    assert canvases - {(64, 64)} and canvases <= {(64, 64), *train_inpaint.inpaint_data.CANVAS_SIZES}
+    for batch, _, height, width in training_shapes:  # as many latent cells as 8 examples of 16x16
+        assert batch == round(8 * 256 / (height * width)), (batch, height, width)
+    assert len(list(run.glob("pool-*x*"))) == len(train_inpaint.inpaint_data.CANVAS_SIZES)
+    record = json.loads((run / "model" / "training.json").read_text())
+    assert record["canvas_share"] == 0.9
+    assert "--canvas-share 0.9 --canvas-pool-size 16" in train_inpaint.command(record)
 
 
 
@@ -496,3 +563,5 @@ def test_picture_sizes_measure_trusts_ground_truth_and_scores_each_rule():
     assert all(scores["ground truth"][row] == 1.0 for row in rows)
     for row in scores.values():
         assert all(0.0 <= value <= 1.0 for value in row.values())
+    only = evaluate_inpaint.picture_sizes("validation", 1, only="latent blending")  # --only: one method and truth
+    assert only == {name: scores[name] for name in ("ground truth", "latent blending")}

@@ -566,7 +566,8 @@ def _picture_results(engine, sample: shapes.Sample, seed: int, new: np.ndarray, 
             np.asarray(_resized(removed.images[0], (width, height), Image.BOX)))
 
 
-def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1) -> dict[str, dict[str, float]]:
+def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1,
+                  only: str | None = None) -> dict[str, dict[str, float]]:
     """Outpainting and removing on pictures that are not 64x64 (world 2's scenes on its widest and tallest
     canvases, at their size and UPLOAD_SCALE times larger), through the tabs' own functions at their defaults:
     - outpaint: the canvas's middle (PICTURE_BAND px cut off both ends of the long side) extended back with the
@@ -576,7 +577,7 @@ def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1) -> d
     - one horizon (training.evaluate_v2.horizon_count) on every result.
     Results are judged at the canvas size (larger uploads' results scaled down). Beside the app: latent blending,
     and the inpainting U-Net with the picture's long side (not its height) brought to picture_height; the ground
-    truth scores itself."""
+    truth scores itself. `only`: that method beside the ground truth."""
     from training.evaluate_v2 import horizon_count
 
     first = SPLITS[split] + PICTURE_SEED_OFFSET
@@ -602,6 +603,8 @@ def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1) -> d
     methods = {"ground truth": (None, False), "inpainting U-Net": (engines["inpainting U-Net"], False),
                "latent blending": (engines["latent blending"], False),
                "inpainting U-Net, long side at 64": (engines["inpainting U-Net"], True)}
+    if only:
+        methods = {name: method for name, method in methods.items() if name in ("ground truth", only)}
     results: dict[str, dict[str, float]] = {}
     for name, (engine, long_side) in methods.items():
         verdicts: dict[str, list[bool]] = {}
@@ -966,7 +969,8 @@ def main(argv=None):
                              "latents noised to each timestep (a diagnosis)")
     args = parser.parse_args(argv)
     if args.picture_sizes:
-        results = picture_sizes(args.split, args.count, inpaint_model=args.inpaint_model, threads=args.threads)
+        results = picture_sizes(args.split, args.count, inpaint_model=args.inpaint_model, threads=args.threads,
+                                only=args.only)
         print(f"split {args.split}, {args.count} scenes per canvas and scale, the tabs' defaults")
         print(table(results))
         if args.json:

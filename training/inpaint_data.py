@@ -92,6 +92,13 @@ MASK_RECIPES = {
     "compose": COMPOSE_MASKS,
     **{name: rule(COMPOSE_MASKS) for name, rule in COMPOSE_VARIANTS.items()},
 }
+# Canvases that are not 64x64 (world 2's, `canvas_sample`): compose's masks with more border bands, as people
+# outpaint a picture wider or taller, and no whole-image masks (text to image on a canvas the base never drew)
+MASK_RECIPES["canvas"] = {**COMPOSE_MASKS, "band": 0.35, "full": 0.0}
+# The canvases `canvas_sample` draws for training: the app brings a picture to the model's height (64 px) and
+# lets a wide one go on sideways, and the Outpaint tab grows a 64 px picture wider or taller, so every such
+# canvas has one side at 64 (world 2's sides are multiples of 16)
+CANVAS_SIZES = [size for size in shapes.canvases() if min(size) == shapes.IMAGE_SIZE and size != (64, 64)]
 MASK_KINDS = MASK_RECIPES["compose"]  # the current recipe
 # Mask kinds that put a new object into the scene (the caption names it; the source does not show it)
 NEW_OBJECT_KINDS = ("add", "swap")
@@ -106,15 +113,15 @@ CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
 # Share of captions whose background words contradict the picture (the picture wins), by recipe: "compose" names
 # a wrong background more often, as people outpaint with a prompt that names another background
 WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25}
-WRONG_BACKGROUND_SHARES.update({name: WRONG_BACKGROUND_SHARES["compose"] for name in COMPOSE_VARIANTS})
+WRONG_BACKGROUND_SHARES.update({name: WRONG_BACKGROUND_SHARES["compose"] for name in (*COMPOSE_VARIANTS, "canvas")})
 
 
 @dataclass
 class InpaintExample:
-    source: np.ndarray  # (64, 64, 3) uint8: the scene the user starts from
-    mask: np.ndarray  # (64, 64) bool: True = repaint
+    source: np.ndarray  # (H, W, 3) uint8 (64x64 for world 1): the scene the user starts from
+    mask: np.ndarray  # (H, W) bool: True = repaint
     caption: str
-    target: np.ndarray  # (64, 64, 3) uint8: source outside the mask, the finished scene inside
+    target: np.ndarray  # (H, W, 3) uint8: source outside the mask, the finished scene inside
     mode: str  # a CAPTION_MODES key
     mask_kind: str  # a MASK_KINDS key
     hidden: int = 0  # objects of the source the mask hides whole
@@ -123,8 +130,11 @@ class InpaintExample:
 # ----------------------------------------------------------------------------- object coverage and phrases
 
 
-def coverage(obj: shapes.SceneObject) -> np.ndarray:
-    """(64, 64) float32 coverage of one scene object, as the renderer draws it."""
+def coverage(obj: shapes.SceneObject, scene: shapes.Scene | None = None) -> np.ndarray:
+    """(H, W) float32 coverage of one scene object, as the renderer draws it: on world 1's 64x64 canvas, or on
+    `scene`'s canvas when it is a world-2 scene."""
+    if scene is not None and scene.world != 1:
+        return shapes.placed_v2(scene, obj)[0]
     if obj.kind == "person":
         height = obj.half_extent * 2
         return shapes.person_mask(shapes.person_keypoints(obj.pose, obj.centre, height), height)
@@ -135,7 +145,7 @@ def hidden_objects(scene: shapes.Scene, mask: np.ndarray) -> list[int]:
     """Indices of the objects the mask covers (almost) whole."""
     hidden = []
     for i, obj in enumerate(scene.objects):
-        solid = coverage(obj) > 0.5
+        solid = coverage(obj, scene) > 0.5
         if solid.any() and (solid & mask).sum() >= HIDDEN_SHARE * solid.sum():
             hidden.append(i)
     return hidden
@@ -178,15 +188,19 @@ def join(*parts: str) -> str:
 # ----------------------------------------------------------------------------- masks
 
 
-def box_mask(x0: float, y0: float, x1: float, y1: float, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
-    mask = np.zeros((size, size), bool)
+def box_mask(x0: float, y0: float, x1: float, y1: float,
+             size: int | tuple[int, int] = shapes.IMAGE_SIZE) -> np.ndarray:
+    """A box on a size x size (or (width, height)) canvas."""
+    width, height = shapes._canvas(size)
+    mask = np.zeros((height, width), bool)
     mask[max(0, int(round(y0))) : max(0, int(round(y1))), max(0, int(round(x0))) : max(0, int(round(x1)))] = True
     return mask
 
 
-def stroke_mask(points: np.ndarray, thickness: int, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
+def stroke_mask(points: np.ndarray, thickness: int, size: int | tuple[int, int] = shapes.IMAGE_SIZE) -> np.ndarray:
     """A brush stroke through `points` ((N, 2) pixels), round caps, as a sketchpad brush draws."""
-    canvas = np.zeros((size, size), np.uint8)
+    width, height = shapes._canvas(size)
+    canvas = np.zeros((height, width), np.uint8)
     cv2.polylines(canvas, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
     for x, y in np.round(points[[0, -1]]).astype(int):
         cv2.circle(canvas, (int(x), int(y)), thickness // 2, 255, -1)
@@ -200,14 +214,17 @@ def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), kernel) > 0
 
 
-def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator) -> np.ndarray:
-    """A mask over one object: a box with a margin, its shape grown, or a scribble across it."""
-    solid = coverage(obj) > 0.5
+def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator,
+                scene: shapes.Scene | None = None) -> np.ndarray:
+    """A mask over one object (of `scene`, for a world-2 canvas): a box with a margin, its shape grown, or a
+    scribble across it."""
+    solid = coverage(obj, scene) > 0.5
+    canvas_size = solid.shape[::-1]  # (width, height)
     ys, xs = np.nonzero(solid)
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
     if kind == "object-box":
         m = rng.uniform(2, 7, size=4)
-        return box_mask(x0 - m[0], y0 - m[1], x1 + m[2], y1 + m[3])
+        return box_mask(x0 - m[0], y0 - m[1], x1 + m[2], y1 + m[3], canvas_size)
     if kind == "object-shape":
         return grow(solid, int(rng.integers(2, 6)))
     if kind in ("object-loose", "object-around"):
@@ -221,7 +238,7 @@ def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator) ->
             # an ellipse holding the box's corners: semi-axes sqrt(2) x half the box
             cv2.ellipse(canvas, (int(round(cx)), int(round(cy))), (int(w * 0.71), int(h * 0.71)), 0, 0, 360, 255, -1)
             return canvas > 0
-        return box_mask(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        return box_mask(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, canvas_size)
     # A zigzag across the object's box, with a brush thick enough to cover it, as people scribble
     rows = int(rng.integers(2, 4))
     thickness = int(np.ceil((y1 - y0 + 6) / rows)) + int(rng.integers(2, 6))
@@ -229,38 +246,40 @@ def object_mask(kind: str, obj: shapes.SceneObject, rng: np.random.Generator) ->
     points = [(x0 - 2, ys_line[0])]
     for i, y in enumerate(ys_line):
         points.append((x1 + 2 if i % 2 == 0 else x0 - 2, y))
-    return stroke_mask(np.array(points, np.float32), thickness) | grow(solid, 1)
+    return stroke_mask(np.array(points, np.float32), thickness, canvas_size) | grow(solid, 1)
 
 
-def random_mask(kind: str, rng: np.random.Generator, size: int = shapes.IMAGE_SIZE) -> np.ndarray:
+def random_mask(kind: str, rng: np.random.Generator, size: int | tuple[int, int] = shapes.IMAGE_SIZE) -> np.ndarray:
+    """A mask not aimed at any object, on a size x size (or (width, height)) canvas."""
+    canvas_w, canvas_h = shapes._canvas(size)
     if kind == "box":
         w, h = rng.integers(12, 41, size=2)
-        x0, y0 = rng.integers(-4, size - w + 5), rng.integers(-4, size - h + 5)
-        return box_mask(x0, y0, x0 + w, y0 + h)
+        x0, y0 = rng.integers(-4, canvas_w - w + 5), rng.integers(-4, canvas_h - h + 5)
+        return box_mask(x0, y0, x0 + w, y0 + h, size)
     if kind == "strokes":
-        mask = np.zeros((size, size), bool)
+        mask = np.zeros((canvas_h, canvas_w), bool)
         for _ in range(int(rng.integers(1, 4))):
-            points = rng.uniform(-4, size + 4, size=(int(rng.integers(2, 5)), 2))
-            mask |= stroke_mask(points, int(rng.integers(4, 15)))
+            points = rng.uniform(-4, np.array([canvas_w, canvas_h]) + 4, size=(int(rng.integers(2, 5)), 2))
+            mask |= stroke_mask(points, int(rng.integers(4, 15)), size)
         return mask
-    if kind == "band":  # outpainting: new borders on one to four sides
-        mask = np.zeros((size, size), bool)
+    if kind == "band":  # outpainting: new borders on one to four sides, each up to half the canvas across
+        mask = np.zeros((canvas_h, canvas_w), bool)
         sides = [s for s in ("left", "right", "top", "bottom") if rng.random() < 0.4] or [
             str(rng.choice(["left", "right", "top", "bottom"]))
         ]
         for side in sides:
-            width = int(rng.integers(8, 33))
+            width = int(rng.integers(8, (canvas_w if side in ("left", "right") else canvas_h) // 2 + 1))
             if side == "left":
                 mask[:, :width] = True
             elif side == "right":
-                mask[:, size - width :] = True
+                mask[:, canvas_w - width :] = True
             elif side == "top":
                 mask[:width] = True
             else:
-                mask[size - width :] = True
+                mask[canvas_h - width :] = True
         return mask
     if kind == "full":
-        return np.ones((size, size), bool)
+        return np.ones((canvas_h, canvas_w), bool)
     raise ValueError(f"unknown mask kind {kind!r}; known: {', '.join(MASK_KINDS)}")
 
 
@@ -279,11 +298,22 @@ def render_without(scene: shapes.Scene, drop: list[int]) -> np.ndarray:
     return shapes.render(replace(scene, objects=kept)).image
 
 
-def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> InpaintExample:
-    """One training example: the scene of `scene_seed`, a mask (from MASK_RECIPES[recipe]) and caption mode drawn
-    from `mask_seed`."""
+def canvas_sample(scene_seed: int, size: tuple[int, int]) -> shapes.Sample:
+    """World 2's scene of `scene_seed` on a (width, height) canvas, drawn with world 1's textures (the base model's),
+    its caption in world 1's words: a seed whose caption uses world 2's generic word gives the next seed's scene."""
+    while True:
+        sample = shapes.sample(scene_seed, world=2, size=size)
+        if shapes.GENERIC_WORD not in sample.caption.split():
+            return shapes.render(replace(sample.scene, style_params=shapes.STYLE_PARAMS_V1))
+        scene_seed += 1
+
+
+def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose",
+                     size: tuple[int, int] | None = None) -> InpaintExample:
+    """One training example: the scene of `scene_seed` (world 1's at 64x64, or `canvas_sample`'s on a (width,
+    height) canvas), a mask (from MASK_RECIPES[recipe]) and caption mode drawn from `mask_seed`."""
     rng = np.random.default_rng(mask_seed)
-    sample = shapes.sample(scene_seed)
+    sample = shapes.sample(scene_seed) if size is None else canvas_sample(scene_seed, size)
     scene = sample.scene
     mask_kind = _choose(rng, MASK_RECIPES[recipe])
     if mask_kind in NEW_OBJECT_KINDS:
@@ -294,9 +324,9 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose") -> 
         mask_kind = "box"  # no free place for a new object in this scene: an area anywhere instead
     if mask_kind.startswith("object"):
         target_index = int(rng.integers(len(scene.objects)))
-        mask = object_mask(mask_kind, scene.objects[target_index], rng)
+        mask = object_mask(mask_kind, scene.objects[target_index], rng, scene)
     else:
-        mask = random_mask(mask_kind, rng)
+        mask = random_mask(mask_kind, rng, (scene.width, scene.height))
     hidden = hidden_objects(scene, mask)
     mode = _choose(rng, CAPTION_MODES)
     background = _caption_background(scene, mask, rng, WRONG_BACKGROUND_SHARES[recipe])
@@ -354,10 +384,10 @@ def new_object_example(
         if centre is None:
             return None
         new = shapes.SceneObject(shape, colour, size, centre, style)
-    solid = coverage(new)
-    mask = object_mask(_choose(rng, masks), new, rng) | grow(solid > 0.02, 1)
+    solid = coverage(new, scene)
+    mask = object_mask(_choose(rng, masks), new, rng, scene) | grow(solid > 0.02, 1)
     if kind == "swap":
-        mask |= grow(coverage(scene.objects[drop[0]]) > 0.02, 1)  # the old object goes whole
+        mask |= grow(coverage(scene.objects[drop[0]], scene) > 0.02, 1)  # the old object goes whole
     # Objects of the scene the mask hides whole and the caption does not name are gone, as in every example
     drop = sorted(set(drop) | set(hidden_objects(scene, mask)))
     objects = [o for i, o in enumerate(scene.objects) if i not in drop] + [new]
@@ -378,17 +408,22 @@ def new_object_example(
 
 
 def free_place(scene: shapes.Scene, half_extent: float, rng: np.random.Generator, tries: int = 30):
-    """A centre where a shape of `half_extent` fits inside the picture, 2 px clear of every object; or None."""
-    taken = np.zeros((shapes.IMAGE_SIZE,) * 2, bool)
+    """A centre (in the 64x64 units of SceneObject.centre) where a shape of `half_extent` fits inside the picture,
+    2 px clear of every object; or None. On a world-2 canvas the shape is scaled as world 2 draws it."""
+    width, height = scene.width, scene.height
+    taken = np.zeros((height, width), bool)
     for obj in scene.objects:
-        taken |= coverage(obj) > 0.05
+        taken |= coverage(obj, scene) > 0.05
     taken = grow(taken, 2)
-    low, high = half_extent + 1, shapes.IMAGE_SIZE - half_extent - 1
+    if scene.world != 1:
+        half_extent *= shapes.canvas_scale(width, height)
+    low, high = half_extent + 1, np.array([width, height], np.float64) - half_extent - 1
     for _ in range(tries):
-        x, y = rng.uniform(low, high, size=2)
-        probe = shapes.shape_mask("square", (float(x), float(y)), half_extent / 0.88) > 0.05  # the object's box
+        x, y = rng.uniform(low, high if scene.world != 1 else high[0], size=2)
+        # the object's box
+        probe = shapes.shape_mask("square", (float(x), float(y)), half_extent / 0.88, (width, height)) > 0.05
         if not (probe & taken).any():
-            return float(x), float(y)
+            return float(x) * shapes.IMAGE_SIZE / width, float(y) * shapes.IMAGE_SIZE / height
     return None
 
 

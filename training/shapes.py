@@ -814,6 +814,20 @@ def _style_fill_v2(style: str, colour: np.ndarray, coverage: np.ndarray, centre,
     return fill, coverage
 
 
+def placed_v2(scene: Scene, obj: SceneObject):
+    """Where world 2 draws `obj` on `scene`'s canvas: (coverage (H, W) float32, centre in canvas pixels, half-extent
+    in canvas pixels, the figure's keypoints or None for a shape)."""
+    width, height = scene.width, scene.height
+    # Positions are 64x64 units: the same share of the width and height on any canvas.
+    centre = (obj.centre[0] * width / IMAGE_SIZE, obj.centre[1] * height / IMAGE_SIZE)
+    half_extent = obj.half_extent * canvas_scale(width, height)
+    if obj.kind == "person":
+        figure = 2 * half_extent
+        keypoints = person_keypoints_v2(obj.joints or named_joints()[obj.pose], centre, figure)
+        return person_mask(keypoints, figure, (width, height)), centre, half_extent, keypoints
+    return shape_mask(obj.kind, centre, half_extent, (width, height)), centre, half_extent, None
+
+
 def _render_v2(scene: Scene) -> Sample:
     """World 2's drawing: world 1's, on any canvas, with world 2's textures and free poses."""
     width, height = scene.width, scene.height
@@ -825,16 +839,9 @@ def _render_v2(scene: Scene) -> Sample:
     xs_grid, ys_grid = np.arange(width)[None, :], np.arange(height)[:, None]
     for obj in scene.objects:
         colour = np.array(COLOURS[obj.colour], np.float32)
-        # Positions are 64x64 units: the same share of the width and height on any canvas.
-        centre = (obj.centre[0] * width / IMAGE_SIZE, obj.centre[1] * height / IMAGE_SIZE)
-        half_extent = obj.half_extent * scale
-        if obj.kind == "person":
-            figure = 2 * half_extent
-            joints = obj.joints or named_joints()[obj.pose]
-            keypoints = person_keypoints_v2(joints, centre, figure)
-            coverage = person_mask(keypoints, figure, (width, height))
-        else:
-            coverage = shape_mask(obj.kind, centre, half_extent, (width, height))
+        coverage, centre, half_extent, figure_keypoints = placed_v2(scene, obj)
+        if figure_keypoints is not None:
+            keypoints = figure_keypoints
         ys, xs = np.nonzero(coverage > 0.5)
         if len(xs) == 0:
             continue

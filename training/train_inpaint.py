@@ -46,6 +46,7 @@ from training.train_ldm import SCHEDULE, loss_weights, widen_unet
 POOL_CHUNK = 1024  # examples per pool file: the pool is built (and resumed) a chunk at a time
 GRID_EXAMPLES = 16  # validation examples drawn in each sample grid
 VALIDATION_SEED = HELD_OUT_SEED + 500_000  # sample-grid scenes: outside the trainer's and the test split's seeds
+CANVAS_SEED_FIRST = 100_000_000  # scene and mask seeds of the canvas pools: training seeds, apart from the 64x64 ones
 
 
 @dataclass
@@ -79,6 +80,11 @@ class InpaintConfig:
     # that it first computes what it computed before (train_ldm.widen_unet); the added width is capacity for
     # drawing small forms into a scene, which the base's width leaves underfitted.
     widen: int = 1
+    # Share of batches drawn from canvases that are not 64x64 (inpaint_data.CANVAS_SIZES: world 2's scenes on
+    # the canvases the app works at, one canvas per batch, batch size scaled to the same number of pixels): the
+    # U-Net otherwise only ever sees square canvases and continues wide and tall pictures poorly.
+    canvas_share: float = 0.0
+    canvas_pool_size: int = 4096  # examples over all those canvases, split evenly
 
 
 def inflate_unet(base_unet):
@@ -110,10 +116,14 @@ def build_pool(
     chunk: int = 64,
     part: tuple[int, int] | None = None,
     recipe: str = "loose",
+    canvas: tuple[int, int] | None = None,
 ):
     """Encodes `size` training examples (scene seed i, mask seed i) in chunk files; resumes where it stopped.
-    `part=(k, n)` builds only every n-th chunk from the k-th (several processes share the work) and loads none."""
-    pool_dir = out_dir / "pool"
+    `part=(k, n)` builds only every n-th chunk from the k-th (several processes share the work) and loads none.
+    `canvas` (width, height): world-2 examples on that canvas (inpaint_data.canvas_sample), seeds from
+    CANVAS_SEED_FIRST, in their own folder."""
+    pool_dir = out_dir / ("pool" if canvas is None else f"pool-{canvas[0]}x{canvas[1]}")
+    first_seed = 0 if canvas is None else CANVAS_SEED_FIRST
     pool_dir.mkdir(parents=True, exist_ok=True)
     parts = []
     started = time.time()
@@ -123,7 +133,8 @@ def build_pool(
             continue
         if not path.exists():
             examples = [
-                inpaint_data.training_example(i, i, recipe) for i in range(first, min(first + POOL_CHUNK, size))
+                inpaint_data.training_example(first_seed + i, first_seed + i, recipe, canvas)
+                for i in range(first, min(first + POOL_CHUNK, size))
             ]
             target_mean, target_std, masked_mean, masked_std = [], [], [], []
             for at in range(0, len(examples), chunk):
@@ -144,7 +155,7 @@ def build_pool(
                     "target_std": torch.cat(target_std),
                     "masked_mean": torch.cat(masked_mean),
                     "masked_std": torch.cat(masked_std),
-                    "mask": torch.from_numpy(np.stack([e.mask for e in examples]))[:, None],  # (N, 1, 64, 64) bool
+                    "mask": torch.from_numpy(np.stack([e.mask for e in examples]))[:, None],  # (N, 1, H, W) bool
                     "ids": ids,
                     "modes": [e.mode for e in examples],
                 },
@@ -286,6 +297,11 @@ def train(
         build_pool(vae, tokenizer, out_dir, config.pool_size, part=pool_part, recipe=config.masks)
         return None
     pool = build_pool(vae, tokenizer, out_dir, config.pool_size, recipe=config.masks)
+    canvas_pools = {
+        canvas: build_pool(vae, tokenizer, out_dir, config.canvas_pool_size // len(inpaint_data.CANVAS_SIZES),
+                           recipe="canvas", canvas=canvas)
+        for canvas in (inpaint_data.CANVAS_SIZES if config.canvas_share else ())
+    }
     scaling = vae.config.scaling_factor
     latent_size = tuple(pool["target_mean"].shape[-2:])
     weights = sampling_weights(len(pool["ids"]), config.add_share, config.masks)
@@ -294,20 +310,29 @@ def train(
     generator = torch.Generator().manual_seed(seed + step)
     print(
         f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters from {base} (step {base_step}), "
-        f"{len(pool['ids'])} examples",
+        f"{len(pool['ids'])} examples" + (f", {sum(len(p['ids']) for p in canvas_pools.values())} on "
+                                           f"{len(canvas_pools)} other canvases" if canvas_pools else ""),
         flush=True,
     )
 
     while step < max_steps:
         # 3. A batch: latents sampled from both posteriors, the mask at latent size, the captions encoded.
-        if weights is None:
-            index = torch.randint(0, len(pool["ids"]), (config.batch_size,), generator=generator)
+        # Canvas batches come from one canvas's pool, with as many pixels as a 64x64 batch.
+        canvas = None
+        if canvas_pools and torch.rand((), generator=generator) < config.canvas_share:
+            canvas = inpaint_data.CANVAS_SIZES[int(torch.randint(0, len(canvas_pools), (), generator=generator))]
+        source = pool if canvas is None else canvas_pools[canvas]
+        batch_size = config.batch_size if canvas is None else max(
+            1, round(config.batch_size * latent_size[0] * latent_size[1] / (canvas[0] * canvas[1] / 16)))
+        if weights is None or canvas is not None:
+            index = torch.randint(0, len(source["ids"]), (batch_size,), generator=generator)
         else:
-            index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
-        latents = scaled_sample(pool["target_mean"][index], pool["target_std"][index], scaling, generator)
-        masked = scaled_sample(pool["masked_mean"][index], pool["masked_std"][index], scaling, generator)
-        mask = latent_mask(pool["mask"][index].float(), latent_size)  # (B, 1, 16, 16)
-        taught = round(config.teacher_share * config.batch_size)  # the batch's last `taught` are whole-image
+            index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        latents = scaled_sample(source["target_mean"][index], source["target_std"][index], scaling, generator)
+        masked = scaled_sample(source["masked_mean"][index], source["masked_std"][index], scaling, generator)
+        mask = latent_mask(source["mask"][index].float(), tuple(latents.shape[-2:]))  # (B, 1, h, w)
+        # the batch's last `taught` are whole-image (64x64 batches only)
+        taught = round(config.teacher_share * batch_size) if canvas is None else 0
         if taught:
             # a whole-scene caption over its own scene's latents, everything masked: nothing left to copy
             index[-taught:] = whole["index"][torch.randint(0, len(whole["index"]), (taught,), generator=generator)]
@@ -320,15 +345,13 @@ def train(
             )
             mask[-taught:] = 1.0
         with torch.no_grad():
-            hidden = text_encoder(pool["ids"][index]).last_hidden_state  # (B, 24, 128)
+            hidden = text_encoder(source["ids"][index]).last_hidden_state  # (B, 24, 128)
 
         # 4. Noise at random timesteps; the U-Net sees (noisy, mask, masked) and predicts v.
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
-        )
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(torch.cat([noisy, mask, masked], dim=1), timesteps, hidden).sample  # (B, 4, 16, 16)
+        prediction = unet(torch.cat([noisy, mask, masked], dim=1), timesteps, hidden).sample  # (B, 4, h, w)
         target = (
             noise
             if noise_scheduler.config.prediction_type == "epsilon"
@@ -337,8 +360,8 @@ def train(
         if taught:
             with torch.no_grad():  # what the base predicts for the whole-image examples is their target
                 target[-taught:] = teacher(noisy[-taught:], timesteps[-taught:], hidden[-taught:]).sample
-        error = F.mse_loss(prediction, target, reduction="none")  # (B, 4, 16, 16)
-        area = 1 + (config.mask_loss_weight - 1) * mask  # (B, 1, 16, 16): the hole at its weight
+        error = F.mse_loss(prediction, target, reduction="none")  # (B, 4, h, w)
+        area = 1 + (config.mask_loss_weight - 1) * mask  # (B, 1, h, w): the hole at its weight
         per_sample = (error * area).mean(dim=(1, 2, 3)) / area.mean(dim=(1, 2, 3))
         loss = (
             per_sample
@@ -512,6 +535,8 @@ def command(record: dict) -> str:
         parts.append(f"--min-snr-gamma {record['min_snr_gamma']:g}")
     if record.get("widen", 1) != 1:
         parts.append(f"--widen {record['widen']}")
+    if record.get("canvas_share"):
+        parts.append(f"--canvas-share {record['canvas_share']:g} --canvas-pool-size {record['canvas_pool_size']}")
     if record.get("init_from"):
         parts.append(f"--init-from {record['init_from']}")
     if record.get("rebase_from"):
@@ -625,6 +650,18 @@ def main(argv=None):
         metavar="K/N",
         help="only encode every N-th pool chunk from the K-th, then exit (run N of these side by side)",
     )
+    parser.add_argument(
+        "--canvas-share",
+        type=float,
+        default=InpaintConfig.canvas_share,
+        help="share of batches from canvases that are not 64x64 (world 2's scenes, inpaint_data.CANVAS_SIZES)",
+    )
+    parser.add_argument(
+        "--canvas-pool-size",
+        type=int,
+        default=InpaintConfig.canvas_pool_size,
+        help="examples encoded over all those canvases",
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
@@ -651,6 +688,8 @@ def main(argv=None):
         mask_loss_weight=args.mask_loss_weight,
         min_snr_gamma=args.min_snr_gamma,
         widen=args.widen,
+        canvas_share=args.canvas_share,
+        canvas_pool_size=args.canvas_pool_size,
     )
     train(
         args.base,
