@@ -565,3 +565,26 @@ def test_picture_sizes_measure_trusts_ground_truth_and_scores_each_rule():
         assert all(0.0 <= value <= 1.0 for value in row.values())
     only = evaluate_inpaint.picture_sizes("validation", 1, only="latent blending")  # --only: one method and truth
     assert only == {name: scores[name] for name in ("ground truth", "latent blending")}
+
+
+def test_card_keeps_the_curve_of_runs_whose_logs_are_gone_and_names_each_start_by_its_run(tmp_path):
+    """A card rewritten after a later run keeps the loss rows of the runs before it (their run folders may be on
+    another machine), and the reproduce command of a run that went on from the shipped folder names the run folder
+    it went on from (the shipped folder then holds the later model)."""
+    from training import evaluate_inpaint, train_inpaint
+
+    card = tmp_path / "README.md"
+    card.write_text("\n".join(["# card", "", *evaluate_inpaint.CURVE_HEADER, "| 500 | 0.0152 | 3.73e-04 | 0.982 |",
+                               "| 1000 | 0.0146 | 3.00e-04 | 1.244 |", "| 1500 | 0.0091 | 2.00e-04 | 1.337 |", "",
+                               "## next", "| 99 | not a curve row |"]))
+    rows = evaluate_inpaint.earlier_curve_rows(card, 1001)
+    assert [row.split("|")[1].strip() for row in rows] == ["500", "1000"]
+    assert evaluate_inpaint.earlier_curve_rows(tmp_path / "missing.md", 1001) == []
+    log = tmp_path / "log.csv"
+    log.write_text("step,s_per_step,loss,lr\n1500,0.5,0.01,1e-4\n2000,0.5,0.02,1e-10\n")
+    lines = evaluate_inpaint.curve([log], rows).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["500", "1000", "1500", "2000"]
+    record = {"base": "b", "out": "runs/later", "pool_size": 1, "learning_rate": 1e-4, "step": 2000,
+              "init_from": "assets/models/shapes-inpaint", "parent": {"out": "runs/earlier", "step": 1000}}
+    assert "--init-from runs/earlier" in train_inpaint.command(record)
+    assert "--init-from assets/models/shapes-inpaint" in train_inpaint.command({**record, "parent": None})

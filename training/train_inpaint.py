@@ -538,7 +538,8 @@ def command(record: dict) -> str:
     if record.get("canvas_share"):
         parts.append(f"--canvas-share {record['canvas_share']:g} --canvas-pool-size {record['canvas_pool_size']}")
     if record.get("init_from"):
-        parts.append(f"--init-from {record['init_from']}")
+        # the run it went on from, by its run folder: an exported folder (assets/models/...) may hold a later model
+        parts.append(f"--init-from {(record.get('parent') or {}).get('out') or record['init_from']}")
     if record.get("rebase_from"):
         parts.append(f"--rebase-from {record['rebase_from']}")
     parts.append(f"--max-steps {record['step']} --threads 1")
