@@ -34,7 +34,9 @@ def build_tab(engine, *, studio: Studio | None = None) -> None:
                 max_length=engine.limits.max_prompt_chars,
                 elem_id=f"{TAB}-prompt",
                 info="The new area continues the picture (its background, horizon and cut objects); "
-                "background words in the prompt do not override what the picture shows.",
+                "background words in the prompt do not override what the picture shows. Objects the prompt names "
+                "are often drawn again in the new area: to only continue the picture, name its background alone "
+                "(\"on grass\").",
             )
             unknown_words_warning(engine, prompt)
             directions = CheckboxGroup(list(SIDES), value=["right"], label="Extend towards",

@@ -588,3 +588,16 @@ def test_card_keeps_the_curve_of_runs_whose_logs_are_gone_and_names_each_start_b
               "init_from": "assets/models/shapes-inpaint", "parent": {"out": "runs/earlier", "step": 1000}}
     assert "--init-from runs/earlier" in train_inpaint.command(record)
     assert "--init-from assets/models/shapes-inpaint" in train_inpaint.command({**record, "parent": None})
+
+
+def test_repeats_measure_trusts_ground_truth_and_counts_each_prompt_kind():
+    """--repeats: the checker finds nothing in an empty new area (the ground truth), and each method is scored with
+    the picture's prompt and its background words, on wide and tall canvases; validation prompts are not test's."""
+    from training import evaluate_inpaint
+
+    scores = evaluate_inpaint.repeats("validation", 1, only="inpainting U-Net")
+    assert set(scores) == {"ground truth", "inpainting U-Net"}
+    assert len(scores["ground truth"]) == 4 and set(scores["ground truth"].values()) == {0.0}
+    assert all(value in (0.0, 1.0) for value in scores["inpainting U-Net"].values())
+    assert not ({e.prompt for e in evaluate_inpaint.split_prompts("validation", 30)}
+                & {e.prompt for e in evaluate_inpaint.split_prompts("test", 30)})
