@@ -1030,6 +1030,15 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
     return path
 
 
+def report(heading: str | None, results: dict[str, dict[str, float]], json_path: Path | None) -> None:
+    """Prints the heading and the results' table; writes them as JSON too when asked (--json)."""
+    if heading:
+        print(heading)
+    print(table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=list(SPLITS), default="test")
@@ -1079,30 +1088,24 @@ def main(argv=None):
     if args.picture_sizes:
         results = picture_sizes(args.split, args.count, inpaint_model=args.inpaint_model, threads=args.threads,
                                 only=args.only)
-        print(f"split {args.split}, {args.count} scenes per canvas and scale, the tabs' defaults")
-        print(table(results))
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        report(f"split {args.split}, {args.count} scenes per canvas and scale, the tabs' defaults", results, args.json)
         return
     if args.repeats:
         results = repeats(args.split, args.count, inpaint_model=args.inpaint_model, threads=args.threads,
                           only=args.only)
-        print(f"split {args.split}, {args.count} prompts, each picture grown 2x wide and tall, the tab's defaults")
-        print(table(results))
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        report(f"split {args.split}, {args.count} prompts, each picture grown 2x wide and tall, the tab's defaults",
+               results, args.json)
         return
     if args.one_step is not None:
         results = one_step_from_truth(args.split, args.count, [int(t) for t in args.one_step.split(",")],
                                       inpaint_model=args.inpaint_model, threads=args.threads, vae=args.vae)
-        print(f"split {args.split}, {args.count} cases per task, one prediction from the finished scene")
-        print(table(results))
+        report(f"split {args.split}, {args.count} cases per task, one prediction from the finished scene", results,
+               args.json)
         return
     if args.from_truth is not None:
         results = from_truth(args.split, args.count, args.from_truth, inpaint_model=args.inpaint_model,
                              threads=args.threads)
-        print(f"split {args.split}, {args.count} cases per task, started from the finished scene")
-        print(table(results))
+        report(f"split {args.split}, {args.count} cases per task, started from the finished scene", results, args.json)
         return
     if args.sweep:
         results = {}
@@ -1118,10 +1121,7 @@ def main(argv=None):
                 inpaint_model=args.inpaint_model,
                 threads=args.threads,
             )
-        print(f"split {args.split}, {args.count} cases per task")
-        print(table(results))
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        report(f"split {args.split}, {args.count} cases per task", results, args.json)
         return
     if args.write_card:
         if args.split != "test":
@@ -1129,9 +1129,7 @@ def main(argv=None):
         results = evaluate("test", args.count, inpaint_model=args.inpaint_model, threads=args.threads)
         truth, _ = truth_scores(build_cases("test", args.count))
         validation = json.loads(args.validation.read_text()) if args.validation else None
-        print(table(results))
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        report(None, results, args.json)
         print(f"wrote {write_card(args.write_card, results, truth, args.count, validation=validation)}")
         return
     if args.check_truth:
@@ -1155,10 +1153,7 @@ def main(argv=None):
         methods=[args.only] if args.only else None,
         vae=args.vae,
     )
-    print(f"split {args.split}, {args.count} cases per task")
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report(f"split {args.split}, {args.count} cases per task", results, args.json)
 
 
 if __name__ == "__main__":

@@ -651,18 +651,11 @@ def main(argv=None):
         metavar="K/N",
         help="only encode every N-th pool chunk from the K-th, then exit (run N of these side by side)",
     )
-    parser.add_argument(
-        "--canvas-share",
-        type=float,
-        default=InpaintConfig.canvas_share,
-        help="share of batches from canvases that are not 64x64 (world 2's scenes, inpaint_data.CANVAS_SIZES)",
-    )
-    parser.add_argument(
-        "--canvas-pool-size",
-        type=int,
-        default=InpaintConfig.canvas_pool_size,
-        help="examples encoded over all those canvases",
-    )
+    parser.add_argument("--canvas-share", type=float, default=InpaintConfig.canvas_share,
+                        help="share of batches from canvases that are not 64x64 (world 2's scenes, "
+                             "inpaint_data.CANVAS_SIZES)")
+    parser.add_argument("--canvas-pool-size", type=int, default=InpaintConfig.canvas_pool_size,
+                        help="examples encoded over all those canvases")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
