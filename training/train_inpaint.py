@@ -322,8 +322,8 @@ def train(
         if canvas_pools and torch.rand((), generator=generator) < config.canvas_share:
             canvas = inpaint_data.CANVAS_SIZES[int(torch.randint(0, len(canvas_pools), (), generator=generator))]
         source = pool if canvas is None else canvas_pools[canvas]
-        batch_size = config.batch_size if canvas is None else max(
-            1, round(config.batch_size * latent_size[0] * latent_size[1] / (canvas[0] * canvas[1] / 16)))
+        cells = source["target_mean"].shape[-2] * source["target_mean"].shape[-1]  # latent positions per example
+        batch_size = max(1, round(config.batch_size * latent_size[0] * latent_size[1] / cells))
         if weights is None or canvas is not None:
             index = torch.randint(0, len(source["ids"]), (batch_size,), generator=generator)
         else:
