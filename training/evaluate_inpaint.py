@@ -628,6 +628,7 @@ def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1,
 
 REPEAT_SIDES = {"wide": dict(left=32, right=32), "tall": dict(top=32, bottom=32)}  # a 64 px picture grown 2x
 PROMPT_SEEDS = {"validation": HELD_OUT_SEED + 1, "test": HELD_OUT_SEED}  # training.evaluate.held_out_prompts sets
+PROMPT_POOL = 2000  # prompts drawn per set, of which the first on the checker's backgrounds are used
 
 
 def split_prompts(split: str, count: int) -> list:
@@ -635,8 +636,9 @@ def split_prompts(split: str, count: int) -> list:
     every test prompt."""
     from training.evaluate import held_out_prompts
 
-    exclude = {e.prompt for e in held_out_prompts(20 * count, seed=PROMPT_SEEDS["test"])} if split != "test" else set()
-    pool = held_out_prompts(20 * count, seed=PROMPT_SEEDS[split])
+    drawn = max(PROMPT_POOL, 20 * count)  # validation excludes all the test prompts any count could reach
+    exclude = {e.prompt for e in held_out_prompts(drawn, seed=PROMPT_SEEDS["test"])} if split != "test" else set()
+    pool = held_out_prompts(drawn, seed=PROMPT_SEEDS[split])
     return [e for e in pool if e.background in EVAL_BACKGROUNDS and e.prompt not in exclude][:count]
 
 
