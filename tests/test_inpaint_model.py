@@ -588,6 +588,8 @@ def test_card_keeps_the_curve_of_runs_whose_logs_are_gone_and_names_each_start_b
               "init_from": "assets/models/shapes-inpaint", "parent": {"out": "runs/earlier", "step": 1000}}
     assert "--init-from runs/earlier" in train_inpaint.command(record)
     assert "--init-from assets/models/shapes-inpaint" in train_inpaint.command({**record, "parent": None})
+    canvas = {**record, "canvas_share": 0.5, "canvas_pool_size": 64, "canvas_masks": "canvas-scene"}
+    assert "--canvas-share 0.5 --canvas-pool-size 64 --canvas-masks canvas-scene" in train_inpaint.command(canvas)
 
 
 def test_repeats_measure_trusts_ground_truth_and_counts_each_prompt_kind():
@@ -601,3 +603,22 @@ def test_repeats_measure_trusts_ground_truth_and_counts_each_prompt_kind():
     assert all(value in (0.0, 1.0) for value in scores["inpainting U-Net"].values())
     assert not ({e.prompt for e in evaluate_inpaint.split_prompts("validation", 30)}
                 & {e.prompt for e in evaluate_inpaint.split_prompts("test", 30)})
+
+
+def test_canvas_scene_recipe_captions_most_bands_with_the_whole_scene():
+    """"canvas-scene" draws more border bands and captions most of them with the whole scene (whose objects the
+    picture mostly shows, so the target draws nothing new there); the other masks keep the usual caption modes."""
+    from training import inpaint_data
+
+    counts = {"canvas": [0, 0], "canvas-scene": [0, 0]}  # bands, bands captioned with the whole scene
+    for recipe, tally in counts.items():
+        for seed in range(200):
+            size = inpaint_data.CANVAS_SIZES[seed % len(inpaint_data.CANVAS_SIZES)]
+            example = inpaint_data.training_example(seed, seed, recipe, size)
+            if example.mask_kind == "band":
+                tally[0] += 1
+                tally[1] += example.mode == "scene"
+                if example.mode == "scene" and not example.hidden:
+                    assert np.array_equal(example.target, example.source)  # named and shown: nothing drawn again
+    assert counts["canvas-scene"][0] > counts["canvas"][0]
+    assert counts["canvas-scene"][1] / counts["canvas-scene"][0] > 0.45 > counts["canvas"][1] / counts["canvas"][0]

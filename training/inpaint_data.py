@@ -95,6 +95,10 @@ MASK_RECIPES = {
 # Canvases that are not 64x64 (world 2's, `canvas_sample`): compose's masks with more border bands, as people
 # outpaint a picture wider or taller, and no whole-image masks (text to image on a canvas the base never drew)
 MASK_RECIPES["canvas"] = {**COMPOSE_MASKS, "band": 0.35, "full": 0.0}
+# "canvas-scene": more bands, most of them captioned with the whole scene, whose objects the picture mostly shows
+# already (BAND_CAPTION_MODES): outpainting given the picture's own prompt draws its objects again in the new area
+# (evaluate_inpaint --repeats), and these examples say not to
+MASK_RECIPES["canvas-scene"] = {**MASK_RECIPES["canvas"], "band": 0.5}
 # The canvases `canvas_sample` draws for training: the app brings a picture to the model's height (64 px) and
 # lets a wide one go on sideways, and the Outpaint tab grows a 64 px picture wider or taller, so every such
 # canvas has one side at 64 (world 2's sides are multiples of 16)
@@ -110,10 +114,12 @@ NEW_OBJECT_STYLED = 0.3  # share of new objects drawn in a style, which their ph
 # objects; or empty (which also removes hidden objects, so the empty prompt of classifier-free guidance
 # means "nothing new").
 CAPTION_MODES = {"scene": 0.3, "part": 0.35, "remove": 0.25, "empty": 0.1}
+BAND_CAPTION_MODES = {"canvas-scene": {"scene": 0.6, "part": 0.15, "remove": 0.15, "empty": 0.1}}  # by recipe
 # Share of captions whose background words contradict the picture (the picture wins), by recipe: "compose" names
 # a wrong background more often, as people outpaint with a prompt that names another background
 WRONG_BACKGROUND_SHARES = {"tight": 0.1, "loose": 0.1, "compose": 0.25}
-WRONG_BACKGROUND_SHARES.update({name: WRONG_BACKGROUND_SHARES["compose"] for name in (*COMPOSE_VARIANTS, "canvas")})
+WRONG_BACKGROUND_SHARES.update({name: WRONG_BACKGROUND_SHARES["compose"]
+                                for name in (*COMPOSE_VARIANTS, "canvas", "canvas-scene")})
 
 
 @dataclass
@@ -328,7 +334,7 @@ def training_example(scene_seed: int, mask_seed: int, recipe: str = "loose",
     else:
         mask = random_mask(mask_kind, rng, (scene.width, scene.height))
     hidden = hidden_objects(scene, mask)
-    mode = _choose(rng, CAPTION_MODES)
+    mode = _choose(rng, BAND_CAPTION_MODES.get(recipe, CAPTION_MODES) if mask_kind == "band" else CAPTION_MODES)
     background = _caption_background(scene, mask, rng, WRONG_BACKGROUND_SHARES[recipe])
     bg_words = background_phrase(background) if rng.random() < 0.5 else ""
     target = sample.image

@@ -85,6 +85,7 @@ class InpaintConfig:
     # U-Net otherwise only ever sees square canvases and continues wide and tall pictures poorly.
     canvas_share: float = 0.0
     canvas_pool_size: int = 4096  # examples over all those canvases, split evenly
+    canvas_masks: str = "canvas"  # their mask recipe (inpaint_data.MASK_RECIPES)
 
 
 def inflate_unet(base_unet):
@@ -122,7 +123,8 @@ def build_pool(
     `part=(k, n)` builds only every n-th chunk from the k-th (several processes share the work) and loads none.
     `canvas` (width, height): world-2 examples on that canvas (inpaint_data.canvas_sample), seeds from
     CANVAS_SEED_FIRST, in their own folder."""
-    pool_dir = out_dir / ("pool" if canvas is None else f"pool-{canvas[0]}x{canvas[1]}")
+    pool_dir = out_dir / ("pool" if canvas is None else f"pool-{'' if recipe == 'canvas' else recipe + '-'}"
+                                                       f"{canvas[0]}x{canvas[1]}")
     first_seed = 0 if canvas is None else CANVAS_SEED_FIRST
     pool_dir.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -299,7 +301,7 @@ def train(
     pool = build_pool(vae, tokenizer, out_dir, config.pool_size, recipe=config.masks)
     canvas_pools = {
         canvas: build_pool(vae, tokenizer, out_dir, config.canvas_pool_size // len(inpaint_data.CANVAS_SIZES),
-                           recipe="canvas", canvas=canvas)
+                           recipe=config.canvas_masks, canvas=canvas)
         for canvas in (inpaint_data.CANVAS_SIZES if config.canvas_share else ())
     }
     scaling = vae.config.scaling_factor
@@ -537,6 +539,8 @@ def command(record: dict) -> str:
         parts.append(f"--widen {record['widen']}")
     if record.get("canvas_share"):
         parts.append(f"--canvas-share {record['canvas_share']:g} --canvas-pool-size {record['canvas_pool_size']}")
+        if record.get("canvas_masks", "canvas") != "canvas":
+            parts.append(f"--canvas-masks {record['canvas_masks']}")
     if record.get("init_from"):
         # the run it went on from, by its run folder: an exported folder (assets/models/...) may hold a later model
         parts.append(f"--init-from {(record.get('parent') or {}).get('out') or record['init_from']}")
@@ -656,6 +660,8 @@ def main(argv=None):
                              "inpaint_data.CANVAS_SIZES)")
     parser.add_argument("--canvas-pool-size", type=int, default=InpaintConfig.canvas_pool_size,
                         help="examples encoded over all those canvases")
+    parser.add_argument("--canvas-masks", choices=[r for r in inpaint_data.MASK_RECIPES if r.startswith("canvas")],
+                        default=InpaintConfig.canvas_masks, help="the mask recipe of those canvases' examples")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
@@ -684,6 +690,7 @@ def main(argv=None):
         widen=args.widen,
         canvas_share=args.canvas_share,
         canvas_pool_size=args.canvas_pool_size,
+        canvas_masks=args.canvas_masks,
     )
     train(
         args.base,
