@@ -80,8 +80,9 @@ PREVIEW_EVERY_S = 0.15
 # Inpainting: pixels over which the result fades into the input inside the mask's edge (pipelines.preprocess.feather);
 # outside the mask nothing changes whatever the blur. Chosen on the built-in model's validation split
 # (assets/models/shapes-inpaint/README.md): with the edge's colours matched (pipelines.preprocess.match_edges),
-# 3 px softens the seam well below the goal where 2 px only just meets it, and adds and replaces as many objects.
-DEFAULT_MASK_BLUR = 3
+# 3 px softens the seam well below the goal where 2 px only just meets it, but fades what is drawn near the mask's
+# edge: the Inpaint tab's own example ("a big green star") is read as a star in no seed at 3 px.
+DEFAULT_MASK_BLUR = 2
 
 # What runs the U-Net's denoising steps (--backend / LDS_BACKEND; pipelines/fast_backend.py): "eager" PyTorch, or
 # "onnx", the base U-Net exported once to ONNX and run by ONNX Runtime on the CPU. Eager by default: ONNX Runtime's
