@@ -878,7 +878,11 @@ def write_card(folder: Path, test: dict, truth: dict, count: int, *, validation:
         "(`--repeats`, test split, the model's own pictures of 40 held-out prompts grown to 128x64 and 64x128: an "
         "object in the new area in 72.5% and 87.5% of results; before the last run 85.0% and 97.5%; latent "
         "blending 75.0% and 87.5%); given the picture's background words alone, in 0% and 15% (latent blending: "
-        "60.0% and 92.5%), as the Outpaint tab tells its users.",
+        "60.0% and 92.5%), as the Outpaint tab tells its users. Going on from this model for 1,000 steps with half "
+        "of the batches on those canvases, their border bands more often and mostly captioned with the whole scene "
+        "(`--canvas-masks canvas-scene --canvas-share 0.5`, runs/inpaint-bands) drew fewer objects again on "
+        "validation (55% and 75% against 70% and 80%) but added and replaced fewer (add 65.0%, replace 73.3% "
+        "against 66.7% and 78.3%, 60 cases each): not kept.",
         "- The last run (runs/inpaint-canvas: 1,500 steps from step 10,000, 30% of its batches on those canvases) "
         "was kept, on the validation split, for outpainting on the canvases the app works at (20 scenes each: "
         "wide 128x64 85% against step 10,000's 80%, tall 64x128 90% against 70%, given 3x larger 90% and 95% "
