@@ -5,6 +5,7 @@ fingerprints were recorded before world 2 was added; a change to any rendered by
 """
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -103,6 +104,13 @@ def test_world_2_canvas_rules_name_the_value():
         shapes.sample(0, size=(128, 128))
     with pytest.raises(ValueError, match="world=3"):
         shapes.sample(0, world=3)
+    with pytest.raises(ValueError, match="style_params"):
+        shapes.sample(0, style_params=shapes.STYLE_PARAMS_V1)
+    # world 2's scene with world 1's textures: the same scene and caption, drawn as _render_v2 draws those textures
+    plain, textured = shapes.sample(7, world=2), shapes.sample(7, world=2, style_params=shapes.STYLE_PARAMS_V1)
+    assert textured.caption == plain.caption and textured.scene.style_params == shapes.STYLE_PARAMS_V1
+    redrawn = shapes.render(replace(plain.scene, style_params=shapes.STYLE_PARAMS_V1))
+    assert np.array_equal(textured.image, redrawn.image)
     assert all(w % shapes.CANVAS_MULTIPLE == 0 and h % shapes.CANVAS_MULTIPLE == 0 for w, h in shapes.canvases())
     assert shapes.canvas_of(5) == shapes.canvas_of(5) and len({shapes.canvas_of(s) for s in range(300)}) > 10
 

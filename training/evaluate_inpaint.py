@@ -654,9 +654,9 @@ def repeats(split: str, count: int, *, inpaint_model=None, threads=1,
     prompts = split_prompts(split, count)
     engines = make_engines(inpaint_model, threads)
     methods = {"ground truth": None, **{name: engine for name, engine in engines.items() if only in (None, name)}}
-    pictures = [generate(engines["inpainting U-Net"], prompt=e.prompt, seed=i, steps=engines["inpainting U-Net"]
-                         .preset.default_steps, guidance=engines["inpainting U-Net"].preset.guidance_for("txt2img"))
-                .images[0] for i, e in enumerate(prompts)]
+    drawer = engines["inpainting U-Net"]  # both engines share the base: text to image is the same on either
+    pictures = [generate(drawer, prompt=e.prompt, seed=i, steps=drawer.preset.default_steps,
+                         guidance=drawer.preset.guidance_for("txt2img")).images[0] for i, e in enumerate(prompts)]
     results: dict[str, dict[str, float]] = {}
     for name, engine in methods.items():
         verdicts: dict[str, list[bool]] = {}

@@ -308,9 +308,9 @@ def canvas_sample(scene_seed: int, size: tuple[int, int]) -> shapes.Sample:
     """World 2's scene of `scene_seed` on a (width, height) canvas, drawn with world 1's textures (the base model's),
     its caption in world 1's words: a seed whose caption uses world 2's generic word gives the next seed's scene."""
     while True:
-        sample = shapes.sample(scene_seed, world=2, size=size)
+        sample = shapes.sample(scene_seed, world=2, size=size, style_params=shapes.STYLE_PARAMS_V1)
         if shapes.GENERIC_WORD not in sample.caption.split():
-            return shapes.render(replace(sample.scene, style_params=shapes.STYLE_PARAMS_V1))
+            return sample
         scene_seed += 1
 
 
@@ -425,7 +425,7 @@ def free_place(scene: shapes.Scene, half_extent: float, rng: np.random.Generator
         half_extent *= shapes.canvas_scale(width, height)
     low, high = half_extent + 1, np.array([width, height], np.float64) - half_extent - 1
     for _ in range(tries):
-        x, y = rng.uniform(low, high if scene.world != 1 else high[0], size=2)
+        x, y = rng.uniform(low, high)
         # the object's box
         probe = shapes.shape_mask("square", (float(x), float(y)), half_extent / 0.88, (width, height)) > 0.05
         if not (probe & taken).any():

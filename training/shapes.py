@@ -470,20 +470,24 @@ def render(scene: Scene) -> Sample:
 
 
 def sample(seed: int, *, allow_unseen_styles: bool = False, world: int = DEFAULT_WORLD,
-           size: tuple[int, int] | None = None) -> Sample:
+           size: tuple[int, int] | None = None, style_params: StyleParams | None = None) -> Sample:
     """The scene for one seed: the same seed always gives the same sample.
 
     `world` picks the world's version (WORLDS); `size` (width, height) is world 2's canvas (default 64x64),
-    and the same seed draws the same scene, scaled, on every canvas."""
+    and the same seed draws the same scene, scaled, on every canvas; `style_params`: world 2's scene drawn with
+    other textures (e.g. STYLE_PARAMS_V1, world 1's)."""
     rng = np.random.default_rng(seed)
     if world == 1:
         if size is not None and tuple(size) != (IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"size={size}: world 1 is {IMAGE_SIZE}x{IMAGE_SIZE} only; world 2 has other canvases")
+        if style_params is not None:
+            raise ValueError("style_params: world 1 draws its own textures; other textures are world 2's")
         return render(random_scene(rng, allow_unseen_styles=allow_unseen_styles))
     if world != 2:
         raise ValueError(f"world={world!r}; known: {WORLDS}")
     width, height = check_canvas(*(size or (IMAGE_SIZE, IMAGE_SIZE)))
-    return render(random_scene_v2(rng, width=width, height=height, allow_unseen_styles=allow_unseen_styles))
+    scene = random_scene_v2(rng, width=width, height=height, allow_unseen_styles=allow_unseen_styles)
+    return render(replace(scene, style_params=style_params) if style_params else scene)
 
 
 # ----------------------------------------------------------------------------- control maps

@@ -322,7 +322,7 @@ def train(
         # Canvas batches come from one canvas's pool, with as many pixels as a 64x64 batch.
         canvas = None
         if canvas_pools and torch.rand((), generator=generator) < config.canvas_share:
-            canvas = inpaint_data.CANVAS_SIZES[int(torch.randint(0, len(canvas_pools), (), generator=generator))]
+            canvas = list(canvas_pools)[int(torch.randint(0, len(canvas_pools), (), generator=generator))]
         source = pool if canvas is None else canvas_pools[canvas]
         cells = source["target_mean"].shape[-2] * source["target_mean"].shape[-1]  # latent positions per example
         batch_size = max(1, round(config.batch_size * latent_size[0] * latent_size[1] / cells))
