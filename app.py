@@ -222,7 +222,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default=env.get("LDS_MODEL", "shapes"),
-        help="preset (shapes, shapes-lcm, sd15, sd15-lcm, sd15-inpainting) or a local diffusers folder [LDS_MODEL]",
+        help="preset (shapes, shapes-lcm, shapes-v2, sd15, sd15-lcm, sd15-inpainting) or a local diffusers folder "
+        "[LDS_MODEL]",
     )
     parser.add_argument(
         "--device", default=env.get("LDS_DEVICE"), help="cuda, cuda:1, mps or cpu (auto if unset) [LDS_DEVICE]"

@@ -15,20 +15,6 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-def assemble_v2_candidate(folder: Path) -> Path:
-    """The whole pipeline of assets/models/shapes-ldm-v2 (a U-Net only) in `folder`, as its card's "Use it" makes
-    it: the shipped model's folder with the candidate's U-Net and step files."""
-    import shutil
-
-    shipped, candidate = REPO / "assets" / "models" / "shapes-ldm", REPO / "assets" / "models" / "shapes-ldm-v2"
-    shutil.copytree(shipped, folder)
-    shutil.rmtree(folder / "unet")
-    shutil.copytree(candidate / "unet", folder / "unet")
-    for step_file in candidate.glob("*STEP"):
-        shutil.copy2(step_file, folder / step_file.name)
-    return folder
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     # The machines running the tests are shared with training jobs; tiny models do not need more.

@@ -327,15 +327,14 @@ def test_train_inpaint_widens_the_shipped_model_and_resumes_wide(tmp_path):
 @needs_model
 def test_train_inpaint_rebases_the_shipped_model_onto_a_later_base(tmp_path):
     """--rebase-from re-derives the inpainting U-Net after the base was trained on: the shipped model plus what the
-    base U-Net moved (here onto the v2 candidate), exported as is when --max-steps is the start's step, with a
+    base U-Net moved (here onto the v2 model), exported as is when --max-steps is the start's step, with a
     record whose command makes it again."""
     from diffusers import UNet2DConditionModel
 
-    from tests.conftest import assemble_v2_candidate
     from training import train_inpaint
 
     shipped_base = REPO / "assets" / "models" / "shapes-ldm"
-    later = assemble_v2_candidate(tmp_path / "later-base")
+    later = REPO / "assets" / "models" / "shapes-ldm-v2"
     step = int((INPAINT_MODEL / "TRAINING_STEP").read_text())
     run = tmp_path / "run"
     train_inpaint.main(["--base", str(later), "--out", str(run), "--init-from", str(INPAINT_MODEL),

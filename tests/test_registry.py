@@ -30,7 +30,7 @@ def test_named_presets():
     assert lcm.lora == "latent-consistency/lcm-lora-sdv1-5" and lcm.default_steps == 4
     assert lcm.default_guidance == 1.0 and lcm.default_scheduler == "LCM" and "LCM" in lcm.scheduler_names
     assert resolve_preset("sd15-inpainting").base == "stable-diffusion-v1-5/stable-diffusion-inpainting"
-    assert set(PRESETS) >= {"shapes", "shapes-lcm", "sd15", "sd15-lcm", "sd15-inpainting"}
+    assert set(PRESETS) >= {"shapes", "shapes-lcm", "shapes-v2", "sd15", "sd15-lcm", "sd15-inpainting"}
 
 
 def test_every_preset_names_known_schedulers():
@@ -43,7 +43,8 @@ def test_every_preset_names_known_schedulers():
 
 
 def test_unknown_names_are_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown model 'sd99': use one of the presets shapes, shapes-lcm, sd15"):
+    with pytest.raises(ValueError,
+                       match=r"unknown model 'sd99': use one of the presets shapes, shapes-lcm, shapes-v2, sd15"):
         resolve_preset("sd99")
     with pytest.raises(ValueError, match="without model_index.json"):
         resolve_preset(str(tmp_path))

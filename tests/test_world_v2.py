@@ -372,26 +372,52 @@ def test_step_time_reports_the_batch_each_canvas_gets(capsys):
     assert all(float(line.split(": ")[1].split(" s/step")[0]) > 0 for line in lines)
 
 
-def test_the_v2_unet_candidate_makes_a_pipeline_with_the_shipped_parts(tmp_path):
-    """assets/models/shapes-ldm-v2 holds only a U-Net: with the shipped VAE, tokenizer and text encoder (which its
-    run kept frozen) it is a whole pipeline, as its card's "Use it" assembles it."""
+def test_the_v2_model_is_a_pipeline_with_the_builtin_text_encoder_and_vae_encoder(tmp_path):
+    """assets/models/shapes-ldm-v2 is a whole diffusers pipeline: the v2 U-Net, the built-in model's tokenizer and
+    text encoder (its run kept them frozen: the ControlNets and the inpainting U-Net read their states) and VAE
+    encoder (the latent space every other model reads), and a decoder of its own."""
     from pathlib import Path
 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from tests.conftest import assemble_v2_candidate
     from training.common import folder_step
 
     candidate = Path(SHIPPED).parent / "shapes-ldm-v2"
-    if not (candidate / "unet").is_dir():
-        pytest.skip("assets/models/shapes-ldm-v2 is not here")
     assert folder_step(candidate, text=True) == folder_step(SHIPPED, text=True)  # the text states it learned on
     assert int(folder_step(candidate)) > int(folder_step(SHIPPED))
-    pipe = StableDiffusionPipeline.from_pretrained(assemble_v2_candidate(tmp_path / "v2"))
+    pipe = StableDiffusionPipeline.from_pretrained(candidate)
     shipped = StableDiffusionPipeline.from_pretrained(SHIPPED)
     assert pipe.unet.config.in_channels == shipped.unet.config.in_channels == 4
     assert not torch.equal(pipe.unet.conv_in.weight, shipped.unet.conv_in.weight)
+    for mine, theirs in ((pipe.text_encoder, shipped.text_encoder), (pipe.vae.encoder, shipped.vae.encoder),
+                         (pipe.vae.quant_conv, shipped.vae.quant_conv)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    assert not torch.equal(pipe.vae.decoder.conv_out.weight, shipped.vae.decoder.conv_out.weight)
     image = pipe("a red circle on grass", width=128, height=64, num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 128, 3) and image.std() > 0.01
+
+
+def test_the_shapes_v2_preset_keeps_one_horizon_at_128_where_the_builtin_model_repeats_it():
+    """--model shapes-v2 through the app's engine at 128x128, the header's largest canvas: one sky-to-ground change
+    in every picture, where the built-in model (trained at 64x64 only) draws the bands again."""
+    import numpy as np
+
+    from pipelines import txt2img
+    from pipelines.engine import Engine
+    from pipelines.registry import resolve_preset
+    from training.evaluate_v2 import horizon_count
+
+    prompts = [("a red circle on grass", "grass"), ("a blue square on sand", "sand")]
+    counts = {}
+    for name in ("shapes-v2", "shapes"):
+        engine = Engine(resolve_preset(name), device="cpu", threads=1)
+        assert engine.preset.inpaint_model is None or name == "shapes"  # v2: inpainting blends latents
+        counts[name] = [
+            horizon_count(np.asarray(txt2img.generate(engine, prompt=prompt, seed=seed, steps=20, guidance=2.5,
+                                                      width=128, height=128).images[0].convert("RGB")), background)
+            for prompt, background in prompts for seed in range(2)
+        ]
+    assert counts["shapes-v2"] == [1, 1, 1, 1], counts
+    assert sum(c == 1 for c in counts["shapes"]) < 4, counts

@@ -304,13 +304,14 @@ def judge_outpaint(case: Case, result: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
-def make_engines(inpaint_model: str | None, threads: int, vae: str | None = None):
-    """The two engines compared, at the built-in preset; `vae`: another VAE folder of the same architecture whose
-    weights replace the base's in place (every pipeline of the engine shares that module), e.g. a new decoder."""
+def make_engines(inpaint_model: str | None, threads: int, vae: str | None = None, model: str = "shapes"):
+    """The two engines compared, at the preset `model` (the built-in one by default); `vae`: another VAE folder of
+    the same architecture whose weights replace the base's in place (every pipeline of the engine shares that
+    module), e.g. a new decoder."""
     from pipelines.engine import Engine
     from pipelines.registry import resolve_preset
 
-    preset = resolve_preset("shapes")
+    preset = resolve_preset(model)
     if inpaint_model:
         preset = replace(preset, inpaint_model=str(inpaint_model))
     if not preset.inpaint_model:
@@ -406,9 +407,10 @@ def evaluate(
     grid: Path | None = None,
     methods=None,
     vae: str | None = None,
+    model: str = "shapes",
 ) -> dict[str, dict[str, float]]:
     cases = build_cases(split, count)
-    engines = make_engines(inpaint_model, threads, vae)
+    engines = make_engines(inpaint_model, threads, vae, model)
     record_path = Path(engines["inpainting U-Net"].preset.inpaint_model) / "training.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     check_split(
@@ -439,14 +441,14 @@ def evaluate(
 
 
 def from_truth(split: str, count: int, strength: float, *, inpaint_model=None,
-               threads=1) -> dict[str, dict[str, float]]:
+               threads=1, model="shapes") -> dict[str, dict[str, float]]:
     """Add and replace started from the finished scene (the requested object already drawn in the mask), noised to
     `strength`: how often each method keeps an object it only has to refine. Beside it, the same judge on the
     finished scene itself and on its VAE round trip (the ceiling of anything the model decodes)."""
     from training.evaluate import vae_round_trip
 
     cases = [c for c in build_cases(split, count) if c.task in ("add", "replace")]
-    engines = make_engines(inpaint_model, threads)
+    engines = make_engines(inpaint_model, threads, model=model)
     round_trip = vae_round_trip(engines["latent blending"].base.vae, np.stack([c.truth for c in cases]))
     results = {
         "finished scene": [judge_inpaint(c, c.truth) for c in cases],
@@ -463,7 +465,7 @@ def from_truth(split: str, count: int, strength: float, *, inpaint_model=None,
 
 
 def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint_model=None,
-                        threads=1, vae=None) -> dict[str, dict[str, float]]:
+                        threads=1, vae=None, model="shapes") -> dict[str, dict[str, float]]:
     """Add and replace judged on one U-Net prediction of the finished scene from its latents noised to each of
     `timesteps` (x0 from the predicted v, decoded, pasted into the mask): how much of a small form each U-Net keeps
     where it only has to clean up a little noise. The base U-Net reads the noisy latents alone (text-to-image);
@@ -477,7 +479,7 @@ def one_step_from_truth(split: str, count: int, timesteps: list[int], *, inpaint
     from training.train_inpaint import latent_mask
 
     cases = [c for c in build_cases(split, count) if c.task in ("add", "replace")]
-    engine = make_engines(inpaint_model, threads, vae)["inpainting U-Net"]
+    engine = make_engines(inpaint_model, threads, vae, model)["inpainting U-Net"]
     base, inpaint_unet = engine.base, engine.inpaint_unet()
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     scaling = base.vae.config.scaling_factor
@@ -567,7 +569,7 @@ def _picture_results(engine, sample: shapes.Sample, seed: int, new: np.ndarray, 
 
 
 def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1,
-                  only: str | None = None) -> dict[str, dict[str, float]]:
+                  only: str | None = None, model: str = "shapes") -> dict[str, dict[str, float]]:
     """Outpainting and removing on pictures that are not 64x64 (world 2's scenes on its widest and tallest
     canvases, at their size and UPLOAD_SCALE times larger), through the tabs' own functions at their defaults:
     - outpaint: the canvas's middle (PICTURE_BAND px cut off both ends of the long side) extended back with the
@@ -599,7 +601,7 @@ def picture_sizes(split: str, count: int, *, inpaint_model=None, threads=1,
             objects = np.abs(sample.image - empty).max(axis=2) > 12
             scenes.append((seed, sample, empty, inpaint_data.grow(objects, 3), new & ~inpaint_data.grow(objects, 2)))
         canvases[f"{orient} {width}x{height}"] = (new, scenes)
-    engines = make_engines(inpaint_model, threads)
+    engines = make_engines(inpaint_model, threads, model=model)
     methods = {"ground truth": (None, False), "inpainting U-Net": (engines["inpainting U-Net"], False),
                "latent blending": (engines["latent blending"], False),
                "inpainting U-Net, long side at 64": (engines["inpainting U-Net"], True)}
@@ -643,7 +645,7 @@ def split_prompts(split: str, count: int) -> list:
 
 
 def repeats(split: str, count: int, *, inpaint_model=None, threads=1,
-            only: str | None = None) -> dict[str, dict[str, float]]:
+            only: str | None = None, model: str = "shapes") -> dict[str, dict[str, float]]:
     """How often the Outpaint tab draws an object in the new area, as people use it: the model's own 64x64 picture
     of a held-out prompt grown 2x wide or tall (REPEAT_SIDES), with the picture's own prompt and with its background
     words alone, at the tab's defaults. A picture counts when the checker finds an object whose centre lies in the
@@ -652,7 +654,7 @@ def repeats(split: str, count: int, *, inpaint_model=None, threads=1,
     from pipelines.txt2img import generate
 
     prompts = split_prompts(split, count)
-    engines = make_engines(inpaint_model, threads)
+    engines = make_engines(inpaint_model, threads, model=model)
     methods = {"ground truth": None, **{name: engine for name, engine in engines.items() if only in (None, name)}}
     drawer = engines["inpainting U-Net"]  # both engines share the base: text to image is the same on either
     pictures = [generate(drawer, prompt=e.prompt, seed=i, steps=drawer.preset.default_steps,
@@ -1051,6 +1053,8 @@ def main(argv=None):
     parser.add_argument(
         "--inpaint-model", default=None, help="an inpainting model folder (unet/ inside); default: the shipped one"
     )
+    parser.add_argument("--model", default="shapes",
+                        help="the preset whose base, VAE and defaults are used (shapes, shapes-v2); default: shapes")
     parser.add_argument("--guidance", type=float, default=None, help="default: each tab's (the preset's)")
     parser.add_argument("--mask-blur", type=float, default=None, help="default: the Inpaint tab's")
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
@@ -1092,24 +1096,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.picture_sizes:
         results = picture_sizes(args.split, args.count, inpaint_model=args.inpaint_model, threads=args.threads,
-                                only=args.only)
+                                only=args.only, model=args.model)
         report(f"split {args.split}, {args.count} scenes per canvas and scale, the tabs' defaults", results, args.json)
         return
     if args.repeats:
         results = repeats(args.split, args.count, inpaint_model=args.inpaint_model, threads=args.threads,
-                          only=args.only)
+                          only=args.only, model=args.model)
         report(f"split {args.split}, {args.count} prompts, each picture grown 2x wide and tall, the tab's defaults",
                results, args.json)
         return
     if args.one_step is not None:
         results = one_step_from_truth(args.split, args.count, [int(t) for t in args.one_step.split(",")],
-                                      inpaint_model=args.inpaint_model, threads=args.threads, vae=args.vae)
+                                      inpaint_model=args.inpaint_model, threads=args.threads, vae=args.vae,
+                                      model=args.model)
         report(f"split {args.split}, {args.count} cases per task, one prediction from the finished scene", results,
                args.json)
         return
     if args.from_truth is not None:
         results = from_truth(args.split, args.count, args.from_truth, inpaint_model=args.inpaint_model,
-                             threads=args.threads)
+                             threads=args.threads, model=args.model)
         report(f"split {args.split}, {args.count} cases per task, started from the finished scene", results, args.json)
         return
     if args.sweep:
@@ -1125,13 +1130,15 @@ def main(argv=None):
                 [float(v) for v in values.split(",")],
                 inpaint_model=args.inpaint_model,
                 threads=args.threads,
+                model=args.model,
             )
         report(f"split {args.split}, {args.count} cases per task", results, args.json)
         return
     if args.write_card:
         if args.split != "test":
             parser.error("--write-card reports the test split")
-        results = evaluate("test", args.count, inpaint_model=args.inpaint_model, threads=args.threads)
+        results = evaluate("test", args.count, inpaint_model=args.inpaint_model, threads=args.threads,
+                           model=args.model)
         truth, _ = truth_scores(build_cases("test", args.count))
         validation = json.loads(args.validation.read_text()) if args.validation else None
         report(None, results, args.json)
@@ -1157,6 +1164,7 @@ def main(argv=None):
         grid=args.grid,
         methods=[args.only] if args.only else None,
         vae=args.vae,
+        model=args.model,
     )
     report(f"split {args.split}, {args.count} cases per task", results, args.json)
 
