@@ -39,6 +39,9 @@ class ModelPreset:
     # picture so it is at most this tall, the scale the model knows (request.working_size; the canvas around an
     # outpainted picture scales with it); None: only the size limits apply
     picture_height: int | None = None
+    # Text to image: the (lowest, highest) canvas heights the model drew whole scenes at in training, where a
+    # request outside them gets a warning; None: picture_height alone
+    scene_heights: tuple[int, int] | None = None
     lora: str | None = None  # optional LoRA fused into the U-Net at load time (LCM-LoRA)
     # optional tiny decoder (diffusers AutoencoderTiny folder, as TAESD) that decodes instead of the VAE's own
     # (pipelines/fast_backend.TinyDecoding); the VAE still encodes
@@ -139,13 +142,16 @@ PRESETS = MappingProxyType(
         # The built-in model's next version (docs/MODEL_V2.md): its U-Net trained on world 2 at every canvas from
         # 64x64 to 128x128, so 128 px pictures keep one horizon, with a decoder trained on that U-Net's latents and
         # world 2's textures. Its text encoder, VAE encoder and ControlNets are the built-in model's (the ControlNets
-        # were measured on it, its card). No inpainting U-Net is derived from it yet, so inpainting blends latents.
+        # were measured on it, its card); its inpainting U-Net is the built-in one moved onto it and trained on
+        # (`train_inpaint --rebase-from`), the tabs' guidance as chosen for that one.
         "shapes-v2": replace(
             SHAPES,
             name="shapes-v2",
             base=str(MODELS_DIR / "shapes-ldm-v2"),
-            inpaint_model=None,
-            tab_guidance={},  # the outpainting default was chosen for the inpainting U-Net, which this preset lacks
+            inpaint_model=str(MODELS_DIR / "shapes-inpaint-v2"),
+            # trained on world 2's canvases 64-128 px on each side; image tasks stay at picture_height (64), the
+            # height the ControlNets and the inpainting U-Net were trained at
+            scene_heights=(64, 128),
         ),
         "sd15": ModelPreset(
             name="sd15",

@@ -19,7 +19,7 @@ from pipelines.common import InputError, check_float, check_int, check_text
 
 # img2img pipelines take the size from their input image and have no width/height arguments
 SIZE_FROM_IMAGE = ("img2img", "controlnet_img2img")
-# A model that knows one scene height (ModelPreset.picture_height) asked for another: the README has its figures
+# A model asked for a height it never drew a whole scene at (ModelPreset.scene_heights): the README has its figures
 SIZE_NOTE = ("{model} draws scenes {tall} px tall; at {height} px tall it often draws the horizon twice, stretches "
              "the scene or adds stray objects")
 
@@ -136,6 +136,8 @@ def base_params(engine, task: str, request: Request) -> dict[str, Any]:
     if request.adapters:
         params["adapters"] = list(request.adapters)  # which fine-tunes made the image: needed to make it again
     tall = engine.preset.picture_height
-    if tall and request.height != tall:
-        params["warnings"] = [SIZE_NOTE.format(model=engine.preset.name, tall=tall, height=request.height)]
+    low, high = engine.preset.scene_heights or (tall, tall)
+    if tall and not low <= request.height <= high:
+        heights = f"{low}-{high}" if low != high else f"{low}"
+        params["warnings"] = [SIZE_NOTE.format(model=engine.preset.name, tall=heights, height=request.height)]
     return params

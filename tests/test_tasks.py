@@ -218,7 +218,8 @@ def test_image_tasks_bring_pictures_to_the_presets_height(tiny_presets, shapes_e
 
 def test_a_height_the_model_does_not_know_is_said_with_the_result(tiny_presets, shapes_engine):
     """A preset with picture_height warns (in params["warnings"], which the tabs show) when a run's height is
-    another; a wide canvas at that height does not; inpainting by latent blending keeps its own warning too."""
+    another (or outside its scene_heights); a wide canvas at that height does not; inpainting by latent blending
+    keeps its own warning too."""
     from dataclasses import replace
 
     from pipelines.engine import Engine
@@ -234,6 +235,12 @@ def test_a_height_the_model_does_not_know_is_said_with_the_result(tiny_presets, 
     assert [note.split(" ")[1] for note in brought.params["warnings"]] == ["has"]  # only: no 9-channel U-Net
     taller = outpaint.outpaint(engine, image=scene(), top=32, **RUN)  # the canvas grows to 64x96 around it
     assert [note.split(" ")[1] for note in taller.params["warnings"]] == ["draws", "has"]
+    # a model trained on a range of canvas heights (shapes-v2: 64-128) warns outside the range only
+    ranged = Engine(replace(tiny_presets["shapes"], picture_height=64, scene_heights=(64, 128)), device="cpu")
+    assert "warnings" not in txt2img.generate(ranged, **RUN, width=64, height=128).params
+    assert txt2img.generate(ranged, **RUN, width=64, height=32).params["warnings"] == [
+        "tiny-shapes draws scenes 64-128 px tall; at 32 px tall it often draws the horizon twice, stretches the scene "
+        "or adds stray objects"]
 
 
 # --- ControlNet --------------------------------------------------------------------------------------------

@@ -413,7 +413,6 @@ def test_the_shapes_v2_preset_keeps_one_horizon_at_128_where_the_builtin_model_r
     counts = {}
     for name in ("shapes-v2", "shapes"):
         engine = Engine(resolve_preset(name), device="cpu", threads=1)
-        assert engine.preset.inpaint_model is None or name == "shapes"  # v2: inpainting blends latents
         counts[name] = [
             horizon_count(np.asarray(txt2img.generate(engine, prompt=prompt, seed=seed, steps=20, guidance=2.5,
                                                       width=128, height=128).images[0].convert("RGB")), background)
@@ -421,3 +420,20 @@ def test_the_shapes_v2_preset_keeps_one_horizon_at_128_where_the_builtin_model_r
         ]
     assert counts["shapes-v2"] == [1, 1, 1, 1], counts
     assert sum(c == 1 for c in counts["shapes"]) < 4, counts
+
+
+def test_the_shapes_v2_preset_inpaints_with_an_inpainting_unet_derived_from_its_own_base():
+    """shapes-v2's Inpaint and Outpaint use a 9-channel U-Net whose record names the v2 base it was trained on, its
+    step and its text encoder's: a base trained on later fails here until the inpainting U-Net is re-derived."""
+    import json
+    from pathlib import Path
+
+    from pipelines.registry import resolve_preset
+    from training.common import folder_step
+
+    preset = resolve_preset("shapes-v2")
+    record = json.loads((Path(preset.inpaint_model) / "training.json").read_text())
+    assert Path(record["base"]).resolve() == Path(preset.base).resolve()
+    assert record["base_step"] == folder_step(Path(preset.base))
+    assert record["base_text_step"] == folder_step(Path(preset.base), text=True)
+    assert json.loads((Path(preset.inpaint_model) / "unet" / "config.json").read_text())["in_channels"] == 9
