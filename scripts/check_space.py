@@ -3,6 +3,7 @@
     python -m scripts.check_space                       # HEAD's files, a fresh venv, the app on this machine's address
     python -m scripts.check_space --reuse-venv DIR      # skip the install: DIR is a venv this check made before
     python -m scripts.check_space --export DIR          # also leave the checked file set in DIR, ready to push
+    python -m scripts.check_space --model shapes-v2     # with a Space variable LDS_MODEL=shapes-v2
 
 What it does, each step printing PASS or FAIL:
 1. the file set a push sends: the files of the commit (`git archive HEAD`; `--worktree` takes the tracked files as
@@ -198,17 +199,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def space_env(port: int, address: str) -> dict[str, str]:
-    """What a Space's container sets, plus this shell's basics; no LDS_* setting leaks in."""
+def space_env(port: int, address: str, model: str | None = None) -> dict[str, str]:
+    """What a Space's container sets, plus this shell's basics; no LDS_* setting of this shell leaks in, only
+    `model` as the Space variable LDS_MODEL when given."""
     keep = ("PATH", "HOME", "LANG", "TMPDIR", "HF_HOME", "HF_HUB_OFFLINE", "PIP_CACHE_DIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update(SPACE_ID=SPACE_ID, SPACE_AUTHOR_NAME=SPACE_ID.split("/")[0], SPACE_REPO_NAME=SPACE_ID.split("/")[1],
                SPACE_HOST=f"{address}:{port}", SYSTEM="spaces", GRADIO_SERVER_NAME="0.0.0.0",
                GRADIO_SERVER_PORT=str(port), PYTHONUNBUFFERED="1")
+    if model:
+        env["LDS_MODEL"] = model
     return env
 
 
-def call_txt2img(url: str, report: Report) -> None:
+def call_txt2img(url: str, report: Report, model: str | None = None) -> None:
     from gradio_client import Client
     from PIL import Image
 
@@ -220,12 +224,14 @@ def call_txt2img(url: str, report: Report) -> None:
     path = gallery[0]["image"] if isinstance(gallery[0], dict) else gallery[0][0]
     with Image.open(path) as image:
         size, has_params = image.size, "parameters" in image.info
-    report.check(str(status).startswith("Done") and size == (64, 64) and has_params,
+    report.check(str(status).startswith("Done") and size == (64, 64) and has_params
+                 and params.get("model") == (model or "shapes"),
                  f"/txt2img through gradio_client at {url}: {size[0]}x{size[1]} PNG with its parameters "
-                 f"in {time.perf_counter() - started:.1f} s ({str(status).splitlines()[0]})")
+                 f"in {time.perf_counter() - started:.1f} s, model {params.get('model')} "
+                 f"({str(status).splitlines()[0]})")
 
 
-def run_app(python: Path, root: Path, report: Report) -> None:
+def run_app(python: Path, root: Path, report: Report, model: str | None = None) -> None:
     address = host_address()
     report.check(address is not None, f"this machine has a non-loopback address for the proxy: {address}")
     if address is None:
@@ -234,7 +240,7 @@ def run_app(python: Path, root: Path, report: Report) -> None:
     log = root.parent / "app.log"
     started = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen([str(python), "app.py"], cwd=root, env=space_env(port, address), stdout=out,
+        process = subprocess.Popen([str(python), "app.py"], cwd=root, env=space_env(port, address, model), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{address}:{port}/"
     try:
@@ -250,7 +256,7 @@ def run_app(python: Path, root: Path, report: Report) -> None:
                          f"after {time.perf_counter() - started:.1f} s")
         if up:
             try:
-                call_txt2img(url, report)
+                call_txt2img(url, report, model)
             except Exception as error:  # whatever went wrong is the check's result
                 report.check(False, f"/txt2img through gradio_client at {url}: {type(error).__name__}: {error}")
         if not report.passed:
@@ -271,6 +277,7 @@ def main(argv=None) -> int:
                         "instead of installing a fresh one")
     parser.add_argument("--keep-venv", type=Path, metavar="DIR", help="build the fresh venv here and keep it")
     parser.add_argument("--export", type=Path, metavar="DIR", help="leave the checked file set in DIR")
+    parser.add_argument("--model", metavar="PRESET", help="start the app with the Space variable LDS_MODEL=PRESET")
     args = parser.parse_args(argv)
     report = Report()
     work = Path(tempfile.mkdtemp(prefix="lds-space-check-"))
@@ -290,7 +297,7 @@ def main(argv=None) -> int:
                     shutil.rmtree(venv)
                 python = build_venv(venv, root, config["sdk_version"], report)
             if report.passed and python is not None:
-                run_app(python, root, report)
+                run_app(python, root, report, args.model)
         if args.export:
             shutil.copytree(root, args.export, dirs_exist_ok=True)
             print(f"file set left in {args.export}")

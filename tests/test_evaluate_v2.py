@@ -68,6 +68,19 @@ def test_content_kept_fails_when_the_content_moves():
     assert not any(moved)  # 30 px to the side is another column of the 3x3 grid
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_content_kept_reads_the_content_in_every_style_and_refuses_another_colour_or_shape(world):
+    """Style transfer's content measure on the world's own renders of held-out contents redrawn in each style: a
+    striped or glowing object is the content still (the median colour of a striped red circle is pink, and a
+    glow rounds the outline), while the same style in another colour or shape is not."""
+    scores = evaluate_v2.styled_contents(world, 30)
+    assert set(scores) == {"flat", *evaluate_v2.TRANSFER_STYLES}
+    for style, score in scores.items():
+        assert score["kept"] >= 0.75, (style, score)
+        assert score["other_colour"] <= 0.2 and score["other_shape"] <= 0.15, (style, score)
+    assert scores["flat"]["kept"] == 1.0
+
+
 @pytest.mark.slow
 def test_the_style_classifier_knows_every_style_on_held_out_renders():
     from training import style_classifier

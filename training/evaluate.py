@@ -104,6 +104,12 @@ def classify_colour(rgb: np.ndarray) -> str:
     return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb[None, :]) ** 2).sum(1)))]
 
 
+def colour_names(pixels: np.ndarray) -> np.ndarray:
+    """The palette colour nearest each of (N, 3) pixels, as classify_colour names one."""
+    distances = ((pixels[:, None, :].astype(np.float32) - _PALETTE[None]) ** 2).sum(2)
+    return np.asarray(_PALETTE_NAMES)[distances.argmin(1)]
+
+
 def classify_shape(mask: np.ndarray) -> str:
     """The shape whose template, fitted to the object's box, overlaps the mask best (IoU)."""
     ys, xs = np.nonzero(mask)

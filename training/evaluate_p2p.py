@@ -207,6 +207,7 @@ def main(argv=None) -> None:
     parser.add_argument("--taus", default=",".join(map(str, DEFAULT_TAUS)))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="shapes", help="preset (default: the built-in model)")
     args = parser.parse_args(argv)
     import torch
 
@@ -214,7 +215,7 @@ def main(argv=None) -> None:
     from pipelines.registry import resolve_preset
 
     torch.set_num_threads(args.threads)
-    engine = Engine(resolve_preset("shapes"), device="cpu", threads=args.threads)
+    engine = Engine(resolve_preset(args.model), device="cpu", threads=args.threads)
     guidance = engine.preset.default_guidance
     taus = [float(t) for t in args.taus.split(",") if t.strip()]
     test_items = swaps(args.count, HELD_OUT_SEED)
