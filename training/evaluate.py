@@ -100,14 +100,14 @@ _PALETTE_NAMES = list(shapes.COLOURS)
 _PALETTE = np.array([shapes.COLOURS[c] for c in _PALETTE_NAMES], np.float32)
 
 
-def classify_colour(rgb: np.ndarray) -> str:
-    return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb[None, :]) ** 2).sum(1)))]
-
-
 def colour_names(pixels: np.ndarray) -> np.ndarray:
-    """The palette colour nearest each of (N, 3) pixels, as classify_colour names one."""
+    """The palette colour nearest each of (N, 3) pixels."""
     distances = ((pixels[:, None, :].astype(np.float32) - _PALETTE[None]) ** 2).sum(2)
     return np.asarray(_PALETTE_NAMES)[distances.argmin(1)]
+
+
+def classify_colour(rgb: np.ndarray) -> str:
+    return str(colour_names(np.asarray(rgb, np.float32)[None])[0])
 
 
 def classify_shape(mask: np.ndarray) -> str:
