@@ -132,14 +132,21 @@ def classify_shape(mask: np.ndarray) -> str:
     return best
 
 
+def foreground(image: np.ndarray, background: str) -> tuple[np.ndarray, np.ndarray]:
+    """Where `image` differs from the empty `background` drawn at its size (the horizon at the same share of its
+    height): the largest channel difference (H, W) float32, and the object mask (H, W) uint8, opened 2x2 so stray
+    pixels are not objects."""
+    height, width = image.shape[:2]
+    empty, _ = shapes.background_image(background, (width, height))
+    diff = np.abs(image.astype(np.float32) - empty).max(axis=2)
+    mask = cv2.morphologyEx((diff > FOREGROUND_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    return diff, mask
+
+
 def find_objects(image: np.ndarray, background: str, shape_mask: str = "half-contrast") -> list[Found]:
     """Objects in a generated image, largest first; `shape_mask` (SHAPE_MASKS) says which outline is classified.
-    Any canvas: the empty background is drawn at the image's size (the horizon at the same share of its height)."""
-    height, width = image.shape[:2]
-    empty, _ = shapes.background_image(background, IMAGE_SIZE if width == height == IMAGE_SIZE else (width, height))
-    diff = np.abs(image.astype(np.float32) - empty).max(axis=2)
-    mask = (diff > FOREGROUND_THRESHOLD).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    Any canvas (`foreground`)."""
+    diff, mask = foreground(image, background)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     found = []
     for label in range(1, count):

@@ -1051,7 +1051,7 @@ def main(argv=None):
     parser.add_argument("--split", choices=list(SPLITS), default="test")
     parser.add_argument("--count", type=int, default=60, help="cases per task (add, replace, remove, outpaint)")
     parser.add_argument(
-        "--inpaint-model", default=None, help="an inpainting model folder (unet/ inside); default: the shipped one"
+        "--inpaint-model", default=None, help="an inpainting model folder (unet/ inside); default: the preset's"
     )
     parser.add_argument("--model", default="shapes",
                         help="the preset whose base, VAE and defaults are used (shapes, shapes-v2); default: shapes")

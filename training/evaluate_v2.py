@@ -34,11 +34,11 @@ import numpy as np
 from training import shapes, splits
 from training.evaluate import (
     EVAL_BACKGROUNDS,
-    FOREGROUND_THRESHOLD,
     MIN_OBJECT_PIXELS,
     classify_shape,
     colour_names,
     find_objects,
+    foreground,
     judge,
     pck,
     position_of,
@@ -85,10 +85,7 @@ form_free = shapes.form_free_caption
 
 def silhouette(image: np.ndarray, background: str) -> np.ndarray:
     """Filled outline of everything that differs from the empty background (bool, the image's size)."""
-    height, width = image.shape[:2]
-    empty, _ = shapes.background_image(background, (width, height))
-    mask = (np.abs(image.astype(np.float32) - empty).max(axis=2) > FOREGROUND_THRESHOLD).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    _, mask = foreground(image, background)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     filled = np.zeros_like(mask)
     cv2.drawContours(filled, contours, -1, 1, thickness=-1)
@@ -246,9 +243,7 @@ def content_kept(content: shapes.Sample, picture: np.ndarray) -> bool:
         return False
     wanted = before[0]
     height, width = picture.shape[:2]
-    empty, _ = shapes.background_image(background, (width, height))
-    diff = np.abs(picture.astype(np.float32) - empty).max(axis=2)
-    found = cv2.morphologyEx((diff > FOREGROUND_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    _, found = foreground(picture, background)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(found, connectivity=8)
     if count < 2:
         return False
